@@ -1,0 +1,179 @@
+//! Append transactions: what a writer asks for and what it gets back.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::event::NewEvent;
+use crate::stream_id::StreamId;
+
+/// What the writer believes a stream's current version to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ExpectedVersion {
+    /// No check.
+    Any,
+    /// The stream must not exist yet (version 0).
+    NoStream,
+    /// The stream's current version must be exactly this (0 = no stream).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream at `actual` satisfies this expectation.
+    pub fn matches(self, actual: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == 0,
+            ExpectedVersion::Exact(v) => actual == v,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// A caller-chosen key that makes a transaction idempotent: a retried
+/// transaction with the same key returns the original result and writes
+/// nothing. At most [`crate::Limits::max_id_len`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdempotencyKey(Arc<str>);
+
+impl IdempotencyKey {
+    /// Wraps a key.
+    pub fn new(key: impl AsRef<str>) -> Self {
+        Self(Arc::from(key.as_ref()))
+    }
+
+    /// The key as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Events for one stream inside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAppend {
+    /// The stream.
+    pub stream: StreamId,
+    /// The version the writer expects it to be at.
+    pub expected: ExpectedVersion,
+    /// The events, in order (at least one).
+    pub events: Vec<NewEvent>,
+}
+
+/// An atomic append across one or more streams: either every event is
+/// written, at consecutive positions, or none is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AppendTx {
+    /// Per-stream appends; a stream may appear once.
+    pub streams: Vec<StreamAppend>,
+    /// Makes the transaction idempotent.
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+impl AppendTx {
+    /// A transaction with one stream.
+    pub fn single(stream: StreamId, expected: ExpectedVersion, events: Vec<NewEvent>) -> Self {
+        Self {
+            streams: vec![StreamAppend {
+                stream,
+                expected,
+                events,
+            }],
+            idempotency_key: None,
+        }
+    }
+
+    /// Adds a stream.
+    pub fn with_stream(
+        mut self,
+        stream: StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Self {
+        self.streams.push(StreamAppend {
+            stream,
+            expected,
+            events,
+        });
+        self
+    }
+
+    /// Sets the idempotency key.
+    pub fn with_idempotency_key(mut self, key: impl AsRef<str>) -> Self {
+        self.idempotency_key = Some(IdempotencyKey::new(key));
+        self
+    }
+
+    /// Number of events in the transaction.
+    pub fn event_count(&self) -> usize {
+        self.streams.iter().map(|s| s.events.len()).sum()
+    }
+
+    /// A 64-bit fingerprint of the transaction's content (streams, expected
+    /// versions, events), used to tell a genuine retry from a different
+    /// transaction that reuses a key. Stable across runs and platforms.
+    pub fn fingerprint(&self) -> u64 {
+        // FNV-1a: stable, dependency-free, good enough to detect key reuse.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            // A separator so that ("ab","c") and ("a","bc") differ.
+            h ^= 0xff;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        };
+        for s in &self.streams {
+            eat(s.stream.as_str().as_bytes());
+            match s.expected {
+                ExpectedVersion::Any => eat(b"A"),
+                ExpectedVersion::NoStream => eat(b"N"),
+                ExpectedVersion::Exact(v) => eat(&v.to_le_bytes()),
+            }
+            for e in &s.events {
+                eat(e.kind.as_bytes());
+                eat(&e.schema.to_le_bytes());
+                eat(&e.timestamp_ms.to_le_bytes());
+                eat(e
+                    .metadata
+                    .correlation_id
+                    .as_deref()
+                    .unwrap_or("\u{0}")
+                    .as_bytes());
+                eat(e
+                    .metadata
+                    .causation_id
+                    .as_deref()
+                    .unwrap_or("\u{0}")
+                    .as_bytes());
+                eat(&e.payload);
+            }
+        }
+        h
+    }
+}
+
+/// Where a committed transaction landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Position of its first event.
+    pub first_position: u64,
+    /// The log's head after it: one past its last event.
+    pub next_position: u64,
+    /// Each stream's version after the transaction, in the order given.
+    pub versions: Vec<(StreamId, u64)>,
+}

@@ -1,0 +1,45 @@
+//! # smartmsg-engine
+//!
+//! The sans-I/O core of smartmsg: the event model, the ports every backend
+//! implements ([`EventLog`], [`SnapshotStore`], [`Clock`]), pure aggregates
+//! driven by a [`Repository`], and projections with atomic checkpoints.
+//!
+//! Nothing here reads the wall clock (except [`SystemClock`]), the
+//! environment or a global random generator, and nothing touches a file or a
+//! socket: storage is reached only through the traits, so the same code runs
+//! under a simulator's virtual clock and in production.
+//!
+//! The [`memory`] module holds an in-memory backend for tests and
+//! simulations; durable backends live in their own crates
+//! (`smartmsg-embedded`, …). With the `testkit` feature, [`testkit`] offers a
+//! model-based conformance suite any backend can run with one call.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod aggregate;
+pub mod append;
+pub mod clock;
+pub mod error;
+pub mod event;
+pub mod index;
+pub mod limits;
+pub mod log;
+pub mod memory;
+pub mod projection;
+pub mod repository;
+pub mod snapshot;
+pub mod stream_id;
+pub mod upcast;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use aggregate::{Aggregate, DecideCtx, DecodeError, EventCodec};
+pub use append::{AppendResult, AppendTx, ExpectedVersion, IdempotencyKey, StreamAppend};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{AppendError, BackendError, LimitError, ReadError, SnapshotError};
+pub use event::{Metadata, NewEvent, RecordedEvent};
+pub use limits::Limits;
+pub use log::{EventLog, HeadWatch};
+pub use snapshot::{Snapshot, SnapshotStore};
+pub use stream_id::{StreamId, StreamIdError};

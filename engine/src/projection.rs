@@ -1,0 +1,2 @@
+//! Projections: read models fed from `read_all`, with a checkpoint committed
+//! together with their changes.

@@ -1,0 +1,2 @@
+//! The repository: load (snapshot + tail), decide, append with
+//! `Exact(version)`, retry on conflict.

@@ -1,0 +1,1 @@
+//! Test helpers for backends and aggregates (feature `testkit`).

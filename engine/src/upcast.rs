@@ -1,0 +1,2 @@
+//! Upcasters: raise old `(kind, schema)` payloads to the current schema on
+//! read.
