@@ -1,0 +1,27 @@
+//! # smartmsg-embedded
+//!
+//! The default backend: needs no server.
+//!
+//! - [`EmbeddedLog`]: the durable [`smartmsg_engine::EventLog`]. Append-only
+//!   segment files, each transaction one frame with its length and a
+//!   CRC32C; one writer thread that gathers concurrent appends into a batch
+//!   made durable with one `fdatasync` (group commit); an in-memory
+//!   per-stream index rebuilt on open; recovery that cuts a torn tail and
+//!   refuses damage in durable data with a typed error naming file and
+//!   offset; a lock file so one process owns the directory.
+//! - [`RedbSnapshots`]: the [`smartmsg_engine::SnapshotStore`] in redb.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod frame;
+pub mod lock;
+pub mod log;
+pub mod recovery;
+pub mod segment;
+pub mod snapshots;
+mod writer;
+
+pub use error::EmbeddedError;
+pub use log::{EmbeddedConfig, EmbeddedLog};
+pub use snapshots::RedbSnapshots;

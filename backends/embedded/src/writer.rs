@@ -1,0 +1,257 @@
+//! The single writer: group commit.
+//!
+//! Appends arrive on a channel. The writer thread takes every request that
+//! is waiting (up to a batch limit), checks each against the index, encodes
+//! the accepted ones into one buffer, writes it with one call, makes it
+//! durable with one `fdatasync`, then publishes the new head and answers
+//! every request of the batch. No append is answered before its batch is
+//! durable — not even a rejection or an idempotent duplicate, since either
+//! may depend on a transaction earlier in the same batch.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use smartmsg_engine::index::Verdict;
+use smartmsg_engine::{AppendError, AppendResult, AppendTx, BackendError, LimitError};
+use tokio::sync::oneshot;
+
+use crate::error::EmbeddedError;
+use crate::frame;
+use crate::log::Shared;
+use crate::recovery::{max_body, FrameLoc};
+use crate::segment::{self, SEGMENT_HEADER};
+
+/// One append waiting for its batch.
+pub struct Request {
+    /// The transaction.
+    pub tx: AppendTx,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<AppendResult, AppendError>>,
+}
+
+/// Writer-owned state.
+pub struct Writer {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) write_offset: u64,
+    pub(crate) next_batch: u64,
+    pub(crate) max_batch_txs: usize,
+    pub(crate) max_batch_bytes: usize,
+    pub(crate) segment_bytes: u64,
+    buf: Vec<u8>,
+}
+
+type Reply = (
+    oneshot::Sender<Result<AppendResult, AppendError>>,
+    Result<AppendResult, AppendError>,
+);
+
+impl Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        write_offset: u64,
+        next_batch: u64,
+        segment_bytes: u64,
+    ) -> Self {
+        Self {
+            shared,
+            write_offset,
+            next_batch,
+            max_batch_txs: 4096,
+            max_batch_bytes: 16 << 20,
+            segment_bytes,
+            buf: Vec::with_capacity(1 << 20),
+        }
+    }
+
+    /// Runs until every sender is gone.
+    pub fn run(mut self, rx: Receiver<Request>) {
+        let mut batch = Vec::new();
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            let mut bytes = 0usize;
+            while batch.len() < self.max_batch_txs && bytes < self.max_batch_bytes {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        bytes +=
+                            r.tx.streams
+                                .iter()
+                                .flat_map(|s| &s.events)
+                                .map(|e| e.size())
+                                .sum::<usize>();
+                        batch.push(r);
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let replies = self.commit(&mut batch);
+            for (tx, result) in replies {
+                // The caller may have given up waiting; nothing to do then.
+                let _ = tx.send(result);
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Request>) -> Vec<Reply> {
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            for r in batch.drain(..) {
+                replies.push((r.reply, Err(poisoned())));
+            }
+            return replies;
+        }
+        let limits = self.shared.limits;
+        let batch_no = self.next_batch;
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        self.buf.clear();
+        let mut buf_offset = self.write_offset; // where buf[0] goes
+        let mut wrote_any = false;
+        let mut failure: Option<EmbeddedError> = None;
+        {
+            let shared = self.shared.clone();
+            let mut index = shared.index_write();
+            for req in batch.drain(..) {
+                let result = match index.check(&req.tx, &limits) {
+                    Err(e) => {
+                        replies.push((req.reply, Err(e)));
+                        continue;
+                    }
+                    Ok(Verdict::Duplicate(r)) => {
+                        replies.push((req.reply, Ok(r)));
+                        continue;
+                    }
+                    Ok(Verdict::Write(r)) => r,
+                };
+                let start = self.buf.len();
+                let len = frame::encode(&mut self.buf, batch_no, &req.tx, &result);
+                if len - frame::HEADER_LEN > max_body(self.segment_bytes) {
+                    self.buf.truncate(start);
+                    let size = req
+                        .tx
+                        .streams
+                        .iter()
+                        .flat_map(|s| &s.events)
+                        .map(|e| e.size())
+                        .sum();
+                    replies.push((
+                        req.reply,
+                        Err(LimitError::TransactionTooLarge {
+                            size,
+                            max: max_body(self.segment_bytes),
+                        }
+                        .into()),
+                    ));
+                    continue;
+                }
+                if buf_offset + self.buf.len() as u64 > self.segment_bytes {
+                    // Roll: make what precedes this frame durable in the
+                    // current segment, then start a new one.
+                    if let Err(e) = self.roll(start, &mut buf_offset, result.first_position) {
+                        self.buf.truncate(start);
+                        replies.push((req.reply, Err(backend(&e))));
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                let frame_offset = buf_offset + (self.buf.len() - len) as u64;
+                index.apply_tx(&req.tx, &result);
+                let mut layout = self.shared.layout_write();
+                let segment = (layout.segments.len() - 1) as u32;
+                layout.frames.push(FrameLoc {
+                    first_position: result.first_position,
+                    segment,
+                    offset: frame_offset,
+                    len: len as u32,
+                    count: req.tx.event_count() as u32,
+                });
+                drop(layout);
+                wrote_any = true;
+                replies.push((req.reply, Ok(result)));
+            }
+            if failure.is_some() {
+                // Requests not reached in this batch.
+                for r in batch.drain(..) {
+                    replies.push((r.reply, Err(poisoned())));
+                }
+            }
+        }
+        if failure.is_none() && !self.buf.is_empty() {
+            if let Err(e) = self.write_and_sync(buf_offset) {
+                failure = Some(e);
+            }
+        }
+        if let Some(e) = failure {
+            tracing::error!(error = %e, "log write failed; the log is poisoned until reopened");
+            self.shared.poisoned.store(true, Ordering::Release);
+            self.shared.index_write().truncate(durable);
+            self.shared
+                .layout_write()
+                .frames
+                .retain(|f| f.first_position < durable);
+            let err = backend(&e);
+            for (_, r) in replies.iter_mut() {
+                if r.is_ok() {
+                    *r = Err(err.clone());
+                }
+            }
+            return replies;
+        }
+        if wrote_any {
+            self.write_offset = buf_offset + self.buf.len() as u64;
+            self.next_batch += 1;
+            let head = self.shared.index_read().head();
+            self.shared.durable.store(head, Ordering::Release);
+            self.shared.head_tx.send_replace(head);
+        }
+        replies
+    }
+
+    fn write_and_sync(&self, offset: u64) -> Result<(), EmbeddedError> {
+        let layout = self.shared.layout_read();
+        let seg = layout.segments.last().expect("a log always has a segment");
+        seg.file
+            .write_all_at(&self.buf, offset)
+            .map_err(|e| EmbeddedError::io("write", &seg.path, e))?;
+        seg.file
+            .sync_data()
+            .map_err(|e| EmbeddedError::io("fdatasync", &seg.path, e))
+    }
+
+    /// Writes `buf[..split]` to the current segment and syncs it, creates the
+    /// segment starting at `first_position`, and keeps `buf[split..]` as the
+    /// start of what goes there.
+    fn roll(
+        &mut self,
+        split: usize,
+        buf_offset: &mut u64,
+        first_position: u64,
+    ) -> Result<(), EmbeddedError> {
+        if split > 0 {
+            let tail = self.buf.split_off(split);
+            self.write_and_sync(*buf_offset)?;
+            self.buf = tail;
+        }
+        let seg = segment::create(&self.shared.dir, first_position, self.segment_bytes)?;
+        self.shared.layout_write().segments.push(Arc::new(seg));
+        *buf_offset = SEGMENT_HEADER;
+        Ok(())
+    }
+}
+
+fn backend(e: &EmbeddedError) -> AppendError {
+    // io::Error is not Clone: carry its text and kind into every reply.
+    let copy = match e {
+        EmbeddedError::Io { op, path, source } => EmbeddedError::Io {
+            op,
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        other => EmbeddedError::Config(other.to_string()),
+    };
+    AppendError::Backend(BackendError::new(copy))
+}
+
+fn poisoned() -> AppendError {
+    AppendError::Backend(BackendError::new(EmbeddedError::Poisoned))
+}
