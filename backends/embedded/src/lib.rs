@@ -23,5 +23,5 @@ pub mod snapshots;
 mod writer;
 
 pub use error::EmbeddedError;
-pub use log::{EmbeddedConfig, EmbeddedLog};
+pub use log::{EmbeddedConfig, EmbeddedLog, LogStats};
 pub use snapshots::RedbSnapshots;

@@ -81,6 +81,41 @@ pub(crate) struct Shared {
     pub(crate) durable: AtomicU64,
     pub(crate) head_tx: tokio::sync::watch::Sender<u64>,
     pub(crate) poisoned: AtomicBool,
+    pub(crate) stats: StatsCounters,
+}
+
+/// Counters the writer keeps; see [`LogStats`].
+#[derive(Default)]
+pub(crate) struct StatsCounters {
+    pub(crate) batches: AtomicU64,
+    pub(crate) transactions: AtomicU64,
+    pub(crate) events: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+}
+
+/// What the writer has done since the log was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Group commits (one write call and one `fdatasync` each, plus one more
+    /// per segment roll).
+    pub batches: u64,
+    /// Transactions written (duplicates and rejections excluded).
+    pub transactions: u64,
+    /// Events written.
+    pub events: u64,
+    /// Frame bytes written.
+    pub bytes: u64,
+}
+
+impl LogStats {
+    /// Mean transactions per group commit.
+    pub fn mean_batch(&self) -> f64 {
+        if self.batches == 0 {
+            0.0
+        } else {
+            self.transactions as f64 / self.batches as f64
+        }
+    }
 }
 
 // Lock helpers: a panic while holding one of these locks cannot leave the
@@ -152,6 +187,7 @@ impl EmbeddedLog {
             durable: AtomicU64::new(head),
             head_tx: tokio::sync::watch::channel(head).0,
             poisoned: AtomicBool::new(false),
+            stats: StatsCounters::default(),
         });
         let mut writer = Writer::new(
             shared.clone(),
@@ -184,6 +220,17 @@ impl EmbeddedLog {
     /// shutdown).
     pub fn torn_bytes_recovered(&self) -> u64 {
         self.torn_bytes
+    }
+
+    /// What the writer has done since the log was opened.
+    pub fn stats(&self) -> LogStats {
+        let s = &self.shared.stats;
+        LogStats {
+            batches: s.batches.load(Ordering::Relaxed),
+            transactions: s.transactions.load(Ordering::Relaxed),
+            events: s.events.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// Number of segment files.

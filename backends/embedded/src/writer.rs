@@ -107,6 +107,7 @@ impl Writer {
         self.buf.clear();
         let mut buf_offset = self.write_offset; // where buf[0] goes
         let mut wrote_any = false;
+        let mut tx_written = 0u64;
         let mut failure: Option<EmbeddedError> = None;
         {
             let shared = self.shared.clone();
@@ -167,6 +168,7 @@ impl Writer {
                 });
                 drop(layout);
                 wrote_any = true;
+                tx_written += 1;
                 replies.push((req.reply, Ok(result)));
             }
             if failure.is_some() {
@@ -198,6 +200,15 @@ impl Writer {
             return replies;
         }
         if wrote_any {
+            let stats = &self.shared.stats;
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .bytes
+                .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+            stats.transactions.fetch_add(tx_written, Ordering::Relaxed);
+            stats
+                .events
+                .fetch_add(self.shared.index_read().head() - durable, Ordering::Relaxed);
             self.write_offset = buf_offset + self.buf.len() as u64;
             self.next_batch += 1;
             let head = self.shared.index_read().head();
