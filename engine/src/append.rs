@@ -126,41 +126,48 @@ impl AppendTx {
     /// versions, events), used to tell a genuine retry from a different
     /// transaction that reuses a key. Stable across runs and platforms.
     pub fn fingerprint(&self) -> u64 {
-        // FNV-1a: stable, dependency-free, good enough to detect key reuse.
+        // FNV-1a over a self-delimiting encoding: every variable field is
+        // length-prefixed and every option tagged, so two different
+        // transactions never feed the hash the same bytes.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         let mut eat = |bytes: &[u8]| {
             for b in bytes {
                 h ^= u64::from(*b);
                 h = h.wrapping_mul(0x0100_0000_01b3);
             }
-            // A separator so that ("ab","c") and ("a","bc") differ.
-            h ^= 0xff;
-            h = h.wrapping_mul(0x0100_0000_01b3);
         };
-        for s in &self.streams {
-            eat(s.stream.as_str().as_bytes());
-            match s.expected {
-                ExpectedVersion::Any => eat(b"A"),
-                ExpectedVersion::NoStream => eat(b"N"),
-                ExpectedVersion::Exact(v) => eat(&v.to_le_bytes()),
+        fn field(eat: &mut impl FnMut(&[u8]), bytes: &[u8]) {
+            eat(&(bytes.len() as u64).to_le_bytes());
+            eat(bytes);
+        }
+        fn opt(eat: &mut impl FnMut(&[u8]), s: Option<&str>) {
+            match s {
+                None => eat(&[0]),
+                Some(s) => {
+                    eat(&[1]);
+                    field(eat, s.as_bytes());
+                }
             }
+        }
+        eat(&(self.streams.len() as u64).to_le_bytes());
+        for s in &self.streams {
+            field(&mut eat, s.stream.as_str().as_bytes());
+            match s.expected {
+                ExpectedVersion::Any => eat(&[0]),
+                ExpectedVersion::NoStream => eat(&[1]),
+                ExpectedVersion::Exact(v) => {
+                    eat(&[2]);
+                    eat(&v.to_le_bytes());
+                }
+            }
+            eat(&(s.events.len() as u64).to_le_bytes());
             for e in &s.events {
-                eat(e.kind.as_bytes());
+                field(&mut eat, e.kind.as_bytes());
                 eat(&e.schema.to_le_bytes());
                 eat(&e.timestamp_ms.to_le_bytes());
-                eat(e
-                    .metadata
-                    .correlation_id
-                    .as_deref()
-                    .unwrap_or("\u{0}")
-                    .as_bytes());
-                eat(e
-                    .metadata
-                    .causation_id
-                    .as_deref()
-                    .unwrap_or("\u{0}")
-                    .as_bytes());
-                eat(&e.payload);
+                opt(&mut eat, e.metadata.correlation_id.as_deref());
+                opt(&mut eat, e.metadata.causation_id.as_deref());
+                field(&mut eat, &e.payload);
             }
         }
         h
@@ -176,4 +183,25 @@ pub struct AppendResult {
     pub next_position: u64,
     /// Each stream's version after the transaction, in the order given.
     pub versions: Vec<(StreamId, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Metadata;
+
+    fn tx(events: Vec<NewEvent>) -> AppendTx {
+        AppendTx::single(StreamId::new("s").unwrap(), ExpectedVersion::Any, events)
+    }
+
+    #[test]
+    fn fingerprint_tells_apart_what_differs_only_in_framing() {
+        let a = tx(vec![NewEvent::new("k", 1, 0, &b"ab"[..]), NewEvent::new("k", 1, 0, &b"c"[..])]);
+        let b = tx(vec![NewEvent::new("k", 1, 0, &b"a"[..]), NewEvent::new("k", 1, 0, &b"bc"[..])]);
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let none = tx(vec![NewEvent::new("k", 1, 0, &b""[..])]);
+        let nul = tx(vec![NewEvent::new("k", 1, 0, &b""[..]).with_metadata(Metadata::correlated("\u{0}"))]);
+        assert_ne!(none.fingerprint(), nul.fingerprint());
+        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+    }
 }

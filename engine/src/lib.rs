@@ -41,5 +41,13 @@ pub use error::{AppendError, BackendError, LimitError, ReadError, SnapshotError}
 pub use event::{Metadata, NewEvent, RecordedEvent};
 pub use limits::Limits;
 pub use log::{EventLog, HeadWatch};
+pub use projection::{
+    CaughtUp, Checkpoint, InMemoryProjection, InMemoryReadModel, Projection, ProjectionError,
+    ProjectionRunner,
+};
+pub use repository::{
+    CommandOptions, ConfigError, Executed, Loaded, Repository, RepositoryConfig, RepositoryError,
+};
 pub use snapshot::{Snapshot, SnapshotStore};
 pub use stream_id::{StreamId, StreamIdError};
+pub use upcast::{DuplicateUpcaster, UpcastError, Upcaster, Upcasters};
