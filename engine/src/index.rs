@@ -78,10 +78,9 @@ impl LogIndex {
     /// Checks `tx` against limits, expected versions and idempotency keys.
     pub fn check(&self, tx: &AppendTx, limits: &Limits) -> Result<Verdict, AppendError> {
         limits.check_tx(tx)?;
-        let fingerprint = tx.fingerprint();
         if let Some(key) = &tx.idempotency_key {
             if let Some((fp, result)) = self.keys.get(key) {
-                if *fp != fingerprint {
+                if *fp != tx.fingerprint() {
                     return Err(AppendError::IdempotencyKeyReused { key: key.clone() });
                 }
                 return Ok(Verdict::Duplicate(result.clone()));

@@ -276,10 +276,7 @@ fn later_batch_after(data: &[u8], from: u64, capacity: u64, last_good: Option<u6
     let max = max_body(capacity);
     let mut at = from as usize + 1;
     while at + HEADER_LEN <= data.len() {
-        let rest = &data[at..];
-        let Some(hit) = rest.windows(4).position(|w| w == magic) else {
-            return None;
-        };
+        let hit = data[at..].windows(4).position(|w| w == magic)?;
         let cand = at + hit;
         if let Ok(range) = frame::check_frame(&data[cand..], max) {
             let body = Bytes::copy_from_slice(&data[cand + range.start..cand + range.end]);
