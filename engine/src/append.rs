@@ -196,11 +196,19 @@ mod tests {
 
     #[test]
     fn fingerprint_tells_apart_what_differs_only_in_framing() {
-        let a = tx(vec![NewEvent::new("k", 1, 0, &b"ab"[..]), NewEvent::new("k", 1, 0, &b"c"[..])]);
-        let b = tx(vec![NewEvent::new("k", 1, 0, &b"a"[..]), NewEvent::new("k", 1, 0, &b"bc"[..])]);
+        let a = tx(vec![
+            NewEvent::new("k", 1, 0, &b"ab"[..]),
+            NewEvent::new("k", 1, 0, &b"c"[..]),
+        ]);
+        let b = tx(vec![
+            NewEvent::new("k", 1, 0, &b"a"[..]),
+            NewEvent::new("k", 1, 0, &b"bc"[..]),
+        ]);
         assert_ne!(a.fingerprint(), b.fingerprint());
         let none = tx(vec![NewEvent::new("k", 1, 0, &b""[..])]);
-        let nul = tx(vec![NewEvent::new("k", 1, 0, &b""[..]).with_metadata(Metadata::correlated("\u{0}"))]);
+        let nul = tx(vec![
+            NewEvent::new("k", 1, 0, &b""[..]).with_metadata(Metadata::correlated("\u{0}"))
+        ]);
         assert_ne!(none.fingerprint(), nul.fingerprint());
         assert_eq!(a.fingerprint(), a.clone().fingerprint());
     }
