@@ -19,6 +19,7 @@
 pub mod aggregate;
 pub mod append;
 pub mod clock;
+pub mod delay;
 pub mod error;
 pub mod event;
 pub mod index;
@@ -37,6 +38,9 @@ pub mod testkit;
 pub use aggregate::{Aggregate, DecideCtx, DecodeError, EventCodec};
 pub use append::{AppendResult, AppendTx, ExpectedVersion, IdempotencyKey, StreamAppend};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use delay::{
+    DeadLetter, DelayQueue, Job, JobId, Lease, LeaseToken, QueueError, QueueLimits, Scheduled,
+};
 pub use error::{AppendError, BackendError, LimitError, ReadError, SnapshotError};
 pub use event::{Metadata, NewEvent, RecordedEvent};
 pub use limits::Limits;
