@@ -225,6 +225,10 @@ pub trait DelayQueue: Send + Sync {
     async fn nack(&self, token: &LeaseToken, retry_at_ms: Option<u64>) -> Result<(), QueueError>;
     /// Number of jobs pending or leased.
     async fn len(&self) -> Result<u64, QueueError>;
+    /// Whether no job is pending or leased.
+    async fn is_empty(&self) -> Result<bool, QueueError> {
+        Ok(self.len().await? == 0)
+    }
     /// Up to `max` dead letters, oldest first.
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError>;
     /// The earliest due time among pending jobs, if any (lets a scheduler

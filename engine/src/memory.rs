@@ -83,9 +83,9 @@ impl EventLog for InMemoryLog {
             }
         }
         st.index.apply_tx(&tx, &result);
-        let head = st.index.head();
+        // Published under the lock, so heads reach watchers in order.
+        self.head.send_replace(st.index.head());
         drop(st);
-        self.head.send_replace(head);
         Ok(result)
     }
 
