@@ -16,7 +16,10 @@ struct Embedded {
 
 impl Embedded {
     fn new(config: EmbeddedConfig) -> Self {
-        Self { config, dirs: Vec::new() }
+        Self {
+            config,
+            dirs: Vec::new(),
+        }
     }
 }
 
@@ -44,7 +47,10 @@ impl LogHarness for Embedded {
 
 #[test]
 fn embedded_log_conforms() {
-    event_log_conformance(Embedded::new(EmbeddedConfig::default()), SuiteConfig::default());
+    event_log_conformance(
+        Embedded::new(EmbeddedConfig::default()),
+        SuiteConfig::default(),
+    );
 }
 
 #[test]
@@ -84,7 +90,12 @@ impl SnapshotHarness for Snapshots {
     }
 
     async fn reopen(&mut self, store: RedbSnapshots) -> RedbSnapshots {
-        let path = self.dirs.last().expect("created").path().join("snapshots.redb");
+        let path = self
+            .dirs
+            .last()
+            .expect("created")
+            .path()
+            .join("snapshots.redb");
         drop(store);
         RedbSnapshots::open(path).expect("reopen")
     }

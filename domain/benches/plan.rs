@@ -1,0 +1,271 @@
+//! Planning and model-update benchmarks on one core.
+//!
+//! ```sh
+//! cargo bench -p smartmsg-domain --bench plan            # full run
+//! cargo bench -p smartmsg-domain --bench plan -- --quick # fewer repetitions
+//! ```
+//!
+//! Plans one batch of 10,000 for 300,000 candidates × 4 creatives × 16
+//! features (targets: ≤ 50 ms for one posterior draw with scoring and top-B,
+//! ≤ 2 s with propensities from 100 draws), and measures model updates from
+//! aggregated reactions. Prints a table of medians.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use smartmsg_domain::model::sigmoid;
+use smartmsg_domain::{
+    Candidates, CreativeThompson, ExploreThenCommit, Integrated, ModelConfig, Outcomes,
+    PlanContext, Policy, Random, Targeting,
+};
+
+const USERS: u32 = 300_000;
+const CREATIVES: usize = 4;
+const DIM: usize = 16;
+const BATCH: usize = 10_000;
+
+struct Row {
+    name: String,
+    median: Duration,
+    min: Duration,
+    runs: usize,
+    note: String,
+}
+
+fn measure(name: &str, runs: usize, note: impl Fn(Duration) -> String, mut f: impl FnMut()) -> Row {
+    f(); // warm-up
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    let median = times[times.len() / 2];
+    Row {
+        name: name.to_owned(),
+        median,
+        min: times[0],
+        runs,
+        note: note(median),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let reps = |n: usize| if quick { n.div_ceil(3).max(1) } else { n };
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+
+    // The population: standard normal features, creative-specific logistic
+    // weights.
+    let features: Vec<f32> = (0..USERS as usize * DIM)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            z as f32
+        })
+        .collect();
+    let candidates = Candidates::from_parts(DIM, (0..USERS).collect(), features).unwrap();
+    let truth: Vec<f64> = (0..CREATIVES * DIM)
+        .map(|_| 0.3 * rng.random_range(-1.0..1.0))
+        .collect();
+    let respond = |rng: &mut ChaCha8Rng, c: usize, x: &[f32]| -> bool {
+        let z = -3.0
+            + truth[c * DIM..(c + 1) * DIM]
+                .iter()
+                .zip(x)
+                .map(|(w, &v)| w * f64::from(v))
+                .sum::<f64>();
+        rng.random_bool(sigmoid(z))
+    };
+
+    // Per-user outcomes of a first batch (10,000 users, creatives at
+    // random), and the same as a windowed aggregate: per creative × 64
+    // buckets (bucket = sign pattern of the first 6 features, centroid).
+    let mut per_user = Outcomes::new(DIM).unwrap();
+    let mut bucket_sum = vec![0f64; CREATIVES * 64 * DIM];
+    let mut bucket_counts = vec![(0u32, 0u32); CREATIVES * 64];
+    for u in 0..BATCH {
+        let c = rng.random_range(0..CREATIVES);
+        let x = candidates.row(u);
+        let y = respond(&mut rng, c, x);
+        per_user.push(c as u16, x, 1, u32::from(y)).unwrap();
+        let b = (0..6).fold(0, |acc, j| acc * 2 + usize::from(x[j] > 0.0));
+        let slot = c * 64 + b;
+        for (s, &v) in bucket_sum[slot * DIM..(slot + 1) * DIM].iter_mut().zip(x) {
+            *s += f64::from(v);
+        }
+        bucket_counts[slot].0 += 1;
+        bucket_counts[slot].1 += u32::from(y);
+    }
+    let mut buckets = Outcomes::new(DIM).unwrap();
+    for (slot, &(n, s)) in bucket_counts.iter().enumerate() {
+        if n > 0 {
+            let centroid: Vec<f32> = bucket_sum[slot * DIM..(slot + 1) * DIM]
+                .iter()
+                .map(|v| (v / f64::from(n)) as f32)
+                .collect();
+            buckets.push((slot / 64) as u16, &centroid, n, s).unwrap();
+        }
+    }
+
+    let cfg = |draws| ModelConfig {
+        propensity_draws: draws,
+        ..ModelConfig::default()
+    };
+    let mut integrated_1 = Integrated::new(CREATIVES, DIM, cfg(1)).unwrap();
+    integrated_1.update(&per_user).unwrap();
+    let mut integrated_100 = integrated_1.clone();
+    integrated_100.set_propensity_draws(100).unwrap();
+    let mut targeting_1 = Targeting::new(CREATIVES, 0, DIM, cfg(1)).unwrap();
+    targeting_1.update(&per_user).unwrap();
+    let mut targeting_100 = targeting_1.clone();
+    targeting_100.set_propensity_draws(100).unwrap();
+    let mut thompson = CreativeThompson::new(CREATIVES, 1000).unwrap();
+    thompson.update(&per_user).unwrap();
+    let etc = ExploreThenCommit::new(CREATIVES, 2_500).unwrap();
+    let random = Random::new(CREATIVES).unwrap();
+    let ctx = PlanContext::fresh(CREATIVES, 10, 100_000);
+
+    let per_plan =
+        |d: Duration| format!("{:.1} M candidates/s", USERS as f64 / d.as_secs_f64() / 1e6);
+    let mut rows = Vec::new();
+    let mut plan_row = |name: &str, runs: usize, p: &dyn Policy, draws: u32| {
+        let mut seed = 0;
+        let row = measure(
+            name,
+            runs,
+            |d| {
+                if draws > 1 {
+                    format!("{:.1} ms per draw", ms(d) / f64::from(draws))
+                } else {
+                    per_plan(d)
+                }
+            },
+            || {
+                seed += 1;
+                let d = p
+                    .plan(
+                        &ctx,
+                        &candidates,
+                        BATCH,
+                        &mut ChaCha8Rng::seed_from_u64(seed),
+                    )
+                    .unwrap();
+                assert_eq!(d.len(), BATCH);
+                black_box(d);
+            },
+        );
+        rows.push(row);
+    };
+    plan_row(
+        "plan integrated, 1 draw (score + top-B)",
+        reps(15),
+        &integrated_1,
+        1,
+    );
+    plan_row(
+        "plan integrated, 100 draws (propensities)",
+        reps(3),
+        &integrated_100,
+        100,
+    );
+    plan_row("plan targeting, 1 draw", reps(15), &targeting_1, 1);
+    plan_row("plan targeting, 100 draws", reps(3), &targeting_100, 100);
+    plan_row(
+        "plan creative-thompson (1000 MC draws)",
+        reps(15),
+        &thompson,
+        1,
+    );
+    plan_row("plan explore-then-commit", reps(15), &etc, 1);
+    plan_row("plan random", reps(15), &random, 1);
+
+    let base = Integrated::new(CREATIVES, DIM, cfg(1)).unwrap();
+    let rate =
+        |n: usize| move |d: Duration| format!("{:.2} M rows/s", n as f64 / d.as_secs_f64() / 1e6);
+    rows.push(measure(
+        "update integrated: 10,000 per-user outcomes",
+        reps(9),
+        rate(per_user.len()),
+        || {
+            let mut m = base.clone();
+            m.update(&per_user).unwrap();
+            black_box(m);
+        },
+    ));
+    rows.push(measure(
+        &format!(
+            "update integrated: one window, {} creative x bucket rows",
+            buckets.len()
+        ),
+        reps(15),
+        rate(buckets.len()),
+        || {
+            let mut m = base.clone();
+            m.update(&buckets).unwrap();
+            black_box(m);
+        },
+    ));
+    let linear = Integrated::new(
+        CREATIVES,
+        DIM,
+        ModelConfig {
+            link: smartmsg_domain::Link::Linear {
+                noise_variance: 0.05,
+            },
+            ..cfg(1)
+        },
+    )
+    .unwrap();
+    rows.push(measure(
+        "update integrated (linear): 10,000 per-user outcomes",
+        reps(9),
+        rate(per_user.len()),
+        || {
+            let mut m = linear.clone();
+            m.update(&per_user).unwrap();
+            black_box(m);
+        },
+    ));
+    rows.push(measure(
+        "update creative-thompson: 10,000 per-user outcomes",
+        reps(15),
+        rate(per_user.len()),
+        || {
+            let mut m = thompson.clone();
+            m.update(&per_user).unwrap();
+            black_box(m);
+        },
+    ));
+
+    println!(
+        "\nsmartmsg-domain plan benchmark: {USERS} candidates x {CREATIVES} creatives x {DIM} features, batch {BATCH}, one core\n"
+    );
+    println!(
+        "| {:<58} | {:>11} | {:>11} | {:>4} | {:<24} |",
+        "case", "median ms", "min ms", "runs", "rate"
+    );
+    println!(
+        "|{:-<60}|{:->13}|{:->13}|{:->6}|{:-<26}|",
+        "", "", "", "", ""
+    );
+    for r in &rows {
+        println!(
+            "| {:<58} | {:>11.2} | {:>11.2} | {:>4} | {:<24} |",
+            r.name,
+            ms(r.median),
+            ms(r.min),
+            r.runs,
+            r.note
+        );
+    }
+    println!("\ntargets: 1 draw + scoring + top-B <= 50 ms; with 100 propensity draws <= 2000 ms");
+}

@@ -1,0 +1,453 @@
+//! The data policies read and write: candidates to score, the decisions of
+//! one batch, and aggregated outcomes that update the models.
+
+use serde::{Deserialize, Serialize};
+
+use crate::users::UserSet;
+
+/// Why a matrix or a batch does not have the shape it should.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShapeError {
+    /// A feature row has another length than the matrix's dimension.
+    #[error("feature row has {got} values; the dimension is {dim}")]
+    RowLength {
+        /// The dimension.
+        dim: usize,
+        /// The row's length.
+        got: usize,
+    },
+    /// The flat feature buffer is not `rows × dim` long.
+    #[error("{values} feature values do not make {rows} rows of {dim}")]
+    Matrix {
+        /// Rows expected.
+        rows: usize,
+        /// The dimension.
+        dim: usize,
+        /// Values given.
+        values: usize,
+    },
+    /// A feature value is NaN or infinite.
+    #[error("feature value {value} in row {row} is not finite")]
+    NotFinite {
+        /// The row.
+        row: usize,
+        /// The value.
+        value: f32,
+    },
+    /// An outcome has more successes than trials.
+    #[error("{successes} successes out of {trials} trials")]
+    Successes {
+        /// The trials.
+        trials: u32,
+        /// The successes.
+        successes: u32,
+    },
+    /// Parallel columns have different lengths.
+    #[error("columns differ in length: {lengths:?}")]
+    Columns {
+        /// The lengths found.
+        lengths: Vec<usize>,
+    },
+    /// The dimension is 0 or above [`Candidates::MAX_DIM`].
+    #[error("dimension {dim} is outside 1..={max}")]
+    Dimension {
+        /// The dimension.
+        dim: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+fn check_dim(dim: usize) -> Result<(), ShapeError> {
+    if dim == 0 || dim > Candidates::MAX_DIM {
+        return Err(ShapeError::Dimension {
+            dim,
+            max: Candidates::MAX_DIM,
+        });
+    }
+    Ok(())
+}
+
+fn check_row(row_index: usize, dim: usize, x: &[f32]) -> Result<(), ShapeError> {
+    if x.len() != dim {
+        return Err(ShapeError::RowLength { dim, got: x.len() });
+    }
+    if let Some(&value) = x.iter().find(|v| !v.is_finite()) {
+        return Err(ShapeError::NotFinite {
+            row: row_index,
+            value,
+        });
+    }
+    Ok(())
+}
+
+/// The users a policy may choose from: ids and a dense, row-major `f32`
+/// feature matrix (`len × dim`), one row per user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidates {
+    dim: usize,
+    users: Vec<u32>,
+    features: Vec<f32>,
+}
+
+impl Candidates {
+    /// The largest feature dimension (the models invert `(dim+1)²`
+    /// matrices).
+    pub const MAX_DIM: usize = 64;
+
+    /// No candidates yet, with rows of `dim` features.
+    pub fn new(dim: usize) -> Result<Self, ShapeError> {
+        Self::with_capacity(dim, 0)
+    }
+
+    /// No candidates yet, with room for `rows` users.
+    pub fn with_capacity(dim: usize, rows: usize) -> Result<Self, ShapeError> {
+        check_dim(dim)?;
+        Ok(Self {
+            dim,
+            users: Vec::with_capacity(rows),
+            features: Vec::with_capacity(rows * dim),
+        })
+    }
+
+    /// Candidates from a user column and a flat row-major feature matrix.
+    pub fn from_parts(dim: usize, users: Vec<u32>, features: Vec<f32>) -> Result<Self, ShapeError> {
+        check_dim(dim)?;
+        if features.len() != users.len() * dim {
+            return Err(ShapeError::Matrix {
+                rows: users.len(),
+                dim,
+                values: features.len(),
+            });
+        }
+        for (i, row) in features.chunks_exact(dim).enumerate() {
+            check_row(i, dim, row)?;
+        }
+        Ok(Self {
+            dim,
+            users,
+            features,
+        })
+    }
+
+    /// Appends a user with its features.
+    pub fn push(&mut self, user: u32, x: &[f32]) -> Result<(), ShapeError> {
+        check_row(self.users.len(), self.dim, x)?;
+        self.users.push(user);
+        self.features.extend_from_slice(x);
+        Ok(())
+    }
+
+    /// The number of candidates.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// The feature dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The user ids, one per row.
+    pub fn users(&self) -> &[u32] {
+        &self.users
+    }
+
+    /// The flat row-major feature matrix.
+    pub fn features(&self) -> &[f32] {
+        &self.features
+    }
+
+    /// Row `i`'s features.
+    ///
+    /// # Panics
+    /// If `i >= len()`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.features[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Keeps only the rows whose user is not in `messaged`, in place.
+    pub fn retain_unmessaged(&mut self, messaged: &UserSet) {
+        self.retain(|u| !messaged.contains(u));
+    }
+
+    /// Keeps only the rows whose user satisfies `keep`, in place, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
+        let dim = self.dim;
+        let mut w = 0;
+        for r in 0..self.users.len() {
+            let u = self.users[r];
+            if keep(u) {
+                if w != r {
+                    self.users[w] = u;
+                    self.features.copy_within(r * dim..(r + 1) * dim, w * dim);
+                }
+                w += 1;
+            }
+        }
+        self.users.truncate(w);
+        self.features.truncate(w * dim);
+    }
+}
+
+/// What a policy decided for one batch: parallel columns of users, the
+/// creative (an index into the campaign's creatives) each gets, and the
+/// probability with which the policy would have made that choice.
+///
+/// The propensity of row `i` is the probability that the policy, in the
+/// state it was in, sends `users[i]` creative `creatives[i]` in this batch
+/// (so it includes the chance of the user being chosen at all). It is what
+/// off-policy estimators weight by.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Decisions {
+    /// The chosen users.
+    pub users: Vec<u32>,
+    /// The creative index for each user.
+    pub creatives: Vec<u16>,
+    /// The propensity of each choice, in (0, 1].
+    pub propensities: Vec<f32>,
+}
+
+impl Decisions {
+    /// No decisions, with room for `n`.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            users: Vec::with_capacity(n),
+            creatives: Vec::with_capacity(n),
+            propensities: Vec::with_capacity(n),
+        }
+    }
+
+    /// Adds one decision.
+    pub fn push(&mut self, user: u32, creative: u16, propensity: f32) {
+        self.users.push(user);
+        self.creatives.push(creative);
+        self.propensities.push(propensity);
+    }
+
+    /// The number of users chosen (when the columns agree in length).
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether no user was chosen.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Checks that the three columns have the same length.
+    pub fn check_shape(&self) -> Result<(), ShapeError> {
+        let lengths = vec![
+            self.users.len(),
+            self.creatives.len(),
+            self.propensities.len(),
+        ];
+        if lengths.iter().any(|&l| l != lengths[0]) {
+            return Err(ShapeError::Columns { lengths });
+        }
+        Ok(())
+    }
+
+    /// `(user, creative, propensity)` rows.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u16, f32)> + '_ {
+        self.users
+            .iter()
+            .zip(&self.creatives)
+            .zip(&self.propensities)
+            .map(|((&u, &c), &p)| (u, c, p))
+    }
+
+    /// How many users got each creative, for `creatives` creatives (indices
+    /// beyond are ignored).
+    pub fn per_creative(&self, creatives: usize) -> Vec<u32> {
+        let mut counts = vec![0u32; creatives];
+        for &c in &self.creatives {
+            if let Some(n) = counts.get_mut(usize::from(c)) {
+                *n += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Aggregated reactions that update a model: rows of (creative, feature
+/// vector, trials, successes).
+///
+/// One row per user (`trials = 1`, `successes` 0 or 1) carries per-user
+/// outcomes; one row per creative × feature bucket (the bucket's
+/// representative features, e.g. its centroid, with the bucket's counts)
+/// carries what a one-minute windowed aggregation produces. Models treat a
+/// row as `trials` Bernoulli observations at `x`, so both forms feed the
+/// same update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcomes {
+    dim: usize,
+    creatives: Vec<u16>,
+    features: Vec<f32>,
+    trials: Vec<u32>,
+    successes: Vec<u32>,
+}
+
+/// One row of [`Outcomes`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutcomeRow<'a> {
+    /// The creative index.
+    pub creative: u16,
+    /// The features.
+    pub x: &'a [f32],
+    /// Messages observed.
+    pub trials: u32,
+    /// Of which reacted.
+    pub successes: u32,
+}
+
+impl Outcomes {
+    /// No outcomes yet, for feature rows of `dim`.
+    pub fn new(dim: usize) -> Result<Self, ShapeError> {
+        check_dim(dim)?;
+        Ok(Self {
+            dim,
+            creatives: Vec::new(),
+            features: Vec::new(),
+            trials: Vec::new(),
+            successes: Vec::new(),
+        })
+    }
+
+    /// Adds a row: `trials` messages of `creative` to users with features
+    /// `x` (or a bucket represented by `x`), `successes` of which reacted.
+    pub fn push(
+        &mut self,
+        creative: u16,
+        x: &[f32],
+        trials: u32,
+        successes: u32,
+    ) -> Result<(), ShapeError> {
+        check_row(self.creatives.len(), self.dim, x)?;
+        if successes > trials {
+            return Err(ShapeError::Successes { trials, successes });
+        }
+        self.creatives.push(creative);
+        self.features.extend_from_slice(x);
+        self.trials.push(trials);
+        self.successes.push(successes);
+        Ok(())
+    }
+
+    /// The feature dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        self.creatives.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.creatives.is_empty()
+    }
+
+    /// Row `i`.
+    ///
+    /// # Panics
+    /// If `i >= len()`.
+    pub fn row(&self, i: usize) -> OutcomeRow<'_> {
+        OutcomeRow {
+            creative: self.creatives[i],
+            x: &self.features[i * self.dim..(i + 1) * self.dim],
+            trials: self.trials[i],
+            successes: self.successes[i],
+        }
+    }
+
+    /// All rows.
+    pub fn rows(&self) -> impl Iterator<Item = OutcomeRow<'_>> + '_ {
+        (0..self.len()).map(|i| self.row(i))
+    }
+
+    /// Total `(trials, successes)` per creative, for `creatives` creatives
+    /// (rows of other creatives are ignored).
+    pub fn totals(&self, creatives: usize) -> Vec<(u64, u64)> {
+        let mut t = vec![(0u64, 0u64); creatives];
+        for i in 0..self.len() {
+            if let Some(slot) = t.get_mut(usize::from(self.creatives[i])) {
+                slot.0 += u64::from(self.trials[i]);
+                slot.1 += u64::from(self.successes[i]);
+            }
+        }
+        t
+    }
+
+    /// The largest creative index in any row, if there are rows.
+    pub fn max_creative(&self) -> Option<u16> {
+        self.creatives.iter().copied().max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_check_shape_and_retain_in_place() {
+        assert!(matches!(
+            Candidates::new(0),
+            Err(ShapeError::Dimension { .. })
+        ));
+        assert!(matches!(
+            Candidates::from_parts(2, vec![1, 2], vec![0.0; 3]),
+            Err(ShapeError::Matrix { .. })
+        ));
+        let mut c = Candidates::new(2).unwrap();
+        for u in 0..6u32 {
+            c.push(u * 10, &[u as f32, -(u as f32)]).unwrap();
+        }
+        assert!(matches!(
+            c.push(1, &[1.0]),
+            Err(ShapeError::RowLength { dim: 2, got: 1 })
+        ));
+        assert!(matches!(
+            c.push(1, &[f32::NAN, 0.0]),
+            Err(ShapeError::NotFinite { row: 6, .. })
+        ));
+        let messaged: UserSet = [0u32, 20, 50].into_iter().collect();
+        c.retain_unmessaged(&messaged);
+        assert_eq!(c.users(), &[10, 30, 40]);
+        assert_eq!(c.features(), &[1.0, -1.0, 3.0, -3.0, 4.0, -4.0]);
+        assert_eq!(c.row(2), &[4.0, -4.0]);
+    }
+
+    #[test]
+    fn outcomes_total_per_creative() {
+        let mut o = Outcomes::new(1).unwrap();
+        o.push(0, &[1.0], 10, 3).unwrap();
+        o.push(1, &[1.0], 5, 5).unwrap();
+        o.push(0, &[2.0], 1, 0).unwrap();
+        assert!(matches!(
+            o.push(0, &[2.0], 1, 2),
+            Err(ShapeError::Successes { .. })
+        ));
+        assert_eq!(o.totals(3), vec![(11, 3), (5, 5), (0, 0)]);
+        assert_eq!(o.max_creative(), Some(1));
+        assert_eq!(o.row(2).x, &[2.0]);
+    }
+
+    #[test]
+    fn decisions_shape() {
+        let mut d = Decisions::with_capacity(2);
+        d.push(1, 0, 0.5);
+        d.push(2, 1, 0.25);
+        assert!(d.check_shape().is_ok());
+        assert_eq!(d.per_creative(3), vec![1, 1, 0]);
+        d.users.push(3);
+        assert!(d.check_shape().is_err());
+    }
+}

@@ -1,0 +1,600 @@
+//! Bayesian models the policies share.
+//!
+//! - [`BetaArm`]: Beta-Bernoulli counts for one creative.
+//! - [`GaussianWeights`]: a Gaussian posterior `N(mean, precision⁻¹)` over
+//!   the weights of a response model `f(w₀ + w·x)` with an intercept `w₀`.
+//!   With [`Link::Logistic`] an update is a Laplace approximation: the new
+//!   posterior's mean is the mode of (old posterior × likelihood of the new
+//!   outcomes), found by Newton's method, and its precision is the negative
+//!   Hessian there. Updating window by window (each posterior the next
+//!   prior) needs no past data, so it fits a windowed reaction pipeline.
+//!   With [`Link::Linear`] the update is the exact conjugate one (Bayesian
+//!   linear regression with known noise variance on 0/1 responses).
+//!
+//! Everything is `f64` and small (`(dim+1)²` with `dim ≤ 64`): Cholesky by
+//! hand, no linear-algebra crate.
+
+use rand::RngCore;
+use rand_distr::{Beta, Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::data::OutcomeRow;
+
+/// Why a model update failed. The model is unchanged when it does.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A row's features have another dimension than the model.
+    #[error("outcome row has {got} features; the model has {expected}")]
+    Dimension {
+        /// The model's feature dimension.
+        expected: usize,
+        /// The row's.
+        got: usize,
+    },
+    /// The posterior precision lost positive definiteness (numerically).
+    #[error("posterior precision is not positive definite")]
+    NotPositiveDefinite,
+    /// The update produced a non-finite mean.
+    #[error("posterior mean is not finite")]
+    NotFinite,
+    /// A parameter is out of range.
+    #[error("bad model parameter: {0}")]
+    BadParameter(&'static str),
+}
+
+/// The response function of a [`GaussianWeights`] model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Link {
+    /// `P(react) = σ(w₀ + w·x)`; Laplace-approximated updates.
+    Logistic,
+    /// `E[react] = w₀ + w·x` with Gaussian noise of this variance; exact
+    /// conjugate updates.
+    Linear {
+        /// The noise variance (e.g. `p(1-p)` for a typical rate `p`).
+        noise_variance: f64,
+    },
+}
+
+/// A prior for [`GaussianWeights`]: independent Gaussians.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prior {
+    /// The intercept's mean (e.g. `logit(0.05) ≈ -3` for a logistic
+    /// model).
+    pub intercept_mean: f64,
+    /// The intercept's variance.
+    pub intercept_variance: f64,
+    /// Each feature weight's variance (mean 0).
+    pub weight_variance: f64,
+}
+
+impl Default for Prior {
+    /// A weakly informative prior for a logistic model with rates of a few
+    /// percent and standardised features: intercept `N(-3, 4)`, weights
+    /// `N(0, 1)`.
+    fn default() -> Self {
+        Self {
+            intercept_mean: -3.0,
+            intercept_variance: 4.0,
+            weight_variance: 1.0,
+        }
+    }
+}
+
+impl Prior {
+    fn check(&self) -> Result<(), ModelError> {
+        let ok = self.intercept_mean.is_finite()
+            && self.intercept_variance.is_finite()
+            && self.intercept_variance > 0.0
+            && self.weight_variance.is_finite()
+            && self.weight_variance > 0.0;
+        if ok {
+            Ok(())
+        } else {
+            Err(ModelError::BadParameter(
+                "prior variances must be finite and positive",
+            ))
+        }
+    }
+}
+
+/// Beta-Bernoulli counts for one arm: `Beta(alpha, beta)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BetaArm {
+    /// 1 + successes (with the uniform prior).
+    pub alpha: f64,
+    /// 1 + failures (with the uniform prior).
+    pub beta: f64,
+}
+
+impl Default for BetaArm {
+    /// The uniform prior `Beta(1, 1)`.
+    fn default() -> Self {
+        Self {
+            alpha: 1.0,
+            beta: 1.0,
+        }
+    }
+}
+
+impl BetaArm {
+    /// Adds `successes` out of `trials`.
+    pub fn update(&mut self, trials: u64, successes: u64) {
+        let successes = successes.min(trials);
+        self.alpha += successes as f64;
+        self.beta += (trials - successes) as f64;
+    }
+
+    /// The posterior mean.
+    pub fn mean(&self) -> f64 {
+        self.alpha / (self.alpha + self.beta)
+    }
+
+    /// One draw from the posterior.
+    pub fn sample(&self, rng: &mut dyn RngCore) -> f64 {
+        match Beta::new(self.alpha, self.beta) {
+            Ok(d) => d.sample(rng),
+            Err(_) => self.mean(),
+        }
+    }
+}
+
+/// A Gaussian posterior over `[w₀, w₁ … w_dim]` (intercept first). See the
+/// [module docs](self).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "WeightsRepr", into = "WeightsRepr")]
+pub struct GaussianWeights {
+    /// `dim + 1`.
+    n: usize,
+    mean: Vec<f64>,
+    /// Row-major `n × n`, symmetric.
+    precision: Vec<f64>,
+    /// Lower Cholesky factor of `precision`.
+    chol: Vec<f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WeightsRepr {
+    mean: Vec<f64>,
+    precision: Vec<f64>,
+}
+
+impl From<GaussianWeights> for WeightsRepr {
+    fn from(w: GaussianWeights) -> Self {
+        Self {
+            mean: w.mean,
+            precision: w.precision,
+        }
+    }
+}
+
+impl TryFrom<WeightsRepr> for GaussianWeights {
+    type Error = ModelError;
+    fn try_from(r: WeightsRepr) -> Result<Self, ModelError> {
+        let n = r.mean.len();
+        if n < 2 || r.precision.len() != n * n {
+            return Err(ModelError::BadParameter("precision is not (dim+1)²"));
+        }
+        let mut chol = vec![0.0; n * n];
+        cholesky(&r.precision, n, &mut chol)?;
+        Ok(Self {
+            n,
+            mean: r.mean,
+            precision: r.precision,
+            chol,
+        })
+    }
+}
+
+/// `ln(1 + e^t)`, stable.
+fn softplus(t: f64) -> f64 {
+    t.max(0.0) + (-t.abs()).exp().ln_1p()
+}
+
+/// The logistic function.
+pub fn sigmoid(t: f64) -> f64 {
+    if t >= 0.0 {
+        1.0 / (1.0 + (-t).exp())
+    } else {
+        let e = t.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// Lower Cholesky factor `l` of the `n × n` matrix `a` (`a = l lᵀ`).
+fn cholesky(a: &[f64], n: usize, l: &mut [f64]) -> Result<(), ModelError> {
+    l.fill(0.0);
+    for i in 0..n {
+        for j in 0..=i {
+            let mut s = a[i * n + j];
+            for k in 0..j {
+                s -= l[i * n + k] * l[j * n + k];
+            }
+            if i == j {
+                if !(s > 0.0 && s.is_finite()) {
+                    return Err(ModelError::NotPositiveDefinite);
+                }
+                l[i * n + i] = s.sqrt();
+            } else {
+                l[i * n + j] = s / l[j * n + j];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Solves `l lᵀ x = b` in place (`b` becomes `x`).
+fn chol_solve(l: &[f64], n: usize, b: &mut [f64]) {
+    for i in 0..n {
+        let mut s = b[i];
+        for k in 0..i {
+            s -= l[i * n + k] * b[k];
+        }
+        b[i] = s / l[i * n + i];
+    }
+    back_substitute(l, n, b);
+}
+
+/// Solves `lᵀ x = b` in place.
+fn back_substitute(l: &[f64], n: usize, b: &mut [f64]) {
+    for i in (0..n).rev() {
+        let mut s = b[i];
+        for k in i + 1..n {
+            s -= l[k * n + i] * b[k];
+        }
+        b[i] = s / l[i * n + i];
+    }
+}
+
+/// `w₀ + w·x` in f64.
+fn linear(w: &[f64], x: &[f32]) -> f64 {
+    w[0] + w[1..]
+        .iter()
+        .zip(x)
+        .map(|(&a, &b)| a * f64::from(b))
+        .sum::<f64>()
+}
+
+/// Adds `h · x̃ x̃ᵀ` (x̃ = [1, x]) to the lower triangle of `m`.
+fn add_outer_lower(m: &mut [f64], n: usize, x: &[f32], h: f64) {
+    m[0] += h;
+    for i in 1..n {
+        let hi = h * f64::from(x[i - 1]);
+        let row = &mut m[i * n..i * n + i + 1];
+        row[0] += hi;
+        for (j, slot) in row[1..].iter_mut().enumerate() {
+            *slot += hi * f64::from(x[j]);
+        }
+    }
+}
+
+fn mirror_lower(m: &mut [f64], n: usize) {
+    for i in 0..n {
+        for j in 0..i {
+            m[j * n + i] = m[i * n + j];
+        }
+    }
+}
+
+/// What a [`GaussianWeights::update`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateReport {
+    /// Rows used.
+    pub rows: usize,
+    /// Newton iterations (0 for a linear update or no rows).
+    pub iterations: u32,
+}
+
+impl GaussianWeights {
+    /// Most Newton iterations of a logistic update.
+    pub const MAX_NEWTON_ITERATIONS: u32 = 50;
+
+    /// The prior for `features` features.
+    pub fn new(features: usize, prior: &Prior) -> Result<Self, ModelError> {
+        prior.check()?;
+        if features == 0 {
+            return Err(ModelError::BadParameter(
+                "a model needs at least one feature",
+            ));
+        }
+        let n = features + 1;
+        let mut mean = vec![0.0; n];
+        mean[0] = prior.intercept_mean;
+        let mut precision = vec![0.0; n * n];
+        precision[0] = 1.0 / prior.intercept_variance;
+        for i in 1..n {
+            precision[i * n + i] = 1.0 / prior.weight_variance;
+        }
+        let mut chol = vec![0.0; n * n];
+        cholesky(&precision, n, &mut chol)?;
+        Ok(Self {
+            n,
+            mean,
+            precision,
+            chol,
+        })
+    }
+
+    /// The number of features (the intercept excluded).
+    pub fn features(&self) -> usize {
+        self.n - 1
+    }
+
+    /// The posterior mean, intercept first.
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+
+    /// The posterior precision, row-major `(features+1)²`.
+    pub fn precision(&self) -> &[f64] {
+        &self.precision
+    }
+
+    /// The posterior covariance (the precision's inverse), row-major.
+    pub fn covariance(&self) -> Vec<f64> {
+        let n = self.n;
+        let mut cov = vec![0.0; n * n];
+        let mut col = vec![0.0; n];
+        for j in 0..n {
+            col.fill(0.0);
+            col[j] = 1.0;
+            chol_solve(&self.chol, n, &mut col);
+            for i in 0..n {
+                cov[i * n + j] = col[i];
+            }
+        }
+        cov
+    }
+
+    /// The posterior mean's linear score `w₀ + w·x`.
+    pub fn mean_score(&self, x: &[f32]) -> f64 {
+        linear(&self.mean, x)
+    }
+
+    /// Writes one draw from the posterior into `out` (`features + 1`
+    /// values, intercept first).
+    ///
+    /// # Panics
+    /// If `out` has another length.
+    pub fn sample_into(&self, rng: &mut dyn RngCore, out: &mut [f64]) {
+        assert_eq!(out.len(), self.n, "sample buffer length");
+        for z in out.iter_mut() {
+            *z = StandardNormal.sample(rng);
+        }
+        back_substitute(&self.chol, self.n, out);
+        for (o, m) in out.iter_mut().zip(&self.mean) {
+            *o += m;
+        }
+    }
+
+    /// Updates the posterior with `rows` (each `trials` observations at
+    /// `x`, `successes` of them 1). Rows with 0 trials are skipped. On
+    /// error the posterior is unchanged.
+    pub fn update(
+        &mut self,
+        link: Link,
+        rows: &[OutcomeRow<'_>],
+    ) -> Result<UpdateReport, ModelError> {
+        let features = self.features();
+        if let Some(r) = rows.iter().find(|r| r.x.len() != features) {
+            return Err(ModelError::Dimension {
+                expected: features,
+                got: r.x.len(),
+            });
+        }
+        let rows_used = rows.iter().filter(|r| r.trials > 0).count();
+        if rows_used == 0 {
+            return Ok(UpdateReport {
+                rows: 0,
+                iterations: 0,
+            });
+        }
+        let (mean, precision, chol, iterations) = match link {
+            Link::Linear { noise_variance } => {
+                if !(noise_variance > 0.0 && noise_variance.is_finite()) {
+                    return Err(ModelError::BadParameter("noise variance must be positive"));
+                }
+                let (m, p, l) = self.linear_update(noise_variance, rows)?;
+                (m, p, l, 0)
+            }
+            Link::Logistic => self.laplace_update(rows)?,
+        };
+        if mean.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::NotFinite);
+        }
+        self.mean = mean;
+        self.precision = precision;
+        self.chol = chol;
+        Ok(UpdateReport {
+            rows: rows_used,
+            iterations,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn linear_update(
+        &self,
+        noise_variance: f64,
+        rows: &[OutcomeRow<'_>],
+    ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), ModelError> {
+        let n = self.n;
+        let inv = 1.0 / noise_variance;
+        let mut p = self.precision.clone();
+        // b = P₀ m₀ + Xᵀy / σ²
+        let mut b: Vec<f64> = self
+            .precision
+            .chunks_exact(n)
+            .map(|row| row.iter().zip(&self.mean).map(|(p, m)| p * m).sum())
+            .collect();
+        // Accumulate into the lower triangle, then mirror (P₀ is symmetric).
+        for r in rows.iter().filter(|r| r.trials > 0) {
+            add_outer_lower(&mut p, n, r.x, f64::from(r.trials) * inv);
+            let s = f64::from(r.successes) * inv;
+            b[0] += s;
+            for (bi, &xi) in b[1..].iter_mut().zip(r.x) {
+                *bi += s * f64::from(xi);
+            }
+        }
+        mirror_lower(&mut p, n);
+        let mut l = vec![0.0; n * n];
+        cholesky(&p, n, &mut l)?;
+        chol_solve(&l, n, &mut b);
+        Ok((b, p, l))
+    }
+
+    /// The log posterior (up to a constant) at `w`.
+    fn log_posterior(&self, w: &[f64], rows: &[OutcomeRow<'_>], scratch: &mut [f64]) -> f64 {
+        let n = self.n;
+        for (d, (a, m)) in scratch.iter_mut().zip(w.iter().zip(&self.mean)) {
+            *d = a - m;
+        }
+        let mut quad = 0.0;
+        for i in 0..n {
+            let pi = &self.precision[i * n..(i + 1) * n];
+            quad += scratch[i]
+                * pi.iter()
+                    .zip(scratch.iter())
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>();
+        }
+        let mut ll = 0.0;
+        for r in rows.iter().filter(|r| r.trials > 0) {
+            let z = linear(w, r.x);
+            let s = f64::from(r.successes);
+            let f = f64::from(r.trials) - s;
+            ll -= s * softplus(-z) + f * softplus(z);
+        }
+        ll - 0.5 * quad
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn laplace_update(
+        &self,
+        rows: &[OutcomeRow<'_>],
+    ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, u32), ModelError> {
+        let n = self.n;
+        let mut w = self.mean.clone();
+        let mut grad = vec![0.0; n];
+        let mut hess = vec![0.0; n * n];
+        let mut l = vec![0.0; n * n];
+        let mut scratch = vec![0.0; n];
+        let mut trial = vec![0.0; n];
+        let mut current = self.log_posterior(&w, rows, &mut scratch);
+        let mut iterations = 0;
+        loop {
+            // Gradient and negative Hessian of the log posterior at w.
+            for (i, g) in grad.iter_mut().enumerate() {
+                *g = -(0..n)
+                    .map(|j| self.precision[i * n + j] * (w[j] - self.mean[j]))
+                    .sum::<f64>();
+            }
+            hess.copy_from_slice(&self.precision);
+            for r in rows.iter().filter(|r| r.trials > 0) {
+                let p = sigmoid(linear(&w, r.x));
+                let t = f64::from(r.trials);
+                let e = f64::from(r.successes) - t * p;
+                grad[0] += e;
+                for (g, &x) in grad[1..].iter_mut().zip(r.x) {
+                    *g += e * f64::from(x);
+                }
+                add_outer_lower(&mut hess, n, r.x, t * p * (1.0 - p));
+            }
+            mirror_lower(&mut hess, n);
+            cholesky(&hess, n, &mut l)?;
+            if iterations >= Self::MAX_NEWTON_ITERATIONS {
+                break;
+            }
+            // Newton step, halved until the log posterior does not drop.
+            let mut step = grad.clone();
+            chol_solve(&l, n, &mut step);
+            let size = step.iter().fold(0.0f64, |m, s| m.max(s.abs()));
+            if size < 1e-10 {
+                break;
+            }
+            iterations += 1;
+            let mut scale = 1.0;
+            let mut accepted = false;
+            for _ in 0..40 {
+                for ((t, a), s) in trial.iter_mut().zip(&w).zip(&step) {
+                    *t = a + scale * s;
+                }
+                let value = self.log_posterior(&trial, rows, &mut scratch);
+                if value >= current - 1e-12 * current.abs() {
+                    w.copy_from_slice(&trial);
+                    current = value;
+                    accepted = true;
+                    break;
+                }
+                scale *= 0.5;
+            }
+            if !accepted {
+                // No step improves: w is the mode to numerical precision,
+                // and the Hessian above was computed at it.
+                break;
+            }
+        }
+        Ok((w, hess, l, iterations))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Outcomes;
+    use rand::SeedableRng;
+
+    #[test]
+    fn beta_counts() {
+        let mut a = BetaArm::default();
+        a.update(10, 3);
+        a.update(5, 9); // clamped to 5
+        assert_eq!((a.alpha, a.beta), (9.0, 8.0));
+        assert!((a.mean() - 9.0 / 17.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn prior_round_trips_and_samples_have_its_moments() {
+        let w = GaussianWeights::new(2, &Prior::default()).unwrap();
+        let json = serde_json::to_string(&w).unwrap();
+        let back: GaussianWeights = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, w);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut out = [0.0; 3];
+        let (mut s0, mut ss0, mut ss1) = (0.0, 0.0, 0.0);
+        let k = 20_000;
+        for _ in 0..k {
+            w.sample_into(&mut rng, &mut out);
+            s0 += out[0];
+            ss0 += (out[0] + 3.0).powi(2);
+            ss1 += out[1].powi(2);
+        }
+        let k = f64::from(k);
+        assert!((s0 / k + 3.0).abs() < 0.05, "{}", s0 / k);
+        assert!((ss0 / k - 4.0).abs() < 0.15, "{}", ss0 / k);
+        assert!((ss1 / k - 1.0).abs() < 0.05, "{}", ss1 / k);
+    }
+
+    #[test]
+    fn bad_inputs_are_refused() {
+        let p = Prior {
+            weight_variance: 0.0,
+            ..Prior::default()
+        };
+        assert!(GaussianWeights::new(2, &p).is_err());
+        let mut w = GaussianWeights::new(2, &Prior::default()).unwrap();
+        let mut o = Outcomes::new(3).unwrap();
+        o.push(0, &[1.0, 2.0, 3.0], 1, 1).unwrap();
+        let rows: Vec<_> = o.rows().collect();
+        assert_eq!(
+            w.update(Link::Logistic, &rows),
+            Err(ModelError::Dimension {
+                expected: 2,
+                got: 3
+            })
+        );
+        assert!(serde_json::from_str::<GaussianWeights>(
+            r#"{"mean":[0,0],"precision":[1,0,0,-1]}"#
+        )
+        .is_err());
+    }
+}
