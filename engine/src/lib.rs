@@ -20,6 +20,7 @@ pub mod aggregate;
 pub mod append;
 pub mod clock;
 pub mod delay;
+pub mod delay_memory;
 pub mod error;
 pub mod event;
 pub mod index;
@@ -28,9 +29,11 @@ pub mod log;
 pub mod memory;
 pub mod projection;
 pub mod repository;
+pub mod scheduler;
 pub mod snapshot;
 pub mod stream_id;
 pub mod upcast;
+pub mod wheel;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -41,6 +44,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use delay::{
     DeadLetter, DelayQueue, Job, JobId, Lease, LeaseToken, QueueError, QueueLimits, Scheduled,
 };
+pub use delay_memory::InMemoryDelayQueue;
 pub use error::{AppendError, BackendError, LimitError, ReadError, SnapshotError};
 pub use event::{Metadata, NewEvent, RecordedEvent};
 pub use limits::Limits;
@@ -52,6 +56,10 @@ pub use projection::{
 pub use repository::{
     CommandOptions, ConfigError, Executed, Loaded, Repository, RepositoryConfig, RepositoryError,
 };
+pub use scheduler::{
+    job_idempotency_key, RunReport, Scheduler, SchedulerConfig, SchedulerConfigError,
+};
 pub use snapshot::{Snapshot, SnapshotStore};
 pub use stream_id::{StreamId, StreamIdError};
 pub use upcast::{DuplicateUpcaster, UpcastError, Upcaster, Upcasters};
+pub use wheel::{Expired, TimerKey, TimerWheel};

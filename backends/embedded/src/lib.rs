@@ -10,9 +10,12 @@
 //!   refuses damage in durable data with a typed error naming file and
 //!   offset; a lock file so one process owns the directory.
 //! - [`RedbSnapshots`]: the [`smartmsg_engine::SnapshotStore`] in redb.
+//! - [`EmbeddedDelayQueue`]: the durable [`smartmsg_engine::DelayQueue`], an
+//!   on-disk timer wheel in redb that keeps only the near future in memory.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod delay;
 pub mod error;
 pub mod frame;
 pub mod lock;
@@ -22,6 +25,7 @@ pub mod segment;
 pub mod snapshots;
 mod writer;
 
+pub use delay::{EmbeddedDelayQueue, EmbeddedQueueConfig, QueueStats};
 pub use error::EmbeddedError;
 pub use log::{EmbeddedConfig, EmbeddedLog, LogStats};
 pub use snapshots::RedbSnapshots;

@@ -14,7 +14,9 @@
 //! - [`event_log_conformance`] checks an [`EventLog`](crate::EventLog)
 //!   through a [`LogHarness`];
 //! - [`snapshot_store_conformance`] checks a
-//!   [`SnapshotStore`](crate::SnapshotStore) through a [`SnapshotHarness`].
+//!   [`SnapshotStore`](crate::SnapshotStore) through a [`SnapshotHarness`];
+//! - [`delay_queue_conformance`] checks a [`DelayQueue`](crate::DelayQueue)
+//!   through a [`QueueHarness`], with a virtual clock.
 //!
 //! A backend's test implements the harness (how to create a fresh instance
 //! and, for a durable one, how to close and reopen it) and calls the suite
@@ -58,11 +60,13 @@ macro_rules! ensure {
     };
 }
 
+mod delay_suite;
 pub mod given;
 mod log_suite;
 pub mod model;
 mod snapshot_suite;
 
+pub use delay_suite::{delay_queue_conformance, QueueHarness};
 pub use given::{given, Given, When};
 pub use log_suite::{event_log_conformance, LogHarness};
 pub use snapshot_suite::{snapshot_store_conformance, SnapshotHarness};
