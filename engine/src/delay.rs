@@ -208,13 +208,25 @@ pub enum QueueError {
 ///   after [`QueueLimits::max_attempts`] deliveries the job is moved to the
 ///   dead letters instead, with the reason;
 /// - `nack(token, retry_at)` hands a job back at once (or at `retry_at`);
-/// - `cancel` removes a pending job (a leased one is removed when its lease
-///   ends, and its ack then reports stale).
+/// - `cancel` removes a pending or leased job at once and returns whether
+///   one existed; the ack of a cancelled lease reports
+///   [`QueueError::StaleLease`];
+/// - a job's content is its `due_ms` and `payload`;
+/// - a poll first ends every lease past its deadline (redelivered, or
+///   dead-lettered after `max_attempts`), then leases in (due, id) order;
+/// - a backend may end all leases when it is reopened (the embedded queue
+///   does: work held by a crashed worker is redelivered at once);
+/// - [`DelayQueue::next_due`] includes lease deadlines, so a scheduler that
+///   sleeps until then never misses a redelivery.
+///
+/// The reference semantics are those of
+/// [`InMemoryDelayQueue`](crate::InMemoryDelayQueue), enforced by
+/// `testkit::delay_queue_conformance`.
 #[async_trait]
 pub trait DelayQueue: Send + Sync {
     /// Schedules a job; durable when it returns.
     async fn schedule(&self, job: Job) -> Result<Scheduled, QueueError>;
-    /// Cancels a pending job. Returns whether one was pending.
+    /// Cancels a pending or leased job. Returns whether one existed.
     async fn cancel(&self, id: &JobId) -> Result<bool, QueueError>;
     /// Leases up to `max` jobs due at `now_ms`.
     async fn poll_due(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>, QueueError>;
@@ -231,8 +243,9 @@ pub trait DelayQueue: Send + Sync {
     }
     /// Up to `max` dead letters, oldest first.
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError>;
-    /// The earliest due time among pending jobs, if any (lets a scheduler
-    /// sleep until then, or a simulator jump virtual time there).
+    /// The earliest due time among pending jobs and lease deadlines, if any
+    /// (lets a scheduler sleep until then, or a simulator jump virtual time
+    /// there).
     async fn next_due(&self) -> Result<Option<u64>, QueueError>;
     /// The limits this queue enforces.
     fn limits(&self) -> QueueLimits;

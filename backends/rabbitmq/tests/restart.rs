@@ -1,0 +1,194 @@
+//! RabbitMQ restarts (`rabbitmqctl stop_app` / `start_app`) while jobs are
+//! pending: every job still fires, and the queue object reconnects by
+//! itself. A test binary of its own, so no other test of this crate runs
+//! while the broker is down.
+//!
+//! Needs `rabbitmqctl` (`/usr/lib/rabbitmq/bin/rabbitmqctl`, or
+//! `SMARTMSG_RABBITMQCTL`) and the `HOME` holding the node's Erlang cookie
+//! (`.services/rabbitmq` of the repository, as `scripts/services.sh` runs
+//! it, or `SMARTMSG_RABBITMQ_HOME`); skipped with a printed reason without
+//! them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{collect, config, job, url, wall_ms, Rng};
+use smartmsg_engine::DelayQueue;
+use smartmsg_rabbitmq::RabbitDelayQueue;
+
+struct Ctl {
+    bin: PathBuf,
+    home: PathBuf,
+}
+
+impl Ctl {
+    fn find() -> Result<Self, String> {
+        let bin = std::env::var_os("SMARTMSG_RABBITMQCTL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/usr/lib/rabbitmq/bin/rabbitmqctl".into());
+        if !bin.exists() {
+            return Err(format!("{} not found", bin.display()));
+        }
+        let home = std::env::var_os("SMARTMSG_RABBITMQ_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.services/rabbitmq")
+            });
+        if !home.join(".erlang.cookie").exists() {
+            return Err(format!("no Erlang cookie in {}", home.display()));
+        }
+        let ctl = Self { bin, home };
+        ctl.run(&["status"])?;
+        Ok(ctl)
+    }
+
+    fn run(&self, args: &[&str]) -> Result<(), String> {
+        let out = Command::new(&self.bin)
+            .arg("-n")
+            .arg("rabbit@localhost")
+            .args(args)
+            .env("HOME", &self.home)
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env(
+                "RABBITMQ_CTL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .current_dir(&self.home)
+            .output()
+            .map_err(|e| format!("running rabbitmqctl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "rabbitmqctl {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
+/// Starts the app again if the test stops half way.
+struct Restart<'a>(&'a Ctl, bool);
+
+impl Drop for Restart<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = self.0.run(&["start_app"]);
+            let _ = self.0.run(&["await_startup"]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_fires_across_a_broker_restart() {
+    let Some(url) = url() else { return };
+    let ctl = match Ctl::find() {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipping: cannot restart RabbitMQ here: {why}");
+            return;
+        }
+    };
+    let q = RabbitDelayQueue::open(config(&url, "restart"))
+        .await
+        .unwrap();
+    let _cleanup = common::Cleanup::new(&url, &q);
+
+    // One job leased and not acked when the broker goes down.
+    let t0 = wall_ms();
+    q.schedule(job("leased", t0, "l")).await.unwrap();
+    let leased = q.poll_due(wall_ms(), 1).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].attempt, 1);
+
+    // 40 jobs due over the next 0.5 to 20 s: some fire before the stop,
+    // most are in the levels (or due) while the broker is down.
+    let mut rng = Rng(99);
+    let n = 40;
+    let mut due = HashMap::new();
+    for i in 0..n {
+        let d = 500 + rng.below(19_500);
+        let id = format!("r{i}");
+        q.schedule(job(&id, t0 + d, "x")).await.unwrap();
+        due.insert(id, t0 + d);
+    }
+    let mut fired = collect(&q, n, Duration::from_millis(5), Duration::from_millis(1500)).await;
+    eprintln!("{} jobs fired before the restart", fired.len());
+
+    let mut guard = Restart(&ctl, true);
+    let stop = Instant::now();
+    tokio::task::block_in_place(|| ctl.run(&["stop_app"])).unwrap();
+    eprintln!("broker stopped ({:?})", stop.elapsed());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !q.is_connected(),
+        "the queue did not notice the broker stop"
+    );
+    assert!(q.poll_due(wall_ms(), 10).await.is_err());
+    tokio::task::block_in_place(|| {
+        ctl.run(&["start_app"])?;
+        ctl.run(&["await_startup"])
+    })
+    .unwrap();
+    guard.1 = false;
+    let down_ms = stop.elapsed().as_millis();
+    eprintln!("broker back after {down_ms} ms");
+
+    // The queue reconnects by itself.
+    let back = Instant::now();
+    while !q.is_connected() {
+        assert!(back.elapsed() < Duration::from_secs(60), "no reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "queue reconnected {:?} after the broker was back",
+        back.elapsed()
+    );
+
+    // A job scheduled after the restart fires too.
+    let t1 = wall_ms();
+    q.schedule(job("after", t1 + 1_000, "a")).await.unwrap();
+    due.insert("after".into(), t1 + 1_000);
+
+    let rest = collect(
+        &q,
+        n + 2 - fired.len(),
+        Duration::from_millis(5),
+        Duration::from_secs(60),
+    )
+    .await;
+    fired.extend(rest);
+    let mut count: HashMap<String, u32> = HashMap::new();
+    for f in &fired {
+        *count.entry(f.lease.job.id.to_string()).or_default() += 1;
+    }
+    for id in due.keys() {
+        assert!(count.contains_key(id), "job {id} never fired");
+    }
+    // The lease lost with the broker's connection comes back, and the lost
+    // delivery counts: attempt 2.
+    let again = fired
+        .iter()
+        .find(|f| f.lease.job.id.as_str() == "leased")
+        .expect("the job leased at the stop fired again");
+    assert_eq!(again.lease.attempt, 2);
+    // Acking the lost lease afterwards is harmless.
+    let _ = q.ack(&leased[0].token).await;
+    let late: Vec<i64> = fired
+        .iter()
+        .filter(|f| f.lease.job.id.as_str() == "after")
+        .map(|f| f.at_ms as i64 - due["after"] as i64)
+        .collect();
+    eprintln!(
+        "all {} jobs fired ({} deliveries); the job scheduled after the restart was {late:?} ms late",
+        due.len() + 1,
+        fired.len()
+    );
+    assert_eq!(q.len().await.unwrap(), 0);
+    q.destroy().await.unwrap();
+}
