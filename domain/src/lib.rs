@@ -33,6 +33,7 @@ pub mod campaign;
 pub mod data;
 pub mod model;
 pub mod policy;
+pub mod reactions;
 pub mod synthetic;
 pub mod users;
 

@@ -31,6 +31,7 @@ pub mod projection;
 pub mod repository;
 pub mod scheduler;
 pub mod snapshot;
+pub mod stream;
 pub mod stream_id;
 pub mod upcast;
 pub mod wheel;

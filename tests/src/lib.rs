@@ -4,3 +4,4 @@
 
 pub mod crash;
 pub mod effects;
+pub mod stream_crash;

@@ -12,6 +12,10 @@
 //! - [`RedbSnapshots`]: the [`smartmsg_engine::SnapshotStore`] in redb.
 //! - [`EmbeddedDelayQueue`]: the durable [`smartmsg_engine::DelayQueue`], an
 //!   on-disk timer wheel in redb that keeps only the near future in memory.
+//! - [`RedbStore`]: the stream-processing
+//!   [`smartmsg_engine::stream::KeyValueStore`] in redb, with its changelog;
+//!   with the engine's `EventLogSource`/`EventLogSink` over an
+//!   [`EmbeddedLog`] it gives exactly-once stream processing.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -23,9 +27,11 @@ pub mod log;
 pub mod recovery;
 pub mod segment;
 pub mod snapshots;
+pub mod state;
 mod writer;
 
 pub use delay::{EmbeddedDelayQueue, EmbeddedQueueConfig, QueueStats};
 pub use error::EmbeddedError;
 pub use log::{EmbeddedConfig, EmbeddedLog, LogStats};
 pub use snapshots::RedbSnapshots;
+pub use state::{RedbStore, RedbStoreConfig};

@@ -146,7 +146,7 @@ fn check_outcome_creatives(outcomes: &Outcomes, count: usize) -> Result<(), Poli
 }
 
 /// `k` distinct row indices of `n`, uniformly, in ascending order.
-fn sample_rows(n: usize, k: usize, rng: &mut dyn RngCore) -> Vec<usize> {
+pub(crate) fn sample_rows(n: usize, k: usize, rng: &mut dyn RngCore) -> Vec<usize> {
     let mut rows = rand::seq::index::sample(rng, n, k).into_vec();
     rows.sort_unstable();
     rows

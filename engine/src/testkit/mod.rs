@@ -16,7 +16,10 @@
 //! - [`snapshot_store_conformance`] checks a
 //!   [`SnapshotStore`](crate::SnapshotStore) through a [`SnapshotHarness`];
 //! - [`delay_queue_conformance`] checks a [`DelayQueue`](crate::DelayQueue)
-//!   through a [`QueueHarness`], with a virtual clock.
+//!   through a [`QueueHarness`], with a virtual clock;
+//! - [`kv_store_conformance`] checks a
+//!   [`KeyValueStore`](crate::stream::KeyValueStore) through a
+//!   [`KvHarness`].
 //!
 //! A backend's test implements the harness (how to create a fresh instance
 //! and, for a durable one, how to close and reopen it) and calls the suite
@@ -62,12 +65,14 @@ macro_rules! ensure {
 
 mod delay_suite;
 pub mod given;
+mod kv_suite;
 mod log_suite;
 pub mod model;
 mod snapshot_suite;
 
 pub use delay_suite::{delay_queue_conformance, QueueHarness};
 pub use given::{given, Given, When};
+pub use kv_suite::{kv_store_conformance, KvHarness};
 pub use log_suite::{event_log_conformance, LogHarness};
 pub use snapshot_suite::{snapshot_store_conformance, SnapshotHarness};
 

@@ -1,0 +1,206 @@
+//! [`TestDriver`]: run a topology in a test, with no disk, broker or clock.
+
+use std::hash::Hash;
+
+use super::codec::StateCodec;
+use super::memory_store::InMemoryStore;
+use super::store::{KeyValueStore, WriteBatch};
+use super::task::{StreamError, Task, TaskMetrics};
+use super::topology::{BuildError, Topology};
+use super::window::Windowed;
+use super::Record;
+
+/// Drives a [`Topology`] in a test, like Kafka Streams' `TopologyTestDriver`:
+/// pipe records in with their timestamps, move stream time, read what the
+/// outputs received and look into the state stores. Everything happens in
+/// memory, synchronously; stream time moves only with the records and
+/// [`TestDriver::advance_time`].
+///
+/// [`TestDriver::commit`] writes the state changes to an in-memory
+/// [`KeyValueStore`] (with its changelog), and [`TestDriver::restart`]
+/// rebuilds the task from it, to test recovery.
+#[derive(Debug)]
+pub struct TestDriver {
+    task: Task,
+    store: InMemoryStore,
+}
+
+/// Why a [`TestDriver`] could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The topology is invalid.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// Processing or restoring failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+const META_SPACE: &str = "__driver";
+
+impl TestDriver {
+    /// Builds `topology` over an empty in-memory store.
+    pub fn new(topology: Topology) -> Result<Self, DriverError> {
+        Ok(Self {
+            task: topology.build()?,
+            store: InMemoryStore::new(),
+        })
+    }
+
+    /// Pipes one record into input `input` at `timestamp_ms`.
+    pub fn pipe<K: 'static, V: 'static>(
+        &mut self,
+        input: &str,
+        key: K,
+        value: V,
+        timestamp_ms: u64,
+    ) -> Result<(), StreamError> {
+        let h = self.task.input::<K, V>(input)?;
+        self.task.process(
+            h,
+            Record {
+                key,
+                value,
+                timestamp_ms,
+            },
+        )
+    }
+
+    /// Pipes records into input `input`, in order.
+    pub fn pipe_all<K: 'static, V: 'static>(
+        &mut self,
+        input: &str,
+        records: impl IntoIterator<Item = Record<K, V>>,
+    ) -> Result<(), StreamError> {
+        let h = self.task.input::<K, V>(input)?;
+        for r in records {
+            self.task.process(h, r)?;
+        }
+        Ok(())
+    }
+
+    /// Moves stream time to `to_ms` (never back), closing due windows.
+    pub fn advance_time(&mut self, to_ms: u64) -> Result<(), StreamError> {
+        self.task.advance_time(to_ms)
+    }
+
+    /// The stream time.
+    pub fn stream_time(&self) -> u64 {
+        self.task.stream_time()
+    }
+
+    /// Takes the records output `name` received since the last read.
+    pub fn read_output<K: 'static, V: 'static>(
+        &mut self,
+        name: &str,
+    ) -> Result<Vec<Record<K, V>>, StreamError> {
+        self.task.take_output(name)
+    }
+
+    /// Takes the `(key, value)` pairs output `name` received since the last
+    /// read.
+    pub fn read_key_values<K: 'static, V: 'static>(
+        &mut self,
+        name: &str,
+    ) -> Result<Vec<(K, V)>, StreamError> {
+        Ok(self
+            .task
+            .take_output::<K, V>(name)?
+            .into_iter()
+            .map(|r| (r.key, r.value))
+            .collect())
+    }
+
+    /// The value of `key` in the table or aggregate store `store`.
+    pub fn table_get<K, V>(&self, store: &str, key: &K) -> Result<Option<V>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        V: Clone + StateCodec + Send + 'static,
+    {
+        self.task.table_get(store, key)
+    }
+
+    /// Every entry of the table or aggregate store `store`.
+    pub fn table_entries<K, V>(&self, store: &str) -> Result<Vec<(K, V)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        V: Clone + StateCodec + Send + 'static,
+    {
+        self.task.table_entries(store)
+    }
+
+    /// The aggregate of `key` in the open window starting at `start_ms`.
+    pub fn window_get<K, A>(
+        &self,
+        store: &str,
+        key: &K,
+        start_ms: u64,
+    ) -> Result<Option<A>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        A: Clone + StateCodec + Send + 'static,
+    {
+        self.task.window_get(store, key, start_ms)
+    }
+
+    /// Every open window entry of the window store `store`.
+    pub fn window_entries<K, A>(&self, store: &str) -> Result<Vec<(Windowed<K>, A)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        A: Clone + StateCodec + Send + 'static,
+    {
+        self.task.window_entries(store)
+    }
+
+    /// The task's counters (processed, late records).
+    pub fn metrics(&self) -> TaskMetrics {
+        self.task.metrics()
+    }
+
+    /// Writes the state changes (and stream time) to the in-memory store,
+    /// atomically. Returns the number of changes written.
+    pub fn commit(&mut self) -> Result<usize, StreamError> {
+        let mut batch = WriteBatch::new();
+        self.task.flush(&mut batch);
+        batch.put(META_SPACE, b"meta".to_vec(), self.task.meta().to_bytes());
+        let n = batch.len();
+        self.store.write(&batch)?;
+        Ok(n)
+    }
+
+    /// The committed store (every state store's keyspace, with changelog).
+    pub fn store(&self) -> &InMemoryStore {
+        &self.store
+    }
+
+    /// The task.
+    pub fn task(&mut self) -> &mut Task {
+        &mut self.task
+    }
+
+    /// Simulates a restart: drops the task (and whatever it did since the
+    /// last [`TestDriver::commit`], outputs not yet read included) and
+    /// builds `topology` again from the committed store.
+    pub fn restart(self, topology: Topology) -> Result<Self, DriverError> {
+        let mut task = topology.build()?;
+        task.restore(&self.store)?;
+        if let Some(meta) = self
+            .store
+            .get(META_SPACE, b"meta")
+            .map_err(StreamError::from)?
+        {
+            let meta =
+                super::task::TaskMeta::decode(&meta).map_err(|source| StreamError::Decode {
+                    what: "store",
+                    name: META_SPACE.into(),
+                    source,
+                })?;
+            task.set_meta(meta);
+        }
+        Ok(Self {
+            task,
+            store: self.store,
+        })
+    }
+}

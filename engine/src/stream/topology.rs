@@ -1,0 +1,1280 @@
+//! The DSL: [`Topology`], [`KStream`], [`KTable`], [`KGroupedStream`] and
+//! [`TimeWindowedStream`], and the nodes they build.
+//!
+//! Each operator is a node that owns its user closure (monomorphised) and
+//! its children; a record travels down the tree by one dynamic call per
+//! node. Building is fluent and never fails midway: mistakes (a duplicate
+//! store, a bad name) are collected and reported by [`Topology::build`].
+
+use std::any::{Any, TypeId};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::rc::Rc;
+
+use super::codec::StateCodec;
+use super::store::{check_keyspace, StoreError};
+use super::task::{
+    Ctx, InputAny, KvState, Node, OutputAny, OutputBuf, Root, StateSlot, StreamError, Task,
+    TaskLimits, TaskMetrics, WindowState,
+};
+use super::window::{EmitStrategy, LateReason, LateRecord, Windowed, Windows};
+use super::Record;
+
+/// What the DSL's keys and values must be: owned, clonable (a record that
+/// fans out to several children is cloned) and sendable.
+pub trait Data: Clone + Send + 'static {}
+impl<T: Clone + Send + 'static> Data for T {}
+
+/// What grouping and table keys must be: [`Data`], hashable, encodable.
+pub trait Key: Data + Eq + Hash + StateCodec {}
+impl<T: Data + Eq + Hash + StateCodec> Key for T {}
+
+/// Why a topology could not be built.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// Two inputs with the same name.
+    #[error("input {0:?} is declared twice")]
+    DuplicateInput(String),
+    /// Two state stores with the same name.
+    #[error("state store {0:?} is declared twice")]
+    DuplicateStore(String),
+    /// The same output name with different key/value types.
+    #[error("output {0:?} is used with different key/value types")]
+    OutputType(String),
+    /// A store or output name is not a valid keyspace name.
+    #[error("bad name {name:?}: {source}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// Why.
+        source: StoreError,
+    },
+    /// A table used by a join belongs to another topology.
+    #[error("table {0:?} belongs to another topology")]
+    ForeignTable(String),
+    /// A broken internal invariant (a bug).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+type BuiltAny = Box<dyn Any>;
+type MakeFn = Box<dyn FnOnce(Vec<Vec<BuiltAny>>) -> Result<BuiltAny, BuildError>>;
+type WrapFn = Box<dyn FnOnce(BuiltAny) -> Result<Box<dyn InputAny>, BuildError>>;
+
+struct NodeSpec {
+    ports: Vec<Vec<usize>>,
+    make: Option<MakeFn>,
+}
+
+struct InputSpec {
+    name: String,
+    node: usize,
+    ty: TypeId,
+    wrap: Option<WrapFn>,
+}
+
+#[derive(Default)]
+struct Graph {
+    nodes: Vec<NodeSpec>,
+    inputs: Vec<InputSpec>,
+    states: Vec<Box<dyn StateSlot>>,
+    outputs: Vec<(TypeId, Box<dyn OutputAny>)>,
+    errors: Vec<BuildError>,
+    limits: TaskLimits,
+}
+
+impl Graph {
+    fn add_state(&mut self, slot: Box<dyn StateSlot>) -> usize {
+        let name = slot.name().to_owned();
+        if let Err(source) = check_keyspace(&name) {
+            self.errors.push(BuildError::BadName { name, source });
+        } else if self.states.iter().any(|s| s.name() == name) {
+            self.errors.push(BuildError::DuplicateStore(name));
+        }
+        self.states.push(slot);
+        self.states.len() - 1
+    }
+
+    fn add_output<K: StateCodec + Send + 'static, V: StateCodec + Send + 'static>(
+        &mut self,
+        name: &str,
+    ) -> usize {
+        let ty = TypeId::of::<(K, V)>();
+        if let Some(i) = self.outputs.iter().position(|(_, o)| o.name() == name) {
+            if self.outputs[i].0 != ty {
+                self.errors.push(BuildError::OutputType(name.to_owned()));
+            }
+            return i;
+        }
+        if let Err(source) = check_keyspace(name) {
+            self.errors.push(BuildError::BadName {
+                name: name.to_owned(),
+                source,
+            });
+        }
+        self.outputs.push((
+            ty,
+            Box::new(OutputBuf::<K, V> {
+                name: name.to_owned(),
+                records: Vec::new(),
+            }),
+        ));
+        self.outputs.len() - 1
+    }
+
+    fn add_node(&mut self, parent: Option<(usize, usize)>, ports: usize, make: MakeFn) -> usize {
+        let id = self.nodes.len();
+        self.nodes.push(NodeSpec {
+            ports: vec![Vec::new(); ports],
+            make: Some(make),
+        });
+        if let Some((p, port)) = parent {
+            if let Some(children) = self.nodes[p].ports.get_mut(port) {
+                children.push(id);
+            } else {
+                self.errors.push(BuildError::Internal("no such port"));
+            }
+        }
+        id
+    }
+}
+
+/// A topology under construction: declare inputs with
+/// [`Topology::stream`], chain operators on the [`KStream`]s, then
+/// [`Topology::build`] a [`Task`].
+///
+/// ```
+/// use smartmsg_engine::stream::{EmitStrategy, Record, TestDriver, Topology, Windows};
+///
+/// let t = Topology::new();
+/// let users = t.stream::<u32, String>("users").to_table("users");
+/// t.stream::<u32, u64>("clicks")
+///     .filter(|_, v| *v > 0)
+///     .join(&users, |clicks, country| (country.clone(), clicks))
+///     .map(|_, (country, _)| (country, ()))
+///     .group_by_key()
+///     .windowed_by(Windows::tumbling(60_000).unwrap().grace(5_000))
+///     .emit(EmitStrategy::OnWindowClose)
+///     .count("clicks-per-country")
+///     .to("counts");
+/// let mut d = TestDriver::new(t).unwrap();
+/// d.pipe("users", 1u32, "fr".to_string(), 0).unwrap();
+/// d.pipe("clicks", 1u32, 3u64, 1_000).unwrap();
+/// d.advance_time(65_000).unwrap();
+/// let out = d.read_output::<smartmsg_engine::stream::Windowed<String>, u64>("counts").unwrap();
+/// assert_eq!(out.len(), 1);
+/// assert_eq!((out[0].key.key.as_str(), out[0].value), ("fr", 1));
+/// ```
+pub struct Topology {
+    g: Rc<RefCell<Graph>>,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.g.borrow();
+        f.debug_struct("Topology")
+            .field("nodes", &g.nodes.len())
+            .field(
+                "inputs",
+                &g.inputs.iter().map(|i| &i.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Topology {
+    /// An empty topology with default [`TaskLimits`].
+    pub fn new() -> Self {
+        Self::with_limits(TaskLimits::default())
+    }
+
+    /// An empty topology whose task enforces `limits`.
+    pub fn with_limits(limits: TaskLimits) -> Self {
+        let g = Graph {
+            limits,
+            ..Graph::default()
+        };
+        Self {
+            g: Rc::new(RefCell::new(g)),
+        }
+    }
+
+    /// Declares the input `name` (a source's topic, e.g. an event kind):
+    /// records of key `K` and value `V`, decoded with [`StateCodec`] when
+    /// they come as bytes.
+    pub fn stream<K, V>(&self, name: &str) -> KStream<K, V>
+    where
+        K: Data + StateCodec,
+        V: Data + StateCodec,
+    {
+        let mut g = self.g.borrow_mut();
+        if g.inputs.iter().any(|i| i.name == name) {
+            g.errors.push(BuildError::DuplicateInput(name.to_owned()));
+        }
+        let id = g.add_node(
+            None,
+            1,
+            Box::new(|ports| {
+                let next = Fanout::<K, V>::from_ports(ports)?;
+                Ok(Box::new(Box::new(Pass { next }) as Box<dyn Node<K, V>>) as BuiltAny)
+            }),
+        );
+        let input_name = name.to_owned();
+        g.inputs.push(InputSpec {
+            name: name.to_owned(),
+            node: id,
+            ty: TypeId::of::<(K, V)>(),
+            wrap: Some(Box::new(move |built| {
+                let node = *built
+                    .downcast::<Box<dyn Node<K, V>>>()
+                    .map_err(|_| BuildError::Internal("input node type"))?;
+                Ok(Box::new(Root {
+                    name: input_name,
+                    node,
+                }) as Box<dyn InputAny>)
+            })),
+        });
+        drop(g);
+        KStream {
+            g: self.g.clone(),
+            node: id,
+            port: 0,
+            _t: PhantomData,
+        }
+    }
+
+    /// Builds the task. The topology is consumed: build a new one (call the
+    /// function that declares it again) for another task.
+    pub fn build(self) -> Result<Task, BuildError> {
+        let g = std::mem::take(&mut *self.g.borrow_mut());
+        if let Some(e) = g.errors.into_iter().next() {
+            return Err(e);
+        }
+        let mut nodes = g.nodes;
+        let mut built: Vec<Option<BuiltAny>> = (0..nodes.len()).map(|_| None).collect();
+        // Children are always declared after their parent: build backwards.
+        for id in (0..nodes.len()).rev() {
+            let spec = &mut nodes[id];
+            let mut ports = Vec::with_capacity(spec.ports.len());
+            for children in &spec.ports {
+                let mut v = Vec::with_capacity(children.len());
+                for &c in children {
+                    v.push(
+                        built
+                            .get_mut(c)
+                            .and_then(Option::take)
+                            .ok_or(BuildError::Internal("child built twice"))?,
+                    );
+                }
+                ports.push(v);
+            }
+            let make = spec
+                .make
+                .take()
+                .ok_or(BuildError::Internal("node made twice"))?;
+            built[id] = Some(make(ports)?);
+        }
+        let mut inputs = Vec::with_capacity(g.inputs.len());
+        let mut input_names = HashMap::new();
+        let mut input_types = Vec::new();
+        for mut spec in g.inputs {
+            let node = built[spec.node]
+                .take()
+                .ok_or(BuildError::Internal("input node missing"))?;
+            let wrap = spec
+                .wrap
+                .take()
+                .ok_or(BuildError::Internal("input wrapped twice"))?;
+            input_names.insert(spec.name, inputs.len());
+            input_types.push(spec.ty);
+            inputs.push(wrap(node)?);
+        }
+        let mut task = Task {
+            ctx: Ctx {
+                stream_time: 0,
+                next_deadline: u64::MAX,
+                states: g.states,
+                outputs: g.outputs.into_iter().map(|(_, o)| o).collect(),
+                pending_outputs: 0,
+                metrics: TaskMetrics::default(),
+                limits: g.limits,
+            },
+            inputs,
+            input_names,
+            input_types,
+        };
+        task.set_meta(task.meta());
+        Ok(task)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fan-out
+
+/// A node's children.
+pub(crate) enum Fanout<K, V> {
+    None,
+    One(Box<dyn Node<K, V>>),
+    Many(Vec<Box<dyn Node<K, V>>>),
+}
+
+impl<K: Data, V: Data> Fanout<K, V> {
+    fn from_any(children: Vec<BuiltAny>) -> Result<Self, BuildError> {
+        let mut v = Vec::with_capacity(children.len());
+        for c in children {
+            v.push(
+                *c.downcast::<Box<dyn Node<K, V>>>()
+                    .map_err(|_| BuildError::Internal("child node type"))?,
+            );
+        }
+        Ok(match v.len() {
+            0 => Fanout::None,
+            1 => Fanout::One(v.pop().ok_or(BuildError::Internal("empty"))?),
+            _ => Fanout::Many(v),
+        })
+    }
+
+    fn from_ports(mut ports: Vec<Vec<BuiltAny>>) -> Result<Self, BuildError> {
+        match ports.pop() {
+            Some(children) if ports.is_empty() => Self::from_any(children),
+            _ => Err(BuildError::Internal("expected one port")),
+        }
+    }
+
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        match self {
+            Fanout::None => Ok(()),
+            Fanout::One(n) => n.process(ctx, rec),
+            Fanout::Many(ns) => {
+                let (last, rest) = ns
+                    .split_last_mut()
+                    .ok_or(StreamError::Internal("empty fan-out"))?;
+                for n in rest {
+                    n.process(ctx, rec.clone())?;
+                }
+                last.process(ctx, rec)
+            }
+        }
+    }
+
+    #[inline]
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        match self {
+            Fanout::None => Ok(()),
+            Fanout::One(n) => n.advance(ctx),
+            Fanout::Many(ns) => {
+                for n in ns {
+                    n.advance(ctx)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Streams
+
+/// A stream of records of key `K` and value `V` (a handle on a node of the
+/// topology under construction).
+pub struct KStream<K, V> {
+    g: Rc<RefCell<Graph>>,
+    node: usize,
+    port: usize,
+    _t: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> Clone for KStream<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            g: self.g.clone(),
+            node: self.node,
+            port: self.port,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<K, V> std::fmt::Debug for KStream<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KStream")
+            .field("node", &self.node)
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl<K: Data, V: Data> KStream<K, V> {
+    /// Adds a child node with one output port of `(K2, V2)`.
+    fn child<K2: Data, V2: Data, N>(
+        &self,
+        make: impl FnOnce(Fanout<K2, V2>) -> N + 'static,
+    ) -> KStream<K2, V2>
+    where
+        N: Node<K, V> + 'static,
+    {
+        let id = self.g.borrow_mut().add_node(
+            Some((self.node, self.port)),
+            1,
+            Box::new(move |ports| {
+                let next = Fanout::<K2, V2>::from_ports(ports)?;
+                Ok(Box::new(Box::new(make(next)) as Box<dyn Node<K, V>>) as BuiltAny)
+            }),
+        );
+        KStream {
+            g: self.g.clone(),
+            node: id,
+            port: 0,
+            _t: PhantomData,
+        }
+    }
+
+    /// Adds a terminal child node (no output port).
+    fn terminal<N: Node<K, V> + 'static>(&self, node: N) {
+        self.g.borrow_mut().add_node(
+            Some((self.node, self.port)),
+            0,
+            Box::new(move |_| Ok(Box::new(Box::new(node) as Box<dyn Node<K, V>>) as BuiltAny)),
+        );
+    }
+
+    /// Keeps the records for which `pred` holds.
+    pub fn filter<F>(&self, pred: F) -> KStream<K, V>
+    where
+        F: FnMut(&K, &V) -> bool + Send + 'static,
+    {
+        self.child(move |next| Filter { pred, next })
+    }
+
+    /// Replaces each record's key and value.
+    pub fn map<K2: Data, V2: Data, F>(&self, f: F) -> KStream<K2, V2>
+    where
+        F: FnMut(K, V) -> (K2, V2) + Send + 'static,
+    {
+        self.child(move |next| Map { f, next })
+    }
+
+    /// Replaces each record's value.
+    pub fn map_values<V2: Data, F>(&self, f: F) -> KStream<K, V2>
+    where
+        F: FnMut(V) -> V2 + Send + 'static,
+    {
+        self.child(move |next| MapValues { f, next })
+    }
+
+    /// Sets each record's timestamp (e.g. to the event time inside its
+    /// value); windows then use it. Stream time still moves only with the
+    /// timestamps of input records.
+    pub fn with_timestamp<F>(&self, f: F) -> KStream<K, V>
+    where
+        F: FnMut(&K, &V, u64) -> u64 + Send + 'static,
+    {
+        self.child(move |next| Stamp { f, next })
+    }
+
+    /// Replaces each record by zero or more records (with its timestamp).
+    pub fn flat_map<K2: Data, V2: Data, I, F>(&self, f: F) -> KStream<K2, V2>
+    where
+        I: IntoIterator<Item = (K2, V2)>,
+        F: FnMut(K, V) -> I + Send + 'static,
+    {
+        self.child(move |next| FlatMap { f, next })
+    }
+
+    /// Splits the stream: each record goes to the branch of the first
+    /// predicate that holds, or nowhere. One stream per predicate.
+    pub fn branch(&self, preds: Vec<Predicate<K, V>>) -> Vec<KStream<K, V>> {
+        let n = preds.len();
+        let id = self.g.borrow_mut().add_node(
+            Some((self.node, self.port)),
+            n,
+            Box::new(move |ports| {
+                let mut outs = Vec::with_capacity(ports.len());
+                for p in ports {
+                    outs.push(Fanout::<K, V>::from_any(p)?);
+                }
+                let node = Branch { preds, outs };
+                Ok(Box::new(Box::new(node) as Box<dyn Node<K, V>>) as BuiltAny)
+            }),
+        );
+        (0..n)
+            .map(|port| KStream {
+                g: self.g.clone(),
+                node: id,
+                port,
+                _t: PhantomData,
+            })
+            .collect()
+    }
+
+    /// Joins each record with the table's current value for its key; a
+    /// record whose key the table lacks is dropped (inner join).
+    pub fn join<VT, VR, F>(&self, table: &KTable<K, VT>, joiner: F) -> KStream<K, VR>
+    where
+        K: Key,
+        VT: Data + StateCodec,
+        VR: Data,
+        F: FnMut(V, &VT) -> VR + Send + 'static,
+    {
+        self.check_table(table);
+        let state = table.state;
+        self.child(move |next| Join {
+            state,
+            joiner,
+            next,
+            _t: PhantomData::<fn(VT)>,
+        })
+    }
+
+    /// Joins each record with the table's current value for its key, or
+    /// `None` (left join).
+    pub fn left_join<VT, VR, F>(&self, table: &KTable<K, VT>, joiner: F) -> KStream<K, VR>
+    where
+        K: Key,
+        VT: Data + StateCodec,
+        VR: Data,
+        F: FnMut(V, Option<&VT>) -> VR + Send + 'static,
+    {
+        self.check_table(table);
+        let state = table.state;
+        self.child(move |next| LeftJoin {
+            state,
+            joiner,
+            next,
+            _t: PhantomData::<fn(VT)>,
+        })
+    }
+
+    fn check_table<VT>(&self, table: &KTable<K, VT>) {
+        if !Rc::ptr_eq(&self.g, &table.g) {
+            let name = table.name.clone();
+            self.g
+                .borrow_mut()
+                .errors
+                .push(BuildError::ForeignTable(name));
+        }
+    }
+
+    /// Groups by the record key, for aggregations.
+    pub fn group_by_key(&self) -> KGroupedStream<K, V>
+    where
+        K: Key,
+    {
+        KGroupedStream {
+            stream: self.clone(),
+        }
+    }
+
+    /// Sends every record to the output `name` (several streams may send to
+    /// the same output if the types agree).
+    pub fn to(&self, name: &str)
+    where
+        K: StateCodec,
+        V: StateCodec,
+    {
+        let output = self.g.borrow_mut().add_output::<K, V>(name);
+        self.terminal(To {
+            output,
+            _t: PhantomData::<fn(K, V)>,
+        });
+    }
+
+    /// Materialises the stream as a table in the store `store`: each record
+    /// sets its key's value (a changelog stream becomes a table).
+    pub fn to_table(&self, store: &str) -> KTable<K, V>
+    where
+        K: Key,
+        V: StateCodec,
+    {
+        self.table_node(store, Some)
+    }
+
+    fn table_node<VT, F>(&self, store: &str, f: F) -> KTable<K, VT>
+    where
+        K: Key,
+        VT: Data + StateCodec,
+        F: FnMut(V) -> Option<VT> + Send + 'static,
+    {
+        let state = {
+            let mut g = self.g.borrow_mut();
+            let max = g.limits.max_state_entries;
+            g.add_state(Box::new(KvState::<K, VT>::new(store, max)))
+        };
+        self.terminal(TableWrite {
+            state,
+            f,
+            _t: PhantomData::<fn(VT)>,
+        });
+        KTable {
+            g: self.g.clone(),
+            state,
+            name: store.to_owned(),
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<K: Data, V: Data> KStream<K, Option<V>> {
+    /// Materialises a changelog stream as a table in `store`: `Some` sets
+    /// the key's value, `None` (a tombstone) removes the key.
+    pub fn to_table_with_deletes(&self, store: &str) -> KTable<K, V>
+    where
+        K: Key,
+        V: StateCodec,
+    {
+        self.table_node(store, |v| v)
+    }
+}
+
+impl<K: Data, T: Data, E: Data> KStream<K, Result<T, E>> {
+    /// Splits a stream of results into the `Ok` values and the `Err`
+    /// values (e.g. valid records and dead letters).
+    pub fn split_result(&self) -> (KStream<K, T>, KStream<K, E>) {
+        let id = self.g.borrow_mut().add_node(
+            Some((self.node, self.port)),
+            2,
+            Box::new(|mut ports| {
+                let errs = Fanout::<K, E>::from_any(
+                    ports.pop().ok_or(BuildError::Internal("split port"))?,
+                )?;
+                let oks = Fanout::<K, T>::from_any(
+                    ports.pop().ok_or(BuildError::Internal("split port"))?,
+                )?;
+                let node = Split { oks, errs };
+                Ok(Box::new(Box::new(node) as Box<dyn Node<K, Result<T, E>>>) as BuiltAny)
+            }),
+        );
+        (
+            KStream {
+                g: self.g.clone(),
+                node: id,
+                port: 0,
+                _t: PhantomData,
+            },
+            KStream {
+                g: self.g.clone(),
+                node: id,
+                port: 1,
+                _t: PhantomData,
+            },
+        )
+    }
+}
+
+/// A branch predicate (see [`KStream::branch`]).
+pub type Predicate<K, V> = Box<dyn FnMut(&K, &V) -> bool + Send>;
+
+/// A table: the latest value per key, kept in a state store (with its
+/// changelog) and read by stream-table joins.
+pub struct KTable<K, V> {
+    g: Rc<RefCell<Graph>>,
+    state: usize,
+    name: String,
+    _t: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> std::fmt::Debug for KTable<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KTable").field("store", &self.name).finish()
+    }
+}
+
+impl<K, V> KTable<K, V> {
+    /// The name of the table's store.
+    pub fn store_name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A stream grouped by key, ready to aggregate.
+pub struct KGroupedStream<K, V> {
+    stream: KStream<K, V>,
+}
+
+impl<K: Key, V: Data> KGroupedStream<K, V> {
+    /// Aggregates over fixed time windows.
+    pub fn windowed_by(&self, windows: Windows) -> TimeWindowedStream<K, V> {
+        TimeWindowedStream {
+            stream: self.stream.clone(),
+            windows,
+            emit: EmitStrategy::OnUpdate,
+            late: None,
+        }
+    }
+
+    /// Folds each key's records into an aggregate kept in `store`, starting
+    /// from `init()`; every update is sent downstream.
+    pub fn aggregate<A, I, F>(&self, store: &str, init: I, agg: F) -> KStream<K, A>
+    where
+        A: Data + StateCodec,
+        I: FnMut() -> A + Send + 'static,
+        F: FnMut(&K, V, &mut A) + Send + 'static,
+    {
+        let state = {
+            let mut g = self.stream.g.borrow_mut();
+            let max = g.limits.max_state_entries;
+            g.add_state(Box::new(KvState::<K, A>::new(store, max)))
+        };
+        self.stream.child(move |next| GroupAgg {
+            state,
+            init,
+            agg,
+            next,
+            _t: PhantomData::<fn(V)>,
+        })
+    }
+
+    /// Counts each key's records (in `store`).
+    pub fn count(&self, store: &str) -> KStream<K, u64> {
+        self.aggregate(store, || 0u64, |_, _, c| *c += 1)
+    }
+
+    /// Combines each key's values with `f` (the first value starts it).
+    pub fn reduce<F>(&self, store: &str, mut f: F) -> KStream<K, V>
+    where
+        V: StateCodec,
+        F: FnMut(&mut V, V) + Send + 'static,
+    {
+        self.aggregate(
+            store,
+            || None::<V>,
+            move |_, v, acc: &mut Option<V>| match acc {
+                Some(a) => f(a, v),
+                None => *acc = Some(v),
+            },
+        )
+        .flat_map(|k, v: Option<V>| v.map(|v| (k, v)))
+    }
+}
+
+/// A grouped stream over time windows, ready to aggregate.
+pub struct TimeWindowedStream<K, V> {
+    stream: KStream<K, V>,
+    windows: Windows,
+    emit: EmitStrategy,
+    late: Option<usize>,
+}
+
+impl<K: Key, V: Data> TimeWindowedStream<K, V> {
+    /// When results are sent downstream (default: on every update).
+    pub fn emit(mut self, emit: EmitStrategy) -> Self {
+        self.emit = emit;
+        self
+    }
+
+    /// Sends records that arrive after their window closed to the output
+    /// `name`, with the reason. (They are counted in
+    /// [`TaskMetrics::late_records`] either way.)
+    pub fn late_records_to(mut self, name: &str) -> Self
+    where
+        V: StateCodec,
+    {
+        self.late = Some(
+            self.stream
+                .g
+                .borrow_mut()
+                .add_output::<K, LateRecord<V>>(name),
+        );
+        self
+    }
+
+    /// Folds the records of each key and window into an aggregate kept in
+    /// the window store `store`, starting from `init()`.
+    pub fn aggregate<A, I, F>(&self, store: &str, init: I, agg: F) -> KStream<Windowed<K>, A>
+    where
+        A: Data + StateCodec,
+        I: FnMut() -> A + Send + 'static,
+        F: FnMut(&K, V, &mut A) + Send + 'static,
+    {
+        let state = {
+            let mut g = self.stream.g.borrow_mut();
+            let max = g.limits.max_state_entries;
+            g.add_state(Box::new(WindowState::<K, A>::new(store, self.windows, max)))
+        };
+        let (windows, emit, late) = (self.windows, self.emit, self.late);
+        self.stream.child(move |next| WindowAgg {
+            state,
+            windows,
+            emit,
+            late,
+            init,
+            agg,
+            next,
+            pending: Vec::new(),
+            closed: Vec::new(),
+            _t: PhantomData::<fn(V)>,
+        })
+    }
+
+    /// Counts the records of each key and window (in `store`).
+    pub fn count(&self, store: &str) -> KStream<Windowed<K>, u64> {
+        self.aggregate(store, || 0u64, |_, _, c| *c += 1)
+    }
+
+    /// Combines the values of each key and window with `f`.
+    pub fn reduce<F>(&self, store: &str, mut f: F) -> KStream<Windowed<K>, V>
+    where
+        V: StateCodec,
+        F: FnMut(&mut V, V) + Send + 'static,
+    {
+        self.aggregate(
+            store,
+            || None::<V>,
+            move |_, v, acc: &mut Option<V>| match acc {
+                Some(a) => f(a, v),
+                None => *acc = Some(v),
+            },
+        )
+        .flat_map(|k, v: Option<V>| v.map(|v| (k, v)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Nodes
+
+struct Pass<K, V> {
+    next: Fanout<K, V>,
+}
+
+impl<K: Data, V: Data> Node<K, V> for Pass<K, V> {
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        self.next.process(ctx, rec)
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct Filter<F, K, V> {
+    pred: F,
+    next: Fanout<K, V>,
+}
+
+impl<K: Data, V: Data, F: FnMut(&K, &V) -> bool + Send> Node<K, V> for Filter<F, K, V> {
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        if (self.pred)(&rec.key, &rec.value) {
+            self.next.process(ctx, rec)
+        } else {
+            Ok(())
+        }
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct Map<F, K2, V2> {
+    f: F,
+    next: Fanout<K2, V2>,
+}
+
+impl<K, V, K2: Data, V2: Data, F> Node<K, V> for Map<F, K2, V2>
+where
+    F: FnMut(K, V) -> (K2, V2) + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let (key, value) = (self.f)(rec.key, rec.value);
+        self.next.process(
+            ctx,
+            Record {
+                key,
+                value,
+                timestamp_ms: rec.timestamp_ms,
+            },
+        )
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct MapValues<F, K, V2> {
+    f: F,
+    next: Fanout<K, V2>,
+}
+
+impl<K: Data, V, V2: Data, F> Node<K, V> for MapValues<F, K, V2>
+where
+    F: FnMut(V) -> V2 + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let value = (self.f)(rec.value);
+        self.next.process(
+            ctx,
+            Record {
+                key: rec.key,
+                value,
+                timestamp_ms: rec.timestamp_ms,
+            },
+        )
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct Stamp<F, K, V> {
+    f: F,
+    next: Fanout<K, V>,
+}
+
+impl<K: Data, V: Data, F: FnMut(&K, &V, u64) -> u64 + Send> Node<K, V> for Stamp<F, K, V> {
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, mut rec: Record<K, V>) -> Result<(), StreamError> {
+        rec.timestamp_ms = (self.f)(&rec.key, &rec.value, rec.timestamp_ms);
+        self.next.process(ctx, rec)
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct FlatMap<F, K2, V2> {
+    f: F,
+    next: Fanout<K2, V2>,
+}
+
+impl<K, V, K2: Data, V2: Data, I, F> Node<K, V> for FlatMap<F, K2, V2>
+where
+    I: IntoIterator<Item = (K2, V2)>,
+    F: FnMut(K, V) -> I + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        for (key, value) in (self.f)(rec.key, rec.value) {
+            self.next.process(
+                ctx,
+                Record {
+                    key,
+                    value,
+                    timestamp_ms: rec.timestamp_ms,
+                },
+            )?;
+        }
+        Ok(())
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct Branch<K, V> {
+    preds: Vec<Predicate<K, V>>,
+    outs: Vec<Fanout<K, V>>,
+}
+
+impl<K: Data, V: Data> Node<K, V> for Branch<K, V> {
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        for (pred, out) in self.preds.iter_mut().zip(&mut self.outs) {
+            if pred(&rec.key, &rec.value) {
+                return out.process(ctx, rec);
+            }
+        }
+        Ok(())
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        for out in &mut self.outs {
+            out.advance(ctx)?;
+        }
+        Ok(())
+    }
+}
+
+struct Split<K, T, E> {
+    oks: Fanout<K, T>,
+    errs: Fanout<K, E>,
+}
+
+impl<K: Data, T: Data, E: Data> Node<K, Result<T, E>> for Split<K, T, E> {
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, Result<T, E>>) -> Result<(), StreamError> {
+        let Record {
+            key,
+            value,
+            timestamp_ms,
+        } = rec;
+        match value {
+            Ok(value) => self.oks.process(
+                ctx,
+                Record {
+                    key,
+                    value,
+                    timestamp_ms,
+                },
+            ),
+            Err(value) => self.errs.process(
+                ctx,
+                Record {
+                    key,
+                    value,
+                    timestamp_ms,
+                },
+            ),
+        }
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.oks.advance(ctx)?;
+        self.errs.advance(ctx)
+    }
+}
+
+struct To<K, V> {
+    output: usize,
+    _t: PhantomData<fn(K, V)>,
+}
+
+impl<K: Data, V: Data> Node<K, V> for To<K, V> {
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        ctx.emit(self.output, rec)
+    }
+    fn advance(&mut self, _: &mut Ctx) -> Result<(), StreamError> {
+        Ok(())
+    }
+}
+
+struct TableWrite<F, VT> {
+    state: usize,
+    f: F,
+    _t: PhantomData<fn(VT)>,
+}
+
+impl<K: Key, V, VT: Data + StateCodec, F> Node<K, V> for TableWrite<F, VT>
+where
+    F: FnMut(V) -> Option<VT> + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let v = (self.f)(rec.value);
+        let table = ctx.state_mut::<KvState<K, VT>>(self.state)?;
+        match v {
+            Some(v) => table.upsert(rec.key, v),
+            None => {
+                table.remove(&rec.key);
+                Ok(())
+            }
+        }
+    }
+    fn advance(&mut self, _: &mut Ctx) -> Result<(), StreamError> {
+        Ok(())
+    }
+}
+
+struct Join<F, K, VR, VT> {
+    state: usize,
+    joiner: F,
+    next: Fanout<K, VR>,
+    _t: PhantomData<fn(VT)>,
+}
+
+impl<K: Key, V, VT: Data + StateCodec, VR: Data, F> Node<K, V> for Join<F, K, VR, VT>
+where
+    F: FnMut(V, &VT) -> VR + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let joined = {
+            let table = ctx.state_mut::<KvState<K, VT>>(self.state)?;
+            table.get(&rec.key).map(|tv| (self.joiner)(rec.value, tv))
+        };
+        match joined {
+            Some(value) => self.next.process(
+                ctx,
+                Record {
+                    key: rec.key,
+                    value,
+                    timestamp_ms: rec.timestamp_ms,
+                },
+            ),
+            None => Ok(()),
+        }
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct LeftJoin<F, K, VR, VT> {
+    state: usize,
+    joiner: F,
+    next: Fanout<K, VR>,
+    _t: PhantomData<fn(VT)>,
+}
+
+impl<K: Key, V, VT: Data + StateCodec, VR: Data, F> Node<K, V> for LeftJoin<F, K, VR, VT>
+where
+    F: FnMut(V, Option<&VT>) -> VR + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let value = {
+            let table = ctx.state_mut::<KvState<K, VT>>(self.state)?;
+            (self.joiner)(rec.value, table.get(&rec.key))
+        };
+        self.next.process(
+            ctx,
+            Record {
+                key: rec.key,
+                value,
+                timestamp_ms: rec.timestamp_ms,
+            },
+        )
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct GroupAgg<I, F, K, V, A> {
+    state: usize,
+    init: I,
+    agg: F,
+    next: Fanout<K, A>,
+    _t: PhantomData<fn(V)>,
+}
+
+impl<K: Key, V: Data, A: Data + StateCodec, I, F> Node<K, V> for GroupAgg<I, F, K, V, A>
+where
+    I: FnMut() -> A + Send,
+    F: FnMut(&K, V, &mut A) + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let value = {
+            let table = ctx.state_mut::<KvState<K, A>>(self.state)?;
+            let (init, agg) = (&mut self.init, &mut self.agg);
+            let v = rec.value;
+            table
+                .update(&rec.key, init, |a| agg(&rec.key, v, a))?
+                .clone()
+        };
+        self.next.process(
+            ctx,
+            Record {
+                key: rec.key,
+                value,
+                timestamp_ms: rec.timestamp_ms,
+            },
+        )
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct WindowAgg<I, F, K, V, A> {
+    state: usize,
+    windows: Windows,
+    emit: EmitStrategy,
+    late: Option<usize>,
+    init: I,
+    agg: F,
+    next: Fanout<Windowed<K>, A>,
+    pending: Vec<Record<Windowed<K>, A>>,
+    closed: Vec<(Windowed<K>, A, u64)>,
+    _t: PhantomData<fn(V)>,
+}
+
+impl<K: Key, V: Data, A: Data + StateCodec, I, F> Node<K, V> for WindowAgg<I, F, K, V, A>
+where
+    I: FnMut() -> A + Send,
+    F: FnMut(&K, V, &mut A) + Send,
+{
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let Record {
+            key,
+            value,
+            timestamp_ms: ts,
+        } = rec;
+        let stream_time = ctx.stream_time;
+        let mut value = Some(value);
+        let mut starts = self.windows.starts_for(ts).peekable();
+        while let Some(start) = starts.next() {
+            let last = starts.peek().is_none();
+            let v = if last { value.take() } else { value.clone() }
+                .ok_or(StreamError::Internal("value used up"))?;
+            let close = self.windows.close_ms(start);
+            if close <= stream_time {
+                ctx.metrics.late_records += 1;
+                if let Some(out) = self.late {
+                    let late = Record {
+                        key: key.clone(),
+                        value: LateRecord {
+                            value: v,
+                            reason: LateReason::WindowClosed {
+                                window: self.windows.window_at(start),
+                                closed_at_ms: close,
+                                stream_time_ms: stream_time,
+                            },
+                        },
+                        timestamp_ms: ts,
+                    };
+                    ctx.emit(out, late)?;
+                }
+                continue;
+            }
+            let (init, agg) = (&mut self.init, &mut self.agg);
+            let state = ctx.state_mut::<WindowState<K, A>>(self.state)?;
+            let (slot, new_start) = state.update(start, &key, ts, init, |a| agg(&key, v, a))?;
+            if self.emit == EmitStrategy::OnUpdate {
+                self.pending.push(Record {
+                    key: Windowed {
+                        key: key.clone(),
+                        window: self.windows.window_at(start),
+                    },
+                    value: slot.agg.clone(),
+                    timestamp_ms: slot.max_ts,
+                });
+            }
+            if new_start && close < ctx.next_deadline {
+                ctx.next_deadline = close;
+            }
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        let mut result = Ok(());
+        for r in pending.drain(..) {
+            if result.is_ok() {
+                result = self.next.process(ctx, r);
+            }
+        }
+        self.pending = pending;
+        result
+    }
+
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        let stream_time = ctx.stream_time;
+        let mut closed = std::mem::take(&mut self.closed);
+        ctx.state_mut::<WindowState<K, A>>(self.state)?
+            .close(stream_time, &mut closed);
+        let mut result = Ok(());
+        for (key, value, ts) in closed.drain(..) {
+            if result.is_ok() && self.emit == EmitStrategy::OnWindowClose {
+                result = self.next.process(
+                    ctx,
+                    Record {
+                        key,
+                        value,
+                        timestamp_ms: ts,
+                    },
+                );
+            }
+        }
+        self.closed = closed;
+        result?;
+        self.next.advance(ctx)
+    }
+}

@@ -1,0 +1,29 @@
+//! The KeyValueStore conformance suite on the in-memory store.
+
+use smartmsg_engine::stream::{InMemoryStore, StoreLimits};
+use smartmsg_engine::testkit::{kv_store_conformance, KvHarness, SuiteConfig};
+
+struct Memory(StoreLimits);
+
+impl KvHarness for Memory {
+    type Store = InMemoryStore;
+    fn create(&mut self) -> InMemoryStore {
+        InMemoryStore::with_limits(self.0)
+    }
+}
+
+#[test]
+fn in_memory_store_conforms() {
+    kv_store_conformance(Memory(StoreLimits::default()), SuiteConfig::default());
+}
+
+#[test]
+fn in_memory_store_with_small_limits_conforms() {
+    let limits = StoreLimits {
+        max_key_bytes: 16,
+        max_value_bytes: 64,
+        max_batch_ops: 30_000,
+        max_read: 5_000,
+    };
+    kv_store_conformance(Memory(limits), SuiteConfig::default());
+}
