@@ -9,6 +9,8 @@
 //! - [`world`]: the channel, the reacting users and the reactions topic;
 //! - [`reaction`]: the [`ReactionPath`](reaction::ReactionPath) seam and
 //!   the built-in path (validate, join, dedupe, one-minute windows);
+//! - [`reaction_pipeline`]: the path on the real pipeline (the domain's
+//!   reaction topology run by the engine's stream task);
 //! - [`sim`]: one policy's campaign through the repository, the embedded
 //!   log, the delay queue and the scheduler, under a virtual clock, with
 //!   crashes and recovery;
@@ -29,6 +31,7 @@ pub mod invariants;
 pub mod policies;
 pub mod population;
 pub mod reaction;
+pub mod reaction_pipeline;
 pub mod report;
 pub mod rng;
 pub mod runner;
@@ -41,6 +44,7 @@ pub use faults::{Crash, FaultPlan};
 pub use policies::PolicyName;
 pub use population::SimPopulation;
 pub use reaction::{BuiltinPath, ReactionPath};
+pub use reaction_pipeline::PipelinePath;
 pub use report::{PolicyRun, Report};
 pub use runner::{compare, run_seed, run_seeds, CompareOptions, SeedOutcome, SeedsOptions};
 pub use scenario::Scenario;

@@ -2,11 +2,12 @@
 //! of counted reactions and dead letters out.
 //!
 //! [`ReactionPath`] is the seam between the simulator and whatever turns
-//! the reactions topic into model updates. [`BuiltinPath`] is the simple
-//! path used until the stream-processing pipeline (engine `stream`, domain
-//! reactions) is ready; swapping it in means implementing this trait for
-//! the real topology and returning it from [`make_path`] — the simulator
-//! calls nothing else.
+//! the reactions topic into model updates. [`make_path`] picks the
+//! implementation from the scenario's `pipeline.kind`: the real pipeline
+//! ([`PipelinePath`](crate::reaction_pipeline::PipelinePath): the domain's
+//! reaction topology on the engine's stream DSL, the default) or
+//! [`BuiltinPath`], the simple path below — the simulator calls nothing
+//! else.
 //!
 //! The built-in path:
 //!
@@ -40,7 +41,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use smartmsg_domain::Decisions;
 
+use smartmsg_domain::reactions::CampaignInfo;
+
 use crate::population::SimPopulation;
+use crate::reaction_pipeline::PipelinePath;
+use crate::scenario::{PathKind, Scenario};
 use crate::world::REACTION_TYPES;
 
 /// A valid reaction, joined with the message it answers.
@@ -158,14 +163,41 @@ pub trait ReactionPath: Send {
     fn stats(&self) -> PathStats;
 }
 
-/// The path the simulator uses. Swap the real pipeline in here.
+/// The path a scenario runs (`pipeline.kind`): the domain's stream
+/// pipeline ([`PipelinePath`](crate::reaction_pipeline::PipelinePath)) or
+/// the built-in one.
 pub fn make_path(
-    campaign: &str,
+    scenario: &Scenario,
     population: Arc<SimPopulation>,
-    window_ms: u64,
-    grace_ms: u64,
-) -> Box<dyn ReactionPath> {
-    Box::new(BuiltinPath::new(campaign, population, window_ms, grace_ms))
+) -> Result<Box<dyn ReactionPath>, PathError> {
+    let pl = &scenario.pipeline;
+    Ok(match pl.kind {
+        PathKind::Builtin => Box::new(BuiltinPath::new(
+            &scenario.name,
+            population,
+            pl.window_ms,
+            pl.grace_ms,
+        )),
+        PathKind::Dsl => Box::new(PipelinePath::new(
+            &scenario.name,
+            campaign_info(scenario),
+            population,
+            pl.window_ms,
+            pl.grace_ms,
+        )?),
+    })
+}
+
+/// What the pipeline's campaign table says about the scenario's campaign:
+/// its batches and creatives, reactions from its start to a week after the
+/// last batch is due (a batch is sent late only after a crash, and a
+/// reaction comes at most `reactions.max_delay_ms` after its message).
+pub fn campaign_info(scenario: &Scenario) -> CampaignInfo {
+    let horizon = scenario
+        .reactions
+        .max_delay_ms
+        .saturating_add(7 * 24 * 3_600_000);
+    CampaignInfo::from_spec(&scenario.campaign_spec(), horizon)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -185,7 +217,7 @@ struct Incoming<'a> {
     batch: u32,
     user: u32,
     creative: u16,
-    #[serde(rename = "type", borrow)]
+    #[serde(rename = "reaction", borrow)]
     kind: Cow<'a, str>,
     time_ms: u64,
 }

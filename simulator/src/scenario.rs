@@ -220,6 +220,31 @@ pub struct PipelineSpec {
     pub window_ms: u64,
     /// How long after its end a window still accepts reactions (ms).
     pub grace_ms: u64,
+    /// Which reaction path the simulation runs (`"dsl"`: the domain's
+    /// stream-processing pipeline; `"builtin"`: the simulator's own).
+    pub kind: PathKind,
+}
+
+/// Which reaction path a simulation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathKind {
+    /// The domain's reaction pipeline on the engine's stream DSL
+    /// (`smartmsg_domain::reactions::reaction_topology`).
+    #[default]
+    Dsl,
+    /// The simulator's built-in path.
+    Builtin,
+}
+
+impl PathKind {
+    /// Its name in scenario files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Dsl => "dsl",
+            PathKind::Builtin => "builtin",
+        }
+    }
 }
 
 impl Default for PipelineSpec {
@@ -227,6 +252,7 @@ impl Default for PipelineSpec {
         Self {
             window_ms: 60_000,
             grace_ms: 120_000,
+            kind: PathKind::default(),
         }
     }
 }

@@ -393,12 +393,8 @@ impl Process {
         let scheduler = Scheduler::new(Arc::clone(&queue), repo.clone(), clock, move |job| {
             map_job(&mapper_planner, job)
         });
-        let path = make_path(
-            &ctx.scenario.name,
-            Arc::clone(ctx.pop),
-            ctx.scenario.pipeline.window_ms,
-            ctx.scenario.pipeline.grace_ms,
-        );
+        let path = make_path(ctx.scenario, Arc::clone(ctx.pop))
+            .map_err(|e| SimError::Path(e.to_string()))?;
         let mut p = Process {
             log,
             queue,
@@ -935,7 +931,10 @@ async fn finish(ctx: &Ctx<'_>, h: &Harness) -> Result<PolicyRun, SimError> {
         per_creative_sent,
         batches,
         pipeline: PipelineCounts {
-            path: "built-in".into(),
+            path: match ctx.scenario.pipeline.kind {
+                crate::scenario::PathKind::Dsl => "dsl".into(),
+                crate::scenario::PathKind::Builtin => "built-in".into(),
+            },
             commits: verified.commits,
             windows_recorded: verified.windows,
             late_corrections: verified.late_corrections,

@@ -31,8 +31,9 @@ pub struct ReactionMessage {
     pub user: u32,
     /// The creative they saw.
     pub creative: u16,
-    /// What they did (`click`, `reply` or `like`).
-    #[serde(rename = "type")]
+    /// What they did (`clicked` or `replied`: the reaction kinds that
+    /// count as a response).
+    #[serde(rename = "reaction")]
     pub kind: String,
     /// When they did it (event time, ms).
     pub time_ms: u64,
@@ -132,8 +133,13 @@ impl std::fmt::Debug for World {
     }
 }
 
-/// The reaction types users send.
-pub const REACTION_TYPES: [&str; 3] = ["click", "reply", "like"];
+/// The reaction types users send (the domain's success kinds).
+pub const REACTION_TYPES: [&str; 2] = ["clicked", "replied"];
+
+/// The id of the reaction of `user` to their message of batch `batch`.
+pub fn reaction_id(batch: u32, user: u32) -> u64 {
+    (u64::from(batch) << 32) | u64::from(user)
+}
 
 impl World {
     /// The world of `scenario` with `faults` (the scenario's own plan plus
@@ -200,26 +206,26 @@ impl World {
         match i % 10 {
             0 => (vec![0xff, 0xfe, 0x00, 0x13, b'{'], "not utf-8"),
             1 => {
-                let mut v = ok(1, 0, 0, "click", at, c);
+                let mut v = ok(1, 0, 0, "clicked", at, c);
                 v.truncate(v.len() / 2);
                 (v, "truncated json")
             }
             2 => (
-                format!(r#"{{"id":{},"campaign":"{c}","batch":0,"creative":0,"type":"click","time_ms":{at}}}"#, (1u64 << 63) | i)
+                format!(r#"{{"id":{},"campaign":"{c}","batch":0,"creative":0,"reaction":"clicked","time_ms":{at}}}"#, (1u64 << 63) | i)
                     .into_bytes(),
                 "missing user",
             ),
             3 => (
-                format!(r#"{{"id":{},"campaign":"{c}","batch":0,"user":1,"creative":"two","type":"click","time_ms":{at}}}"#, (1u64 << 63) | i)
+                format!(r#"{{"id":{},"campaign":"{c}","batch":0,"user":1,"creative":"two","reaction":"clicked","time_ms":{at}}}"#, (1u64 << 63) | i)
                     .into_bytes(),
                 "creative not a number",
             ),
-            4 => (ok(1, 0, 0, "click", at, "another-campaign"), "unknown campaign"),
-            5 => (ok(u32::MAX - i as u32 % 1000, 0, 0, "click", at, c), "unknown user"),
-            6 => (ok(1, 999, 0, "click", at, c), "unknown creative"),
-            7 => (ok(1, 0, 999_999, "click", at, c), "batch not sent"),
+            4 => (ok(1, 0, 0, "clicked", at, "another-campaign"), "unknown campaign"),
+            5 => (ok(u32::MAX - i as u32 % 1000, 0, 0, "clicked", at, c), "unknown user"),
+            6 => (ok(1, 999, 0, "clicked", at, c), "unknown creative"),
+            7 => (ok(1, 0, 999_999, "clicked", at, c), "batch not sent"),
             8 => (ok(1, 0, 0, "teleport", at, c), "unknown reaction type"),
-            _ => (ok(1, 0, 0, "click", 0, c), "time before the campaign"),
+            _ => (ok(1, 0, 0, "clicked", 0, c), "time before the campaign"),
         }
     }
 
@@ -262,14 +268,14 @@ impl World {
                 continue;
             }
             let time_ms = sent_ms + self.delay_ms(user, batch);
-            let id = (u64::from(batch) << 32) | u64::from(user);
+            let id = reaction_id(batch, user);
             let msg = ReactionMessage {
                 id,
                 campaign: self.campaign.clone(),
                 batch,
                 user,
                 creative,
-                kind: REACTION_TYPES[(user % 3) as usize].to_owned(),
+                kind: REACTION_TYPES[(user % 2) as usize].to_owned(),
                 time_ms,
             };
             let payload = serde_json::to_vec(&msg).unwrap_or_default();

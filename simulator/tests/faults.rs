@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use smartmsg_simulator::runner::policy_for_seed;
+use smartmsg_simulator::scenario::PathKind;
 use smartmsg_simulator::{
     run_policy, run_seeds, Crash, FaultPlan, PolicyName, QueueKind, RunOptions, Scenario,
     SeedsOptions, SimPopulation,
@@ -32,7 +33,17 @@ fn every_fault() -> FaultPlan {
 }
 
 fn run(policy: PolicyName, queue: QueueKind, faults: FaultPlan) -> smartmsg_simulator::PolicyRun {
-    let s = Scenario::small();
+    run_on(PathKind::default(), policy, queue, faults)
+}
+
+fn run_on(
+    kind: PathKind,
+    policy: PolicyName,
+    queue: QueueKind,
+    faults: FaultPlan,
+) -> smartmsg_simulator::PolicyRun {
+    let mut s = Scenario::small();
+    s.pipeline.kind = kind;
     let pop = Arc::new(SimPopulation::generate(&s).unwrap());
     let dir = tempfile::tempdir().unwrap();
     run_policy(
@@ -81,6 +92,45 @@ fn every_fault_at_once_breaks_no_invariant() {
             r.faults
         );
     }
+}
+
+#[test]
+fn the_builtin_path_breaks_no_invariant_either() {
+    let r = run_on(
+        PathKind::Builtin,
+        PolicyName::Integrated,
+        QueueKind::Embedded,
+        every_fault(),
+    );
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+    assert_eq!(r.pipeline.path, "built-in");
+    assert_eq!(r.faults.crashes_recovered, 9);
+    assert_eq!(r.pipeline.dead_letters, 30);
+}
+
+#[test]
+fn both_paths_feed_the_model_alike() {
+    let dsl = run_on(
+        PathKind::Dsl,
+        PolicyName::Integrated,
+        QueueKind::Embedded,
+        FaultPlan::default(),
+    );
+    let builtin = run_on(
+        PathKind::Builtin,
+        PolicyName::Integrated,
+        QueueKind::Embedded,
+        FaultPlan::default(),
+    );
+    assert_eq!(dsl.pipeline.path, "dsl");
+    assert!(dsl.violations.is_empty(), "{:?}", dsl.violations);
+    // Same windows, same reactions counted by the next batch: same plans.
+    assert_eq!(dsl.batches, builtin.batches);
+    assert_eq!(dsl.responses_realised, builtin.responses_realised);
+    assert_eq!(
+        dsl.pipeline.windows_recorded,
+        builtin.pipeline.windows_recorded
+    );
 }
 
 #[test]

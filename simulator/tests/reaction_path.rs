@@ -35,7 +35,7 @@ fn msg(id: u64, user: u32, creative: u16, time_ms: u64) -> Vec<u8> {
         batch: 0,
         user,
         creative,
-        kind: "click".into(),
+        kind: "clicked".into(),
         time_ms,
     })
     .unwrap()
@@ -54,21 +54,21 @@ fn invalid_messages_are_dead_lettered_with_a_reason() {
         (vec![0xff, 0xfe], "not UTF-8"),
         (b"{\"id\":1".to_vec(), "not a valid reaction"),
         (
-            br#"{"id":1,"campaign":"c","batch":0,"creative":0,"type":"click","time_ms":1}"#.to_vec(),
+            br#"{"id":1,"campaign":"c","batch":0,"creative":0,"reaction":"clicked","time_ms":1}"#.to_vec(),
             "missing field `user`",
         ),
         (
-            br#"{"id":1,"campaign":"x","batch":0,"user":0,"creative":0,"type":"click","time_ms":1}"#
+            br#"{"id":1,"campaign":"x","batch":0,"user":0,"creative":0,"reaction":"clicked","time_ms":1}"#
                 .to_vec(),
             "is not this campaign",
         ),
         (
-            br#"{"id":1,"campaign":"c","batch":0,"user":0,"creative":0,"type":"wave","time_ms":1}"#
+            br#"{"id":1,"campaign":"c","batch":0,"user":0,"creative":0,"reaction":"wave","time_ms":1}"#
                 .to_vec(),
             "unknown reaction type",
         ),
         (
-            br#"{"id":1,"campaign":"c","batch":5,"user":0,"creative":0,"type":"click","time_ms":1}"#
+            br#"{"id":1,"campaign":"c","batch":5,"user":0,"creative":0,"reaction":"clicked","time_ms":1}"#
                 .to_vec(),
             "batch 5 was not sent",
         ),
