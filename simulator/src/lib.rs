@@ -17,7 +17,10 @@
 //! - [`invariants`]: what every run must keep, checked from disk;
 //! - [`report`]: the comparison (table, JSON, SVG);
 //! - [`runner`]: policies in parallel, and many seeds with random faults;
-//! - [`inspect`]: what a data directory holds.
+//! - [`inspect`]: what a data directory holds;
+//! - [`portable`]: export and import of logs as JSON Lines;
+//! - [`replay`]: rebuild campaigns from a log and check them;
+//! - [`ope`]: off-policy evaluation from logged bandit feedback.
 //!
 //! The same scenario and seed give a byte-identical event log and report.
 #![forbid(unsafe_code)]
@@ -28,10 +31,13 @@ pub mod events;
 pub mod faults;
 pub mod inspect;
 pub mod invariants;
+pub mod ope;
 pub mod policies;
 pub mod population;
+pub mod portable;
 pub mod reaction;
 pub mod reaction_pipeline;
+pub mod replay;
 pub mod report;
 pub mod rng;
 pub mod runner;

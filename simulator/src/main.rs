@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use smartmsg_simulator::runner::{policy_for_seed, CompareOptions, SeedsOptions};
 use smartmsg_simulator::{
-    compare, inspect, run_seeds, PolicyName, QueueKind, Scenario, SeedOutcome, SimPopulation,
+    compare, inspect, portable, run_seeds, PolicyName, QueueKind, Scenario, SeedOutcome,
+    SimPopulation,
 };
 
 #[derive(Parser, Debug)]
@@ -36,6 +37,105 @@ enum Command {
         /// A simulation's data directory (or one policy's subdirectory).
         dir: PathBuf,
     },
+    /// Write an embedded event log as JSON Lines (one envelope per event).
+    Export {
+        /// A log directory, a run's data directory (DIR/log) or a
+        /// simulation's data directory with one run.
+        dir: PathBuf,
+        /// The JSON Lines file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Read a JSON Lines log (from `export`) into a new data directory
+    /// (the log lands in DIR/log); nothing is left behind on failure.
+    Import {
+        /// The JSON Lines file.
+        file: PathBuf,
+        /// The new (or empty) data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+    /// Rebuild every campaign from a log (a data directory or an exported
+    /// JSON Lines file), print summaries, check that replay reproduces the
+    /// recorded state, and measure the replay rate.
+    Replay {
+        /// A log directory, a run's data directory, or a JSON Lines file.
+        source: PathBuf,
+    },
+    /// Estimate how target policies would have done from logged bandit
+    /// feedback (a CSV, or a campaign log / exported JSON Lines file):
+    /// DM, IPW, SNIPW, DR, SNDR, switch-DR with bootstrap CIs.
+    Evaluate(Box<EvaluateArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+struct EvaluateArgs {
+    /// Logged feedback: a CSV file (*.csv, columns named below), or a
+    /// campaign's log (data directory or exported *.jsonl).
+    #[arg(long, value_name = "FILE|DIR")]
+    logged: PathBuf,
+    /// Target: domain policies (comma-separated, or all), for campaign logs.
+    #[arg(long, value_name = "NAME[,NAME..]|all")]
+    policy: Option<String>,
+    /// Target: per-row action probabilities, a CSV with one column per
+    /// action and one row per logged row.
+    #[arg(long, value_name = "FILE")]
+    target_probs: Option<PathBuf>,
+    /// CSV: timestamp column.
+    #[arg(long, value_name = "COL")]
+    timestamp_col: Option<String>,
+    /// CSV: context feature columns (numeric, or categorical: one-hot).
+    #[arg(long, value_name = "COL,..", value_delimiter = ',')]
+    feature_cols: Vec<String>,
+    /// CSV: action column.
+    #[arg(long, value_name = "COL", default_value = "action")]
+    action_col: String,
+    /// CSV: slot / position column.
+    #[arg(long, value_name = "COL")]
+    slot_col: Option<String>,
+    /// CSV: reward column.
+    #[arg(long, value_name = "COL", default_value = "reward")]
+    reward_col: String,
+    /// CSV: propensity column.
+    #[arg(long, value_name = "COL", default_value = "propensity")]
+    propensity_col: String,
+    /// CSV: the known actions (others are errors); default: those seen.
+    #[arg(long, value_name = "A,..", value_delimiter = ',')]
+    actions: Option<Vec<String>>,
+    /// Campaign logs: the run's scenario (file or built-in; default classic).
+    #[arg(long, value_name = "FILE|NAME")]
+    scenario: Option<String>,
+    /// Campaign logs: the run's seed (when --seed was given to simulate).
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Campaign logs: the population CSV (from --export-population);
+    /// default: generated from the scenario, as simulate does.
+    #[arg(long, value_name = "FILE.csv")]
+    population: Option<PathBuf>,
+    /// Monte Carlo draws per batch for domain policies.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    draws: usize,
+    /// Bootstrap resamples.
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    bootstrap: usize,
+    /// Bootstrap seed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    bootstrap_seed: u64,
+    /// Confidence level.
+    #[arg(long, value_name = "P", default_value_t = 0.95)]
+    confidence: f64,
+    /// Switch-DR threshold τ on the importance weight.
+    #[arg(long, value_name = "TAU", default_value_t = 10.0)]
+    switch_tau: f64,
+    /// Ridge penalty of the reward model.
+    #[arg(long, value_name = "L", default_value_t = 1.0)]
+    ridge: f64,
+    /// Fewest rows to estimate from.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    min_rows: usize,
+    /// Write the results as JSON here.
+    #[arg(long, value_name = "FILE", default_value = "evaluate.json")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,6 +199,10 @@ fn main() -> std::process::ExitCode {
     let r = match cli.command {
         Command::Simulate(a) => simulate(a),
         Command::Inspect { dir } => inspect_cmd(&dir),
+        Command::Export { dir, out } => export_cmd(&dir, &out),
+        Command::Import { file, data_dir } => import_cmd(&file, &data_dir),
+        Command::Replay { source } => replay_cmd(&source),
+        Command::Evaluate(a) => evaluate_cmd(*a),
     };
     match r {
         Ok(code) => code,
@@ -113,6 +217,226 @@ fn inspect_cmd(dir: &Path) -> Result<std::process::ExitCode> {
     let runs = inspect::inspect(dir).with_context(|| format!("inspecting {}", dir.display()))?;
     print!("{}", inspect::render(&runs));
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn export_cmd(dir: &Path, out: &Path) -> Result<std::process::ExitCode> {
+    let started = Instant::now();
+    let n = portable::export(dir, out)?;
+    println!(
+        "exported {n} events to {} in {:.2} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn import_cmd(file: &Path, dir: &Path) -> Result<std::process::ExitCode> {
+    let started = Instant::now();
+    let n = portable::import(file, dir)?;
+    println!(
+        "imported {n} events into {} in {:.2} s",
+        dir.join("log").display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn replay_cmd(source: &Path) -> Result<std::process::ExitCode> {
+    let sources = if source.is_dir() {
+        portable::find_logs(source)?
+    } else {
+        vec![source.to_owned()]
+    };
+    let mut violations = 0;
+    for s in &sources {
+        if sources.len() > 1 {
+            println!("{}", s.display());
+        }
+        let report = smartmsg_simulator::replay::replay(s)
+            .with_context(|| format!("replaying {}", s.display()))?;
+        print!("{}", report.render());
+        violations += report.violations().len();
+    }
+    Ok(if violations == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(2)
+    })
+}
+
+fn evaluate_cmd(a: EvaluateArgs) -> Result<std::process::ExitCode> {
+    use smartmsg_simulator::ope::{estimate, load, policy_target, TargetProbs};
+    if a.policy.is_none() == a.target_probs.is_none() {
+        bail!("give exactly one of --policy and --target-probs");
+    }
+    let opts = estimate::Options {
+        bootstrap: a.bootstrap,
+        confidence: a.confidence,
+        seed: a.bootstrap_seed,
+        switch_tau: a.switch_tau,
+        ridge: a.ridge,
+        min_rows: a.min_rows,
+    };
+    let is_csv = a
+        .logged
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    // (name, target, true value on the logged rows where known)
+    let mut targets: Vec<(String, TargetProbs, Option<f64>)> = Vec::new();
+    let mut logged_truth = None;
+    let data = if is_csv {
+        let cols = load::Columns {
+            timestamp: a.timestamp_col.clone(),
+            features: a.feature_cols.clone(),
+            action: a.action_col.clone(),
+            slot: a.slot_col.clone(),
+            reward: a.reward_col.clone(),
+            propensity: a.propensity_col.clone(),
+            actions: a.actions.clone(),
+        };
+        let data = load::read_csv(&a.logged, &cols)?;
+        if a.policy.is_some() {
+            bail!("--policy needs a campaign log as --logged (a CSV has no population to run a domain policy on); give --target-probs");
+        }
+        data
+    } else {
+        let events = if a.logged.is_file() {
+            portable::read_file(&a.logged, &smartmsg_engine::Limits::default())?
+        } else {
+            let dir = portable::find_log(&a.logged)?;
+            let rt = tokio::runtime::Builder::new_current_thread().build()?;
+            rt.block_on(async {
+                let log = smartmsg_embedded::EmbeddedLog::open(&dir)?;
+                anyhow::Ok(portable::read_all(&log).await?)
+            })?
+        };
+        let mut scenario = load_scenario(a.scenario.as_deref(), Scenario::classic)?;
+        if let Some(seed) = a.seed {
+            scenario.seed = seed;
+        }
+        let pop = match &a.population {
+            Some(p) => SimPopulation::from_csv(p)?,
+            None => SimPopulation::generate(&scenario)?,
+        };
+        let pop = Arc::new(pop);
+        let (data, rows) =
+            load::from_events(&events, pop.len(), pop.creatives(), pop.dim(), |u| {
+                pop.features(u)
+                    .map(|x| x.iter().map(|&v| f64::from(v)).collect())
+            })?;
+        if data.is_empty() {
+            bail!("refusing to estimate: the log holds no planned batch");
+        }
+        let logged_true = rows
+            .iter()
+            .zip(&data.action)
+            .map(|(r, &c)| pop.probability(r.user, c as u16))
+            .sum::<f64>()
+            / rows.len() as f64;
+        logged_truth = Some((
+            data.reward.iter().sum::<f64>() / data.len() as f64,
+            logged_true,
+        ));
+        if let Some(names) = &a.policy {
+            let names: Vec<PolicyName> = if names == "all" {
+                PolicyName::ALL.to_vec()
+            } else {
+                names
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .parse::<PolicyName>()
+                            .map_err(|e| anyhow::anyhow!("{e}"))
+                    })
+                    .collect::<Result<_>>()?
+            };
+            for name in names {
+                let t = policy_target::policy_probs(
+                    name,
+                    &scenario,
+                    &pop,
+                    &data,
+                    &rows,
+                    a.draws,
+                    a.bootstrap_seed,
+                )?;
+                let truth = policy_target::true_value(&pop, &rows, &t);
+                targets.push((name.to_string(), t, Some(truth)));
+            }
+        }
+        data
+    };
+    if let Some(path) = &a.target_probs {
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let t = load::read_target_probs(std::io::BufReader::new(f), path, &data)?;
+        targets.push((path.display().to_string(), t, None));
+    }
+    println!(
+        "logged: {} rows, {} actions, {} features{}",
+        data.len(),
+        data.actions.len(),
+        data.dim(),
+        logged_truth.map_or(String::new(), |(r, t)| format!(
+            "; logged policy: mean reward {r:.4}, true value {t:.4}"
+        ))
+    );
+    let mut json = Vec::new();
+    let mut refused = 0;
+    for (name, t, truth) in &targets {
+        println!(
+            "\ntarget {name}{}",
+            truth.map_or(String::new(), |v| format!(
+                " (true value on the logged users {v:.4})"
+            ))
+        );
+        match estimate::estimate(&data, t, &opts) {
+            Ok(est) => {
+                println!(
+                    "  {:<10} {:>9} {:>21} {:>9}",
+                    "estimator",
+                    "value",
+                    format!("{:.0}% CI", opts.confidence * 100.0),
+                    "ESS"
+                );
+                for e in &est {
+                    println!(
+                        "  {:<10} {:>9.4} [{:>9.4}, {:>9.4}] {:>9.1}",
+                        e.estimator, e.value, e.ci_low, e.ci_high, e.ess
+                    );
+                }
+                json.push(serde_json::json!({
+                    "target": name, "true_value": truth, "estimates": est,
+                }));
+            }
+            Err(e) => {
+                refused += 1;
+                println!("  {e}");
+                json.push(serde_json::json!({
+                    "target": name, "true_value": truth, "refused": e.to_string(),
+                }));
+            }
+        }
+    }
+    let out = serde_json::json!({
+        "logged": a.logged.display().to_string(),
+        "rows": data.len(),
+        "actions": data.actions,
+        "logged_mean_reward": logged_truth.map(|t| t.0),
+        "logged_true_value": logged_truth.map(|t| t.1),
+        "options": {
+            "bootstrap": opts.bootstrap, "confidence": opts.confidence, "seed": opts.seed,
+            "switch_tau": opts.switch_tau, "ridge": opts.ridge, "min_rows": opts.min_rows,
+        },
+        "targets": json,
+    });
+    std::fs::write(&a.out, serde_json::to_vec_pretty(&out)?)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!("\nresults: {}", a.out.display());
+    Ok(if refused == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(2)
+    })
 }
 
 fn load_scenario(arg: Option<&str>, default: fn() -> Scenario) -> Result<Scenario> {

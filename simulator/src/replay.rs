@@ -1,0 +1,499 @@
+//! `smartmsg replay`: rebuild every campaign aggregate and the simulator's
+//! read models from a log, in the log's own (virtual) time, and check that
+//! the replay reproduces what was recorded.
+//!
+//! Replay only applies recorded events (the domain's
+//! [`Aggregate::evolve`]); nothing is re-decided: the users, creatives and
+//! propensities of every batch come from its `BatchPlanned` event.
+//!
+//! Checks, per campaign stream:
+//!
+//! - **budget**: planned messages never exceed the budget, nor a batch its
+//!   allowance at the time it was planned;
+//! - **users once**: no user is planned twice (across and within batches);
+//! - **batches once**: batches are planned in order, each once, sent once,
+//!   and only after being planned; nothing is planned or sent once the
+//!   campaign is cancelled or completed;
+//! - **time**: timestamps never go backwards within a stream (they drive
+//!   windows and timers);
+//! - **deterministic**: folding the events twice gives equal states;
+//! - **snapshot**: where a snapshot store is present (`snapshots.redb`
+//!   beside the log), the latest snapshot equals the replayed state at its
+//!   version;
+//! - **reactions**: the campaign's reactions per creative equal the sum of
+//!   the window results the reaction path committed (its read model), and
+//!   every recorded window comes from a committed one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use smartmsg_domain::{Campaign, CampaignEvent, Status};
+use smartmsg_embedded::{EmbeddedLog, RedbSnapshots};
+use smartmsg_engine::{Aggregate, EventCodec, RecordedEvent, SnapshotStore, StreamId};
+
+use crate::events::{self, ModelFed, PathCommitted};
+use crate::portable::{self, PortableError};
+
+/// Why a replay could not run (a failed check is not an error: see
+/// [`CampaignReplay::violations`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    /// Reading the log or file failed.
+    #[error(transparent)]
+    Source(#[from] PortableError),
+    /// An event does not decode.
+    #[error("event at position {position} ({kind}): {reason}")]
+    Decode {
+        /// Its position.
+        position: u64,
+        /// Its kind.
+        kind: String,
+        /// Why.
+        reason: String,
+    },
+    /// The snapshot store cannot be read.
+    #[error("snapshots {path}: {reason}")]
+    Snapshots {
+        /// The store.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One campaign rebuilt from its stream.
+#[derive(Debug, Clone)]
+pub struct CampaignReplay {
+    /// The stream.
+    pub stream: String,
+    /// The state after every event.
+    pub state: Campaign,
+    /// Events folded.
+    pub events: u64,
+    /// Batches planned, and sent.
+    pub batches_planned: u64,
+    /// Batches sent.
+    pub batches_sent: u64,
+    /// Messages planned.
+    pub messages_planned: u64,
+    /// Reactions recorded (all creatives).
+    pub reactions: u64,
+    /// First and last timestamp (virtual time).
+    pub time_span_ms: (u64, u64),
+    /// Whether a snapshot was compared (and at which version).
+    pub snapshot_checked: Option<u64>,
+    /// Broken checks.
+    pub violations: Vec<String>,
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    /// Events in the log.
+    pub events: u64,
+    /// Payload bytes in the log.
+    pub payload_bytes: u64,
+    /// Campaigns rebuilt.
+    pub campaigns: Vec<CampaignReplay>,
+    /// Seconds spent reading (and parsing) the source.
+    pub read_s: f64,
+    /// Seconds spent folding and checking.
+    pub fold_s: f64,
+}
+
+impl ReplayReport {
+    /// Events per second, end to end (read + fold + checks).
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / (self.read_s + self.fold_s).max(1e-9)
+    }
+
+    /// Every broken check.
+    pub fn violations(&self) -> Vec<String> {
+        self.campaigns
+            .iter()
+            .flat_map(|c| c.violations.iter().map(|v| format!("{}: {v}", c.stream)))
+            .collect()
+    }
+
+    /// The summary as text.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        for c in &self.campaigns {
+            let _ = writeln!(
+                s,
+                "{}: {}, {} batches planned ({} sent), {} messages, {} reactions, budget left {}, {} events over {:.1} h of virtual time{}",
+                c.stream,
+                c.state.status().map_or("not created".into(), |s| s.to_string()),
+                c.batches_planned,
+                c.batches_sent,
+                c.messages_planned,
+                c.reactions,
+                c.state.remaining_budget(),
+                c.events,
+                (c.time_span_ms.1.saturating_sub(c.time_span_ms.0)) as f64 / 3.6e6,
+                c.snapshot_checked
+                    .map_or(String::new(), |v| format!(", snapshot at version {v} matches"))
+            );
+            if c.violations.is_empty() {
+                let _ = writeln!(s, "  checks: all hold");
+            }
+            for v in &c.violations {
+                let _ = writeln!(s, "  VIOLATION {v}");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "{} events ({:.1} MB of payload) replayed in {:.3} s (read {:.3} s, fold and check {:.3} s): {:.0} events/s, {:.0} MB/s end to end",
+            self.events,
+            self.payload_bytes as f64 / 1e6,
+            self.read_s + self.fold_s,
+            self.read_s,
+            self.fold_s,
+            self.rate(),
+            self.payload_bytes as f64 / 1e6 / (self.read_s + self.fold_s).max(1e-9)
+        );
+        s
+    }
+}
+
+/// Replays `source`: a JSON Lines file (from `smartmsg export`) or a
+/// directory holding one embedded log (see [`portable::find_log`]).
+pub fn replay(source: &Path) -> Result<ReplayReport, ReplayError> {
+    let started = Instant::now();
+    let (events, snapshots) = if source.is_file() {
+        let events = portable::read_file(source, &smartmsg_engine::Limits::default())?;
+        (events, None)
+    } else {
+        let log_dir = portable::find_log(source)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|source| PortableError::Io {
+                op: "start runtime for",
+                path: log_dir.clone(),
+                source,
+            })?;
+        let events = rt.block_on(async {
+            let log = EmbeddedLog::open(&log_dir).map_err(PortableError::from)?;
+            portable::read_all(&log).await.map_err(PortableError::from)
+        })?;
+        let snap = log_dir
+            .parent()
+            .map(|p| p.join("snapshots.redb"))
+            .filter(|p| p.is_file());
+        (events, snap)
+    };
+    let read_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let (mut report, decoded) = replay_decoded(&events)?;
+    if let Some(path) = snapshots {
+        check_snapshots(&path, &decoded, &mut report)?;
+    }
+    report.read_s = read_s;
+    report.fold_s = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn decode(e: &RecordedEvent) -> Result<CampaignEvent, ReplayError> {
+    CampaignEvent::decode(&e.kind, e.schema, &e.payload).map_err(|err| ReplayError::Decode {
+        position: e.position,
+        kind: e.kind.clone(),
+        reason: err.to_string(),
+    })
+}
+
+/// Per-campaign fold with the independent checks.
+struct Fold {
+    state: Campaign,
+    events: u64,
+    users: HashSet<u32>,
+    planned: u64,
+    sent: HashSet<u32>,
+    first_ms: Option<u64>,
+    last_ms: u64,
+    recorded_windows: Vec<String>,
+    violations: Vec<String>,
+}
+
+impl Fold {
+    fn new() -> Self {
+        Self {
+            state: Campaign::default(),
+            events: 0,
+            users: HashSet::new(),
+            planned: 0,
+            sent: HashSet::new(),
+            first_ms: None,
+            last_ms: 0,
+            recorded_windows: Vec::new(),
+            violations: Vec::new(),
+        }
+    }
+
+    fn violation(&mut self, v: String) {
+        if self.violations.len() < 20 {
+            self.violations.push(v);
+        }
+    }
+
+    fn apply(&mut self, e: &RecordedEvent, ev: &CampaignEvent) {
+        if e.timestamp_ms < self.last_ms {
+            self.violation(format!(
+                "time: version {} at {} ms is before the previous event ({} ms)",
+                e.version, e.timestamp_ms, self.last_ms
+            ));
+        }
+        self.first_ms.get_or_insert(e.timestamp_ms);
+        self.last_ms = self.last_ms.max(e.timestamp_ms);
+        let closed = matches!(
+            self.state.status(),
+            Some(Status::Cancelled | Status::Completed)
+        );
+        match ev {
+            CampaignEvent::BatchPlanned {
+                batch, decisions, ..
+            } => {
+                if closed {
+                    self.violation(format!(
+                        "batches once: batch {batch} planned after the campaign closed"
+                    ));
+                }
+                if *batch as usize != self.state.batches().len() {
+                    self.violation(format!(
+                        "batches once: batch {batch} planned when {} batches exist",
+                        self.state.batches().len()
+                    ));
+                }
+                let allowance = self.state.batch_allowance(*batch);
+                if decisions.len() as u64 > allowance {
+                    self.violation(format!(
+                        "budget: batch {batch} plans {} messages, allowance {allowance}",
+                        decisions.len()
+                    ));
+                }
+                self.planned += decisions.len() as u64;
+                if let Some(spec) = self.state.spec() {
+                    if self.planned > spec.budget {
+                        self.violation(format!(
+                            "budget: {} messages planned, budget {}",
+                            self.planned, spec.budget
+                        ));
+                    }
+                }
+                for &u in &decisions.users {
+                    if !self.users.insert(u) {
+                        self.violation(format!(
+                            "users once: user {u} planned again in batch {batch}"
+                        ));
+                    }
+                }
+            }
+            CampaignEvent::BatchSent { batch, .. } => {
+                if closed {
+                    self.violation(format!(
+                        "batches once: batch {batch} sent after the campaign closed"
+                    ));
+                }
+                if *batch as usize >= self.state.batches().len() {
+                    self.violation(format!(
+                        "batches once: batch {batch} sent before it was planned"
+                    ));
+                }
+                if !self.sent.insert(*batch) {
+                    self.violation(format!("batches once: batch {batch} sent twice"));
+                }
+            }
+            CampaignEvent::ReactionsRecorded { command, .. } => {
+                self.recorded_windows.push(command.id.clone());
+            }
+            _ => {}
+        }
+        self.state.evolve(ev);
+        self.events += 1;
+    }
+}
+
+/// Replays events already in memory (position order).
+pub fn replay_events(events: &[RecordedEvent]) -> Result<ReplayReport, ReplayError> {
+    Ok(replay_decoded(events)?.0)
+}
+
+/// Campaign events decoded once: (stream, version, event).
+type Decoded<'a> = Vec<(&'a str, u64, CampaignEvent)>;
+
+fn replay_decoded(events: &[RecordedEvent]) -> Result<(ReplayReport, Decoded<'_>), ReplayError> {
+    let mut decoded: Decoded<'_> = Vec::new();
+    let mut folds: BTreeMap<&str, Fold> = BTreeMap::new();
+    // The reaction path's read model: reactions per creative of every
+    // committed window result, by campaign name.
+    let mut windows: HashMap<String, (Vec<u64>, HashSet<String>)> = HashMap::new();
+    let mut fed: HashMap<String, u32> = HashMap::new();
+    let mut fed_violations: Vec<(String, String)> = Vec::new();
+    for e in events {
+        let stream = e.stream.as_str();
+        if let Some(name) = stream.strip_prefix("campaign-") {
+            let _ = name;
+            let ev = decode(e)?;
+            folds.entry(stream).or_insert_with(Fold::new).apply(e, &ev);
+            decoded.push((stream, e.version, ev));
+        } else if let Some(name) = stream.strip_prefix("reaction-path-") {
+            if e.kind == events::PATH_COMMITTED {
+                let c: PathCommitted = events::decode(e).map_err(|err| ReplayError::Decode {
+                    position: e.position,
+                    kind: e.kind.clone(),
+                    reason: err.to_string(),
+                })?;
+                let w = windows.entry(name.to_owned()).or_default();
+                for r in &c.windows {
+                    if w.0.len() < r.per_creative.len() {
+                        w.0.resize(r.per_creative.len(), 0);
+                    }
+                    for (t, &n) in w.0.iter_mut().zip(&r.per_creative) {
+                        *t += u64::from(n);
+                    }
+                    w.1.insert(r.command_id());
+                }
+            }
+        } else if let Some(name) = stream.strip_prefix("model-feedback-") {
+            if e.kind == events::MODEL_FED {
+                let m: ModelFed = events::decode(e).map_err(|err| ReplayError::Decode {
+                    position: e.position,
+                    kind: e.kind.clone(),
+                    reason: err.to_string(),
+                })?;
+                let next = fed.entry(name.to_owned()).or_insert(0);
+                if m.batch != *next {
+                    fed_violations.push((
+                        format!("campaign-{name}"),
+                        format!(
+                            "model feedback for batch {} where {} was next",
+                            m.batch, next
+                        ),
+                    ));
+                }
+                *next = m.batch + 1;
+            }
+        }
+    }
+    // Deterministic: a second fold of the same events gives the same state.
+    let mut second: BTreeMap<&str, Campaign> = BTreeMap::new();
+    for (stream, _, ev) in &decoded {
+        second.entry(stream).or_default().evolve(ev);
+    }
+    let mut campaigns = Vec::new();
+    for (stream, mut f) in folds {
+        if second.get(stream) != Some(&f.state) {
+            f.violation("deterministic: a second fold gives a different state".into());
+        }
+        let name = stream.trim_start_matches("campaign-");
+        if let Some((per_creative, ids)) = windows.get(name) {
+            let recorded: Vec<u64> = f
+                .state
+                .creative_stats()
+                .iter()
+                .map(|s| s.reactions)
+                .collect();
+            let mut committed = per_creative.clone();
+            committed.resize(recorded.len().max(committed.len()), 0);
+            let mut rec = recorded.clone();
+            rec.resize(committed.len(), 0);
+            if rec != committed {
+                f.violation(format!(
+                    "reactions: the campaign records {rec:?} per creative, the reaction path committed {committed:?}"
+                ));
+            }
+            let unknown = f
+                .recorded_windows
+                .iter()
+                .filter(|id| !ids.contains(*id))
+                .count();
+            if unknown > 0 {
+                f.violation(format!(
+                    "reactions: {unknown} recorded window(s) were never committed by the reaction path"
+                ));
+            }
+        }
+        for (s, v) in &fed_violations {
+            if s == stream {
+                f.violation(v.clone());
+            }
+        }
+        let c = &f.state;
+        campaigns.push(CampaignReplay {
+            stream: stream.to_owned(),
+            events: f.events,
+            batches_planned: c.batches().len() as u64,
+            batches_sent: c.batches().iter().filter(|b| b.sent).count() as u64,
+            messages_planned: c.reserved(),
+            reactions: c.creative_stats().iter().map(|s| s.reactions).sum(),
+            time_span_ms: (f.first_ms.unwrap_or(0), f.last_ms),
+            snapshot_checked: None,
+            violations: f.violations,
+            state: f.state,
+        });
+    }
+    Ok((
+        ReplayReport {
+            events: events.len() as u64,
+            payload_bytes: events.iter().map(|e| e.payload.len() as u64).sum(),
+            campaigns,
+            read_s: 0.0,
+            fold_s: 0.0,
+        },
+        decoded,
+    ))
+}
+
+/// Compares the latest snapshot of each campaign with the replayed state at
+/// the snapshot's version.
+fn check_snapshots(
+    path: &Path,
+    decoded: &Decoded<'_>,
+    report: &mut ReplayReport,
+) -> Result<(), ReplayError> {
+    let err = |reason: String| ReplayError::Snapshots {
+        path: path.to_owned(),
+        reason,
+    };
+    let store = RedbSnapshots::open(path).map_err(|e| err(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    for c in &mut report.campaigns {
+        let stream = StreamId::new(&c.stream).map_err(|e| err(e.to_string()))?;
+        let Some(snap) = rt
+            .block_on(store.load(&stream))
+            .map_err(|e| err(e.to_string()))?
+        else {
+            continue;
+        };
+        if snap.schema != Campaign::SNAPSHOT_SCHEMA {
+            continue;
+        }
+        let Some(saved) = Campaign::decode_snapshot(&snap.state) else {
+            c.violations.push(format!(
+                "snapshot: version {} does not decode",
+                snap.version
+            ));
+            continue;
+        };
+        let mut state = Campaign::default();
+        for (_, _, ev) in decoded
+            .iter()
+            .filter(|(s, v, _)| *s == c.stream && *v <= snap.version)
+        {
+            state.evolve(ev);
+        }
+        if state == saved {
+            c.snapshot_checked = Some(snap.version);
+        } else {
+            c.violations.push(format!(
+                "snapshot: the replayed state at version {} differs from the stored snapshot",
+                snap.version
+            ));
+        }
+    }
+    Ok(())
+}
