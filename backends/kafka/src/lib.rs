@@ -47,6 +47,10 @@
 //! - **Head.** `head` is one past the last committed position;
 //!   `watch_head` is a tokio watch the writer updates after each commit.
 //!
+//! Stream processing on raw topics (consumer groups, exactly-once steps
+//! with `send_offsets_to_transaction`, state restored from a changelog
+//! topic) is in [`stream`].
+//!
 //! Multi-writer scaling is by several logs (for example one per tenant),
 //! each with its own topic and writer; one log has exactly one writer.
 #![forbid(unsafe_code)]
@@ -58,9 +62,13 @@ pub mod envelope;
 pub mod error;
 pub mod log;
 mod reader;
+pub mod stream;
 mod writer;
 
 pub use config::{BeforeCommitHook, KafkaConfig};
 pub use envelope::partition_for;
 pub use error::KafkaLogError;
 pub use log::{KafkaEventLog, KafkaLogStats, RebuildStats};
+pub use stream::{
+    KafkaStreamError, KafkaStreamProcessor, KafkaTopicSink, KafkaTopicSource, ProcessorConfig,
+};

@@ -6,9 +6,9 @@
 //!
 //! This is stream processing on Kafka through the `EventLog` port (the
 //! runner commits state, outputs and input position atomically in its own
-//! store, then delivers outputs under idempotency keys). A Kafka-Streams
-//! style source/sink on raw topics with consumer groups and
-//! `send_offsets_to_transaction` is not built yet.
+//! store, then delivers outputs under idempotency keys). The Kafka-Streams
+//! style step on raw topics (consumer groups, `send_offsets_to_transaction`)
+//! is tested in `processor.rs`.
 
 mod common;
 

@@ -1,0 +1,834 @@
+//! Stream processing on Kafka topics: a topic [`Source`] and [`Sink`] for
+//! the engine's [`StreamRunner`](smartmsg_engine::stream::StreamRunner),
+//! and [`KafkaStreamProcessor`], an exactly-once processing step in the
+//! Kafka Streams style.
+//!
+//! # The exactly-once step
+//!
+//! [`KafkaStreamProcessor`] runs an engine [`Task`] (a built
+//! [`Topology`]) between input topics, read by a consumer group, and output
+//! topics. Each [`KafkaStreamProcessor::step`] polls a batch of input
+//! records, feeds them to the task, then in **one Kafka transaction**
+//! produces
+//!
+//! - the task's outputs (output `name` goes to topic
+//!   `<output_prefix><name>`, key and value as the topology encodes them),
+//! - the task's state changes ([`Task::flush`] into a [`WriteBatch`]) as
+//!   records of the changelog topic, one record per change (key = keyspace
+//!   and key, value = the new value, a tombstone for a delete), plus one
+//!   record with the task's stream time and counters,
+//! - and the consumer group's offsets, with `send_offsets_to_transaction`.
+//!
+//! The transactional id is fixed per application, so opening a processor
+//! fences the previous instance (`init_transactions`). On open the state
+//! is restored by reading the changelog topic to its end (`read_committed`)
+//! and the consumer resumes from the group's committed offsets: outputs,
+//! state and offsets move together, so a restart neither loses nor repeats
+//! an output.
+//!
+//! Conditions: the broker must hide aborted records from `read_committed`
+//! consumers (Apache Kafka does; tansu 0.6 does not — there, an aborted
+//! step's changelog records would be restored and its outputs seen). One
+//! processor instance per application: it owns every partition of its
+//! inputs and the changelog topic has one partition (state is not split
+//! by input partition yet, so several instances of one group would each
+//! hold part of the input but restore the whole changelog).
+//!
+//! # Source and sink for the runner
+//!
+//! [`KafkaTopicSource`] reads one partition of a topic; the record's offset
+//! is its position (the runner keeps the position in its own store, so no
+//! group offsets are committed). [`KafkaTopicSink`] produces outputs with
+//! an idempotent producer, each with headers naming the runner and the
+//! output id (`smartmsg-runner`, `smartmsg-output`): the producer never
+//! duplicates a send, but a re-delivery of a commit after a crash (the
+//! runner's outbox) is produced again, so readers that need exactly-once
+//! drop repeated `(runner, output id)` pairs — or use
+//! [`KafkaStreamProcessor`], which needs no such step.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use smartmsg_engine::stream::{
+    BuildError, InMemoryStore, KeyValueStore, OutputRecord, Sink, SinkError, Source, SourceError,
+    SourceRecord, StateCodec, StoreError, StreamError, Task, TaskMeta, Topology, WriteBatch,
+};
+use smartmsg_engine::BackendError;
+
+/// The keyspace of the changelog record holding the task's [`TaskMeta`].
+pub const META_SPACE: &str = "__task_meta";
+
+/// Why a Kafka stream component failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KafkaStreamError {
+    /// A call into librdkafka failed.
+    #[error("kafka {op}: {source}")]
+    Kafka {
+        /// What was being done.
+        op: &'static str,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The topology is invalid.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// Processing failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// Restoring state failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A changelog record cannot be read.
+    #[error("corrupt changelog record at offset {offset}: {reason}")]
+    Corrupt {
+        /// Its offset.
+        offset: i64,
+        /// Why.
+        reason: String,
+    },
+    /// Restoring did not reach the end of the changelog in time.
+    #[error("changelog restore timed out at offset {at} of {end}")]
+    RestoreTimeout {
+        /// Offset reached.
+        at: i64,
+        /// The end to reach.
+        end: i64,
+    },
+    /// An earlier step failed after processing records whose transaction
+    /// did not commit: the task's memory is ahead of Kafka. Reopen.
+    #[error("the processor failed in an earlier step; reopen it")]
+    Poisoned,
+}
+
+impl KafkaStreamError {
+    fn kafka(op: &'static str, source: KafkaError) -> Self {
+        Self::Kafka { op, source }
+    }
+}
+
+/// Configuration of a [`KafkaStreamProcessor`].
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// The application: names the transactional id
+    /// (`smartmsg.<application>.processor`) and the default changelog
+    /// topic.
+    pub application: String,
+    /// The consumer group (`group.id`); defaults to the application.
+    pub group_id: String,
+    /// Input topics and the topology input each feeds: `(topic, input)`.
+    pub inputs: Vec<(String, String)>,
+    /// Output `name` goes to topic `<output_prefix><name>`.
+    pub output_prefix: String,
+    /// The changelog topic (one partition);
+    /// `smartmsg.<application>.changelog` by default.
+    pub changelog_topic: String,
+    /// Most input records per step (per transaction).
+    pub max_batch: usize,
+    /// `session.timeout.ms` (tansu needs 6000).
+    pub session_timeout: Duration,
+    /// `max.poll.interval.ms` (tansu needs 7000); a step must poll within it.
+    pub max_poll_interval: Duration,
+    /// `transaction.timeout.ms`.
+    pub transaction_timeout: Duration,
+    /// Timeout of each blocking Kafka call (init, commit, offsets).
+    pub request_timeout: Duration,
+    /// How long restoring may take to reach the changelog's end.
+    pub restore_timeout: Duration,
+}
+
+impl ProcessorConfig {
+    /// A configuration with defaults: group = application, outputs to
+    /// topics named as the outputs, batches of 500.
+    pub fn new(bootstrap: impl Into<String>, application: impl Into<String>) -> Self {
+        let application = application.into();
+        Self {
+            bootstrap: bootstrap.into(),
+            group_id: application.clone(),
+            changelog_topic: format!("smartmsg.{application}.changelog"),
+            application,
+            inputs: Vec::new(),
+            output_prefix: String::new(),
+            max_batch: 500,
+            session_timeout: Duration::from_millis(6000),
+            max_poll_interval: Duration::from_millis(7000),
+            transaction_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            restore_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Reads `topic` as the topology input `input`.
+    pub fn with_input(mut self, topic: impl Into<String>, input: impl Into<String>) -> Self {
+        self.inputs.push((topic.into(), input.into()));
+        self
+    }
+
+    /// Sets the consumer group.
+    pub fn with_group(mut self, group_id: impl Into<String>) -> Self {
+        self.group_id = group_id.into();
+        self
+    }
+
+    /// Sets the output topics' prefix.
+    pub fn with_output_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.output_prefix = prefix.into();
+        self
+    }
+
+    /// Sets the most input records per step.
+    pub fn with_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(1);
+        self
+    }
+
+    /// The producer's transactional id.
+    pub fn transactional_id(&self) -> String {
+        format!("smartmsg.{}.processor", self.application)
+    }
+}
+
+/// What one [`KafkaStreamProcessor::step`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessorStep {
+    /// Input records processed and committed.
+    pub records: usize,
+    /// Output records produced.
+    pub outputs: usize,
+    /// Changelog records produced (state changes plus the meta record).
+    pub changelog: usize,
+}
+
+/// What restoring from the changelog found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Changelog records read.
+    pub records: u64,
+    /// The changelog's end offset.
+    pub end: i64,
+}
+
+/// Encodes the changelog record key of `key` in `space`.
+pub fn changelog_key(space: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + space.len() + key.len());
+    k.extend_from_slice(&(space.len() as u32).to_be_bytes());
+    k.extend_from_slice(space.as_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// Splits a changelog record key into keyspace and key.
+pub fn decode_changelog_key(k: &[u8]) -> Option<(&str, &[u8])> {
+    let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
+    let space = std::str::from_utf8(k.get(4..4usize.checked_add(len)?)?).ok()?;
+    Some((space, &k[4 + len..]))
+}
+
+/// Creates the topics that do not exist yet (`(name, partitions)`).
+pub async fn ensure_topics(
+    bootstrap: &str,
+    topics: &[(&str, i32)],
+) -> Result<(), KafkaStreamError> {
+    create_topics(bootstrap, topics, &[]).await
+}
+
+async fn create_topics(
+    bootstrap: &str,
+    topics: &[(&str, i32)],
+    configs: &[(&str, &str)],
+) -> Result<(), KafkaStreamError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| KafkaStreamError::kafka("create admin client", e))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(t, p)| {
+            configs.iter().fold(
+                NewTopic::new(t, *p, TopicReplication::Fixed(1)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(|e| KafkaStreamError::kafka("create topics", e))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(KafkaStreamError::kafka(
+                    "create topics",
+                    KafkaError::AdminOp(code),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An exactly-once processing step on Kafka (see the [module](self) docs).
+pub struct KafkaStreamProcessor {
+    config: ProcessorConfig,
+    task: Task,
+    consumer: BaseConsumer,
+    producer: BaseProducer,
+    inputs: HashMap<String, String>,
+    restore: RestoreStats,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for KafkaStreamProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaStreamProcessor")
+            .field("application", &self.config.application)
+            .field("group", &self.config.group_id)
+            .field("restore", &self.restore)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaStreamProcessor {
+    /// Builds `topology`, creates the changelog topic if needed, fences an
+    /// earlier instance, restores the state from the changelog topic (read
+    /// to its end) and subscribes to the inputs (resuming from the group's
+    /// committed offsets; from the beginning when it has none).
+    ///
+    /// Blocks on Kafka calls; call it off an async executor's threads.
+    pub async fn open(
+        topology: Topology,
+        config: ProcessorConfig,
+    ) -> Result<Self, KafkaStreamError> {
+        let mut task = topology.build()?;
+        // Compacted: restoring reads the latest value of each key.
+        create_topics(
+            &config.bootstrap,
+            &[(&config.changelog_topic, 1)],
+            &[("cleanup.policy", "compact")],
+        )
+        .await?;
+
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap)
+            .set("transactional.id", config.transactional_id())
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set(
+                "transaction.timeout.ms",
+                config.transaction_timeout.as_millis().to_string(),
+            )
+            .create()
+            .map_err(|e| KafkaStreamError::kafka("create producer", e))?;
+        producer
+            .init_transactions(config.request_timeout)
+            .map_err(|e| KafkaStreamError::kafka("init_transactions", e))?;
+
+        let restore = restore(&config, &mut task)?;
+
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap)
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set(
+                "session.timeout.ms",
+                config.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "max.poll.interval.ms",
+                config.max_poll_interval.as_millis().to_string(),
+            )
+            .create()
+            .map_err(|e| KafkaStreamError::kafka("create consumer", e))?;
+        let topics: Vec<&str> = config.inputs.iter().map(|(t, _)| t.as_str()).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| KafkaStreamError::kafka("subscribe", e))?;
+        let inputs = config.inputs.iter().cloned().collect();
+        Ok(Self {
+            config,
+            task,
+            consumer,
+            producer,
+            inputs,
+            restore,
+            poisoned: false,
+        })
+    }
+
+    /// The task (its stores hold the restored and processed state).
+    pub fn task(&self) -> &Task {
+        &self.task
+    }
+
+    /// What the restore on open found.
+    pub fn restored(&self) -> RestoreStats {
+        self.restore
+    }
+
+    /// Polls up to `max_batch` input records (waiting at most `wait` for the
+    /// first), processes them and commits outputs, state changes and
+    /// consumer offsets in one transaction. Returns zero records when none
+    /// came. After an error the processor is poisoned: reopen it.
+    ///
+    /// Blocks (up to `wait` plus the Kafka calls).
+    pub fn step(&mut self, wait: Duration) -> Result<ProcessorStep, KafkaStreamError> {
+        if self.poisoned {
+            return Err(KafkaStreamError::Poisoned);
+        }
+        self.poisoned = true;
+        let r = self.step_inner(wait, true);
+        if r.is_ok() {
+            self.poisoned = false;
+        } else {
+            let _ = self.producer.flush(self.config.request_timeout);
+            let _ = self.producer.abort_transaction(self.config.request_timeout);
+        }
+        r
+    }
+
+    /// Like [`step`](Self::step) but aborts the transaction instead of
+    /// committing it (after producing everything and sending the offsets),
+    /// as a crash before the commit would; the processor is poisoned
+    /// afterwards. For tests of the exactly-once guarantee.
+    #[doc(hidden)]
+    pub fn step_and_abort(&mut self, wait: Duration) -> Result<ProcessorStep, KafkaStreamError> {
+        if self.poisoned {
+            return Err(KafkaStreamError::Poisoned);
+        }
+        self.poisoned = true;
+        self.step_inner(wait, false)
+    }
+
+    fn step_inner(
+        &mut self,
+        wait: Duration,
+        commit: bool,
+    ) -> Result<ProcessorStep, KafkaStreamError> {
+        let deadline = Instant::now() + wait;
+        let mut records = 0usize;
+        while records < self.config.max_batch {
+            let timeout = if records == 0 {
+                deadline.saturating_duration_since(Instant::now())
+            } else {
+                Duration::from_millis(200)
+            };
+            match self.consumer.poll(timeout) {
+                None => {
+                    if records > 0 || Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                Some(Err(e)) => return Err(KafkaStreamError::kafka("consume", e)),
+                Some(Ok(m)) => {
+                    records += 1;
+                    let Some(input) = self.inputs.get(m.topic()) else {
+                        continue;
+                    };
+                    let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as u64;
+                    self.task.process_bytes(
+                        input,
+                        m.key().unwrap_or(&[]),
+                        m.payload().unwrap_or(&[]),
+                        ts,
+                    )?;
+                }
+            }
+        }
+        if records == 0 {
+            return Ok(ProcessorStep::default());
+        }
+
+        let mut offsets = TopicPartitionList::new();
+        let position = self
+            .consumer
+            .position()
+            .map_err(|e| KafkaStreamError::kafka("position", e))?;
+        for e in position.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                offsets
+                    .add_partition_offset(e.topic(), e.partition(), Offset::Offset(o))
+                    .map_err(|e| KafkaStreamError::kafka("offsets", e))?;
+            }
+        }
+        let group = self
+            .consumer
+            .group_metadata()
+            .ok_or(KafkaStreamError::Kafka {
+                op: "group metadata",
+                source: KafkaError::ConsumerCommit(RDKafkaErrorCode::InvalidGroupId),
+            })?;
+
+        let mut outputs = Vec::new();
+        self.task.drain_outputs(&mut outputs);
+        let mut batch = WriteBatch::new();
+        self.task.flush(&mut batch);
+        let meta = self.task.meta().to_bytes();
+
+        self.producer
+            .begin_transaction()
+            .map_err(|e| KafkaStreamError::kafka("begin_transaction", e))?;
+        for o in &outputs {
+            let topic = format!("{}{}", self.config.output_prefix, o.output);
+            let rec = BaseRecord::<[u8], [u8]>::to(&topic)
+                .key(o.key.as_slice())
+                .payload(o.value.as_slice())
+                .timestamp(o.timestamp_ms as i64);
+            self.send(rec)?;
+        }
+        let mut changelog = 0usize;
+        for (space, key, value) in batch.iter() {
+            let k = changelog_key(space, key);
+            let mut rec = BaseRecord::<[u8], [u8]>::to(&self.config.changelog_topic)
+                .key(k.as_slice())
+                .partition(0);
+            if let Some(v) = value {
+                rec = rec.payload(v);
+            }
+            self.send(rec)?;
+            changelog += 1;
+        }
+        let mk = changelog_key(META_SPACE, &[]);
+        let rec = BaseRecord::<[u8], [u8]>::to(&self.config.changelog_topic)
+            .key(mk.as_slice())
+            .payload(meta.as_slice())
+            .partition(0);
+        self.send(rec)?;
+        changelog += 1;
+
+        self.producer
+            .send_offsets_to_transaction(&offsets, &group, self.config.request_timeout)
+            .map_err(|e| KafkaStreamError::kafka("send_offsets_to_transaction", e))?;
+        // Delivery reports are polled here (a BaseProducer has no thread
+        // for them), so the commit or abort finds nothing outstanding.
+        self.producer
+            .flush(self.config.request_timeout)
+            .map_err(|e| KafkaStreamError::kafka("flush", e))?;
+        if !commit {
+            self.producer
+                .abort_transaction(self.config.request_timeout)
+                .map_err(|e| KafkaStreamError::kafka("abort_transaction", e))?;
+            return Ok(ProcessorStep {
+                records,
+                outputs: outputs.len(),
+                changelog,
+            });
+        }
+        self.producer
+            .commit_transaction(self.config.request_timeout)
+            .map_err(|e| KafkaStreamError::kafka("commit_transaction", e))?;
+        Ok(ProcessorStep {
+            records,
+            outputs: outputs.len(),
+            changelog,
+        })
+    }
+
+    fn send(&self, mut rec: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaStreamError> {
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    rec = r;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) => return Err(KafkaStreamError::kafka("produce", e)),
+            }
+        }
+    }
+
+    /// Steps until a step finds no input within `idle`; the total.
+    pub fn run_until_idle(&mut self, idle: Duration) -> Result<ProcessorStep, KafkaStreamError> {
+        let mut total = ProcessorStep::default();
+        loop {
+            let s = self.step(idle)?;
+            if s.records == 0 {
+                return Ok(total);
+            }
+            total.records += s.records;
+            total.outputs += s.outputs;
+            total.changelog += s.changelog;
+        }
+    }
+}
+
+/// Reads the changelog topic to its end into an in-memory store and loads
+/// it into `task`.
+fn restore(config: &ProcessorConfig, task: &mut Task) -> Result<RestoreStats, KafkaStreamError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("group.id", format!("{}.restore", config.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(|e| KafkaStreamError::kafka("create restore consumer", e))?;
+    let topic = config.changelog_topic.as_str();
+    let (_, end) = consumer
+        .fetch_watermarks(topic, 0, config.request_timeout)
+        .map_err(|e| KafkaStreamError::kafka("changelog watermarks", e))?;
+    let mut stats = RestoreStats { records: 0, end };
+    if end <= 0 {
+        return Ok(stats);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|e| KafkaStreamError::kafka("assign changelog", e))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| KafkaStreamError::kafka("assign changelog", e))?;
+    let store = InMemoryStore::new();
+    let mut meta = None;
+    let mut batch = WriteBatch::new();
+    let mut at = 0i64;
+    let deadline = Instant::now() + config.restore_timeout;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(KafkaStreamError::RestoreTimeout { at, end });
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                // The end of what read_committed shows; transaction markers
+                // may sit between it and the high watermark.
+                break;
+            }
+            Some(Err(e)) => return Err(KafkaStreamError::kafka("read changelog", e)),
+            Some(Ok(m)) => {
+                at = m.offset() + 1;
+                stats.records += 1;
+                let k = m.key().unwrap_or(&[]);
+                let (space, key) =
+                    decode_changelog_key(k).ok_or_else(|| KafkaStreamError::Corrupt {
+                        offset: m.offset(),
+                        reason: "bad key".into(),
+                    })?;
+                if space == META_SPACE {
+                    let v = m.payload().unwrap_or(&[]);
+                    meta = Some(TaskMeta::decode(v).map_err(|e| KafkaStreamError::Corrupt {
+                        offset: m.offset(),
+                        reason: e.to_string(),
+                    })?);
+                } else {
+                    match m.payload() {
+                        Some(v) => batch.put(space, key, v),
+                        None => batch.delete(space, key),
+                    }
+                    if batch.len() >= 1000 {
+                        store.write(&std::mem::take(&mut batch))?;
+                    }
+                }
+                if at >= end {
+                    break;
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        store.write(&batch)?;
+    }
+    task.restore(&store)?;
+    if let Some(meta) = meta {
+        task.set_meta(meta);
+    }
+    Ok(stats)
+}
+
+/// A [`Source`] over one partition of a topic: the offset is the position.
+pub struct KafkaTopicSource {
+    consumer: BaseConsumer,
+    topic: String,
+    partition: i32,
+    input: String,
+    next: Option<u64>,
+    poll: Duration,
+}
+
+impl std::fmt::Debug for KafkaTopicSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTopicSource")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("input", &self.input)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaTopicSource {
+    /// A source reading `topic`'s `partition` as the topology input
+    /// `input`, with consumer group `group_id` (`read_committed`; the
+    /// session and poll timeouts tansu needs).
+    pub fn new(
+        bootstrap: &str,
+        group_id: &str,
+        topic: &str,
+        partition: i32,
+        input: &str,
+    ) -> Result<Self, KafkaStreamError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", "6000")
+            .set("max.poll.interval.ms", "7000")
+            .create()
+            .map_err(|e| KafkaStreamError::kafka("create consumer", e))?;
+        Ok(Self {
+            consumer,
+            topic: topic.to_owned(),
+            partition,
+            input: input.to_owned(),
+            next: None,
+            poll: Duration::from_millis(200),
+        })
+    }
+
+    fn seek(&mut self, from: u64) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(from as i64))?;
+        self.consumer.assign(&tpl)?;
+        self.next = Some(from);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Source for KafkaTopicSource {
+    /// Blocks the calling thread for up to one poll interval (200 ms) when
+    /// nothing is waiting.
+    async fn read(&mut self, from: u64, max: usize) -> Result<Vec<SourceRecord>, SourceError> {
+        let backend = |e: KafkaError| SourceError::Backend(BackendError::new(e));
+        if self.next != Some(from) {
+            self.seek(from).map_err(backend)?;
+        }
+        let mut out = Vec::new();
+        while out.len() < max {
+            let wait = if out.is_empty() {
+                self.poll
+            } else {
+                Duration::ZERO
+            };
+            match self.consumer.poll(wait) {
+                None => break,
+                Some(Err(e)) => return Err(backend(e)),
+                Some(Ok(m)) => {
+                    let position = m.offset() as u64;
+                    self.next = Some(position + 1);
+                    out.push(SourceRecord {
+                        position,
+                        input: self.input.clone(),
+                        key: Bytes::copy_from_slice(m.key().unwrap_or(&[])),
+                        value: Bytes::copy_from_slice(m.payload().unwrap_or(&[])),
+                        timestamp_ms: m.timestamp().to_millis().unwrap_or(0).max(0) as u64,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A [`Sink`] producing each output to topic `<prefix><output>` with an
+/// idempotent producer (see the [module](self) docs for re-deliveries).
+pub struct KafkaTopicSink {
+    producer: BaseProducer,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for KafkaTopicSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTopicSink")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaTopicSink {
+    /// A sink producing to `<prefix><output>` topics.
+    pub fn new(bootstrap: &str, prefix: &str) -> Result<Self, KafkaStreamError> {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(|e| KafkaStreamError::kafka("create producer", e))?;
+        Ok(Self {
+            producer,
+            prefix: prefix.to_owned(),
+            timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+#[async_trait]
+impl Sink for KafkaTopicSink {
+    /// Blocks the calling thread until the records are acknowledged.
+    async fn send(&mut self, runner: &str, records: &[OutputRecord]) -> Result<(), SinkError> {
+        let backend = |e: KafkaError| SinkError::Backend(BackendError::new(e));
+        for r in records {
+            let topic = format!("{}{}", self.prefix, r.output);
+            let id = format!("{}:{}", r.id.commit, r.id.index);
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "smartmsg-runner",
+                    value: Some(runner),
+                })
+                .insert(Header {
+                    key: "smartmsg-output",
+                    value: Some(&id),
+                });
+            let mut rec = BaseRecord::<[u8], [u8]>::to(&topic)
+                .key(r.key.as_slice())
+                .payload(r.value.as_slice())
+                .timestamp(r.timestamp_ms as i64)
+                .headers(headers);
+            loop {
+                match self.producer.send(rec) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        self.producer.poll(Duration::from_millis(50));
+                    }
+                    Err((e, _)) => return Err(backend(e)),
+                }
+            }
+        }
+        self.producer.flush(self.timeout).map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changelog_keys_round_trip() {
+        let k = changelog_key("counts", b"a\0b");
+        assert_eq!(decode_changelog_key(&k), Some(("counts", &b"a\0b"[..])));
+        let m = changelog_key(META_SPACE, &[]);
+        assert_eq!(decode_changelog_key(&m), Some((META_SPACE, &[][..])));
+        assert_eq!(decode_changelog_key(&[0, 0, 0, 9, b'x']), None);
+        assert_eq!(decode_changelog_key(&[0, 0]), None);
+    }
+}

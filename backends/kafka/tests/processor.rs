@@ -1,0 +1,372 @@
+//! The exactly-once Kafka processing step (`KafkaStreamProcessor`) and the
+//! topic source/sink against a broker (`SMARTMSG_KAFKA_BOOTSTRAP`; skipped
+//! when unset): a count-per-key topology over an input topic, restarted
+//! between commits, must resume from the group's committed offsets with its
+//! state restored from the changelog topic and no output twice.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use smartmsg_engine::stream::{
+    InMemoryStore, KeyValueStore, RunnerConfig, StateCodec, StreamRunner, Topology,
+};
+use smartmsg_kafka::stream::ensure_topics;
+use smartmsg_kafka::{KafkaStreamProcessor, KafkaTopicSink, KafkaTopicSource, ProcessorConfig};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn topology() -> Topology {
+    let t = Topology::new();
+    t.stream::<Bytes, Bytes>("clicks")
+        .group_by_key()
+        .count("counts")
+        .to("counts");
+    t
+}
+
+fn produce(bootstrap: &str, topic: &str, keys: &[&str]) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        p.send(
+            BaseRecord::<str, str>::to(topic)
+                .key(k)
+                .payload("x")
+                .partition(0)
+                .timestamp(1_000 + i as i64),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Every record of partition 0 of `topic` (read_committed), as (key, value).
+fn read_all(bootstrap: &str, topic: &str, want: usize) -> Vec<(String, Vec<u8>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{topic}.reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    // Read what is there, then keep going a little to catch any extra.
+    let mut quiet_since: Option<Instant> = None;
+    while start.elapsed() < Duration::from_secs(30) {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                quiet_since = None;
+                out.push((
+                    String::from_utf8_lossy(m.key().unwrap_or(&[])).into_owned(),
+                    m.payload().unwrap_or(&[]).to_vec(),
+                ));
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {
+                if out.len() >= want {
+                    let q = *quiet_since.get_or_insert_with(Instant::now);
+                    if q.elapsed() > Duration::from_secs(2) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn counts(records: &[(String, Vec<u8>)]) -> Vec<(String, u64)> {
+    records
+        .iter()
+        .map(|(k, v)| (k.clone(), u64::decode(v).unwrap()))
+        .collect()
+}
+
+/// Steps until `n` input records were committed (the group join can take a
+/// few seconds on the first poll).
+fn step_until(p: &mut KafkaStreamProcessor, n: usize) -> usize {
+    let mut done = 0;
+    let start = Instant::now();
+    while done < n && start.elapsed() < Duration::from_secs(60) {
+        done += p.step(Duration::from_secs(2)).unwrap().records;
+    }
+    done
+}
+
+#[test]
+fn processor_restart_resumes_from_committed_offsets_with_restored_state() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let app = common::unique_log("proc");
+    let input = format!("{app}.clicks");
+    let prefix = format!("{app}.out.");
+    let output = format!("{prefix}counts");
+    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
+        .unwrap();
+    produce(&bootstrap, &input, &["a", "b", "a"]);
+
+    let cfg = ProcessorConfig::new(&bootstrap, &app)
+        .with_input(&input, "clicks")
+        .with_output_prefix(&prefix)
+        .with_batch(3);
+    let mut p = rt
+        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .unwrap();
+    assert_eq!(p.restored().records, 0);
+    assert_eq!(step_until(&mut p, 3), 3);
+    drop(p); // stops after a commit
+
+    produce(&bootstrap, &input, &["c", "a", "b"]);
+    let mut p = rt
+        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .unwrap();
+    // State restored from the changelog: a=2, b=1 (and the meta record).
+    assert!(p.restored().records >= 3, "{:?}", p.restored());
+    let task = p.task();
+    assert_eq!(
+        task.table_get::<Bytes, u64>("counts", &Bytes::from("a"))
+            .unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        task.table_get::<Bytes, u64>("counts", &Bytes::from("b"))
+            .unwrap(),
+        Some(1)
+    );
+    assert_eq!(task.metrics().processed, 3);
+    // Resumes from the committed offsets: only the three new records.
+    assert_eq!(step_until(&mut p, 3), 3);
+    assert_eq!(p.run_until_idle(Duration::from_secs(3)).unwrap().records, 0);
+    assert_eq!(
+        p.task()
+            .table_get::<Bytes, u64>("counts", &Bytes::from("a"))
+            .unwrap(),
+        Some(3)
+    );
+    drop(p);
+
+    let want: Vec<(String, u64)> = [("a", 1), ("b", 1), ("a", 2), ("c", 1), ("a", 3), ("b", 2)]
+        .iter()
+        .map(|(k, n)| (k.to_string(), *n))
+        .collect();
+    assert_eq!(counts(&read_all(&bootstrap, &output, 6)), want);
+}
+
+#[test]
+fn processor_aborted_step_is_invisible() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let hides_aborted = common::broker_hides_aborted(&bootstrap);
+    let rt = runtime();
+    let app = common::unique_log("procabort");
+    let input = format!("{app}.clicks");
+    let prefix = format!("{app}.out.");
+    let output = format!("{prefix}counts");
+    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
+        .unwrap();
+    produce(&bootstrap, &input, &["a", "a"]);
+    let cfg = ProcessorConfig::new(&bootstrap, &app)
+        .with_input(&input, "clicks")
+        .with_output_prefix(&prefix)
+        .with_batch(2);
+    let mut p = rt
+        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .unwrap();
+    assert_eq!(step_until(&mut p, 2), 2);
+    drop(p);
+
+    // A zombie of the same application writes an output and a changelog
+    // record in a transaction it aborts.
+    let zombie: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("transactional.id", cfg.transactional_id())
+        .create()
+        .unwrap();
+    zombie.init_transactions(Duration::from_secs(30)).unwrap();
+    zombie.begin_transaction().unwrap();
+    let mut bogus = Vec::new();
+    99u64.encode(&mut bogus);
+    zombie
+        .send(
+            BaseRecord::<str, [u8]>::to(&output)
+                .key("a")
+                .payload(bogus.as_slice())
+                .partition(0),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let ck = smartmsg_kafka::stream::changelog_key("counts", b"a");
+    zombie
+        .send(
+            BaseRecord::<[u8], [u8]>::to(&cfg.changelog_topic)
+                .key(ck.as_slice())
+                .payload(bogus.as_slice())
+                .partition(0),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    zombie.flush(Duration::from_secs(10)).unwrap();
+    zombie.abort_transaction(Duration::from_secs(10)).unwrap();
+    drop(zombie);
+
+    let p = rt
+        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .unwrap();
+    let restored = p
+        .task()
+        .table_get::<Bytes, u64>("counts", &Bytes::from("a"))
+        .unwrap();
+    drop(p);
+    let seen = counts(&read_all(&bootstrap, &output, 2));
+    let want = vec![("a".to_string(), 1), ("a".to_string(), 2)];
+    if hides_aborted {
+        assert_eq!(restored, Some(2), "aborted changelog record restored");
+        assert_eq!(seen, want, "aborted output visible");
+    } else {
+        println!(
+            "requires Apache Kafka, not checked here: an aborted step's changelog record must \
+             not be restored and its output must be invisible to read_committed consumers; \
+             this broker shows aborted records to read_committed consumers (tansu 0.6): \
+             restored a = {restored:?}, outputs {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn topic_source_and_sink_drive_the_runner() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let app = common::unique_log("runner");
+    let input = format!("{app}.clicks");
+    let prefix = format!("{app}.out.");
+    let output = format!("{prefix}counts");
+    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
+        .unwrap();
+    produce(&bootstrap, &input, &["a", "b", "a", "a"]);
+    rt.block_on(async {
+        let store: std::sync::Arc<dyn KeyValueStore> = std::sync::Arc::new(InMemoryStore::new());
+        let mut runner = StreamRunner::open(
+            topology(),
+            store.clone(),
+            KafkaTopicSource::new(&bootstrap, &app, &input, 0, "clicks").unwrap(),
+            KafkaTopicSink::new(&bootstrap, &prefix).unwrap(),
+            RunnerConfig::new("clicks").with_batch(2),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let mut done = 0;
+        while done < 4 && start.elapsed() < Duration::from_secs(60) {
+            done += runner.step().await.unwrap().records;
+        }
+        assert_eq!(done, 4);
+    });
+    let want: Vec<(String, u64)> = [("a", 1), ("b", 1), ("a", 2), ("a", 3)]
+        .iter()
+        .map(|(k, n)| (k.to_string(), *n))
+        .collect();
+    assert_eq!(counts(&read_all(&bootstrap, &output, 4)), want);
+}
+
+#[test]
+fn processor_aborted_step_is_redone_once() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let hides_aborted = common::broker_hides_aborted(&bootstrap);
+    let rt = runtime();
+    let app = common::unique_log("procredo");
+    let input = format!("{app}.clicks");
+    let prefix = format!("{app}.out.");
+    let output = format!("{prefix}counts");
+    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
+        .unwrap();
+    produce(&bootstrap, &input, &["a", "b", "a", "b"]);
+    let cfg = ProcessorConfig::new(&bootstrap, &app)
+        .with_input(&input, "clicks")
+        .with_output_prefix(&prefix)
+        .with_batch(2);
+    let mut p = rt
+        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .unwrap();
+    assert_eq!(step_until(&mut p, 2), 2);
+    // The second step produces its outputs, changelog records and offsets,
+    // then its transaction aborts (a crash before the commit).
+    let start = Instant::now();
+    let mut aborted = 0;
+    while aborted == 0 && start.elapsed() < Duration::from_secs(60) {
+        aborted = p.step_and_abort(Duration::from_secs(2)).unwrap().records;
+        if aborted == 0 {
+            // Nothing polled: the processor stays usable only if nothing ran.
+            p = rt
+                .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+                .unwrap();
+        }
+    }
+    assert_eq!(aborted, 2);
+    assert!(matches!(
+        p.step(Duration::from_millis(100)),
+        Err(smartmsg_kafka::KafkaStreamError::Poisoned)
+    ));
+    drop(p);
+
+    // The aborted step's offsets were not committed: the reopened
+    // processor does those two records again.
+    let mut p = rt
+        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .unwrap();
+    if hides_aborted {
+        assert_eq!(p.task().metrics().processed, 2, "aborted meta restored");
+        assert_eq!(
+            p.task()
+                .table_get::<Bytes, u64>("counts", &Bytes::from("a"))
+                .unwrap(),
+            Some(1),
+            "aborted changelog restored"
+        );
+    }
+    assert_eq!(step_until(&mut p, 2), 2);
+    assert_eq!(p.run_until_idle(Duration::from_secs(3)).unwrap().records, 0);
+    drop(p);
+
+    let seen = counts(&read_all(&bootstrap, &output, 4));
+    let want: Vec<(String, u64)> = [("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+        .iter()
+        .map(|(k, n)| (k.to_string(), *n))
+        .collect();
+    if hides_aborted {
+        assert_eq!(seen, want);
+    } else {
+        println!(
+            "requires Apache Kafka, not checked here: the aborted step's outputs must be \
+             invisible and its changelog records not restored; this broker shows aborted \
+             records to read_committed consumers (tansu 0.6), outputs seen: {seen:?}"
+        );
+    }
+}
