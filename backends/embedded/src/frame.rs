@@ -55,6 +55,16 @@ pub enum FrameError {
     Bad(String),
 }
 
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Truncated => f.write_str("frame truncated"),
+            FrameError::End => f.write_str("end marker where a frame should be"),
+            FrameError::Bad(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Parses a header. `End` on an all-zero header.
 pub fn parse_header(buf: &[u8]) -> Result<Header, FrameError> {
     if buf.len() < HEADER_LEN {

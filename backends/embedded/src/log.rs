@@ -16,7 +16,7 @@ use smartmsg_engine::{
 use tokio::sync::oneshot;
 
 use crate::error::{EmbeddedError, Result};
-use crate::frame::{self, BodyReader, FrameError, StreamCache};
+use crate::frame::{self, BodyReader, StreamCache};
 use crate::lock::DirLock;
 use crate::recovery::{self, max_body, FrameLoc};
 use crate::segment::Segment;
@@ -294,10 +294,13 @@ impl EmbeddedLog {
                     })
                 };
                 let range = frame::check_frame(frame_bytes, max_body(seg.capacity))
-                    .map_err(|e| corrupt(describe(e)))?;
+                    .map_err(|e| corrupt(e.to_string()))?;
                 let body = buf.slice(at + range.start..at + range.end);
-                let mut reader = BodyReader::new(body).map_err(|e| corrupt(describe(e)))?;
-                while let Some(e) = reader.next_event(cache).map_err(|e| corrupt(describe(e)))? {
+                let mut reader = BodyReader::new(body).map_err(|e| corrupt(e.to_string()))?;
+                while let Some(e) = reader
+                    .next_event(cache)
+                    .map_err(|e| corrupt(e.to_string()))?
+                {
                     if !keep(e) {
                         return Ok(());
                     }
@@ -324,14 +327,6 @@ impl Drop for EmbeddedLog {
         if let Some(h) = self.writer.take() {
             let _ = h.join();
         }
-    }
-}
-
-fn describe(e: FrameError) -> String {
-    match e {
-        FrameError::Truncated => "frame truncated".into(),
-        FrameError::End => "end marker where a frame should be".into(),
-        FrameError::Bad(why) => why,
     }
 }
 

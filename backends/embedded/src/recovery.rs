@@ -209,7 +209,7 @@ fn index_frame(
     rec: &mut Recovered,
     last_batch: &mut Option<u64>,
 ) -> Result<u32, String> {
-    let mut reader = BodyReader::new(body).map_err(describe)?;
+    let mut reader = BodyReader::new(body).map_err(|e| e.to_string())?;
     let info = reader.info.clone();
     if info.first_position != rec.index.head() {
         return Err(format!(
@@ -226,7 +226,7 @@ fn index_frame(
     let mut cache = StreamCache::default();
     let mut order: Vec<StreamId> = Vec::with_capacity(info.count as usize);
     let mut versions: Vec<(StreamId, u64)> = Vec::new();
-    while let Some(e) = reader.next_event(&mut cache).map_err(describe)? {
+    while let Some(e) = reader.next_event(&mut cache).map_err(|e| e.to_string())? {
         let before = match versions.iter().find(|(s, _)| *s == e.stream) {
             Some((_, v)) => *v,
             None => rec.index.version(&e.stream),
@@ -258,14 +258,6 @@ fn index_frame(
     );
     *last_batch = Some(info.batch);
     Ok(info.count)
-}
-
-fn describe(e: FrameError) -> String {
-    match e {
-        FrameError::Truncated => "frame body truncated".into(),
-        FrameError::End => "unexpected end marker inside a frame".into(),
-        FrameError::Bad(why) => why,
-    }
 }
 
 /// Looks past `from` for a well-formed frame from a batch later than the

@@ -206,12 +206,10 @@ impl Writer {
                 .bytes
                 .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
             stats.transactions.fetch_add(tx_written, Ordering::Relaxed);
-            stats
-                .events
-                .fetch_add(self.shared.index_read().head() - durable, Ordering::Relaxed);
+            let head = self.shared.index_read().head();
+            stats.events.fetch_add(head - durable, Ordering::Relaxed);
             self.write_offset = buf_offset + self.buf.len() as u64;
             self.next_batch += 1;
-            let head = self.shared.index_read().head();
             self.shared.durable.store(head, Ordering::Release);
             self.shared.head_tx.send_replace(head);
         }

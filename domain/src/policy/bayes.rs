@@ -46,28 +46,6 @@ impl Default for ModelConfig {
     }
 }
 
-/// Plans `k` of `candidates` uniformly at random, each with a creative drawn
-/// uniformly from `creative_ids`; propensity `k / (n · C)` exactly.
-fn plan_uniform(
-    creative_ids: &[u16],
-    candidates: &Candidates,
-    k: usize,
-    rng: &mut dyn RngCore,
-) -> Decisions {
-    use rand::Rng;
-    let n = candidates.len();
-    let mut out = Decisions::with_capacity(k);
-    if k == 0 || creative_ids.is_empty() {
-        return out;
-    }
-    let p = (k as f64 / (n as f64 * creative_ids.len() as f64)) as f32;
-    for r in super::sample_rows(n, k, rng) {
-        let c = creative_ids[rng.random_range(0..creative_ids.len())];
-        out.push(candidates.users()[r], c, p);
-    }
-    out
-}
-
 impl ModelConfig {
     fn check(&self) -> Result<(), PolicyError> {
         if self.propensity_draws == 0 {
@@ -265,7 +243,7 @@ impl Policy for Integrated {
         check_dim(self.models[0].features(), candidates.dim())?;
         let k = budget.min(candidates.len());
         if ctx.batch == 0 && self.config.random_first_batch {
-            return Ok(plan_uniform(&self.ids, candidates, k, rng));
+            return Ok(super::plan_uniform(&self.ids, candidates, k, rng));
         }
         Ok(plan_top_k(
             &self.models,
@@ -364,7 +342,7 @@ impl Policy for Targeting {
         check_dim(self.model[0].features(), candidates.dim())?;
         let k = budget.min(candidates.len());
         if ctx.batch == 0 && self.config.random_first_batch {
-            return Ok(plan_uniform(&[self.creative], candidates, k, rng));
+            return Ok(super::plan_uniform(&[self.creative], candidates, k, rng));
         }
         Ok(plan_top_k(
             &self.model,

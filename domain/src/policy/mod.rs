@@ -151,3 +151,25 @@ pub(crate) fn sample_rows(n: usize, k: usize, rng: &mut dyn RngCore) -> Vec<usiz
     rows.sort_unstable();
     rows
 }
+
+/// Plans `k` of `candidates` uniformly at random, each with a creative drawn
+/// uniformly from `creative_ids`; propensity `k / (n · C)` exactly.
+pub(crate) fn plan_uniform(
+    creative_ids: &[u16],
+    candidates: &Candidates,
+    k: usize,
+    rng: &mut dyn RngCore,
+) -> Decisions {
+    use rand::Rng;
+    let n = candidates.len();
+    let mut out = Decisions::with_capacity(k);
+    if k == 0 || creative_ids.is_empty() {
+        return out;
+    }
+    let p = (k as f64 / (n as f64 * creative_ids.len() as f64)) as f32;
+    for r in sample_rows(n, k, rng) {
+        let c = creative_ids[rng.random_range(0..creative_ids.len())];
+        out.push(candidates.users()[r], c, p);
+    }
+    out
+}

@@ -5,7 +5,8 @@ use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_creatives, check_outcome_creatives, sample_rows, PlanContext, Policy, PolicyError,
+    check_creatives, check_outcome_creatives, plan_uniform, sample_rows, PlanContext, Policy,
+    PolicyError,
 };
 use crate::data::{Candidates, Decisions, Outcomes};
 use crate::model::BetaArm;
@@ -55,18 +56,13 @@ impl Policy for Random {
         rng: &mut dyn RngCore,
     ) -> Result<Decisions, PolicyError> {
         check_creatives(self.creatives, ctx)?;
-        let n = candidates.len();
-        let k = budget.min(n);
-        let mut out = Decisions::with_capacity(k);
-        if k == 0 {
-            return Ok(out);
-        }
-        let p = (k as f64 / (n as f64 * self.creatives as f64)) as f32;
-        for r in sample_rows(n, k, rng) {
-            let c = rng.random_range(0..self.creatives) as u16;
-            out.push(candidates.users()[r], c, p);
-        }
-        Ok(out)
+        let ids: Vec<u16> = (0..self.creatives as u16).collect();
+        Ok(plan_uniform(
+            &ids,
+            candidates,
+            budget.min(candidates.len()),
+            rng,
+        ))
     }
 }
 
