@@ -39,7 +39,8 @@ pub mod users;
 
 pub use campaign::{
     Action, BatchRecord, BatchSchedule, BatchSizing, Campaign, CampaignCommand, CampaignError,
-    CampaignEvent, CampaignSpec, CommandStamp, CreativeStats, SpecError, Status,
+    CampaignEvent, CampaignSpec, CommandStamp, CreativeStats, SpecError, Status, PLANNED_SCHEMA,
+    SCHEMA,
 };
 pub use data::{Candidates, Decisions, Outcomes, ShapeError};
 pub use model::{BetaArm, GaussianWeights, Link, ModelError, Prior};

@@ -864,19 +864,22 @@ fn events_have_stable_kinds_and_reject_unknown_ones() {
     );
     let planned = &h[3];
     let payload = planned.encode();
-    let text = std::str::from_utf8(&payload).unwrap();
-    assert!(text.contains(r#""users":[1,2,3]"#), "{text}");
-    assert!(
-        text.contains(r#""propensities":[0.25,0.25,0.25]"#),
-        "{text}"
-    );
+    assert_eq!(planned.schema(), smartmsg_domain::PLANNED_SCHEMA);
+    // Binary columns: users 1, 2, 3 as u32 LE, then creatives, then 0.25f32.
+    let users: Vec<u8> = [1u32, 2, 3].iter().flat_map(|u| u.to_le_bytes()).collect();
+    assert!(payload.windows(12).any(|w| w == users.as_slice()));
+    assert!(payload.ends_with(&[0.25f32.to_le_bytes(); 3].concat()));
     assert!(matches!(
         CampaignEvent::decode("Nope", 1, &payload),
         Err(smartmsg_engine::DecodeError::UnknownKind { .. })
     ));
     assert!(matches!(
-        CampaignEvent::decode("BatchPlanned", 2, &payload),
-        Err(smartmsg_engine::DecodeError::UnknownSchema { schema: 2, .. })
+        CampaignEvent::decode("BatchPlanned", 3, &payload),
+        Err(smartmsg_engine::DecodeError::UnknownSchema { schema: 3, .. })
+    ));
+    assert!(matches!(
+        CampaignEvent::decode("BatchPlanned", 1, &payload),
+        Err(smartmsg_engine::DecodeError::BadPayload { .. })
     ));
     assert!(matches!(
         CampaignEvent::decode("BatchSent", 1, b"{}"),
@@ -901,7 +904,10 @@ fn a_full_batch_event_fits_the_engine_event_limit() {
     let bytes = e.encode().len();
     let limit = smartmsg_engine::Limits::default().max_event_bytes;
     assert!(bytes < limit, "{bytes} bytes >= {limit}");
-    assert_eq!(CampaignEvent::decode(e.kind(), 1, &e.encode()).unwrap(), e);
+    assert_eq!(
+        CampaignEvent::decode(e.kind(), e.schema(), &e.encode()).unwrap(),
+        e
+    );
 }
 
 #[test]

@@ -13,9 +13,13 @@
 //! be JSON (the campaign's and the simulator's events) *and* the payload's
 //! bytes are themselves one compact line of JSON: the value is then copied
 //! into the envelope verbatim (a raw JSON value, never re-serialised), so
-//! the exact bytes come back on import. Anything else (an unknown kind,
-//! JSON with newlines, bytes that are not JSON) is `payload_b64` (standard
-//! base64, padded).
+//! the exact bytes come back on import. `BatchPlanned` at schema 2 is
+//! stored in a binary layout (`smartmsg_domain::campaign::planned`); it is
+//! shown as its JSON form (the schema 1 shape) and encoded back on import,
+//! which gives the same bytes because that layout is canonical (export
+//! checks the round trip and falls back to base64 if it would not hold).
+//! Anything else (an unknown kind, JSON with newlines, bytes that are not
+//! JSON) is `payload_b64` (standard base64, padded).
 //!
 //! Import checks every line (syntax, fields, positions gap-free from 0,
 //! per-stream versions consecutive from 1, stream ids, limits) before it
@@ -38,6 +42,8 @@ use smartmsg_engine::{
     AppendError, AppendTx, EventLog, ExpectedVersion, Limits, Metadata, ReadError, RecordedEvent,
     StreamId,
 };
+
+use smartmsg_domain::campaign::planned;
 
 use crate::events;
 
@@ -171,9 +177,36 @@ fn as_raw_json<'a>(kind: &str, payload: &'a [u8]) -> Option<&'a RawValue> {
     (raw.get() == s && s != "null").then_some(raw)
 }
 
+/// Whether `(kind, schema)` is stored binary and shown as JSON.
+fn is_binary_planned(kind: &str, schema: u16) -> bool {
+    kind == "BatchPlanned" && schema == smartmsg_domain::PLANNED_SCHEMA
+}
+
+/// The JSON form of a binary `BatchPlanned` payload, if it decodes and
+/// encodes back to exactly these bytes.
+fn planned_as_json(payload: &[u8]) -> Option<Box<RawValue>> {
+    let p = planned::decode(payload).ok()?;
+    if planned::encode(&p.command, p.batch, &p.policy, &p.decisions) != payload {
+        return None;
+    }
+    // Non-finite propensities have no JSON form (they would read back as
+    // null and fail): keep such payloads in base64.
+    if p.decisions.propensities.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    serde_json::value::to_raw_value(&p).ok()
+}
+
 /// Writes one event as a line (with its newline).
 pub fn write_line(out: &mut impl Write, e: &RecordedEvent) -> std::io::Result<()> {
-    let raw = as_raw_json(&e.kind, &e.payload);
+    let transcoded = if is_binary_planned(&e.kind, e.schema) {
+        planned_as_json(&e.payload)
+    } else {
+        None
+    };
+    let raw = transcoded
+        .as_deref()
+        .or_else(|| as_raw_json(&e.kind, &e.payload));
     let env = EnvelopeOut {
         position: e.position,
         stream: e.stream.as_str(),
@@ -199,6 +232,19 @@ pub fn parse_line(line: &str, limits: &Limits) -> Result<RecordedEvent, String> 
     let env: EnvelopeIn =
         serde_json::from_str(line).map_err(|e| format!("not an envelope: {e}"))?;
     let payload = match (&env.payload_json, &env.payload_b64) {
+        (Some(raw), None) if is_binary_planned(&env.kind, env.schema) => {
+            let p: planned::Planned = serde_json::from_str(raw.get())
+                .map_err(|e| format!("payload_json of a BatchPlanned: {e}"))?;
+            p.decisions
+                .check_shape()
+                .map_err(|e| format!("payload_json of a BatchPlanned: {e}"))?;
+            Bytes::from(planned::encode(
+                &p.command,
+                p.batch,
+                &p.policy,
+                &p.decisions,
+            ))
+        }
         (Some(raw), None) => Bytes::copy_from_slice(raw.get().as_bytes()),
         (None, Some(b)) => Bytes::from(b64_decode(b).map_err(|e| format!("payload_b64: {e}"))?),
         (Some(_), Some(_)) => return Err("both payload_json and payload_b64".into()),

@@ -24,7 +24,7 @@
 //!   the window results the reaction path committed (its read model), and
 //!   every recorded window comes from a committed one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -32,7 +32,7 @@ use smartmsg_domain::{Campaign, CampaignEvent, Status};
 use smartmsg_embedded::{EmbeddedLog, RedbSnapshots};
 use smartmsg_engine::{Aggregate, EventCodec, RecordedEvent, SnapshotStore, StreamId};
 
-use crate::events::{self, ModelFed, PathCommitted};
+use crate::events::{self, ModelFed};
 use crate::portable::{self, PortableError};
 
 /// Why a replay could not run (a failed check is not an error: see
@@ -187,10 +187,11 @@ pub fn replay(source: &Path) -> Result<ReplayReport, ReplayError> {
     };
     let read_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    let (mut report, decoded) = replay_decoded(&events)?;
-    if let Some(path) = snapshots {
-        check_snapshots(&path, &decoded, &mut report)?;
-    }
+    let snaps = match snapshots {
+        Some(path) => load_snapshots(&path, &events)?,
+        None => HashMap::new(),
+    };
+    let mut report = replay_with(&events, &snaps)?;
     report.read_s = read_s;
     report.fold_s = started.elapsed().as_secs_f64();
     Ok(report)
@@ -204,11 +205,55 @@ fn decode(e: &RecordedEvent) -> Result<CampaignEvent, ReplayError> {
     })
 }
 
+/// A set of user ids as a bitmap (ids are dense indices into the
+/// population), growing to the largest id seen.
+#[derive(Default)]
+struct Seen(Vec<u64>);
+
+impl Seen {
+    /// Adds `u`; false if it was there already.
+    fn insert(&mut self, u: u32) -> bool {
+        let (word, bit) = ((u / 64) as usize, 1u64 << (u % 64));
+        if word >= self.0.len() {
+            self.0.resize(word + 1, 0);
+        }
+        let fresh = self.0[word] & bit == 0;
+        self.0[word] |= bit;
+        fresh
+    }
+}
+
+/// The part of a reaction-path commit replay reads (serde skips the rest
+/// without building it: the path's state and the per-user reactions are
+/// most of its bytes).
+#[derive(serde::Deserialize)]
+struct CommitView {
+    windows: Vec<WindowView>,
+}
+
+#[derive(serde::Deserialize)]
+struct WindowView {
+    window_start_ms: u64,
+    late: u32,
+    per_creative: Vec<u32>,
+}
+
+impl WindowView {
+    /// The same id as `WindowResult::command_id`.
+    fn command_id(&self) -> String {
+        if self.late == 0 {
+            format!("rx-{}", self.window_start_ms)
+        } else {
+            format!("rx-{}-late-{}", self.window_start_ms, self.late)
+        }
+    }
+}
+
 /// Per-campaign fold with the independent checks.
 struct Fold {
     state: Campaign,
     events: u64,
-    users: HashSet<u32>,
+    users: Seen,
     planned: u64,
     sent: HashSet<u32>,
     first_ms: Option<u64>,
@@ -222,7 +267,7 @@ impl Fold {
         Self {
             state: Campaign::default(),
             events: 0,
-            users: HashSet::new(),
+            users: Seen::default(),
             planned: 0,
             sent: HashSet::new(),
             first_ms: None,
@@ -317,13 +362,17 @@ impl Fold {
 
 /// Replays events already in memory (position order).
 pub fn replay_events(events: &[RecordedEvent]) -> Result<ReplayReport, ReplayError> {
-    Ok(replay_decoded(events)?.0)
+    replay_with(events, &HashMap::new())
 }
 
 /// Campaign events decoded once: (stream, version, event).
 type Decoded<'a> = Vec<(&'a str, u64, CampaignEvent)>;
 
-fn replay_decoded(events: &[RecordedEvent]) -> Result<(ReplayReport, Decoded<'_>), ReplayError> {
+/// The latest snapshot of a campaign stream: its version and state (`None`
+/// if it does not decode).
+type Snapshots = HashMap<String, (u64, Option<Campaign>)>;
+
+fn replay_with(events: &[RecordedEvent], snaps: &Snapshots) -> Result<ReplayReport, ReplayError> {
     let mut decoded: Decoded<'_> = Vec::new();
     let mut folds: BTreeMap<&str, Fold> = BTreeMap::new();
     // The reaction path's read model: reactions per creative of every
@@ -340,7 +389,7 @@ fn replay_decoded(events: &[RecordedEvent]) -> Result<(ReplayReport, Decoded<'_>
             decoded.push((stream, e.version, ev));
         } else if let Some(name) = stream.strip_prefix("reaction-path-") {
             if e.kind == events::PATH_COMMITTED {
-                let c: PathCommitted = events::decode(e).map_err(|err| ReplayError::Decode {
+                let c: CommitView = events::decode(e).map_err(|err| ReplayError::Decode {
                     position: e.position,
                     kind: e.kind.clone(),
                     reason: err.to_string(),
@@ -378,9 +427,16 @@ fn replay_decoded(events: &[RecordedEvent]) -> Result<(ReplayReport, Decoded<'_>
         }
     }
     // Deterministic: a second fold of the same events gives the same state.
+    // It also keeps the state at each snapshot's version for the snapshot
+    // check (one fold fewer).
     let mut second: BTreeMap<&str, Campaign> = BTreeMap::new();
-    for (stream, _, ev) in &decoded {
-        second.entry(stream).or_default().evolve(ev);
+    let mut at_snapshot: HashMap<&str, Campaign> = HashMap::new();
+    for (stream, version, ev) in &decoded {
+        let state = second.entry(stream).or_default();
+        state.evolve(ev);
+        if snaps.get(*stream).map(|s| s.0) == Some(*version) {
+            at_snapshot.insert(stream, state.clone());
+        }
     }
     let mut campaigns = Vec::new();
     for (stream, mut f) in folds {
@@ -420,6 +476,19 @@ fn replay_decoded(events: &[RecordedEvent]) -> Result<(ReplayReport, Decoded<'_>
                 f.violation(v.clone());
             }
         }
+        let mut snapshot_checked = None;
+        if let Some((version, saved)) = snaps.get(stream) {
+            match (saved, at_snapshot.get(stream)) {
+                (None, _) => f.violation(format!("snapshot: version {version} does not decode")),
+                (Some(saved), Some(state)) if saved == state => snapshot_checked = Some(*version),
+                (Some(_), Some(_)) => f.violation(format!(
+                    "snapshot: the replayed state at version {version} differs from the stored snapshot"
+                )),
+                (Some(_), None) => f.violation(format!(
+                    "snapshot: version {version} is beyond the stream's events"
+                )),
+            }
+        }
         let c = &f.state;
         campaigns.push(CampaignReplay {
             stream: stream.to_owned(),
@@ -429,30 +498,23 @@ fn replay_decoded(events: &[RecordedEvent]) -> Result<(ReplayReport, Decoded<'_>
             messages_planned: c.reserved(),
             reactions: c.creative_stats().iter().map(|s| s.reactions).sum(),
             time_span_ms: (f.first_ms.unwrap_or(0), f.last_ms),
-            snapshot_checked: None,
+            snapshot_checked,
             violations: f.violations,
             state: f.state,
         });
     }
-    Ok((
-        ReplayReport {
-            events: events.len() as u64,
-            payload_bytes: events.iter().map(|e| e.payload.len() as u64).sum(),
-            campaigns,
-            read_s: 0.0,
-            fold_s: 0.0,
-        },
-        decoded,
-    ))
+    Ok(ReplayReport {
+        events: events.len() as u64,
+        payload_bytes: events.iter().map(|e| e.payload.len() as u64).sum(),
+        campaigns,
+        read_s: 0.0,
+        fold_s: 0.0,
+    })
 }
 
-/// Compares the latest snapshot of each campaign with the replayed state at
-/// the snapshot's version.
-fn check_snapshots(
-    path: &Path,
-    decoded: &Decoded<'_>,
-    report: &mut ReplayReport,
-) -> Result<(), ReplayError> {
+/// The latest snapshot of every campaign stream of `events` (those with a
+/// snapshot at the campaign's current schema).
+fn load_snapshots(path: &Path, events: &[RecordedEvent]) -> Result<Snapshots, ReplayError> {
     let err = |reason: String| ReplayError::Snapshots {
         path: path.to_owned(),
         reason,
@@ -461,10 +523,15 @@ fn check_snapshots(
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(|e| err(e.to_string()))?;
-    for c in &mut report.campaigns {
-        let stream = StreamId::new(&c.stream).map_err(|e| err(e.to_string()))?;
+    let streams: BTreeSet<&StreamId> = events
+        .iter()
+        .map(|e| &e.stream)
+        .filter(|s| s.as_str().starts_with("campaign-"))
+        .collect();
+    let mut out = Snapshots::new();
+    for stream in streams {
         let Some(snap) = rt
-            .block_on(store.load(&stream))
+            .block_on(store.load(stream))
             .map_err(|e| err(e.to_string()))?
         else {
             continue;
@@ -472,28 +539,10 @@ fn check_snapshots(
         if snap.schema != Campaign::SNAPSHOT_SCHEMA {
             continue;
         }
-        let Some(saved) = Campaign::decode_snapshot(&snap.state) else {
-            c.violations.push(format!(
-                "snapshot: version {} does not decode",
-                snap.version
-            ));
-            continue;
-        };
-        let mut state = Campaign::default();
-        for (_, _, ev) in decoded
-            .iter()
-            .filter(|(s, v, _)| *s == c.stream && *v <= snap.version)
-        {
-            state.evolve(ev);
-        }
-        if state == saved {
-            c.snapshot_checked = Some(snap.version);
-        } else {
-            c.violations.push(format!(
-                "snapshot: the replayed state at version {} differs from the stored snapshot",
-                snap.version
-            ));
-        }
+        out.insert(
+            stream.as_str().to_owned(),
+            (snap.version, Campaign::decode_snapshot(&snap.state)),
+        );
     }
-    Ok(())
+    Ok(out)
 }

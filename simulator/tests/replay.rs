@@ -78,13 +78,13 @@ fn tampered_logs_break_the_checks() {
         .map(|(i, _)| i)
         .collect();
     let first_user =
-        match CampaignEvent::decode("BatchPlanned", 1, &events[planned[0]].payload).unwrap() {
+        match CampaignEvent::decode("BatchPlanned", 2, &events[planned[0]].payload).unwrap() {
             CampaignEvent::BatchPlanned { decisions, .. } => decisions.users[0],
             _ => unreachable!(),
         };
     // A user planned twice.
     let mut t = events.clone();
-    let mut ev = CampaignEvent::decode("BatchPlanned", 1, &t[planned[1]].payload).unwrap();
+    let mut ev = CampaignEvent::decode("BatchPlanned", 2, &t[planned[1]].payload).unwrap();
     if let CampaignEvent::BatchPlanned { decisions, .. } = &mut ev {
         decisions.users[0] = first_user;
     }

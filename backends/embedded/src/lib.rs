@@ -8,7 +8,9 @@
 //!   made durable with one `fdatasync` (group commit); an in-memory
 //!   per-stream index rebuilt on open; recovery that cuts a torn tail and
 //!   refuses damage in durable data with a typed error naming file and
-//!   offset; a lock file so one process owns the directory.
+//!   offset (after a clean shutdown, a mark lets the open skip the unused
+//!   end of the last segment); a lock file so one process owns the
+//!   directory.
 //! - [`RedbSnapshots`]: the [`smartmsg_engine::SnapshotStore`] in redb.
 //! - [`EmbeddedDelayQueue`]: the durable [`smartmsg_engine::DelayQueue`], an
 //!   on-disk timer wheel in redb that keeps only the near future in memory.
@@ -19,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod clean;
 pub mod delay;
 pub mod error;
 pub mod frame;

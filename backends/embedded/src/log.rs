@@ -148,6 +148,7 @@ pub struct EmbeddedLog {
     sender: Mutex<Option<Sender<Request>>>,
     writer: Option<JoinHandle<()>>,
     torn_bytes: u64,
+    clean_open: bool,
     _lock: DirLock,
 }
 
@@ -207,6 +208,7 @@ impl EmbeddedLog {
             sender: Mutex::new(Some(tx)),
             writer: Some(handle),
             torn_bytes: rec.torn_bytes,
+            clean_open: rec.clean,
             _lock: lock,
         })
     }
@@ -220,6 +222,12 @@ impl EmbeddedLog {
     /// shutdown).
     pub fn torn_bytes_recovered(&self) -> u64 {
         self.torn_bytes
+    }
+
+    /// Whether the open trusted a clean-shutdown mark and so did not read
+    /// the unused end of the last segment (see [`crate::clean`]).
+    pub fn opened_clean(&self) -> bool {
+        self.clean_open
     }
 
     /// What the writer has done since the log was opened.

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use smartmsg_engine::index::LogIndex;
 use smartmsg_engine::{AppendResult, StreamId};
 
+use crate::clean::{self, CleanMark, CLEAN_FILE, CLEAN_TMP};
 use crate::error::{EmbeddedError, Result};
 use crate::frame::{self, BodyReader, FrameError, StreamCache, HEADER_LEN};
 use crate::lock::LOCK_FILE;
@@ -59,6 +60,9 @@ pub struct Recovered {
     pub next_batch: u64,
     /// Bytes of torn tail that were cut.
     pub torn_bytes: u64,
+    /// Whether a clean-shutdown mark spared reading the end of the last
+    /// segment.
+    pub clean: bool,
 }
 
 /// Largest frame body a segment of `capacity` bytes can hold.
@@ -67,14 +71,38 @@ pub fn max_body(capacity: u64) -> usize {
 }
 
 /// Opens (or initialises) the log in `dir`. The caller holds the lock.
+///
+/// After a clean shutdown (see [`crate::clean`]) the last segment is read
+/// only up to the end its mark names; if the frames do not end exactly
+/// there, the whole log is checked as after a crash.
 pub fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
+    if let Some(mark) = clean::read(dir) {
+        if let Some(rec) = recover_with(dir, segment_bytes, Some(mark))? {
+            return Ok(rec);
+        }
+        tracing::info!(dir = %dir.display(), "the clean-shutdown mark does not match the log; checking all of it");
+    }
+    recover_with(dir, segment_bytes, None)?.ok_or_else(|| EmbeddedError::Corrupt {
+        file: dir.to_owned(),
+        offset: 0,
+        reason: "recovery without a clean-shutdown mark gave no result".into(),
+    })
+}
+
+/// [`recover`] trusting `mark` (if any) for the last segment. `Ok(None)`:
+/// the mark does not match; nothing was changed on disk.
+fn recover_with(
+    dir: &Path,
+    segment_bytes: u64,
+    mark: Option<CleanMark>,
+) -> Result<Option<Recovered>> {
     let mut names = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| EmbeddedError::io("list", dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| EmbeddedError::io("list", dir, e))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == LOCK_FILE {
+        if name == LOCK_FILE || name == CLEAN_FILE || name == CLEAN_TMP {
             continue;
         }
         if name.ends_with(TMP_SUFFIX) {
@@ -103,10 +131,14 @@ pub fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
         write_offset: SEGMENT_HEADER,
         next_batch: 0,
         torn_bytes: 0,
+        clean: false,
     };
     if names.is_empty() {
+        if mark.is_some() {
+            return Ok(None);
+        }
         rec.segments.push(segment::create(dir, 0, segment_bytes)?);
-        return Ok(rec);
+        return Ok(Some(rec));
     }
     let last = names.len() - 1;
     let mut last_batch: Option<u64> = None;
@@ -122,9 +154,40 @@ pub fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
                 ),
             });
         }
-        let data = std::fs::read(&path).map_err(|e| EmbeddedError::io("read", &path, e))?;
+        let trusted = mark.filter(|m| {
+            i == last
+                && m.segment_first == first
+                && (SEGMENT_HEADER..=seg.capacity).contains(&m.end)
+        });
+        let data = match trusted {
+            Some(m) => {
+                let mut buf = vec![0u8; (m.end + HEADER_LEN as u64).min(seg.capacity) as usize];
+                seg.read_at(&mut buf, 0)?;
+                buf
+            }
+            None => std::fs::read(&path).map_err(|e| EmbeddedError::io("read", &path, e))?,
+        };
         let data = Bytes::from(data);
         let (end, failure) = scan(&data, i as u32, seg.capacity, &mut rec, &mut last_batch);
+        if let Some(m) = trusted {
+            let next_batch = last_batch.map_or(0, |b| b + 1);
+            if failure.is_some()
+                || end != m.end
+                || rec.index.head() != m.head
+                || next_batch != m.next_batch
+            {
+                return Ok(None);
+            }
+            // Cleanly shut down: nothing after `end` can have been torn.
+            rec.clean = true;
+            rec.write_offset = end;
+            rec.segments.push(seg);
+            continue;
+        }
+        if mark.is_some() && i == last {
+            // The mark names another segment than the last one.
+            return Ok(None);
+        }
         let tail_dirty = data[end as usize..].iter().any(|&b| b != 0);
         if failure.is_some() || tail_dirty {
             let reason =
@@ -152,7 +215,7 @@ pub fn recover(dir: &Path, segment_bytes: u64) -> Result<Recovered> {
         rec.segments.push(seg);
     }
     rec.next_batch = last_batch.map_or(0, |b| b + 1);
-    Ok(rec)
+    Ok(Some(rec))
 }
 
 /// Scans the frames of one segment into `rec`. Returns the end of the valid

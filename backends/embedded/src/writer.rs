@@ -17,6 +17,7 @@ use smartmsg_engine::index::Verdict;
 use smartmsg_engine::{AppendError, AppendResult, AppendTx, BackendError, LimitError};
 use tokio::sync::oneshot;
 
+use crate::clean::{self, CleanMark};
 use crate::error::EmbeddedError;
 use crate::frame;
 use crate::log::Shared;
@@ -39,6 +40,9 @@ pub struct Writer {
     pub(crate) max_batch_txs: usize,
     pub(crate) max_batch_bytes: usize,
     pub(crate) segment_bytes: u64,
+    /// Whether a clean-shutdown mark may still be on disk (removed, durably,
+    /// before the first write; see [`crate::clean`]).
+    pub(crate) clean_mark: bool,
     buf: Vec<u8>,
 }
 
@@ -61,6 +65,7 @@ impl Writer {
             max_batch_txs: 4096,
             max_batch_bytes: 16 << 20,
             segment_bytes,
+            clean_mark: true,
             buf: Vec::with_capacity(1 << 20),
         }
     }
@@ -91,6 +96,31 @@ impl Writer {
                 let _ = tx.send(result);
             }
         }
+        self.leave_clean_mark();
+    }
+
+    /// After the last batch: everything is durable and nothing more will be
+    /// written, so the next open may skip the tail check.
+    fn leave_clean_mark(&mut self) {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        // Written even when nothing was (the open may have checked the whole
+        // log because a stale mark did not match): the rename replaces it.
+        let mark = CleanMark {
+            segment_first: self
+                .shared
+                .layout_read()
+                .segments
+                .last()
+                .map_or(0, |s| s.first_position),
+            end: self.write_offset,
+            head: self.shared.durable.load(Ordering::Acquire),
+            next_batch: self.next_batch,
+        };
+        if let Err(e) = clean::write(&self.shared.dir, &mark) {
+            tracing::warn!(error = %e, "could not leave a clean-shutdown mark; the next open checks the whole log");
+        }
     }
 
     fn commit(&mut self, batch: &mut Vec<Request>) -> Vec<Reply> {
@@ -100,6 +130,15 @@ impl Writer {
                 replies.push((r.reply, Err(poisoned())));
             }
             return replies;
+        }
+        if self.clean_mark {
+            if let Err(e) = clean::remove(&self.shared.dir) {
+                for r in batch.drain(..) {
+                    replies.push((r.reply, Err(backend(&e))));
+                }
+                return replies;
+            }
+            self.clean_mark = false;
         }
         let limits = self.shared.limits;
         let batch_no = self.next_batch;

@@ -279,3 +279,74 @@ fn damage_in_an_earlier_segment_is_an_error_even_at_its_end() {
         "{err}"
     );
 }
+
+#[test]
+fn a_clean_shutdown_mark_spares_the_tail_check_and_is_gone_once_written_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mark = tmp.path().join(smartmsg_embedded::clean::CLEAN_FILE);
+    let log = EmbeddedLog::open_with(tmp.path(), small()).unwrap();
+    assert!(!log.opened_clean());
+    fill(&log, 10);
+    drop(log);
+    assert!(mark.is_file(), "a clean close leaves the mark");
+    let log = EmbeddedLog::open_with(tmp.path(), small()).unwrap();
+    assert!(log.opened_clean());
+    assert_eq!(head(&log), 10);
+    assert!(mark.is_file(), "reading alone keeps the mark");
+    fill(&log, 1);
+    assert!(
+        !mark.exists(),
+        "the mark must be gone before anything new is written"
+    );
+    let before = all_payloads(&log);
+    drop(log);
+    let log = EmbeddedLog::open_with(tmp.path(), small()).unwrap();
+    assert!(log.opened_clean());
+    assert_eq!(all_payloads(&log), before);
+}
+
+#[test]
+fn a_stale_or_damaged_mark_falls_back_to_the_full_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mark = tmp.path().join(smartmsg_embedded::clean::CLEAN_FILE);
+    let log = EmbeddedLog::open_with(tmp.path(), small()).unwrap();
+    fill(&log, 10);
+    drop(log);
+    let old_mark = std::fs::read(&mark).unwrap();
+    let log = EmbeddedLog::open_with(tmp.path(), small()).unwrap();
+    fill(&log, 5);
+    let before = all_payloads(&log);
+    drop(log);
+
+    // A stale mark (as if its removal had been lost): the frames go on past
+    // the end it names, so the whole log is checked and nothing is lost.
+    std::fs::write(&mark, &old_mark).unwrap();
+    let log = EmbeddedLog::open_with(tmp.path(), small()).unwrap();
+    assert!(!log.opened_clean());
+    assert_eq!(all_payloads(&log), before);
+    drop(log);
+
+    // A stale mark and the frame after its end torn: the full check cuts it.
+    std::fs::write(&mark, &old_mark).unwrap();
+    let seg = segments(tmp.path()).remove(0);
+    let last = *frame_offsets(&seg).last().unwrap();
+    let data = std::fs::read(&seg).unwrap();
+    let len = HEADER_LEN + parse_header(&data[last as usize..]).unwrap().len as usize;
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&vec![0u8; len / 2], last + (len - len / 2) as u64)
+        .unwrap();
+    drop(f);
+    let log = EmbeddedLog::open_with(tmp.path(), small()).unwrap();
+    assert!(!log.opened_clean());
+    assert!(log.torn_bytes_recovered() > 0);
+    assert_eq!(all_payloads(&log), before[..14].to_vec());
+    drop(log);
+
+    // A damaged mark is ignored.
+    let mut bad = std::fs::read(&mark).unwrap();
+    bad[6] ^= 0x40;
+    std::fs::write(&mark, &bad).unwrap();
+    let log = EmbeddedLog::open_with(tmp.path(), small()).unwrap();
+    assert!(!log.opened_clean());
+    assert_eq!(head(&log), 14);
+}

@@ -1,8 +1,11 @@
 //! What a campaign records, and how it is written to the log.
 //!
 //! Each event kind's payload is its own JSON object (the kind names it, so
-//! the payload carries no tag). Every kind is at [`SCHEMA`] 1; a later
-//! schema adds an upcaster in the engine for the old one.
+//! the payload carries no tag), at [`SCHEMA`] 1, except `BatchPlanned`,
+//! written at [`PLANNED_SCHEMA`] 2 in the binary layout of
+//! [`super::planned`] (most of a log's bytes are planned decisions). Its
+//! schema 1 (JSON) payloads, in logs written before, still decode: the
+//! decoder reads both, so no upcaster is needed.
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -12,8 +15,13 @@ use smartmsg_engine::{DecodeError, EventCodec};
 use super::types::{CampaignSpec, CommandStamp};
 use crate::data::Decisions;
 
-/// The schema every campaign event kind is written at.
+/// The schema campaign event kinds are written at (JSON), all but
+/// `BatchPlanned`.
 pub const SCHEMA: u16 = 1;
+
+/// The schema `BatchPlanned` is written at: the binary layout of
+/// [`super::planned`]. Schema 1 (JSON) still decodes.
+pub const PLANNED_SCHEMA: u16 = 2;
 
 /// An event of the campaign's stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,7 +185,10 @@ impl EventCodec for CampaignEvent {
     }
 
     fn schema(&self) -> u16 {
-        SCHEMA
+        match self {
+            CampaignEvent::BatchPlanned { .. } => PLANNED_SCHEMA,
+            _ => SCHEMA,
+        }
     }
 
     fn encode(&self) -> Bytes {
@@ -202,12 +213,7 @@ impl EventCodec for CampaignEvent {
                 batch,
                 policy,
                 decisions,
-            } => to_bytes(&BatchPlannedV1 {
-                command: command.clone(),
-                batch: *batch,
-                policy,
-                decisions,
-            }),
+            } => Bytes::from(super::planned::encode(command, *batch, policy, decisions)),
             CampaignEvent::BatchSent { command, batch } => to_bytes(&BatchSentV1 {
                 command: command.clone(),
                 batch: *batch,
@@ -240,6 +246,19 @@ impl EventCodec for CampaignEvent {
         );
         if !known {
             return Err(DecodeError::UnknownKind { kind: kind.into() });
+        }
+        if kind == "BatchPlanned" && schema == PLANNED_SCHEMA {
+            let p = super::planned::decode(payload).map_err(|reason| DecodeError::BadPayload {
+                kind: kind.to_owned(),
+                schema,
+                reason,
+            })?;
+            return Ok(CampaignEvent::BatchPlanned {
+                command: p.command,
+                batch: p.batch,
+                policy: p.policy,
+                decisions: p.decisions,
+            });
         }
         if schema != SCHEMA {
             return Err(DecodeError::UnknownSchema {

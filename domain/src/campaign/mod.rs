@@ -20,6 +20,7 @@
 
 mod error;
 mod events;
+pub mod planned;
 mod types;
 
 use std::collections::BTreeMap;
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use smartmsg_engine::{Aggregate, DecideCtx};
 
 pub use error::{CampaignError, SpecError};
-pub use events::{CampaignEvent, SCHEMA};
+pub use events::{CampaignEvent, PLANNED_SCHEMA, SCHEMA};
 pub use types::{
     Action, BatchSchedule, BatchSizing, CampaignCommand, CampaignSpec, CommandStamp, Status,
 };
