@@ -38,6 +38,7 @@ pub mod portable;
 pub mod reaction;
 pub mod reaction_pipeline;
 pub mod replay;
+pub mod replay_windows;
 pub mod report;
 pub mod rng;
 pub mod runner;

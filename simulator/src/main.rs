@@ -61,6 +61,13 @@ enum Command {
     Replay {
         /// A log directory, a run's data directory, or a JSON Lines file.
         source: PathBuf,
+        /// The reaction path's window length in ms (the scenario's
+        /// `pipeline.window_ms`; the log does not record it).
+        #[arg(long, default_value_t = 60_000, value_name = "MS")]
+        window_ms: u64,
+        /// Replay each log this many times and report the median rate.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        repeat: u32,
     },
     /// Estimate how target policies would have done from logged bandit
     /// feedback (a CSV, or a campaign log / exported JSON Lines file):
@@ -201,7 +208,11 @@ fn main() -> std::process::ExitCode {
         Command::Inspect { dir } => inspect_cmd(&dir),
         Command::Export { dir, out } => export_cmd(&dir, &out),
         Command::Import { file, data_dir } => import_cmd(&file, &data_dir),
-        Command::Replay { source } => replay_cmd(&source),
+        Command::Replay {
+            source,
+            window_ms,
+            repeat,
+        } => replay_cmd(&source, window_ms, repeat),
         Command::Evaluate(a) => evaluate_cmd(*a),
     };
     match r {
@@ -241,7 +252,8 @@ fn import_cmd(file: &Path, dir: &Path) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn replay_cmd(source: &Path) -> Result<std::process::ExitCode> {
+fn replay_cmd(source: &Path, window_ms: u64, repeat: u32) -> Result<std::process::ExitCode> {
+    let options = smartmsg_simulator::replay::ReplayOptions { window_ms };
     let sources = if source.is_dir() {
         portable::find_logs(source)?
     } else {
@@ -252,9 +264,28 @@ fn replay_cmd(source: &Path) -> Result<std::process::ExitCode> {
         if sources.len() > 1 {
             println!("{}", s.display());
         }
-        let report = smartmsg_simulator::replay::replay(s)
-            .with_context(|| format!("replaying {}", s.display()))?;
+        let mut rates = Vec::new();
+        let mut report = None;
+        for _ in 0..repeat.max(1) {
+            let r = smartmsg_simulator::replay::replay_with_options(s, &options)
+                .with_context(|| format!("replaying {}", s.display()))?;
+            rates.push((r.rate(), r.read_s + r.fold_s));
+            report = Some(r);
+        }
+        let Some(report) = report else {
+            continue;
+        };
         print!("{}", report.render());
+        if rates.len() > 1 {
+            rates.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (rate, secs) = rates[rates.len() / 2];
+            println!(
+                "median of {} replays: {:.4} s, {:.0} events/s",
+                rates.len(),
+                secs,
+                rate
+            );
+        }
         violations += report.violations().len();
     }
     Ok(if violations == 0 {

@@ -22,7 +22,17 @@
 //!   version;
 //! - **reactions**: the campaign's reactions per creative equal the sum of
 //!   the window results the reaction path committed (its read model), and
-//!   every recorded window comes from a committed one.
+//!   every recorded window comes from a committed one;
+//! - **reaction path in virtual time**: every counted reaction is put back
+//!   into its window by its original timestamp, windows are emitted only
+//!   after they close, each reaction once, each joined with the batch and
+//!   creative its user was planned, and the model feedback re-derived from
+//!   the commits before it (see [`crate::replay_windows`]).
+//!
+//! Measured with `smartmsg replay DIR --repeat 9` (median of in-process
+//! runs): the default simulation's logs (1,200–1,900 events, 1.8–3.6 MB,
+//! 100,000 decisions and 5,600–23,500 reactions each) replay in 9–16 ms,
+//! 118–147 k events/s; opening and reading the log is 1–4 ms of it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -34,6 +44,7 @@ use smartmsg_engine::{Aggregate, EventCodec, RecordedEvent, SnapshotStore, Strea
 
 use crate::events::{self, ModelFed};
 use crate::portable::{self, PortableError};
+use crate::replay_windows::{CommitView, PathReplay};
 
 /// Why a replay could not run (a failed check is not an error: see
 /// [`CampaignReplay::violations`]).
@@ -53,6 +64,9 @@ pub enum ReplayError {
         /// Why.
         reason: String,
     },
+    /// The options are invalid.
+    #[error("replay options: {0}")]
+    Options(String),
     /// The snapshot store cannot be read.
     #[error("snapshots {path}: {reason}")]
     Snapshots {
@@ -84,6 +98,10 @@ pub struct CampaignReplay {
     pub time_span_ms: (u64, u64),
     /// Whether a snapshot was compared (and at which version).
     pub snapshot_checked: Option<u64>,
+    /// The reaction path's read models re-derived in virtual time: window
+    /// results, reactions re-windowed, model feedback events (see
+    /// [`crate::replay_windows`]).
+    pub path_checked: Option<(u64, u64, u64)>,
     /// Broken checks.
     pub violations: Vec<String>,
 }
@@ -137,6 +155,12 @@ impl ReplayReport {
                 c.snapshot_checked
                     .map_or(String::new(), |v| format!(", snapshot at version {v} matches"))
             );
+            if let Some((w, r, m)) = c.path_checked {
+                let _ = writeln!(
+                    s,
+                    "  reaction path: {w} window results, {r} reactions re-windowed by their timestamps, model feedback of {m} batches re-derived"
+                );
+            }
             if c.violations.is_empty() {
                 let _ = writeln!(s, "  checks: all hold");
             }
@@ -162,6 +186,17 @@ impl ReplayReport {
 /// Replays `source`: a JSON Lines file (from `smartmsg export`) or a
 /// directory holding one embedded log (see [`portable::find_log`]).
 pub fn replay(source: &Path) -> Result<ReplayReport, ReplayError> {
+    replay_with_options(source, &ReplayOptions::default())
+}
+
+/// [`replay`] with options.
+pub fn replay_with_options(
+    source: &Path,
+    options: &ReplayOptions,
+) -> Result<ReplayReport, ReplayError> {
+    if options.window_ms == 0 {
+        return Err(ReplayError::Options("window_ms must be at least 1".into()));
+    }
     let started = Instant::now();
     let (events, snapshots) = if source.is_file() {
         let events = portable::read_file(source, &smartmsg_engine::Limits::default())?;
@@ -191,7 +226,7 @@ pub fn replay(source: &Path) -> Result<ReplayReport, ReplayError> {
         Some(path) => load_snapshots(&path, &events)?,
         None => HashMap::new(),
     };
-    let mut report = replay_with(&events, &snaps)?;
+    let mut report = replay_with(&events, &snaps, options)?;
     report.read_s = read_s;
     report.fold_s = started.elapsed().as_secs_f64();
     Ok(report)
@@ -220,32 +255,6 @@ impl Seen {
         let fresh = self.0[word] & bit == 0;
         self.0[word] |= bit;
         fresh
-    }
-}
-
-/// The part of a reaction-path commit replay reads (serde skips the rest
-/// without building it: the path's state and the per-user reactions are
-/// most of its bytes).
-#[derive(serde::Deserialize)]
-struct CommitView {
-    windows: Vec<WindowView>,
-}
-
-#[derive(serde::Deserialize)]
-struct WindowView {
-    window_start_ms: u64,
-    late: u32,
-    per_creative: Vec<u32>,
-}
-
-impl WindowView {
-    /// The same id as `WindowResult::command_id`.
-    fn command_id(&self) -> String {
-        if self.late == 0 {
-            format!("rx-{}", self.window_start_ms)
-        } else {
-            format!("rx-{}-late-{}", self.window_start_ms, self.late)
-        }
     }
 }
 
@@ -360,9 +369,23 @@ impl Fold {
     }
 }
 
+/// How to replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayOptions {
+    /// The reaction path's window length (ms), which the log does not
+    /// record: the scenario's `pipeline.window_ms` (one minute by default).
+    pub window_ms: u64,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self { window_ms: 60_000 }
+    }
+}
+
 /// Replays events already in memory (position order).
 pub fn replay_events(events: &[RecordedEvent]) -> Result<ReplayReport, ReplayError> {
-    replay_with(events, &HashMap::new())
+    replay_with(events, &HashMap::new(), &ReplayOptions::default())
 }
 
 /// Campaign events decoded once: (stream, version, event).
@@ -372,57 +395,45 @@ type Decoded<'a> = Vec<(&'a str, u64, CampaignEvent)>;
 /// if it does not decode).
 type Snapshots = HashMap<String, (u64, Option<Campaign>)>;
 
-fn replay_with(events: &[RecordedEvent], snaps: &Snapshots) -> Result<ReplayReport, ReplayError> {
+fn replay_with(
+    events: &[RecordedEvent],
+    snaps: &Snapshots,
+    options: &ReplayOptions,
+) -> Result<ReplayReport, ReplayError> {
     let mut decoded: Decoded<'_> = Vec::new();
     let mut folds: BTreeMap<&str, Fold> = BTreeMap::new();
     // The reaction path's read model: reactions per creative of every
     // committed window result, by campaign name.
-    let mut windows: HashMap<String, (Vec<u64>, HashSet<String>)> = HashMap::new();
-    let mut fed: HashMap<String, u32> = HashMap::new();
-    let mut fed_violations: Vec<(String, String)> = Vec::new();
+    let mut paths: HashMap<&str, PathReplay> = HashMap::new();
+    let bad = |e: &RecordedEvent, err: String| ReplayError::Decode {
+        position: e.position,
+        kind: e.kind.clone(),
+        reason: err,
+    };
     for e in events {
         let stream = e.stream.as_str();
         if let Some(name) = stream.strip_prefix("campaign-") {
-            let _ = name;
             let ev = decode(e)?;
+            if let CampaignEvent::BatchPlanned {
+                batch, decisions, ..
+            } = &ev
+            {
+                paths.entry(name).or_default().planned(*batch, decisions);
+            }
             folds.entry(stream).or_insert_with(Fold::new).apply(e, &ev);
             decoded.push((stream, e.version, ev));
         } else if let Some(name) = stream.strip_prefix("reaction-path-") {
             if e.kind == events::PATH_COMMITTED {
-                let c: CommitView = events::decode(e).map_err(|err| ReplayError::Decode {
-                    position: e.position,
-                    kind: e.kind.clone(),
-                    reason: err.to_string(),
-                })?;
-                let w = windows.entry(name.to_owned()).or_default();
-                for r in &c.windows {
-                    if w.0.len() < r.per_creative.len() {
-                        w.0.resize(r.per_creative.len(), 0);
-                    }
-                    for (t, &n) in w.0.iter_mut().zip(&r.per_creative) {
-                        *t += u64::from(n);
-                    }
-                    w.1.insert(r.command_id());
-                }
+                let c: CommitView = events::decode(e).map_err(|err| bad(e, err.to_string()))?;
+                paths
+                    .entry(name)
+                    .or_default()
+                    .committed(e.timestamp_ms, options.window_ms, &c);
             }
         } else if let Some(name) = stream.strip_prefix("model-feedback-") {
             if e.kind == events::MODEL_FED {
-                let m: ModelFed = events::decode(e).map_err(|err| ReplayError::Decode {
-                    position: e.position,
-                    kind: e.kind.clone(),
-                    reason: err.to_string(),
-                })?;
-                let next = fed.entry(name.to_owned()).or_insert(0);
-                if m.batch != *next {
-                    fed_violations.push((
-                        format!("campaign-{name}"),
-                        format!(
-                            "model feedback for batch {} where {} was next",
-                            m.batch, next
-                        ),
-                    ));
-                }
-                *next = m.batch + 1;
+                let m: ModelFed = events::decode(e).map_err(|err| bad(e, err.to_string()))?;
+                paths.entry(name).or_default().fed(&m);
             }
         }
     }
@@ -444,7 +455,13 @@ fn replay_with(events: &[RecordedEvent], snaps: &Snapshots) -> Result<ReplayRepo
             f.violation("deterministic: a second fold gives a different state".into());
         }
         let name = stream.trim_start_matches("campaign-");
-        if let Some((per_creative, ids)) = windows.get(name) {
+        let mut path_checked = None;
+        if let Some(path) = paths.get(name).filter(|p| p.windows + p.feedback > 0) {
+            path_checked = Some((path.windows, path.reactions, path.feedback));
+            for v in &path.violations {
+                f.violation(v.clone());
+            }
+            let (per_creative, ids) = (&path.per_creative, &path.command_ids);
             let recorded: Vec<u64> = f
                 .state
                 .creative_stats()
@@ -471,11 +488,6 @@ fn replay_with(events: &[RecordedEvent], snaps: &Snapshots) -> Result<ReplayRepo
                 ));
             }
         }
-        for (s, v) in &fed_violations {
-            if s == stream {
-                f.violation(v.clone());
-            }
-        }
         let mut snapshot_checked = None;
         if let Some((version, saved)) = snaps.get(stream) {
             match (saved, at_snapshot.get(stream)) {
@@ -499,6 +511,7 @@ fn replay_with(events: &[RecordedEvent], snaps: &Snapshots) -> Result<ReplayRepo
             reactions: c.creative_stats().iter().map(|s| s.reactions).sum(),
             time_span_ms: (f.first_ms.unwrap_or(0), f.last_ms),
             snapshot_checked,
+            path_checked,
             violations: f.violations,
             state: f.state,
         });

@@ -46,7 +46,7 @@ fn run_on(
     s.pipeline.kind = kind;
     let pop = Arc::new(SimPopulation::generate(&s).unwrap());
     let dir = tempfile::tempdir().unwrap();
-    run_policy(
+    let run = run_policy(
         &s,
         &pop,
         &RunOptions {
@@ -57,7 +57,15 @@ fn run_on(
             progress: None,
         },
     )
-    .unwrap()
+    .unwrap();
+    // The log of a faulted run replays with every check holding, the
+    // reaction path's windows re-derived from the reactions' timestamps
+    // (duplicates, late and reordered reactions, crashes and restarts
+    // included).
+    let r = smartmsg_simulator::replay::replay(&dir.path().join("run")).unwrap();
+    assert!(r.violations().is_empty(), "{}", r.render());
+    assert!(r.campaigns[0].path_checked.is_some(), "{}", r.render());
+    run
 }
 
 #[test]
