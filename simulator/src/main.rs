@@ -109,6 +109,11 @@ struct EvaluateArgs {
     /// CSV: the known actions (others are errors); default: those seen.
     #[arg(long, value_name = "A,..", value_delimiter = ',')]
     actions: Option<Vec<String>>,
+    /// Campaign logs: evaluate each --policy as a whole (which users and
+    /// which creative, batch by batch, weighted by the recorded joint
+    /// propensities) instead of its creative choice on the logged users.
+    #[arg(long)]
+    slate: bool,
     /// Campaign logs: the run's scenario (file or built-in; default classic).
     #[arg(long, value_name = "FILE|NAME")]
     scenario: Option<String>,
@@ -296,9 +301,12 @@ fn replay_cmd(source: &Path, window_ms: u64, repeat: u32) -> Result<std::process
 }
 
 fn evaluate_cmd(a: EvaluateArgs) -> Result<std::process::ExitCode> {
-    use smartmsg_simulator::ope::{estimate, load, policy_target, TargetProbs};
+    use smartmsg_simulator::ope::{estimate, load, policy_target, slate, OpeError, TargetProbs};
     if a.policy.is_none() == a.target_probs.is_none() {
         bail!("give exactly one of --policy and --target-probs");
+    }
+    if a.slate && a.policy.is_none() {
+        bail!("--slate evaluates domain policies (--policy) on a campaign log");
     }
     let opts = estimate::Options {
         bootstrap: a.bootstrap,
@@ -314,6 +322,9 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<std::process::ExitCode> {
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     // (name, target, true value on the logged rows where known)
     let mut targets: Vec<(String, TargetProbs, Option<f64>)> = Vec::new();
+    // Batch-level (--slate): (name, estimates or why not, true value).
+    type Slate = (String, Result<Vec<estimate::Estimate>, OpeError>, f64);
+    let mut slates: Vec<Slate> = Vec::new();
     let mut logged_truth = None;
     let data = if is_csv {
         let cols = load::Columns {
@@ -382,6 +393,28 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<std::process::ExitCode> {
                     .collect::<Result<_>>()?
             };
             for name in names {
+                if a.slate {
+                    let model = estimate::RewardModel::fit(&data, opts.ridge);
+                    let t = slate::slate_target(
+                        name,
+                        &scenario,
+                        &pop,
+                        &data,
+                        &rows,
+                        &model,
+                        a.draws,
+                        a.bootstrap_seed,
+                    );
+                    match t {
+                        Ok(t) => slates.push((
+                            name.to_string(),
+                            slate::estimate(&t, &opts),
+                            t.true_value,
+                        )),
+                        Err(e) => slates.push((name.to_string(), Err(e), f64::NAN)),
+                    }
+                    continue;
+                }
                 let t = policy_target::policy_probs(
                     name,
                     &scenario,
@@ -411,16 +444,33 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<std::process::ExitCode> {
             "; logged policy: mean reward {r:.4}, true value {t:.4}"
         ))
     );
+    type Outcome = (
+        String,
+        Result<Vec<estimate::Estimate>, OpeError>,
+        Option<f64>,
+    );
+    let mut results: Vec<Outcome> = targets
+        .iter()
+        .map(|(name, t, truth)| (name.clone(), estimate::estimate(&data, t, &opts), *truth))
+        .collect();
+    let level = if a.slate { "batch" } else { "row" };
+    results.extend(
+        slates
+            .into_iter()
+            .map(|(n, r, t)| (n, r, t.is_finite().then_some(t))),
+    );
     let mut json = Vec::new();
     let mut refused = 0;
-    for (name, t, truth) in &targets {
+    for (name, result, truth) in &results {
         println!(
             "\ntarget {name}{}",
-            truth.map_or(String::new(), |v| format!(
-                " (true value on the logged users {v:.4})"
-            ))
+            truth.map_or(String::new(), |v| if a.slate {
+                format!(" (true value of its own batches, per message {v:.4})")
+            } else {
+                format!(" (true value on the logged users {v:.4})")
+            })
         );
-        match estimate::estimate(&data, t, &opts) {
+        match result {
             Ok(est) => {
                 println!(
                     "  {:<10} {:>9} {:>21} {:>9}",
@@ -429,21 +479,21 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<std::process::ExitCode> {
                     format!("{:.0}% CI", opts.confidence * 100.0),
                     "ESS"
                 );
-                for e in &est {
+                for e in est {
                     println!(
                         "  {:<10} {:>9.4} [{:>9.4}, {:>9.4}] {:>9.1}",
                         e.estimator, e.value, e.ci_low, e.ci_high, e.ess
                     );
                 }
                 json.push(serde_json::json!({
-                    "target": name, "true_value": truth, "estimates": est,
+                    "target": name, "level": level, "true_value": truth, "estimates": est,
                 }));
             }
             Err(e) => {
                 refused += 1;
                 println!("  {e}");
                 json.push(serde_json::json!({
-                    "target": name, "true_value": truth, "refused": e.to_string(),
+                    "target": name, "level": level, "true_value": truth, "refused": e.to_string(),
                 }));
             }
         }

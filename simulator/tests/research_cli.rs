@@ -92,6 +92,42 @@ fn simulate_export_import_replay_evaluate() {
         );
         assert!(lo <= truth && truth <= hi, "{t}");
     }
+    // Whole policies, batch by batch: the user-selecting targets are
+    // estimated well above the logging policy's rate.
+    let o = smartmsg(&[
+        "evaluate",
+        "--logged",
+        &p("random.jsonl"),
+        "--scenario",
+        "small",
+        "--policy",
+        "random,integrated",
+        "--slate",
+        "--bootstrap",
+        "50",
+        "--draws",
+        "50",
+        "--out",
+        &p("slate.json"),
+    ]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("true value of its own batches"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p("slate.json")).unwrap()).unwrap();
+    let sndr = |t: &serde_json::Value| {
+        t["estimates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["estimator"] == "SNDR")
+            .unwrap()["value"]
+            .as_f64()
+            .unwrap()
+    };
+    let targets = json["targets"].as_array().unwrap();
+    assert_eq!(targets[1]["level"], "batch");
+    assert!(sndr(&targets[1]) > 1.5 * sndr(&targets[0]), "{json}");
     // A log of a policy that does not pick users uniformly is refused.
     let o = smartmsg(&[
         "evaluate",

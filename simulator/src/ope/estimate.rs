@@ -183,12 +183,19 @@ fn solve(mut a: Vec<f64>, mut b: Vec<f64>, p: usize) -> Option<Vec<f64>> {
 }
 
 /// Per-row terms every estimator is a function of.
-#[derive(Debug, Clone, Copy)]
-struct Row {
-    w: f64,
-    r: f64,
-    q: f64,
-    dm: f64,
+/// What the estimators need of one logged row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Row {
+    /// Importance weight: target probability of the logged decision over
+    /// the logging propensity.
+    pub w: f64,
+    /// The reward.
+    pub r: f64,
+    /// The reward model's prediction for the logged decision.
+    pub q: f64,
+    /// The row's share of the direct method's value (per row: the target's
+    /// expected modelled reward on the row's context).
+    pub dm: f64,
 }
 
 fn point(rows: &[Row], idx: impl Iterator<Item = usize> + Clone, tau: f64) -> [f64; 6] {
@@ -309,8 +316,14 @@ pub fn estimate_with_model(
             }
         })
         .collect();
+    estimate_rows(&rows, opts)
+}
+
+/// Runs every estimator with its bootstrap interval on prepared rows (the
+/// per-row path above, or the batch-level path of [`super::slate`]).
+pub fn estimate_rows(rows: &[Row], opts: &Options) -> Vec<Estimate> {
     let n = rows.len();
-    let values = point(&rows, 0..n, opts.switch_tau);
+    let values = point(rows, 0..n, opts.switch_tau);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut boot: Vec<[f64; 6]> = Vec::with_capacity(opts.bootstrap);
     let mut idx = vec![0usize; n];
@@ -318,7 +331,7 @@ pub fn estimate_with_model(
         for v in idx.iter_mut() {
             *v = rng.random_range(0..n.max(1));
         }
-        boot.push(point(&rows, idx.iter().copied(), opts.switch_tau));
+        boot.push(point(rows, idx.iter().copied(), opts.switch_tau));
     }
     let sw: f64 = rows.iter().map(|r| r.w).sum();
     let sw2: f64 = rows.iter().map(|r| r.w * r.w).sum();

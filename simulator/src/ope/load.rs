@@ -333,6 +333,9 @@ pub struct CampaignRow {
     pub user: u32,
     /// The batch.
     pub batch: u32,
+    /// The recorded propensity: P(user in batch and creative), the joint
+    /// probability the batch-level estimators weight by.
+    pub joint: f64,
 }
 
 /// Logging policies that pick users uniformly at random, so that a
@@ -450,6 +453,7 @@ pub fn from_events(
             rows.push(CampaignRow {
                 user: u,
                 batch: *batch,
+                joint: f64::from(d.propensities[i]),
             });
         }
     }
