@@ -519,9 +519,18 @@ impl KafkaStreamProcessor {
             .map_err(|e| KafkaStreamError::kafka("send_offsets_to_transaction", e))?;
         // Delivery reports are polled here (a BaseProducer has no thread
         // for them), so the commit or abort finds nothing outstanding.
-        self.producer
-            .flush(self.config.request_timeout)
-            .map_err(|e| KafkaStreamError::kafka("flush", e))?;
+        // Not with `flush`: rust-rdkafka's polls in 100 ms steps, which
+        // made every step take at least 100 ms; this answers within 1 ms.
+        let deadline = Instant::now() + self.config.request_timeout;
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() >= deadline {
+                return Err(KafkaStreamError::kafka(
+                    "flush",
+                    KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut),
+                ));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
         if !commit {
             self.producer
                 .abort_transaction(self.config.request_timeout)
