@@ -303,6 +303,20 @@ pub type BadLines = (Vec<(u64, String)>, u64);
 /// and each stream's versions 1, 2, 3, …
 pub fn parse_all(input: impl BufRead, limits: &Limits) -> Result<Vec<RecordedEvent>, BadLines> {
     let mut events = Vec::new();
+    check_lines(input, limits, |e| events.push(e))?;
+    Ok(events)
+}
+
+/// Checks the lines of a whole file, handing each event to `sink` in order
+/// while no line has been bad (so a sink sees a prefix of the file's
+/// events, all of them if it returns `Ok`). Returns the number of events,
+/// or every bad line. Memory: one line and one version per stream.
+pub fn check_lines(
+    input: impl BufRead,
+    limits: &Limits,
+    mut sink: impl FnMut(RecordedEvent),
+) -> Result<u64, BadLines> {
+    let mut count = 0u64;
     let mut bad = Vec::new();
     let mut more = 0u64;
     let mut versions: HashMap<String, u64> = HashMap::new();
@@ -367,13 +381,14 @@ pub fn parse_all(input: impl BufRead, limits: &Limits) -> Result<Vec<RecordedEve
                 }
                 *v = e.version;
                 if bad.is_empty() {
-                    events.push(e);
+                    count += 1;
+                    sink(e);
                 }
             }
         }
     }
     if bad.is_empty() {
-        Ok(events)
+        Ok(count)
     } else {
         Err((bad, more))
     }
@@ -584,10 +599,35 @@ fn dir_is_empty(dir: &Path) -> Result<bool, PortableError> {
         .is_none())
 }
 
+/// Events held in memory at once while importing.
+const IMPORT_CHUNK: usize = 20_000;
+
+/// Reads `file` line by line through [`check_lines`].
+fn check_file(
+    file: &Path,
+    limits: &Limits,
+    sink: impl FnMut(RecordedEvent),
+) -> Result<u64, PortableError> {
+    let f = std::fs::File::open(file).map_err(|source| PortableError::Io {
+        op: "open",
+        path: file.to_owned(),
+        source,
+    })?;
+    check_lines(std::io::BufReader::with_capacity(1 << 20, f), limits, sink).map_err(
+        |(lines, more)| PortableError::BadLines {
+            file: file.to_owned(),
+            lines,
+            more,
+        },
+    )
+}
+
 /// Imports the portable log `file` into a new data directory `dir` (the
 /// log lands in `dir/log`, as a simulator run's does). Refuses a non-empty
-/// `dir`; checks the whole file first; writes into a temporary directory
-/// beside `dir` and renames it into place. Returns the number of events.
+/// `dir`; checks the whole file first (a first pass that keeps nothing),
+/// then writes it (a second pass, [`IMPORT_CHUNK`] events at a time, so
+/// memory does not grow with the file) into a temporary directory beside
+/// `dir` and renames it into place. Returns the number of events.
 pub fn import(file: &Path, dir: &Path) -> Result<u64, PortableError> {
     if dir.exists() && (!dir.is_dir() || !dir_is_empty(dir)?) {
         return Err(PortableError::TargetNotEmpty {
@@ -595,7 +635,7 @@ pub fn import(file: &Path, dir: &Path) -> Result<u64, PortableError> {
         });
     }
     let limits = Limits::default();
-    let events = read_file(file, &limits)?;
+    let total = check_file(file, &limits, |_| {})?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -610,18 +650,40 @@ pub fn import(file: &Path, dir: &Path) -> Result<u64, PortableError> {
         .tempdir_in(&parent)
         .map_err(io("create a temporary directory in", &parent))?;
     let rt = runtime(dir)?;
-    rt.block_on(async {
+    {
         let log = EmbeddedLog::open(temp.path().join("log"))?;
-        write_events(&log, &events).await?;
-        let head = log.head().await?;
-        if head != events.len() as u64 {
+        let mut chunk: Vec<RecordedEvent> = Vec::with_capacity(IMPORT_CHUNK);
+        let mut failed: Option<PortableError> = None;
+        let flush = |chunk: &mut Vec<RecordedEvent>, failed: &mut Option<PortableError>| {
+            if failed.is_none() && !chunk.is_empty() {
+                if let Err(e) = rt.block_on(write_events(&log, chunk)) {
+                    *failed = Some(e);
+                }
+            }
+            chunk.clear();
+        };
+        // The file may have changed since the first pass: check it again
+        // while writing, and fail (leaving nothing) if it has.
+        let seen = check_file(file, &limits, |e| {
+            chunk.push(e);
+            if chunk.len() >= IMPORT_CHUNK {
+                flush(&mut chunk, &mut failed);
+            }
+        })?;
+        flush(&mut chunk, &mut failed);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let head = rt.block_on(log.head())?;
+        if head != total || seen != total {
             return Err(PortableError::NoLog {
                 path: temp.path().to_owned(),
-                reason: format!("imported {head} events of {}", events.len()),
+                reason: format!(
+                    "imported {head} events of {total} (the file changed during the import?)"
+                ),
             });
         }
-        Ok::<_, PortableError>(())
-    })?;
+    }
     // The log is closed (dropped) here; move it into place.
     if dir.exists() {
         // Empty (checked above): rename(2) replaces an empty directory.
@@ -640,68 +702,22 @@ pub fn import(file: &Path, dir: &Path) -> Result<u64, PortableError> {
             source,
         });
     }
-    Ok(events.len() as u64)
+    Ok(total)
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
+/// Standard base64 with padding (the `base64` crate's `STANDARD`).
 pub fn b64_encode(data: &[u8]) -> String {
-    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= c.len() {
-                s.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
-/// Decodes standard padded base64 (canonical form only).
+/// Decodes standard padded base64, canonical form only (padding required,
+/// no trailing bits).
 pub fn b64_decode(s: &str) -> Result<Vec<u8>, String> {
-    let b = s.as_bytes();
-    if !b.len().is_multiple_of(4) {
-        return Err(format!("length {} is not a multiple of 4", b.len()));
-    }
-    let val = |c: u8| -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    };
-    let mut out = Vec::with_capacity(b.len() / 4 * 3);
-    let chunks = b.len() / 4;
-    for (i, c) in b.chunks(4).enumerate() {
-        let pad = c.iter().rev().take_while(|&&x| x == b'=').count();
-        if pad > 2 || (pad > 0 && i + 1 != chunks) {
-            return Err(format!("misplaced padding at byte {}", i * 4));
-        }
-        let mut n = 0u32;
-        for (j, &x) in c.iter().enumerate() {
-            let v = if j >= 4 - pad {
-                0
-            } else {
-                val(x).ok_or_else(|| format!("invalid character at byte {}", i * 4 + j))?
-            };
-            n = (n << 6) | v;
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        let keep = 3 - pad;
-        if bytes[keep..].iter().any(|&x| x != 0) {
-            return Err(format!("non-canonical padding bits at byte {}", i * 4));
-        }
-        out.extend_from_slice(&bytes[..keep]);
-    }
-    Ok(out)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -204,3 +204,36 @@ proptest! {
         prop_assert_eq!(portable::b64_decode(&portable::b64_encode(&data)).unwrap(), data);
     }
 }
+
+#[test]
+fn a_log_larger_than_one_import_chunk_round_trips() {
+    // 45,000 events (more than two of import's 20,000-event chunks), with
+    // streams interleaved across the chunk boundaries.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    rt().block_on(async {
+        let log = EmbeddedLog::open(&src).unwrap();
+        for t in 0..45u64 {
+            let mut tx = AppendTx::default();
+            for s in 0..3u64 {
+                let events: Vec<NewEvent> = (0..333 + s)
+                    .map(|i| NewEvent::new("Opaque", 1, t * 1_000 + i, format!("{t}/{s}/{i}")))
+                    .collect();
+                tx = tx.with_stream(
+                    StreamId::new(format!("s-{s}")).unwrap(),
+                    ExpectedVersion::Any,
+                    events,
+                );
+            }
+            log.append(tx).await.unwrap();
+        }
+    });
+    let a = dir.path().join("a.jsonl");
+    let b = dir.path().join("b.jsonl");
+    let n = portable::export(&src, &a).unwrap();
+    assert_eq!(n, 45 * (333 + 334 + 335));
+    assert_eq!(portable::import(&a, &dir.path().join("copy")).unwrap(), n);
+    portable::export(&dir.path().join("copy"), &b).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(read_log(&src), read_log(&dir.path().join("copy/log")));
+}
