@@ -49,7 +49,11 @@
 //!   dead-lettered after its last attempt). A clean reopen does the same
 //!   (`QueueHarness::leases_survive_reopen` is `false` for this queue).
 //!
-//! All operations run under one lock, with the redb transaction inside it
+//! Single `schedule` calls are group-committed: they go to a committer
+//! thread that takes every call waiting (up to 4,096), commits them in one
+//! redb transaction (one `fsync`) and answers each, so concurrent callers
+//! share syncs and no async task blocks on the disk while scheduling. All
+//! other operations run under one lock, with the redb transaction inside it
 //! (blocking the calling task for the commit, like the other redb stores of
 //! this crate). A redb failure in the middle of a poll leaves the database
 //! as it was (the transaction is dropped) but memory possibly ahead of it;
@@ -58,7 +62,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -292,6 +296,8 @@ struct Mem {
     unsynced: u32,
     poisoned: bool,
     expired: Vec<Expired<JobId>>,
+    /// Durable transactions that scheduled jobs (group commits count once).
+    schedule_commits: u64,
 }
 
 impl Mem {
@@ -337,162 +343,72 @@ impl Mem {
     }
 }
 
+/// A `schedule` call waiting for a group commit.
+type Waiting = (
+    Job,
+    tokio::sync::oneshot::Sender<Result<Scheduled, QueueError>>,
+);
+
 /// The embedded, durable [`DelayQueue`] (see the [module docs](self)).
 pub struct EmbeddedDelayQueue {
+    core: Arc<Core>,
+    dir: PathBuf,
+    /// To the committer thread: single `schedule` calls, group-committed.
+    sender: Mutex<Option<mpsc::Sender<Waiting>>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+    _lock: DirLock,
+}
+
+/// What the queue's methods and its committer thread share.
+struct Core {
     db: redb::Database,
     mem: Mutex<Mem>,
     config: EmbeddedQueueConfig,
     path: PathBuf,
-    dir: PathBuf,
-    _lock: DirLock,
 }
 
-impl std::fmt::Debug for EmbeddedDelayQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedDelayQueue")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
-}
+/// Most `schedule` calls committed in one transaction.
+const MAX_GROUP: usize = 4_096;
 
-/// What [`EmbeddedDelayQueue::stats`] reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Jobs pending or leased.
-    pub len: u64,
-    /// Jobs (pending and leases) held in memory.
-    pub in_memory: usize,
-    /// Leases ended when the queue was opened.
-    pub leases_ended_on_open: u64,
-}
-
-type Res<T> = Result<T, EmbeddedError>;
-
-impl EmbeddedDelayQueue {
-    /// Opens (or creates) the queue in `dir` with the default configuration.
-    pub fn open(dir: impl AsRef<Path>) -> Res<Self> {
-        Self::open_with(dir, EmbeddedQueueConfig::default())
-    }
-
-    /// Opens (or creates) the queue in `dir`, taking the directory's lock and
-    /// ending every lease left by the previous owner (see the module docs).
-    /// Reads no pending job.
-    pub fn open_with(dir: impl AsRef<Path>, config: EmbeddedQueueConfig) -> Res<Self> {
-        config.validate()?;
-        let dir = dir.as_ref().to_owned();
-        std::fs::create_dir_all(&dir).map_err(|e| EmbeddedError::io("create", &dir, e))?;
-        let lock = DirLock::acquire(&dir)?;
-        let path = dir.join(QUEUE_FILE);
-        let db = redb::Database::builder()
-            .set_cache_size(config.cache_bytes)
-            .create(&path)
-            .map_err(|e| redb_err(&path, e))?;
-        let q = Self {
-            db,
-            mem: Mutex::new(Mem {
-                wheel: TimerWheel::new(0),
-                entries: HashMap::new(),
-                ready: BTreeSet::new(),
-                horizon: Vec::new(),
-                len: 0,
-                next_delivery: 1,
-                next_dead: 0,
-                unsynced: 0,
-                poisoned: false,
-                expired: Vec::new(),
-            }),
-            config,
-            path,
-            dir,
-            _lock: lock,
-        };
-        q.recover()?;
-        Ok(q)
-    }
-
-    /// The queue's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Ends the previous owner's leases and reads the counters.
-    fn recover(&self) -> Res<()> {
-        let mut mem = self.lock_mem();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        let ended;
-        {
-            let mut jobs = tx.open_table(JOBS).map_err(|e| self.err(e))?;
-            let mut timeline = tx.open_table(TIMELINE).map_err(|e| self.err(e))?;
-            let mut leases = tx.open_table(LEASES).map_err(|e| self.err(e))?;
-            let mut dead = tx.open_table(DEAD).map_err(|e| self.err(e))?;
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            mem.next_delivery = meta
-                .get(NEXT_DELIVERY)
-                .map_err(|e| self.err(e))?
-                .map_or(1, |v| v.value());
-            mem.next_dead = meta
-                .get(NEXT_DEAD)
-                .map_err(|e| self.err(e))?
-                .map_or(0, |v| v.value());
-            let mut keys = Vec::new();
-            for entry in leases.iter().map_err(|e| self.err(e))? {
-                let (k, _) = entry.map_err(|e| self.err(e))?;
-                keys.push(k.value().to_vec());
+impl Core {
+    /// The committer thread: takes every `schedule` call waiting (up to
+    /// [`MAX_GROUP`]), commits them in one transaction, answers each; runs
+    /// until the queue is dropped.
+    fn run_committer(self: Arc<Self>, rx: mpsc::Receiver<Waiting>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
             }
-            ended = keys.len() as u64;
-            for k in keys {
-                leases.remove(k.as_slice()).map_err(|e| self.err(e))?;
-                let (_, id) = split_key(&k).ok_or_else(|| self.corrupt("lease key"))?;
-                let id = JobId::new(id).map_err(|_| self.corrupt("lease id"))?;
-                self.end_lease_tx(
-                    &mut mem,
-                    &mut jobs,
-                    &mut timeline,
-                    &mut dead,
-                    &id,
-                    None,
-                    "lease lost when the queue was reopened",
-                )?;
+            let (jobs, replies): (Vec<Job>, Vec<_>) = batch.into_iter().unzip();
+            let outcome = match self.lock_live() {
+                Ok(mut mem) => self.schedule_locked(&mut mem, jobs),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(outs) => {
+                    for (reply, out) in replies.into_iter().zip(outs) {
+                        // The caller may have given up waiting.
+                        let _ = reply.send(out);
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
             }
-            meta.insert(NEXT_DEAD, mem.next_dead)
-                .map_err(|e| self.err(e))?;
-            mem.len = jobs.len().map_err(|e| self.err(e))?;
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        if ended > 0 {
-            tracing::info!(path = %self.path.display(), leases = ended, "ended leases of the previous owner");
-        }
-        Ok(())
-    }
-
-    /// Counters for tests and benchmarks.
-    pub fn stats(&self) -> QueueStats {
-        let mem = self.lock_mem();
-        QueueStats {
-            len: mem.len,
-            in_memory: mem.entries.len(),
-            leases_ended_on_open: 0,
         }
     }
 
-    /// Whether a job with this id is pending or leased (inspection; reads
-    /// the disk).
-    pub fn contains(&self, id: &JobId) -> Result<bool, QueueError> {
-        let _mem = self.lock_live()?;
-        let tx = self.db.begin_read().map_err(|e| self.qerr(e))?;
-        let jobs = tx.open_table(JOBS).map_err(|e| self.qerr(e))?;
-        Ok(jobs.get(id.as_str()).map_err(|e| self.qerr(e))?.is_some())
-    }
-
-    /// Schedules many jobs in one durable transaction (one `fsync`), each
-    /// with the outcome [`DelayQueue::schedule`] would give it (in order: a
-    /// repeat of an earlier job of the batch is `AlreadyPending`). Fails as a
-    /// whole only when the store fails.
-    pub async fn schedule_many(
+    fn schedule_locked(
         &self,
+        mem: &mut MutexGuard<'_, Mem>,
         jobs: Vec<Job>,
     ) -> Result<Vec<Result<Scheduled, QueueError>>, QueueError> {
-        let mut mem = self.lock_live()?;
         let mut out = Vec::with_capacity(jobs.len());
         let mut added = Vec::new();
         let tx = self.db.begin_write().map_err(|e| self.qerr(e))?;
@@ -540,6 +456,7 @@ impl EmbeddedDelayQueue {
         }
         tx.commit().map_err(|e| self.qerr(e))?;
         mem.unsynced = 0;
+        mem.schedule_commits += 1;
         mem.len += added.len() as u64;
         for (at, id) in added {
             if mem.below_horizon(at, id.as_str()) {
@@ -548,8 +465,6 @@ impl EmbeddedDelayQueue {
         }
         Ok(out)
     }
-
-    // -- helpers --------------------------------------------------------------
 
     fn lock_mem(&self) -> MutexGuard<'_, Mem> {
         self.mem.lock().unwrap_or_else(|p| p.into_inner())
@@ -583,6 +498,200 @@ impl EmbeddedDelayQueue {
     fn qcorrupt(&self, what: &str) -> QueueError {
         QueueError::Backend(BackendError::new(self.corrupt(what)))
     }
+}
+
+impl std::fmt::Debug for EmbeddedDelayQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedDelayQueue")
+            .field("path", &self.core.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`EmbeddedDelayQueue::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Jobs pending or leased.
+    pub len: u64,
+    /// Jobs (pending and leases) held in memory.
+    pub in_memory: usize,
+    /// Durable transactions that scheduled jobs since the queue was opened:
+    /// concurrent `schedule` calls share one (group commit), as do the jobs
+    /// of one `schedule_many`.
+    pub schedule_commits: u64,
+    /// Leases ended when the queue was opened.
+    pub leases_ended_on_open: u64,
+}
+
+type Res<T> = Result<T, EmbeddedError>;
+
+impl EmbeddedDelayQueue {
+    /// Opens (or creates) the queue in `dir` with the default configuration.
+    pub fn open(dir: impl AsRef<Path>) -> Res<Self> {
+        Self::open_with(dir, EmbeddedQueueConfig::default())
+    }
+
+    /// Opens (or creates) the queue in `dir`, taking the directory's lock and
+    /// ending every lease left by the previous owner (see the module docs).
+    /// Reads no pending job.
+    pub fn open_with(dir: impl AsRef<Path>, config: EmbeddedQueueConfig) -> Res<Self> {
+        config.validate()?;
+        let dir = dir.as_ref().to_owned();
+        std::fs::create_dir_all(&dir).map_err(|e| EmbeddedError::io("create", &dir, e))?;
+        let lock = DirLock::acquire(&dir)?;
+        let path = dir.join(QUEUE_FILE);
+        let db = redb::Database::builder()
+            .set_cache_size(config.cache_bytes)
+            .create(&path)
+            .map_err(|e| redb_err(&path, e))?;
+        let core = Arc::new(Core {
+            db,
+            mem: Mutex::new(Mem {
+                wheel: TimerWheel::new(0),
+                entries: HashMap::new(),
+                ready: BTreeSet::new(),
+                horizon: Vec::new(),
+                len: 0,
+                next_delivery: 1,
+                next_dead: 0,
+                unsynced: 0,
+                poisoned: false,
+                expired: Vec::new(),
+                schedule_commits: 0,
+            }),
+            config,
+            path,
+        });
+        let (tx, rx) = mpsc::channel();
+        let mut q = Self {
+            core: core.clone(),
+            dir: dir.clone(),
+            sender: Mutex::new(Some(tx)),
+            committer: None,
+            _lock: lock,
+        };
+        q.recover()?;
+        q.committer = Some(
+            std::thread::Builder::new()
+                .name("smartmsg-queue-committer".into())
+                .spawn(move || core.run_committer(rx))
+                .map_err(|e| EmbeddedError::io("spawn the committer thread for", &dir, e))?,
+        );
+        Ok(q)
+    }
+
+    /// The queue's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Ends the previous owner's leases and reads the counters.
+    fn recover(&self) -> Res<()> {
+        let mut mem = self.lock_mem();
+        let tx = self.core.db.begin_write().map_err(|e| self.err(e))?;
+        let ended;
+        {
+            let mut jobs = tx.open_table(JOBS).map_err(|e| self.err(e))?;
+            let mut timeline = tx.open_table(TIMELINE).map_err(|e| self.err(e))?;
+            let mut leases = tx.open_table(LEASES).map_err(|e| self.err(e))?;
+            let mut dead = tx.open_table(DEAD).map_err(|e| self.err(e))?;
+            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+            mem.next_delivery = meta
+                .get(NEXT_DELIVERY)
+                .map_err(|e| self.err(e))?
+                .map_or(1, |v| v.value());
+            mem.next_dead = meta
+                .get(NEXT_DEAD)
+                .map_err(|e| self.err(e))?
+                .map_or(0, |v| v.value());
+            let mut keys = Vec::new();
+            for entry in leases.iter().map_err(|e| self.err(e))? {
+                let (k, _) = entry.map_err(|e| self.err(e))?;
+                keys.push(k.value().to_vec());
+            }
+            ended = keys.len() as u64;
+            for k in keys {
+                leases.remove(k.as_slice()).map_err(|e| self.err(e))?;
+                let (_, id) = split_key(&k).ok_or_else(|| self.corrupt("lease key"))?;
+                let id = JobId::new(id).map_err(|_| self.corrupt("lease id"))?;
+                self.end_lease_tx(
+                    &mut mem,
+                    &mut jobs,
+                    &mut timeline,
+                    &mut dead,
+                    &id,
+                    None,
+                    "lease lost when the queue was reopened",
+                )?;
+            }
+            meta.insert(NEXT_DEAD, mem.next_dead)
+                .map_err(|e| self.err(e))?;
+            mem.len = jobs.len().map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        if ended > 0 {
+            tracing::info!(path = %self.core.path.display(), leases = ended, "ended leases of the previous owner");
+        }
+        Ok(())
+    }
+
+    /// Counters for tests and benchmarks.
+    pub fn stats(&self) -> QueueStats {
+        let mem = self.lock_mem();
+        QueueStats {
+            len: mem.len,
+            in_memory: mem.entries.len(),
+            schedule_commits: mem.schedule_commits,
+            leases_ended_on_open: 0,
+        }
+    }
+
+    /// Whether a job with this id is pending or leased (inspection; reads
+    /// the disk).
+    pub fn contains(&self, id: &JobId) -> Result<bool, QueueError> {
+        let _mem = self.lock_live()?;
+        let tx = self.core.db.begin_read().map_err(|e| self.qerr(e))?;
+        let jobs = tx.open_table(JOBS).map_err(|e| self.qerr(e))?;
+        Ok(jobs.get(id.as_str()).map_err(|e| self.qerr(e))?.is_some())
+    }
+
+    /// Schedules many jobs in one durable transaction (one `fsync`), each
+    /// with the outcome [`DelayQueue::schedule`] would give it (in order: a
+    /// repeat of an earlier job of the batch is `AlreadyPending`). Fails as a
+    /// whole only when the store fails.
+    pub async fn schedule_many(
+        &self,
+        jobs: Vec<Job>,
+    ) -> Result<Vec<Result<Scheduled, QueueError>>, QueueError> {
+        let mut mem = self.lock_live()?;
+        self.core.schedule_locked(&mut mem, jobs)
+    }
+
+    // -- helpers (the core's) ---------------------------------------------------
+
+    fn lock_mem(&self) -> MutexGuard<'_, Mem> {
+        self.core.lock_mem()
+    }
+
+    fn lock_live(&self) -> Result<MutexGuard<'_, Mem>, QueueError> {
+        self.core.lock_live()
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> EmbeddedError {
+        self.core.err(e)
+    }
+
+    fn qerr(&self, e: impl std::fmt::Display) -> QueueError {
+        self.core.qerr(e)
+    }
+
+    fn corrupt(&self, what: &str) -> EmbeddedError {
+        self.core.corrupt(what)
+    }
+
+    fn qcorrupt(&self, what: &str) -> QueueError {
+        self.core.qcorrupt(what)
+    }
 
     /// The durability of a commit that may skip the sync.
     fn settle_durability(&self, mem: &mut Mem, durable: bool) -> Durability {
@@ -615,7 +724,7 @@ impl EmbeddedDelayQueue {
             None => return Ok(()),
         };
         let (rec, payload) = Rec::decode(&bytes).ok_or_else(|| self.corrupt("job record"))?;
-        let max = self.config.limits.max_attempts;
+        let max = self.core.config.limits.max_attempts;
         if rec.attempts >= max {
             jobs.remove(id.as_str()).map_err(|e| self.err(e))?;
             let letter = DeadLetter {
@@ -666,7 +775,7 @@ impl EmbeddedDelayQueue {
             .range::<&[u8]>(mem.horizon.as_slice()..upper.as_slice())
             .map_err(|e| self.err(e))?
         {
-            if n == self.config.load_batch {
+            if n == self.core.config.load_batch {
                 break;
             }
             let (k, _) = entry.map_err(|e| self.err(e))?;
@@ -677,7 +786,7 @@ impl EmbeddedDelayQueue {
             last = Some(k.to_vec());
             n += 1;
         }
-        if n == self.config.load_batch {
+        if n == self.core.config.load_batch {
             let mut h = last.expect("n > 0");
             // The smallest key above it (ids never contain NUL).
             h.push(0);
@@ -753,7 +862,7 @@ impl EmbeddedDelayQueue {
     }
 
     fn poll_inner(&self, mem: &mut Mem, now: u64, max: usize) -> Res<Vec<Lease>> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.core.db.begin_write().map_err(|e| self.err(e))?;
         let mut changed = false;
         let mut leases_out = Vec::new();
         {
@@ -788,8 +897,8 @@ impl EmbeddedDelayQueue {
                     break;
                 }
             }
-            let ahead = now.saturating_add(self.config.lookahead_ms);
-            if mem.horizon_at() < ahead && mem.entries.len() < 4 * self.config.load_batch {
+            let ahead = now.saturating_add(self.core.config.lookahead_ms);
+            if mem.horizon_at() < ahead && mem.entries.len() < 4 * self.core.config.load_batch {
                 self.load_chunk(mem, &timeline, through(ahead))?;
                 self.advance(
                     mem,
@@ -801,7 +910,7 @@ impl EmbeddedDelayQueue {
                     &mut changed,
                 )?;
             }
-            let deadline = now.saturating_add(self.config.limits.lease_ms);
+            let deadline = now.saturating_add(self.core.config.limits.lease_ms);
             while leases_out.len() < max {
                 match mem.ready.first() {
                     Some((at, _)) if *at <= now => {}
@@ -870,7 +979,7 @@ impl EmbeddedDelayQueue {
             return Ok(leases_out);
         }
         let mut tx = tx;
-        let durable = self.config.durable_polls && !leases_out.is_empty();
+        let durable = self.core.config.durable_polls && !leases_out.is_empty();
         let d = self.settle_durability(mem, durable);
         tx.set_durability(d).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
@@ -890,8 +999,8 @@ impl EmbeddedDelayQueue {
                 })
             }
         };
-        let mut tx = self.db.begin_write().map_err(|e| self.qerr(e))?;
-        let d = self.settle_durability(mem, self.config.durable_settles);
+        let mut tx = self.core.db.begin_write().map_err(|e| self.qerr(e))?;
+        let d = self.settle_durability(mem, self.core.config.durable_settles);
         tx.set_durability(d).map_err(|e| self.qerr(e))?;
         let before = (mem.len, mem.next_dead);
         let r = (|| -> Res<()> {
@@ -949,10 +1058,15 @@ impl EmbeddedDelayQueue {
 
 impl Drop for EmbeddedDelayQueue {
     fn drop(&mut self) {
+        // Stop the committer once it has answered every call already sent.
+        self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = self.committer.take() {
+            let _ = h.join();
+        }
         // Make unsynced acks and leases durable.
         let unsynced = self.lock_mem().unsynced;
         if unsynced > 0 {
-            if let Ok(tx) = self.db.begin_write() {
+            if let Ok(tx) = self.core.db.begin_write() {
                 let _ = tx.commit();
             }
         }
@@ -969,15 +1083,24 @@ fn redb_err(path: &Path, e: impl std::fmt::Display) -> EmbeddedError {
 #[async_trait]
 impl DelayQueue for EmbeddedDelayQueue {
     async fn schedule(&self, job: Job) -> Result<Scheduled, QueueError> {
-        check_job(&job, &self.config.limits)?;
-        let mut out = self.schedule_many(vec![job]).await?;
-        out.pop()
-            .unwrap_or_else(|| Err(self.qcorrupt("schedule outcome")))
+        check_job(&job, &self.core.config.limits)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
+            .sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.send((job, tx)).is_ok());
+        if sent != Some(true) {
+            return Err(self.qcorrupt("schedule after the committer stopped"));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(self.qcorrupt("the committer dropped an answer")))
     }
 
     async fn cancel(&self, id: &JobId) -> Result<bool, QueueError> {
         let mut mem = self.lock_live()?;
-        let tx = self.db.begin_write().map_err(|e| self.qerr(e))?;
+        let tx = self.core.db.begin_write().map_err(|e| self.qerr(e))?;
         {
             let mut jobs = tx.open_table(JOBS).map_err(|e| self.qerr(e))?;
             let existing = jobs
@@ -1011,10 +1134,10 @@ impl DelayQueue for EmbeddedDelayQueue {
     }
 
     async fn poll_due(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>, QueueError> {
-        if max > self.config.limits.max_poll {
+        if max > self.core.config.limits.max_poll {
             return Err(QueueError::PollTooLarge {
                 requested: max,
-                max: self.config.limits.max_poll,
+                max: self.core.config.limits.max_poll,
             });
         }
         let mut mem = self.lock_live()?;
@@ -1022,7 +1145,7 @@ impl DelayQueue for EmbeddedDelayQueue {
             Ok(l) => Ok(l),
             Err(e) => {
                 mem.poisoned = true;
-                tracing::error!(path = %self.path.display(), error = %e, "delay queue poll failed; reopen the queue");
+                tracing::error!(path = %self.core.path.display(), error = %e, "delay queue poll failed; reopen the queue");
                 Err(QueueError::Backend(BackendError::new(e)))
             }
         }
@@ -1042,7 +1165,7 @@ impl DelayQueue for EmbeddedDelayQueue {
 
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         let _mem = self.lock_live()?;
-        let tx = self.db.begin_read().map_err(|e| self.qerr(e))?;
+        let tx = self.core.db.begin_read().map_err(|e| self.qerr(e))?;
         let dead = tx.open_table(DEAD).map_err(|e| self.qerr(e))?;
         let mut out = Vec::new();
         for entry in dead.iter().map_err(|e| self.qerr(e))?.take(max) {
@@ -1058,7 +1181,7 @@ impl DelayQueue for EmbeddedDelayQueue {
         if let Some(w) = mem.wheel.next_due() {
             best = Some(best.map_or(w, |b| b.min(w)));
         }
-        let tx = self.db.begin_read().map_err(|e| self.qerr(e))?;
+        let tx = self.core.db.begin_read().map_err(|e| self.qerr(e))?;
         let timeline = tx.open_table(TIMELINE).map_err(|e| self.qerr(e))?;
         let first = timeline
             .range::<&[u8]>(mem.horizon.as_slice()..)
@@ -1073,7 +1196,7 @@ impl DelayQueue for EmbeddedDelayQueue {
     }
 
     fn limits(&self) -> QueueLimits {
-        self.config.limits
+        self.core.config.limits
     }
 }
 
@@ -1087,6 +1210,56 @@ mod tests {
             due_ms: due,
             payload: Bytes::from(format!("p-{id}")),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_schedules_share_commits_and_keep_their_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = std::sync::Arc::new(EmbeddedDelayQueue::open(dir.path()).unwrap());
+        let mut tasks = Vec::new();
+        // 64 distinct jobs, each scheduled twice (identical: one New, one
+        // AlreadyPending), and 8 of them again with another due time
+        // (JobIdReused unless it came first).
+        for i in 0..64u64 {
+            for copy in 0..2 {
+                let q = q.clone();
+                tasks.push(tokio::spawn(async move {
+                    (i, copy, q.schedule(job(&format!("j{i}"), 1_000 + i)).await)
+                }));
+            }
+            if i < 8 {
+                let q = q.clone();
+                tasks.push(tokio::spawn(async move {
+                    (i, 2, q.schedule(job(&format!("j{i}"), 5)).await)
+                }));
+            }
+        }
+        let mut new = std::collections::HashMap::new();
+        let mut calls = 0;
+        for t in tasks {
+            calls += 1;
+            let (i, copy, r) = t.await.unwrap();
+            match r {
+                Ok(Scheduled::New) => *new.entry(i).or_insert(0) += 1,
+                Ok(Scheduled::AlreadyPending) => assert!(copy < 2),
+                Err(QueueError::JobIdReused { .. }) => {}
+                other => panic!("job {i} copy {copy}: {other:?}"),
+            }
+        }
+        assert!(new.values().all(|&n| n == 1) && new.len() == 64, "{new:?}");
+        let stats = q.stats();
+        eprintln!("{} commits for {calls} calls", stats.schedule_commits);
+        // Group commit: calls that arrive while a commit is in progress share
+        // the next one (timing decides how many; half is a loose bound).
+        assert!(
+            stats.schedule_commits <= calls / 2,
+            "{} commits for {calls} calls",
+            stats.schedule_commits
+        );
+        assert_eq!(q.len().await.unwrap(), 64);
+        drop(q);
+        let q = EmbeddedDelayQueue::open(dir.path()).unwrap();
+        assert_eq!(q.len().await.unwrap(), 64);
     }
 
     #[tokio::test]
