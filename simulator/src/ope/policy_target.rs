@@ -98,21 +98,33 @@ pub fn policy_probs(
                 };
             }
         }
-        // Learn from the batch's logged outcomes.
-        let mut o = Outcomes::new(pop.dim()).map_err(|e| err(e.to_string()))?;
-        for &i in idx {
-            let u = rows[i].user;
-            if let Some(x) = pop.features(u) {
-                let a = data.action[i];
-                o.push(a as u16, x, 1, u32::from(data.reward[i] > 0.0))
-                    .map_err(|e| err(e.to_string()))?;
-                planned_per_creative[a] += 1;
-            }
-        }
+        learn_from_batch(&mut *p, pop, data, rows, idx, &mut planned_per_creative).map_err(err)?;
         reserved += idx.len() as u64;
-        p.update(&o).map_err(|e| err(e.to_string()))?;
     }
     TargetProbs::new(rows.len(), k, probs)
+}
+
+/// Feeds the logged outcomes of one batch (rows `idx`) to the target, as
+/// the real policy learns from the feedback of the batches it planned, and
+/// counts them in `planned_per_creative`.
+pub(crate) fn learn_from_batch(
+    p: &mut dyn smartmsg_domain::Policy,
+    pop: &SimPopulation,
+    data: &LoggedData,
+    rows: &[CampaignRow],
+    idx: &[usize],
+    planned_per_creative: &mut [u64],
+) -> Result<(), String> {
+    let mut o = Outcomes::new(pop.dim()).map_err(|e| e.to_string())?;
+    for &i in idx {
+        if let Some(x) = pop.features(rows[i].user) {
+            let a = data.action[i];
+            o.push(a as u16, x, 1, u32::from(data.reward[i] > 0.0))
+                .map_err(|e| e.to_string())?;
+            planned_per_creative[a] += 1;
+        }
+    }
+    p.update(&o).map_err(|e| e.to_string())
 }
 
 /// The target's true value on the logged users: `mean Σ_a π(a|u) p(u, a)`

@@ -37,10 +37,11 @@ use std::sync::Arc;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use smartmsg_domain::{Outcomes, PlanContext, UserSet};
+use smartmsg_domain::{PlanContext, UserSet};
 
 use super::estimate::{RewardModel, Row};
 use super::load::CampaignRow;
+use super::policy_target::learn_from_batch;
 use super::{LoggedData, OpeError};
 use crate::policies::{self, PolicyName};
 use crate::population::SimPopulation;
@@ -205,19 +206,9 @@ pub fn slate_target(
         }
         // Learn from the batch's logged outcomes; the logged users are gone
         // from the next batch's candidates.
-        let mut o = Outcomes::new(pop.dim()).map_err(|e| err(e.to_string()))?;
-        for &i in idx {
-            let u = rows[i].user;
-            if let Some(x) = pop.features(u) {
-                let a = data.action[i];
-                o.push(a as u16, x, 1, u32::from(data.reward[i] > 0.0))
-                    .map_err(|e| err(e.to_string()))?;
-                planned_per_creative[a] += 1;
-            }
-        }
+        learn_from_batch(&mut *p, pop, data, rows, idx, &mut planned_per_creative).map_err(err)?;
         messaged.extend_from(&idx.iter().map(|&i| rows[i].user).collect::<Vec<_>>());
         reserved += idx.len() as u64;
-        p.update(&o).map_err(|e| err(e.to_string()))?;
     }
     Ok(SlateTarget {
         rows: out,
