@@ -38,13 +38,14 @@
 //!
 //! [`KafkaTopicSource`] reads one partition of a topic; the record's offset
 //! is its position (the runner keeps the position in its own store, so no
-//! group offsets are committed). [`KafkaTopicSink`] produces outputs with
-//! an idempotent producer, each with headers naming the runner and the
-//! output id (`smartmsg-runner`, `smartmsg-output`): the producer never
-//! duplicates a send, but a re-delivery of a commit after a crash (the
-//! runner's outbox) is produced again, so readers that need exactly-once
-//! drop repeated `(runner, output id)` pairs — or use
-//! [`KafkaStreamProcessor`], which needs no such step.
+//! group offsets are committed). [`KafkaTopicSink`] produces each runner
+//! commit's outputs in one transaction together with a progress record
+//! (the runner's last delivered commit, in a compacted topic), each output
+//! with headers naming the runner and the output id (`smartmsg-runner`,
+//! `smartmsg-output`); a commit re-delivered after a crash (the runner's
+//! outbox) is recognised from the progress record and produced no second
+//! time, which is the exactly-once contract of [`Sink`]. Same condition on
+//! aborted records as above.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -110,6 +111,9 @@ pub enum KafkaStreamError {
     /// did not commit: the task's memory is ahead of Kafka. Reopen.
     #[error("the processor failed in an earlier step; reopen it")]
     Poisoned,
+    /// The component was used outside what it supports.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl KafkaStreamError {
@@ -756,74 +760,266 @@ impl Source for KafkaTopicSource {
     }
 }
 
-/// A [`Sink`] producing each output to topic `<prefix><output>` with an
-/// idempotent producer (see the [module](self) docs for re-deliveries).
+/// A [`Sink`] producing each output to topic `<prefix><output>`,
+/// exactly once per `(runner, output id)` as the [`Sink`] contract asks.
+///
+/// Each `send` (one runner commit's outputs) is one Kafka transaction
+/// holding the outputs and a progress record (key: the runner, value: the
+/// commit number) in the compacted topic `<prefix>__sink_progress`. At its
+/// first `send` the sink reads the runner's last delivered commit from that
+/// topic (`read_committed`) and from then on skips outputs of commits not
+/// after it: a commit re-delivered after a crash (the runner's outbox is
+/// kept until its next commit) produces nothing. The producer's
+/// `transactional.id` is `smartmsg.sink.<prefix><runner>`, so a second
+/// sink for the same runner fences the first. One sink serves one runner.
+///
+/// Condition: the broker hides aborted transactions from `read_committed`
+/// readers (Apache Kafka does; tansu 0.6 does not, so there a transaction
+/// aborted after producing could count as delivered).
 pub struct KafkaTopicSink {
-    producer: BaseProducer,
+    bootstrap: String,
     prefix: String,
+    progress_topic: String,
     timeout: Duration,
+    /// Set up at the first `send`, for its runner.
+    state: Option<SinkState>,
+}
+
+struct SinkState {
+    runner: String,
+    producer: BaseProducer,
+    /// The last commit whose outputs are delivered.
+    delivered: Option<u64>,
 }
 
 impl std::fmt::Debug for KafkaTopicSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaTopicSink")
             .field("prefix", &self.prefix)
+            .field("runner", &self.state.as_ref().map(|s| &s.runner))
+            .field("delivered", &self.state.as_ref().map(|s| s.delivered))
             .finish_non_exhaustive()
     }
 }
 
 impl KafkaTopicSink {
-    /// A sink producing to `<prefix><output>` topics.
+    /// A sink producing to `<prefix><output>` topics (nothing is contacted
+    /// before the first `send`).
     pub fn new(bootstrap: &str, prefix: &str) -> Result<Self, KafkaStreamError> {
+        Ok(Self {
+            bootstrap: bootstrap.to_owned(),
+            prefix: prefix.to_owned(),
+            progress_topic: format!("{prefix}__sink_progress"),
+            timeout: Duration::from_secs(30),
+            state: None,
+        })
+    }
+
+    /// The last commit of `runner` whose outputs this sink (or an earlier
+    /// one) delivered, once the sink has served `runner`.
+    pub fn delivered(&self, runner: &str) -> Option<u64> {
+        self.state
+            .as_ref()
+            .filter(|s| s.runner == runner)
+            .and_then(|s| s.delivered)
+    }
+
+    /// Sets up the producer for `runner` (fencing an earlier sink of the
+    /// same runner) and reads what was delivered.
+    async fn start(&mut self, runner: &str) -> Result<(), KafkaStreamError> {
+        if let Some(s) = &self.state {
+            if s.runner == runner {
+                return Ok(());
+            }
+            return Err(KafkaStreamError::Config(format!(
+                "this sink serves runner `{}`, not `{runner}`",
+                s.runner
+            )));
+        }
+        create_topics(
+            &self.bootstrap,
+            &[(&self.progress_topic, 1)],
+            &[("cleanup.policy", "compact")],
+        )
+        .await?;
         let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+            .set("bootstrap.servers", &self.bootstrap)
+            .set(
+                "transactional.id",
+                format!("smartmsg.sink.{}{runner}", self.prefix),
+            )
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .create()
-            .map_err(|e| KafkaStreamError::kafka("create producer", e))?;
-        Ok(Self {
+            .map_err(|e| KafkaStreamError::kafka("create sink producer", e))?;
+        producer
+            .init_transactions(self.timeout)
+            .map_err(|e| KafkaStreamError::kafka("init_transactions", e))?;
+        // After init_transactions: an earlier sink's open transaction is
+        // aborted (or committed) by now, so its progress is settled.
+        let delivered = self.read_progress(runner)?;
+        self.state = Some(SinkState {
+            runner: runner.to_owned(),
             producer,
-            prefix: prefix.to_owned(),
-            timeout: Duration::from_secs(30),
-        })
+            delivered,
+        });
+        Ok(())
+    }
+
+    /// The last progress value of `runner` in the progress topic.
+    fn read_progress(&self, runner: &str) -> Result<Option<u64>, KafkaStreamError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", format!("smartmsg.sink.{}{runner}", self.prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .create()
+            .map_err(|e| KafkaStreamError::kafka("create progress consumer", e))?;
+        let topic = self.progress_topic.as_str();
+        let (_, end) = consumer
+            .fetch_watermarks(topic, 0, self.timeout)
+            .map_err(|e| KafkaStreamError::kafka("progress watermarks", e))?;
+        if end <= 0 {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .map_err(|e| KafkaStreamError::kafka("assign progress", e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| KafkaStreamError::kafka("assign progress", e))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut last = None;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(KafkaStreamError::kafka(
+                    "read sink progress",
+                    KafkaError::Global(RDKafkaErrorCode::OperationTimedOut),
+                ));
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(KafkaStreamError::kafka("read sink progress", e)),
+                Some(Ok(m)) => {
+                    if m.key() == Some(runner.as_bytes()) {
+                        let v = m.payload().unwrap_or(&[]);
+                        let bytes: [u8; 8] =
+                            v.try_into().map_err(|_| KafkaStreamError::Corrupt {
+                                offset: m.offset(),
+                                reason: format!("sink progress of {} bytes, expected 8", v.len()),
+                            })?;
+                        last = Some(u64::from_be_bytes(bytes));
+                    }
+                    if m.offset() + 1 >= end {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    /// Produces `records` and the progress record in one transaction.
+    fn deliver(
+        &mut self,
+        runner: &str,
+        records: &[&OutputRecord],
+        commit: u64,
+    ) -> Result<(), KafkaError> {
+        let timeout = self.timeout;
+        let prefix = self.prefix.clone();
+        let progress_topic = self.progress_topic.clone();
+        let Some(st) = self.state.as_mut() else {
+            return Err(KafkaError::Global(RDKafkaErrorCode::State));
+        };
+        let p = &st.producer;
+        p.begin_transaction()?;
+        let result = (|| {
+            for r in records {
+                let topic = format!("{prefix}{}", r.output);
+                let id = format!("{}:{}", r.id.commit, r.id.index);
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "smartmsg-runner",
+                        value: Some(runner),
+                    })
+                    .insert(Header {
+                        key: "smartmsg-output",
+                        value: Some(&id),
+                    });
+                let rec = BaseRecord::<[u8], [u8]>::to(&topic)
+                    .key(r.key.as_slice())
+                    .payload(r.value.as_slice())
+                    .timestamp(r.timestamp_ms as i64)
+                    .headers(headers);
+                send_blocking(p, rec)?;
+            }
+            let progress = commit.to_be_bytes();
+            send_blocking(
+                p,
+                BaseRecord::<[u8], [u8]>::to(&progress_topic)
+                    .key(runner.as_bytes())
+                    .payload(&progress[..]),
+            )?;
+            // Delivery reports are polled here (see `step_inner`: not with
+            // `flush`, which waits in 100 ms steps).
+            let deadline = Instant::now() + timeout;
+            while p.in_flight_count() > 0 {
+                if Instant::now() >= deadline {
+                    return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+                }
+                p.poll(Duration::from_millis(1));
+            }
+            p.commit_transaction(timeout)
+        })();
+        match result {
+            Ok(()) => {
+                st.delivered = Some(commit);
+                Ok(())
+            }
+            Err(e) => {
+                if p.abort_transaction(timeout).is_err() {
+                    // Fenced or broken: set up again at the next send.
+                    self.state = None;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Produces `rec`, waiting while the producer's queue is full.
+fn send_blocking(p: &BaseProducer, mut rec: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
+    loop {
+        match p.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                rec = back;
+                p.poll(Duration::from_millis(50));
+            }
+            Err((e, _)) => return Err(e),
+        }
     }
 }
 
 #[async_trait]
 impl Sink for KafkaTopicSink {
-    /// Blocks the calling thread until the records are acknowledged.
+    /// Blocks the calling thread until the transaction is committed.
     async fn send(&mut self, runner: &str, records: &[OutputRecord]) -> Result<(), SinkError> {
-        let backend = |e: KafkaError| SinkError::Backend(BackendError::new(e));
-        for r in records {
-            let topic = format!("{}{}", self.prefix, r.output);
-            let id = format!("{}:{}", r.id.commit, r.id.index);
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "smartmsg-runner",
-                    value: Some(runner),
-                })
-                .insert(Header {
-                    key: "smartmsg-output",
-                    value: Some(&id),
-                });
-            let mut rec = BaseRecord::<[u8], [u8]>::to(&topic)
-                .key(r.key.as_slice())
-                .payload(r.value.as_slice())
-                .timestamp(r.timestamp_ms as i64)
-                .headers(headers);
-            loop {
-                match self.producer.send(rec) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        rec = back;
-                        self.producer.poll(Duration::from_millis(50));
-                    }
-                    Err((e, _)) => return Err(backend(e)),
-                }
-            }
-        }
-        self.producer.flush(self.timeout).map_err(backend)?;
-        Ok(())
+        let backend = |e: KafkaStreamError| SinkError::Backend(BackendError::new(e));
+        self.start(runner).await.map_err(backend)?;
+        let delivered = self.delivered(runner);
+        let fresh: Vec<&OutputRecord> = records
+            .iter()
+            .filter(|r| delivered.is_none_or(|d| r.id.commit > d))
+            .collect();
+        let Some(commit) = fresh.iter().map(|r| r.id.commit).max() else {
+            return Ok(());
+        };
+        self.deliver(runner, &fresh, commit)
+            .map_err(|e| backend(KafkaStreamError::kafka("deliver", e)))
     }
 }
 

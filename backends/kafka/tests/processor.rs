@@ -294,6 +294,63 @@ fn topic_source_and_sink_drive_the_runner() {
     assert_eq!(counts(&read_all(&bootstrap, &output, 4)), want);
 }
 
+/// Records of one runner commit: `keys` as outputs of `counts`.
+fn commit_records(commit: u64, keys: &[&str]) -> Vec<smartmsg_engine::stream::OutputRecord> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| smartmsg_engine::stream::OutputRecord {
+            id: smartmsg_engine::stream::OutputId {
+                commit,
+                index: i as u32,
+            },
+            output: "counts".into(),
+            key: k.as_bytes().to_vec(),
+            value: (commit * 100 + i as u64).to_be_bytes().to_vec(),
+            timestamp_ms: 1_000 + commit,
+        })
+        .collect()
+}
+
+#[test]
+fn topic_sink_delivers_a_redelivered_commit_once_and_fences_a_zombie() {
+    use smartmsg_engine::stream::Sink;
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let app = common::unique_log("sink");
+    let prefix = format!("{app}.out.");
+    let output = format!("{prefix}counts");
+    rt.block_on(ensure_topics(&bootstrap, &[(&output, 1)]))
+        .unwrap();
+    rt.block_on(async {
+        let mut a = KafkaTopicSink::new(&bootstrap, &prefix).unwrap();
+        a.send("r", &commit_records(0, &["a", "b"])).await.unwrap();
+        // The runner crashed before dropping its outbox: the same commit is
+        // delivered again, to the same sink and to a new one after a
+        // restart. Neither produces it twice.
+        a.send("r", &commit_records(0, &["a", "b"])).await.unwrap();
+        a.send("r", &commit_records(1, &["c"])).await.unwrap();
+        drop(a);
+        let mut b = KafkaTopicSink::new(&bootstrap, &prefix).unwrap();
+        b.send("r", &commit_records(1, &["c"])).await.unwrap();
+        assert_eq!(b.delivered("r"), Some(1));
+        b.send("r", &commit_records(2, &["d", "e"])).await.unwrap();
+        // A second sink for the runner fences the first.
+        let mut c = KafkaTopicSink::new(&bootstrap, &prefix).unwrap();
+        c.send("r", &commit_records(2, &["d", "e"])).await.unwrap();
+        assert_eq!(c.delivered("r"), Some(2));
+        assert!(b.send("r", &commit_records(3, &["zombie"])).await.is_err());
+        // One sink serves one runner.
+        assert!(c.send("other", &commit_records(0, &["x"])).await.is_err());
+    });
+    let got: Vec<String> = read_all(&bootstrap, &output, 5)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(got, vec!["a", "b", "c", "d", "e"]);
+}
+
 #[test]
 fn processor_aborted_step_is_redone_once() {
     let Some(bootstrap) = common::bootstrap() else {
