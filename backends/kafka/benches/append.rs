@@ -21,9 +21,15 @@
 //!   `EmbeddedLog` (group commit, `fdatasync`), in cargo's target tmp dir.
 //!
 //! - **(d) rebuild**: a log of `N` 100-byte events (200,000; 20,000 with
-//!   `--quick`) over 64 streams, written 1,000 per transaction, then
-//!   reopened: the time `open` takes (fencing, reading the topic, resolving
-//!   the committed chain, rebuilding the index). Events/s.
+//!   `--quick`) over 64 streams, written 1,000 per transaction, with one
+//!   checkpoint (written on request) after 99 % of them, then reopened
+//!   repeatedly, alternating: with checkpoints disabled (a full rebuild:
+//!   reading the whole topic, resolving the committed chain, rebuilding the
+//!   index) and with checkpoints enabled (loading the checkpoint, then
+//!   reading the last 1 % of the topic). The time `open` takes, fencing
+//!   included, and events indexed per second. Also the time the checkpoint
+//!   took (encoding it on the writer thread, writing its chunks) and its
+//!   size.
 //!
 //! Each figure is the median of 3 repeats (each after a warm-up), run in
 //! interleaved rounds so that drift hits every item alike; nothing is
@@ -218,6 +224,21 @@ async fn log_window<L: EventLog + 'static>(
     (rate, mean)
 }
 
+/// The (d) figures: medians of the full rebuilds and of those from the
+/// checkpoint (in that order).
+struct Rebuild {
+    events: u64,
+    /// Seconds of the whole `open`.
+    open: [f64; 2],
+    /// Seconds after fencing.
+    rebuild: [f64; 2],
+    covered: u64,
+    cold: Duration,
+    warm: Duration,
+    encode: Duration,
+    stats: smartmsg_kafka::RebuildStats,
+}
+
 fn kafka_batches(l: &KafkaEventLog) -> (u64, u64) {
     let s = l.stats();
     (s.kafka_transactions, s.appends_written)
@@ -341,12 +362,30 @@ fn main() {
     // (d) rebuild
     let n_rebuild: u64 = if quick { 20_000 } else { 200_000 };
     let rebuild = rt.block_on(async {
-        let cfg =
-            KafkaConfig::new(&bootstrap, format!("{run}-rebuild")).with_partitions(PARTITIONS);
+        // Checkpoints only on request during the fill.
+        let cfg = KafkaConfig::new(&bootstrap, format!("{run}-rebuild"))
+            .with_partitions(PARTITIONS)
+            .with_checkpoint_every(u64::MAX);
         let log = KafkaEventLog::open(cfg.clone()).await.expect("open");
         let payload = bytes::Bytes::from(vec![b'x'; RECORD]);
         let mut written = 0u64;
+        let mut checkpoint = None;
         while written < n_rebuild {
+            // After 99 % (before the last transaction at least).
+            if checkpoint.is_none()
+                && (written >= n_rebuild * 99 / 100 || written + 1_000 >= n_rebuild)
+            {
+                // The first creates the checkpoint producer; the second is
+                // a checkpoint in the steady state.
+                let start = Instant::now();
+                log.checkpoint().await.expect("checkpoint");
+                let cold = start.elapsed();
+                let start = Instant::now();
+                let covered = log.checkpoint().await.expect("checkpoint");
+                let warm = start.elapsed();
+                let encode = log.stats().checkpoint_encode_time;
+                checkpoint = Some((covered, cold, warm, encode));
+            }
             let mut tx = AppendTx::default();
             for s in 0..64u64 {
                 let events = (0..1000 / 64 + u64::from(s < 1000 % 64))
@@ -361,12 +400,45 @@ fn main() {
             written = log.append(tx).await.expect("append").next_position;
         }
         log.close().await;
-        let start = Instant::now();
-        let log = KafkaEventLog::open(cfg).await.expect("reopen");
-        let took = start.elapsed();
-        assert_eq!(log.head().await.unwrap(), written);
-        log.close().await;
-        (written, took)
+        let (covered, cold, warm, encode) = checkpoint.expect("a checkpoint was written");
+        let (mut full, mut from_checkpoint) = (Vec::new(), Vec::new());
+        let (mut full_rebuild, mut from_checkpoint_rebuild) = (Vec::new(), Vec::new());
+        let mut sample = None;
+        for _ in 0..mode.reps {
+            for with_checkpoint in [false, true] {
+                let cfg =
+                    cfg.clone()
+                        .with_checkpoint_every(if with_checkpoint { u64::MAX } else { 0 });
+                let start = Instant::now();
+                let log = KafkaEventLog::open(cfg).await.expect("reopen");
+                let took = start.elapsed().as_secs_f64();
+                assert_eq!(log.head().await.unwrap(), written);
+                let r = log.stats().rebuild;
+                let rebuilt = r.rebuild_duration.as_secs_f64();
+                if with_checkpoint {
+                    assert_eq!(r.checkpoint_events, covered, "{r:?}");
+                    from_checkpoint.push(took);
+                    from_checkpoint_rebuild.push(rebuilt);
+                    sample = Some(r);
+                } else {
+                    assert_eq!(r.checkpoint_events, 0);
+                    full.push(took);
+                    full_rebuild.push(rebuilt);
+                }
+                log.close().await;
+            }
+        }
+        let r = sample.expect("a reopen from the checkpoint");
+        Rebuild {
+            events: written,
+            open: [median(full).0, median(from_checkpoint).0],
+            rebuild: [median(full_rebuild).0, median(from_checkpoint_rebuild).0],
+            covered,
+            cold,
+            warm,
+            encode,
+            stats: r,
+        }
     });
 
     println!();
@@ -396,11 +468,41 @@ fn main() {
             fmt_rate(*r)
         );
     }
+    let Rebuild {
+        events,
+        open,
+        rebuild,
+        covered,
+        cold,
+        warm,
+        encode,
+        stats,
+    } = rebuild;
+    for (i, what) in [
+        "full (checkpoints off)".to_owned(),
+        format!("checkpoint of {covered} + {} read", events - covered),
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!(
+            "| (d) rebuild at open, {what} | – | {events} events | {:.0} events/s ({:.3} s; \
+             {:.3} s of it after fencing) |",
+            events as f64 / rebuild[i],
+            open[i],
+            rebuild[i],
+        );
+    }
+    println!();
     println!(
-        "| (d) rebuild at open | – | {} events | {:.0} events/s ({:?}) |",
-        rebuild.0,
-        rebuild.0 as f64 / rebuild.1.as_secs_f64(),
-        rebuild.1
+        "(d) events/s are over the rebuild after fencing (`RebuildStats::rebuild_duration`); \
+         the whole `open` (with `init_transactions`) in parentheses."
+    );
+    println!(
+        "Checkpoint of {covered} events: {} bytes; encoding it held the writer {encode:?}; \
+         `checkpoint()` took {warm:?} ({cold:?} the first time, creating its producer); at \
+         open, finding, reading, decoding and checking it took {:?}.",
+        stats.checkpoint_bytes, stats.checkpoint_duration
     );
     println!();
     println!("Ratios (b) / (a) at the same records per Kafka transaction:");

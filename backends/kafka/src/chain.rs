@@ -94,7 +94,24 @@ struct Group {
 
 /// Resolves the chain of committed transactions among `metas` (every record
 /// of the topic, in any order) and rebuilds the index from it.
+#[cfg(test)]
 pub(crate) fn resolve(topic: &str, metas: Vec<Meta>) -> Result<Resolved, KafkaLogError> {
+    resolve_from(topic, Resolved::default(), metas)
+}
+
+/// Continues the chain of `base` (the empty state, or a checkpoint's) with
+/// `metas`: every record of the topic at or after the offsets `base`
+/// covers, in any order. From the tip on this is exactly the full
+/// rebuild's logic: every attempt that links to the tip was made after the
+/// tip committed, so all of them are among `metas`. Records of older
+/// attempts that happen to lie past the covered offsets (aborted, shown by
+/// brokers like tansu) link to an earlier transaction and are ignored as
+/// they are in a full rebuild.
+pub(crate) fn resolve_from(
+    topic: &str,
+    base: Resolved,
+    metas: Vec<Meta>,
+) -> Result<Resolved, KafkaLogError> {
     let corrupt = |m: &Meta, reason: String| KafkaLogError::Corrupt {
         topic: topic.to_owned(),
         partition: m.partition,
@@ -130,17 +147,14 @@ pub(crate) fn resolve(topic: &str, metas: Vec<Meta>) -> Result<Resolved, KafkaLo
         }
         g.events.push(m);
     }
-    let next_seq = groups.keys().max().map_or(1, |m| m + 1);
+    let next_seq = groups.keys().max().map_or(1, |m| m + 1).max(base.next_seq);
     let mut latest_by_prev: HashMap<u64, u64> = HashMap::new();
     for (&seq, g) in &groups {
         let e = latest_by_prev.entry(g.prev).or_insert(seq);
         *e = (*e).max(seq);
     }
 
-    let mut out = Resolved {
-        next_seq,
-        ..Resolved::default()
-    };
+    let mut out = Resolved { next_seq, ..base };
     while let Some(&seq) = latest_by_prev.get(&out.tip) {
         let mut g = groups.remove(&seq).expect("group of a known seq");
         g.events.sort_by_key(|m| m.framing.batch_index);
@@ -167,7 +181,7 @@ pub(crate) fn resolve(topic: &str, metas: Vec<Meta>) -> Result<Resolved, KafkaLo
         out.tip = seq;
         out.committed_batches += 1;
     }
-    out.ignored_batches = groups.len() as u64;
+    out.ignored_batches += groups.len() as u64;
     Ok(out)
 }
 
@@ -354,6 +368,31 @@ mod tests {
         assert_eq!(r.index.version(&sid("d")), 2);
         assert_eq!(r.index.version(&sid("e")), 0);
         assert_eq!(unpack(r.locs[4]), (1, 8));
+    }
+
+    /// Resolving the records after a checkpoint on top of the checkpoint's
+    /// state gives what resolving every record gives, even with records of
+    /// an old aborted attempt among the later ones.
+    #[test]
+    fn continuing_from_a_checkpoint_equals_the_full_rebuild() {
+        let v0 = Versions::new();
+        let (b1, p1, v1) = batch(1, 0, 0, &[&["a", "b"], &["c"]], &v0);
+        let (b2, _, _) = batch(2, 1, p1, &[&["a", "x"]], &v1);
+        let (b3, p3, v3) = batch(3, 1, p1, &[&["b", "d"]], &v1);
+        // The checkpoint: tip 3. Part of aborted attempt 2 lies after it.
+        let (b4, p4, v4) = batch(4, 3, p3, &[&["d"], &["a"]], &v3);
+        let (b5, _, _) = batch(5, 4, p4, &[&["e", "e"]], &v4);
+        let (b6, p6, _) = batch(6, 4, p4, &[&["e"]], &v4);
+        let full = resolve("t", [&b1[..], &b2, &b3, &b4, &b5, &b6].concat()).unwrap();
+        let base = resolve("t", [&b1[..], &b2[..1], &b3].concat()).unwrap();
+        assert_eq!(base.tip, 3);
+        let tail = [&b2[1..], &b4[..], &b5, &b6].concat();
+        let cont = resolve_from("t", base, tail).unwrap();
+        assert_eq!(cont.index, full.index);
+        assert_eq!(cont.locs, full.locs);
+        assert_eq!((cont.tip, cont.next_seq), (full.tip, full.next_seq));
+        assert_eq!((cont.tip, cont.index.head()), (6, p6));
+        assert_eq!(cont.committed_batches, full.committed_batches);
     }
 
     #[test]

@@ -59,6 +59,18 @@ pub struct KafkaConfig {
     /// two wanted offsets wider than this starts a new run (a new fetch
     /// position) instead of reading through the records in between.
     pub seek_gap: i64,
+    /// The writer checkpoints its index to the topic
+    /// `smartmsg.<log_name>.checkpoints` each time this many events were
+    /// committed since its last checkpoint, so that `open` reads only the
+    /// events after the newest checkpoint instead of the whole events topic
+    /// (see [`crate::checkpoint`]). `0` disables checkpoints: none is
+    /// written and `open` ignores existing ones (a full rebuild).
+    pub checkpoint_every_events: u64,
+    /// Largest piece of a checkpoint in one Kafka record (a checkpoint of a
+    /// large log is many MB and is split into records of at most this
+    /// many bytes plus a 40-byte header). 1 KiB to 1 MiB; the checkpoints
+    /// topic's `max.message.bytes` is set above it.
+    pub checkpoint_chunk_bytes: usize,
     /// Extra librdkafka properties for every client (security, SASL, …),
     /// applied after the backend's own.
     pub client_properties: Vec<(String, String)>,
@@ -82,6 +94,8 @@ impl fmt::Debug for KafkaConfig {
             .field("queue_capacity", &self.queue_capacity)
             .field("readers", &self.readers)
             .field("seek_gap", &self.seek_gap)
+            .field("checkpoint_every_events", &self.checkpoint_every_events)
+            .field("checkpoint_chunk_bytes", &self.checkpoint_chunk_bytes)
             .field("client_properties", &self.client_properties)
             .field("before_commit", &self.before_commit.is_some())
             .finish()
@@ -90,7 +104,8 @@ impl fmt::Debug for KafkaConfig {
 
 impl KafkaConfig {
     /// A configuration with the defaults: 4 partitions, replication 1,
-    /// default limits, 60 s transaction timeout, 30 s request timeout.
+    /// default limits, 60 s transaction timeout, 30 s request timeout, a
+    /// checkpoint every 100,000 events in chunks of 512 KiB.
     pub fn new(bootstrap: impl Into<String>, log_name: impl Into<String>) -> Self {
         Self {
             bootstrap: bootstrap.into(),
@@ -105,6 +120,8 @@ impl KafkaConfig {
             queue_capacity: 10_000,
             readers: 4,
             seek_gap: 1_000,
+            checkpoint_every_events: 100_000,
+            checkpoint_chunk_bytes: 512 << 10,
             client_properties: Vec::new(),
             before_commit: None,
         }
@@ -119,6 +136,24 @@ impl KafkaConfig {
     /// The events topic: `smartmsg.<log_name>.events`.
     pub fn topic(&self) -> String {
         format!("smartmsg.{}.events", self.log_name)
+    }
+
+    /// Sets [`KafkaConfig::checkpoint_every_events`] (`0` disables
+    /// checkpoints).
+    pub fn with_checkpoint_every(mut self, events: u64) -> Self {
+        self.checkpoint_every_events = events;
+        self
+    }
+
+    /// The checkpoints topic: `smartmsg.<log_name>.checkpoints`.
+    pub fn checkpoint_topic(&self) -> String {
+        format!("smartmsg.{}.checkpoints", self.log_name)
+    }
+
+    /// The largest record written to the checkpoints topic (a chunk and
+    /// its header, rounded up); its `max.message.bytes`.
+    pub fn max_checkpoint_record_bytes(&self) -> usize {
+        self.checkpoint_chunk_bytes + (4 << 10)
     }
 
     /// The writer's `transactional.id`: `smartmsg.<log_name>.writer`.
@@ -177,6 +212,12 @@ impl KafkaConfig {
         }
         if self.queue_capacity == 0 || self.readers == 0 {
             return bad("queue_capacity and readers must be positive".into());
+        }
+        if !(1 << 10..=1 << 20).contains(&self.checkpoint_chunk_bytes) {
+            return bad(format!(
+                "checkpoint_chunk_bytes is {}; it must be 1 KiB to 1 MiB",
+                self.checkpoint_chunk_bytes
+            ));
         }
         if self.seek_gap < 1 {
             return bad("seek_gap must be positive".into());

@@ -42,8 +42,18 @@
 //!   (`read_committed`) and the index rebuilt from the committed chain
 //!   ([`chain`]): each Kafka transaction names its predecessor, so records
 //!   of aborted or cut-short transactions are ignored even on brokers that
-//!   show them to `read_committed` consumers (tansu). The rebuild reads the
-//!   whole topic; there is no checkpoint yet.
+//!   show them to `read_committed` consumers (tansu).
+//! - **Checkpoints.** Every
+//!   [`checkpoint_every_events`](KafkaConfig::checkpoint_every_events)
+//!   committed events (100,000 by default) the writer encodes its index,
+//!   the position → (partition, offset) map, the chain's tip and the
+//!   offsets of the events topic they cover, and a thread of its own writes
+//!   it in CRC-checked chunks to `smartmsg.<log_name>.checkpoints`
+//!   ([`checkpoint`]). `open` loads the newest complete checkpoint that
+//!   fits the topic and reads only the records after it, continuing the
+//!   chain from its tip, which gives exactly the full rebuild's index; with
+//!   no usable checkpoint it reads the whole topic (and logs why).
+//!   [`KafkaEventLog::checkpoint`] writes one on request.
 //! - **Head.** `head` is one past the last committed position;
 //!   `watch_head` is a tokio watch the writer updates after each commit.
 //!
@@ -57,6 +67,7 @@
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod checkpoint;
 pub mod config;
 pub mod envelope;
 pub mod error;
@@ -68,7 +79,7 @@ mod writer;
 pub use config::{BeforeCommitHook, KafkaConfig};
 pub use envelope::partition_for;
 pub use error::KafkaLogError;
-pub use log::{KafkaEventLog, KafkaLogStats, RebuildStats};
+pub use log::{IndexState, KafkaEventLog, KafkaLogStats, RebuildStats};
 pub use stream::{
     KafkaStreamError, KafkaStreamProcessor, KafkaTopicSink, KafkaTopicSource, ProcessorConfig,
 };

@@ -62,6 +62,18 @@ pub(crate) fn consumer(
         .map_err(|e| KafkaLogError::kafka("create consumer", e))
 }
 
+/// Drops a consumer on a thread of its own: closing one takes librdkafka
+/// about 100 ms (its threads wake up to notice), which `open` need not
+/// wait for.
+pub(crate) fn discard(consumer: BaseConsumer) {
+    if let Err(e) = std::thread::Builder::new()
+        .name("smartmsg-kafka-close".into())
+        .spawn(move || drop(consumer))
+    {
+        tracing::debug!(error = %e, "closing a consumer inline");
+    }
+}
+
 fn fatal_consume_error(e: &KafkaError) -> bool {
     matches!(e, KafkaError::MessageConsumptionFatal(_))
         || matches!(
@@ -229,44 +241,126 @@ pub(crate) struct Scan {
     pub records: u64,
 }
 
-/// Reads every partition of `topic` from its start to its end (as of now)
-/// with a `read_committed` consumer and decodes every record's framing.
-pub(crate) fn scan(
+/// The end offset (high watermark) of every partition of `topic`, checking
+/// that none lost records (`DataDeleted` if a partition no longer starts at
+/// offset 0).
+pub(crate) fn end_offsets(
     config: &KafkaConfig,
     topic: &str,
     partitions: u32,
-) -> Result<Scan, KafkaLogError> {
+) -> Result<Vec<i64>, KafkaLogError> {
     let consumer = consumer(config, "rebuild", true)?;
-    let timeout = config.request_timeout;
+    let ends = (0..partitions as i32)
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, config.request_timeout)
+                .map_err(|e| KafkaLogError::kafka("fetch watermarks", e))?;
+            if low > 0 {
+                return Err(KafkaLogError::DataDeleted {
+                    topic: topic.to_owned(),
+                    partition: p,
+                    low,
+                });
+            }
+            Ok(high)
+        })
+        .collect();
+    discard(consumer);
+    ends
+}
+
+/// The framing of the record at `partition`/`offset` of `topic`, or `None`
+/// if there is no such record (it cannot be read: the next record read has
+/// a higher offset, or the partition ends first).
+pub(crate) fn fetch_framing(
+    config: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<Option<crate::envelope::Framing>, KafkaLogError> {
+    let consumer = consumer(config, "rebuild", true)?;
     let mut tpl = TopicPartitionList::new();
-    let mut ends: HashMap<i32, i64> = HashMap::new();
-    for p in 0..partitions as i32 {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| KafkaLogError::kafka("fetch watermarks", e))?;
-        if low > 0 {
-            return Err(KafkaLogError::DataDeleted {
-                topic: topic.to_owned(),
-                partition: p,
-                low,
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(|e| KafkaLogError::kafka("assign", e))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| KafkaLogError::kafka("assign", e))?;
+    let started = Instant::now();
+    let result = loop {
+        if started.elapsed() > config.request_timeout {
+            break Err(KafkaLogError::Timeout {
+                what: format!("reading {topic} partition {partition} offset {offset}"),
+                after_ms: config.request_ms(),
             });
         }
-        if high > low {
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(m)) if m.partition() != partition || m.offset() < offset => {}
+            Some(Ok(m)) if m.offset() > offset => break Ok(None),
+            Some(Ok(m)) => {
+                break Ok(envelope::decode_framing(m.key(), m.payload())
+                    .ok()
+                    .map(|(f, _, _)| f))
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => break Ok(None),
+            Some(Err(e)) if fatal_consume_error(&e) => {
+                break Err(KafkaLogError::kafka("fetch", e));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "transient consumer error during a read");
+            }
+        }
+    };
+    discard(consumer);
+    result
+}
+
+/// Reads every partition `p` of `topic` from offset `from[p]` to `to[p]`
+/// (its end as of the open) with a `read_committed` consumer and decodes
+/// every record's framing.
+pub(crate) fn scan(
+    config: &KafkaConfig,
+    topic: &str,
+    from: &[i64],
+    to: &[i64],
+) -> Result<Scan, KafkaLogError> {
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for (p, (&start, &high)) in from.iter().zip(to).enumerate() {
+        let p = p as i32;
+        if high > start {
+            tpl.add_partition_offset(topic, p, Offset::Offset(start))
                 .map_err(|e| KafkaLogError::kafka("assign", e))?;
             ends.insert(p, high);
         }
     }
+    if ends.is_empty() {
+        return Ok(Scan {
+            metas: Vec::new(),
+            records: 0,
+        });
+    }
+    let consumer = consumer(config, "rebuild", true)?;
+    let result = consumer
+        .assign(&tpl)
+        .map_err(|e| KafkaLogError::kafka("assign", e))
+        .and_then(|()| scan_with(&consumer, config, topic, from, ends));
+    discard(consumer);
+    result
+}
+
+fn scan_with(
+    consumer: &BaseConsumer,
+    config: &KafkaConfig,
+    topic: &str,
+    from: &[i64],
+    mut ends: HashMap<i32, i64>,
+) -> Result<Scan, KafkaLogError> {
+    let timeout = config.request_timeout;
     let mut scan = Scan {
         metas: Vec::new(),
         records: 0,
     };
-    if ends.is_empty() {
-        return Ok(scan);
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| KafkaLogError::kafka("assign", e))?;
     let mut last_progress = Instant::now();
     while !ends.is_empty() {
         if last_progress.elapsed() > timeout {
@@ -281,8 +375,11 @@ pub(crate) fn scan(
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(m)) => {
-                last_progress = Instant::now();
                 let (p, o) = (m.partition(), m.offset());
+                if from.get(p as usize).is_none_or(|&f| o < f) {
+                    continue;
+                }
+                last_progress = Instant::now();
                 scan.records += 1;
                 let (framing, stream, idempotency) = envelope::decode_framing(m.key(), m.payload())
                     .map_err(|reason| KafkaLogError::Corrupt {

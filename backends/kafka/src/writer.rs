@@ -14,7 +14,8 @@ use smartmsg_engine::index::{LogIndex, Verdict};
 use smartmsg_engine::{AppendError, AppendResult, AppendTx, BackendError, Limits};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::chain::pack;
+use crate::chain::{pack, unpack};
+use crate::checkpoint::{self, Header, Job};
 use crate::config::KafkaConfig;
 use crate::envelope::{self, EventFields, Framing};
 use crate::error::{is_fenced, KafkaLogError};
@@ -36,6 +37,8 @@ pub(crate) struct State {
     pub locs: Vec<u64>,
     /// One past the last committed position: the head.
     pub committed: u64,
+    /// `batch_seq` of the committed chain's last transaction (0: none).
+    pub tip: u64,
 }
 
 /// Running counters.
@@ -45,12 +48,45 @@ pub(crate) struct Counters {
     pub appends_written: AtomicU64,
     pub events_written: AtomicU64,
     pub aborted_transactions: AtomicU64,
+    pub checkpoints_started: AtomicU64,
+    pub checkpoints_written: AtomicU64,
+    pub checkpoint_failures: AtomicU64,
+    pub checkpoints_in_flight: AtomicU64,
+    /// Events covered by the last checkpoint written.
+    pub checkpoint_events: AtomicU64,
+    /// Nanoseconds the last checkpoint took to encode.
+    pub checkpoint_encode_nanos: AtomicU64,
+}
+
+/// What the writer is asked to do.
+pub(crate) enum Request {
+    Append(Append),
+    /// Write a checkpoint now; answered once it is written.
+    Checkpoint(oneshot::Sender<Result<u64, KafkaLogError>>),
 }
 
 /// An append waiting for the writer.
-pub(crate) struct Request {
+pub(crate) struct Append {
     pub tx: AppendTx,
     pub reply: oneshot::Sender<Result<AppendResult, AppendError>>,
+}
+
+/// The writer's checkpoint schedule.
+pub(crate) struct Checkpoints {
+    /// `checkpoint_every_events`.
+    pub every: u64,
+    /// The head when the last checkpoint was started.
+    pub last: u64,
+    /// Per partition of the events topic: every record before this offset
+    /// is accounted for (the end at open, and one past each committed
+    /// record since).
+    pub covered: Vec<i64>,
+    /// Kafka transactions committed and ignored before this writer (from
+    /// the rebuild), for the checkpoint's statistics.
+    pub base_committed: u64,
+    pub base_ignored: u64,
+    pub jobs: Option<std::sync::mpsc::Sender<Job>>,
+    pub thread: Option<std::thread::JoinHandle<()>>,
 }
 
 type Delivered = (usize, Result<(i32, i64), KafkaError>);
@@ -120,6 +156,7 @@ pub(crate) struct Writer {
     pub next_seq: u64,
     pub poison: Option<AppendError>,
     pub carry: Option<Request>,
+    pub checkpoints: Option<Checkpoints>,
 }
 
 fn backend(e: KafkaLogError) -> AppendError {
@@ -135,7 +172,8 @@ fn tx_bytes(tx: &AppendTx) -> usize {
 }
 
 impl Writer {
-    /// Runs until every sender is gone.
+    /// Runs until every sender is gone, then waits for a checkpoint being
+    /// written.
     pub(crate) fn run(mut self) {
         loop {
             let first = match self.carry.take() {
@@ -145,27 +183,142 @@ impl Writer {
                     None => break,
                 },
             };
+            let first = match first {
+                Request::Append(a) => a,
+                Request::Checkpoint(reply) => {
+                    self.checkpoint_now(reply);
+                    continue;
+                }
+            };
             let mut events = first.tx.event_count();
             let mut bytes = tx_bytes(&first.tx);
             let mut batch = vec![first];
             while let Ok(r) = self.rx.try_recv() {
-                let (n, b) = (r.tx.event_count(), tx_bytes(&r.tx));
+                let Request::Append(a) = r else {
+                    self.carry = Some(r);
+                    break;
+                };
+                let (n, b) = (a.tx.event_count(), tx_bytes(&a.tx));
                 if events + n > self.config.max_batch_events
                     || bytes + b > self.config.max_batch_bytes
                 {
-                    self.carry = Some(r);
+                    self.carry = Some(Request::Append(a));
                     break;
                 }
                 events += n;
                 bytes += b;
-                batch.push(r);
+                batch.push(a);
             }
             self.process(batch);
+        }
+        if let Some(c) = &mut self.checkpoints {
+            c.jobs = None;
+            if let Some(t) = c.thread.take() {
+                let _ = t.join();
+            }
         }
         tracing::debug!(topic = %self.shared.topic, "kafka event log writer stopped");
     }
 
-    fn process(&mut self, batch: Vec<Request>) {
+    /// Answers a request for a checkpoint now.
+    fn checkpoint_now(&mut self, reply: oneshot::Sender<Result<u64, KafkaLogError>>) {
+        if let Some(e) = &self.poison {
+            let _ = reply.send(Err(KafkaLogError::Poisoned(format!(
+                "no checkpoint of a failed writer: {e}"
+            ))));
+            return;
+        }
+        let head = self.shared.state.read().expect("state lock").committed;
+        match &mut self.checkpoints {
+            None => {
+                let _ = reply.send(Err(KafkaLogError::Config(
+                    "checkpoints are disabled (checkpoint_every_events is 0)".into(),
+                )));
+            }
+            Some(_) if head == 0 => {
+                let _ = reply.send(Ok(0));
+            }
+            Some(c) => {
+                c.last = head;
+                self.start_checkpoint(Some(reply));
+            }
+        }
+    }
+
+    /// After a commit: starts a checkpoint if `every` events were committed
+    /// since the last one started and none is being written.
+    fn maybe_checkpoint(&mut self, head: u64) {
+        let Some(c) = &mut self.checkpoints else {
+            return;
+        };
+        if head.saturating_sub(c.last) < c.every
+            || self
+                .shared
+                .stats
+                .checkpoints_in_flight
+                .load(Ordering::Relaxed)
+                > 0
+        {
+            return;
+        }
+        c.last = head;
+        self.start_checkpoint(None);
+    }
+
+    /// Encodes the committed state (between Kafka transactions, so the
+    /// index holds exactly the committed events) and hands it to the
+    /// checkpoint thread.
+    fn start_checkpoint(&mut self, reply: Option<oneshot::Sender<Result<u64, KafkaLogError>>>) {
+        let Some(c) = &self.checkpoints else {
+            return;
+        };
+        let started = Instant::now();
+        let s = &self.shared.stats;
+        let (body, events) = {
+            let st = self.shared.state.read().expect("state lock");
+            debug_assert_eq!(st.index.head(), st.committed);
+            let header = Header {
+                log_name: self.config.log_name.clone(),
+                topic: self.shared.topic.clone(),
+                partitions: self.shared.partitions,
+                tip: st.tip,
+                next_seq: self.next_seq,
+                committed_batches: c.base_committed + s.kafka_transactions.load(Ordering::Relaxed),
+                ignored_batches: c.base_ignored + s.aborted_transactions.load(Ordering::Relaxed),
+                next_offsets: c.covered.clone(),
+            };
+            (
+                checkpoint::encode(&header, &st.locs, &st.index),
+                st.committed,
+            )
+        };
+        let took = started.elapsed();
+        s.checkpoint_encode_nanos
+            .store(took.as_nanos() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            topic = %self.shared.topic, events, bytes = body.len(), ?took,
+            "checkpoint encoded"
+        );
+        s.checkpoints_started.fetch_add(1, Ordering::Relaxed);
+        s.checkpoints_in_flight.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            body,
+            events,
+            reply,
+        };
+        if let Some(Err(std::sync::mpsc::SendError(job))) = c.jobs.as_ref().map(|j| j.send(job)) {
+            s.checkpoints_in_flight.fetch_sub(1, Ordering::Relaxed);
+            s.checkpoint_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic = %self.shared.topic, "checkpoint thread gone");
+            if let Some(r) = job.reply {
+                let _ = r.send(Err(KafkaLogError::Poisoned(
+                    "checkpoint thread gone".into(),
+                )));
+            }
+        }
+    }
+
+    fn process(&mut self, batch: Vec<Append>) {
         if let Some(err) = &self.poison {
             for r in batch {
                 let _ = r.reply.send(Err(err.clone()));
@@ -203,10 +356,18 @@ impl Writer {
         let records = self.encode(seq, &batch, &outcomes, &writes);
         match self.commit(seq, &records) {
             Ok(locations) => {
+                if let Some(c) = &mut self.checkpoints {
+                    for &l in &locations {
+                        let (p, o) = unpack(l);
+                        let covered = &mut c.covered[p as usize];
+                        *covered = (*covered).max(o + 1);
+                    }
+                }
                 let head = {
                     let mut st = self.shared.state.write().expect("state lock");
                     st.locs.extend(locations);
                     st.committed = st.index.head();
+                    st.tip = seq;
                     debug_assert_eq!(st.locs.len() as u64, st.committed);
                     st.committed
                 };
@@ -221,6 +382,7 @@ impl Writer {
                 for (r, o) in batch.into_iter().zip(outcomes) {
                     let _ = r.reply.send(o);
                 }
+                self.maybe_checkpoint(head);
             }
             Err(failure) => {
                 self.shared
@@ -262,7 +424,7 @@ impl Writer {
     fn encode(
         &self,
         seq: u64,
-        batch: &[Request],
+        batch: &[Append],
         outcomes: &[Result<AppendResult, AppendError>],
         writes: &[usize],
     ) -> Vec<(i32, String, Vec<u8>)> {

@@ -15,6 +15,11 @@
 //! Kafka transaction prints `INFLIGHT <batch_seq>` after all its records
 //! reached the broker and then sleeps before committing, so the test can
 //! kill it exactly there.
+//!
+//! The writer checkpoints its index every 20 events (every 5 transactions;
+//! `SMARTMSG_CRASH_CHECKPOINT_EVERY` overrides, `0` disables), so kills
+//! also land while a checkpoint is being written and every restart after
+//! the first loads one.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -58,7 +63,12 @@ fn main() {
         .map_or(0, |a| a.parse().expect("PAUSE_AFTER_ACKS"));
 
     let acks = Arc::new(AtomicU64::new(0));
-    let mut config = KafkaConfig::new(&args[0], &args[1]).with_partitions(partitions);
+    let checkpoint_every = std::env::var("SMARTMSG_CRASH_CHECKPOINT_EVERY")
+        .ok()
+        .map_or(20, |v| v.parse().expect("SMARTMSG_CRASH_CHECKPOINT_EVERY"));
+    let mut config = KafkaConfig::new(&args[0], &args[1])
+        .with_partitions(partitions)
+        .with_checkpoint_every(checkpoint_every);
     if pause_after > 0 {
         let acks = acks.clone();
         config.before_commit = Some(Arc::new(move |seq| {
