@@ -9,7 +9,7 @@
 //! from the whole log on every open. Decoding validates everything and
 //! returns an [`IndexDecodeError`] for bad input; it never panics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::append::{AppendResult, AppendTx, IdempotencyKey};
 use crate::error::AppendError;
@@ -27,20 +27,87 @@ pub enum Verdict {
 
 /// Stream versions, positions and idempotency keys of a log.
 ///
+/// Idempotency keys are remembered for a window of positions
+/// ([`Limits::idempotency_window`]): the key of a transaction whose first
+/// position is more than the window behind the head is forgotten, so the
+/// key table is bounded (at most one key per position in the window) and
+/// its content is a function of the log alone (a rebuild, a checkpoint and
+/// the live index agree). A retry after its key was forgotten is a new
+/// transaction.
+///
 /// Two indexes are equal when they hold the same head, the same positions
 /// for every stream and the same idempotency keys with the same
 /// fingerprints and results.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LogIndex {
     streams: HashMap<StreamId, Vec<u64>>,
     keys: HashMap<IdempotencyKey, (u64, AppendResult)>,
+    /// Keys by the first position of their transaction, oldest first.
+    key_order: VecDeque<(u64, IdempotencyKey)>,
+    /// How many positions behind the head a key is kept.
+    key_window: u64,
     head: u64,
 }
 
+impl Default for LogIndex {
+    fn default() -> Self {
+        Self {
+            streams: HashMap::new(),
+            keys: HashMap::new(),
+            key_order: VecDeque::new(),
+            key_window: Limits::default().idempotency_window,
+            head: 0,
+        }
+    }
+}
+
+impl PartialEq for LogIndex {
+    fn eq(&self, other: &Self) -> bool {
+        self.head == other.head && self.streams == other.streams && self.keys == other.keys
+    }
+}
+
+impl Eq for LogIndex {}
+
 impl LogIndex {
-    /// An empty index.
+    /// An empty index, keeping keys for the default window.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Keeps idempotency keys for `window` positions behind the head from
+    /// now on (see the type's docs), forgetting older ones at once.
+    pub fn set_key_window(&mut self, window: u64) {
+        self.key_window = window;
+        self.expire_keys();
+    }
+
+    /// The window of positions for which keys are kept.
+    pub fn key_window(&self) -> u64 {
+        self.key_window
+    }
+
+    /// Forgets the keys of transactions that start before
+    /// `head - key_window`.
+    fn expire_keys(&mut self) {
+        let cutoff = self.head.saturating_sub(self.key_window);
+        while let Some((first, _)) = self.key_order.front() {
+            if *first >= cutoff {
+                break;
+            }
+            let Some((first, key)) = self.key_order.pop_front() else {
+                break;
+            };
+            // A key re-applied later (a broker that showed an aborted
+            // transaction) stays with its newer transaction.
+            if self
+                .keys
+                .get(&key)
+                .is_some_and(|(_, r)| r.first_position == first)
+            {
+                self.keys.remove(&key);
+            }
+        }
     }
 
     /// One past the last position indexed.
@@ -148,7 +215,10 @@ impl LogIndex {
         self.head = pos;
         if let Some((key, fingerprint)) = key {
             self.keys.insert(key.clone(), (fingerprint, result.clone()));
+            self.key_order
+                .push_back((result.first_position, key.clone()));
         }
+        self.expire_keys();
     }
 
     /// Records a transaction in one call from the transaction itself.
@@ -172,6 +242,7 @@ impl LogIndex {
             !p.is_empty()
         });
         self.keys.retain(|_, (_, r)| r.next_position <= head);
+        self.key_order.retain(|(first, _)| *first < head);
         self.head = head;
     }
 
@@ -339,11 +410,20 @@ impl LogIndex {
         if r.at != bytes.len() {
             return Err(IndexDecodeError::TrailingBytes(bytes.len() - r.at));
         }
-        Ok(Self {
+        let mut key_order: Vec<(u64, IdempotencyKey)> = keys
+            .iter()
+            .map(|(k, (_, r))| (r.first_position, k.clone()))
+            .collect();
+        key_order.sort();
+        let mut index = Self {
             streams,
             keys,
+            key_order: key_order.into(),
             head,
-        })
+            ..Self::default()
+        };
+        index.expire_keys();
+        Ok(index)
     }
 }
 
@@ -468,6 +548,84 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn keyed(stream: &str, events: usize, key: &str) -> AppendTx {
+        AppendTx::single(
+            StreamId::new(stream).unwrap(),
+            crate::ExpectedVersion::Any,
+            (0..events)
+                .map(|i| crate::NewEvent::new("E", 1, i as u64, "x"))
+                .collect(),
+        )
+        .with_idempotency_key(key)
+    }
+
+    /// Checks and applies `tx`; whether it was written (not a duplicate).
+    fn append(index: &mut LogIndex, tx: &AppendTx) -> bool {
+        match index.check(tx, &Limits::default()).unwrap() {
+            Verdict::Write(r) => {
+                index.apply_tx(tx, &r);
+                true
+            }
+            Verdict::Duplicate(_) => false,
+        }
+    }
+
+    #[test]
+    fn keys_are_forgotten_beyond_the_window() {
+        let mut index = LogIndex::new();
+        index.set_key_window(5);
+        let a = keyed("s", 2, "a"); // positions 0..2
+        let b = keyed("s", 3, "b"); // 2..5
+        assert!(append(&mut index, &a));
+        assert!(append(&mut index, &b));
+        // Head 5: both start within 5 positions of it.
+        assert!(!append(&mut index, &a) && !append(&mut index, &b));
+        assert_eq!(index.key_count(), 2);
+        assert!(append(&mut index, &keyed("t", 2, "c"))); // 5..7, cutoff 2
+        assert_eq!(index.key_count(), 2, "a (first position 0) is gone");
+        assert!(!append(&mut index, &b), "b (first position 2) is kept");
+        assert!(append(&mut index, &a), "a retried after its window is new");
+        // Narrowing the window forgets at once.
+        index.set_key_window(0);
+        assert_eq!(index.key_count(), 0);
+    }
+
+    #[test]
+    fn the_key_table_is_bounded_and_a_function_of_the_log() {
+        let mut live = LogIndex::new();
+        live.set_key_window(100);
+        let txs: Vec<AppendTx> = (0..1_000)
+            .map(|i| keyed(&format!("s-{}", i % 7), 1 + i % 3, &format!("k{i}")))
+            .collect();
+        let mut results = Vec::new();
+        for tx in &txs {
+            let Verdict::Write(r) = live.check(tx, &Limits::default()).unwrap() else {
+                panic!("fresh keys are new");
+            };
+            live.apply_tx(tx, &r);
+            results.push(r);
+            assert!(live.key_count() <= 100);
+        }
+        // Rebuilt with the window set after everything was applied (a
+        // recovery), or decoded from a checkpoint: the same keys.
+        let mut rebuilt = LogIndex::new();
+        for (tx, r) in txs.iter().zip(&results) {
+            rebuilt.apply_tx(tx, r);
+        }
+        rebuilt.set_key_window(100);
+        assert_eq!(rebuilt, live);
+        let mut decoded = LogIndex::decode(&live.to_bytes()).unwrap();
+        decoded.set_key_window(100);
+        assert_eq!(decoded, live);
+        // And they keep expiring alike.
+        let more = keyed("s-0", 60, "late");
+        for index in [&mut live, &mut rebuilt, &mut decoded] {
+            assert!(append(index, &more));
+        }
+        assert_eq!(rebuilt, live);
+        assert_eq!(decoded, live);
+    }
 
     /// A transaction: (stream number, events) pairs, a key number and a
     /// fingerprint.

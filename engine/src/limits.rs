@@ -23,6 +23,10 @@ pub struct Limits {
     pub max_kind_len: usize,
     /// Longest correlation, causation or idempotency id, in bytes.
     pub max_id_len: usize,
+    /// How many positions behind the head an idempotency key is
+    /// remembered: a retry must come within this many events of its first
+    /// attempt, and the key table holds at most this many keys.
+    pub idempotency_window: u64,
 }
 
 impl Default for Limits {
@@ -35,6 +39,7 @@ impl Default for Limits {
             max_read_events: 100_000,
             max_kind_len: 64,
             max_id_len: 64,
+            idempotency_window: 1_000_000,
         }
     }
 }

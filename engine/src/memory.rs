@@ -43,8 +43,10 @@ impl InMemoryLog {
 
     /// An empty log with the given limits.
     pub fn with_limits(limits: Limits) -> Self {
+        let mut state = State::default();
+        state.index.set_key_window(limits.idempotency_window);
         Self {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             head: tokio::sync::watch::channel(0).0,
             limits,
         }

@@ -65,6 +65,8 @@ fn embedded_log_with_tiny_segments_and_limits_conforms() {
             max_read_events: 16,
             max_kind_len: 16,
             max_id_len: 16,
+            // Small enough that the suite's retries cross it.
+            idempotency_window: 12,
         },
         ..EmbeddedConfig::default()
     };

@@ -175,7 +175,8 @@ impl EmbeddedLog {
         let dir = dir.as_ref().to_owned();
         std::fs::create_dir_all(&dir).map_err(|e| EmbeddedError::io("create", &dir, e))?;
         let lock = DirLock::acquire(&dir)?;
-        let rec = recovery::recover(&dir, config.segment_bytes)?;
+        let mut rec = recovery::recover(&dir, config.segment_bytes)?;
+        rec.index.set_key_window(config.limits.idempotency_window);
         let head = rec.index.head();
         let shared = Arc::new(Shared {
             dir: dir.clone(),

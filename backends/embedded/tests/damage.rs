@@ -350,3 +350,38 @@ fn a_stale_or_damaged_mark_falls_back_to_the_full_check() {
     assert!(!log.opened_clean());
     assert_eq!(head(&log), 14);
 }
+
+#[test]
+fn idempotency_keys_expire_alike_live_and_after_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        limits: smartmsg_engine::Limits {
+            idempotency_window: 10,
+            ..smartmsg_engine::Limits::default()
+        },
+        ..small()
+    };
+    let keyed = |key: &str| {
+        AppendTx::single(
+            StreamId::new("s").unwrap(),
+            ExpectedVersion::Any,
+            vec![NewEvent::new("E", 1, 0, &b"x"[..])],
+        )
+        .with_idempotency_key(key)
+    };
+    let log = EmbeddedLog::open_with(tmp.path(), config.clone()).unwrap();
+    let first = rt().block_on(log.append(keyed("k0"))).unwrap();
+    fill(&log, 5);
+    // Within the window: a retry returns the first result.
+    assert_eq!(rt().block_on(log.append(keyed("k0"))).unwrap(), first);
+    drop(log);
+    let log = EmbeddedLog::open_with(tmp.path(), config.clone()).unwrap();
+    assert_eq!(rt().block_on(log.append(keyed("k0"))).unwrap(), first);
+    fill(&log, 10);
+    drop(log);
+    // Position 0 is now more than 10 behind the head: forgotten, after a
+    // reopen as it would be live, so the retry is written again.
+    let log = EmbeddedLog::open_with(tmp.path(), config.clone()).unwrap();
+    let again = rt().block_on(log.append(keyed("k0"))).unwrap();
+    assert_eq!(again.first_position, 16);
+}

@@ -176,6 +176,10 @@ impl KafkaEventLog {
             checkpoint_duration,
             rejected,
         } = opened;
+        let mut resolved = resolved;
+        resolved
+            .index
+            .set_key_window(config.limits.idempotency_window);
         let head = resolved.index.head();
         let rebuild = RebuildStats {
             records,

@@ -148,7 +148,16 @@ fn reopening_reads_only_the_tail_and_equals_a_full_rebuild() {
         let log = KafkaEventLog::open(cfg.clone()).await.unwrap();
         let mut keyed = Keyed::new();
         write(&log, "a", 600, &mut keyed).await;
-        let s = quiesce(&log).await;
+        let mut s = quiesce(&log).await;
+        // A checkpoint is skipped while one is in flight (the first takes
+        // about a second on tansu: creating its producer), so how many the
+        // 600 appends started depends on timing: write on until 3 are done.
+        let mut more = 0;
+        while s.checkpoints_written < 3 && more < 20 {
+            write(&log, &format!("a{more}"), 100, &mut keyed).await;
+            s = quiesce(&log).await;
+            more += 1;
+        }
         assert!(s.checkpoints_written >= 3, "{s:?}");
         assert_eq!(s.checkpoint_failures, 0, "{s:?}");
         // Appends after the last checkpoint.

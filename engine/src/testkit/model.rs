@@ -205,7 +205,9 @@ impl LogModel {
     /// return instead (in which case the model is unchanged).
     ///
     /// The rules, in order: a malformed transaction or a broken limit is a
-    /// [`Rejection::Limit`]; a key already committed with identical content
+    /// [`Rejection::Limit`]; a key already committed (by a transaction
+    /// starting within `limits.idempotency_window` positions of the head)
+    /// with identical content
     /// returns the original result and writes nothing; a key committed with
     /// different content is [`Rejection::IdempotencyKeyReused`] (or, when a
     /// stream is also at the wrong version, that conflict: the documentation
@@ -239,7 +241,14 @@ impl LogModel {
             })
             .collect();
         if let Some(key) = &tx.idempotency_key {
-            if let Some(done) = self.keys.get(key) {
+            // Keys are remembered for `idempotency_window` positions behind
+            // the head; an older one is forgotten and the retry is new.
+            let cutoff = self.head().saturating_sub(limits.idempotency_window);
+            let remembered = self
+                .keys
+                .get(key)
+                .filter(|d| d.result.first_position >= cutoff);
+            if let Some(done) = remembered {
                 if done.streams == tx.streams {
                     return Ok(done.result.clone());
                 }
