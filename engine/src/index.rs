@@ -28,12 +28,17 @@ pub enum Verdict {
 /// Stream versions, positions and idempotency keys of a log.
 ///
 /// Idempotency keys are remembered for a window of positions
-/// ([`Limits::idempotency_window`]): the key of a transaction whose first
-/// position is more than the window behind the head is forgotten, so the
-/// key table is bounded (at most one key per position in the window) and
-/// its content is a function of the log alone (a rebuild, a checkpoint and
-/// the live index agree). A retry after its key was forgotten is a new
-/// transaction.
+/// ([`Limits::idempotency_window`]): a transaction's key is forgotten once
+/// `window` or more events were appended after it (`next_position + window
+/// <= head`), so a retry must come within `window` events of its first
+/// attempt, the key table is bounded (at most one key per position in the
+/// window) and which keys count is a function of the log alone (a rebuild,
+/// a checkpoint and the live index agree). A retry after its key was
+/// forgotten is a new transaction. [`LogIndex::check`] applies the window
+/// to the current head; keys are dropped from memory only by
+/// [`LogIndex::forget_expired_keys`], which a backend calls once what it
+/// applied is committed, so a [`LogIndex::truncate`] after a failed write
+/// never loses a key the window still covers.
 ///
 /// Two indexes are equal when they hold the same head, the same positions
 /// for every stream and the same idempotency keys with the same
@@ -42,10 +47,14 @@ pub enum Verdict {
 pub struct LogIndex {
     streams: HashMap<StreamId, Vec<u64>>,
     keys: HashMap<IdempotencyKey, (u64, AppendResult)>,
-    /// Keys by the first position of their transaction, oldest first.
+    /// Keys by the next position of their transaction, oldest first.
     key_order: VecDeque<(u64, IdempotencyKey)>,
     /// How many positions behind the head a key is kept.
     key_window: u64,
+    /// Entries replaced by a later transaction with the same (by then
+    /// forgotten) key, kept until that one is committed so a `truncate`
+    /// can restore them.
+    shadowed: Vec<(IdempotencyKey, u64, AppendResult)>,
     head: u64,
 }
 
@@ -56,6 +65,7 @@ impl Default for LogIndex {
             keys: HashMap::new(),
             key_order: VecDeque::new(),
             key_window: Limits::default().idempotency_window,
+            shadowed: Vec::new(),
             head: 0,
         }
     }
@@ -76,10 +86,11 @@ impl LogIndex {
     }
 
     /// Keeps idempotency keys for `window` positions behind the head from
-    /// now on (see the type's docs), forgetting older ones at once.
+    /// now on (see the type's docs), dropping older ones at once (call it
+    /// on a committed index).
     pub fn set_key_window(&mut self, window: u64) {
         self.key_window = window;
-        self.expire_keys();
+        self.forget_expired_keys();
     }
 
     /// The window of positions for which keys are kept.
@@ -87,15 +98,25 @@ impl LogIndex {
         self.key_window
     }
 
-    /// Forgets the keys of transactions that start before
-    /// `head - key_window`.
-    fn expire_keys(&mut self) {
-        let cutoff = self.head.saturating_sub(self.key_window);
-        while let Some((first, _)) = self.key_order.front() {
-            if *first >= cutoff {
+    /// Whether the window still covers a transaction that ended at
+    /// `next_position`.
+    fn remembers(&self, next_position: u64) -> bool {
+        next_position.saturating_add(self.key_window) > self.head
+    }
+
+    /// Drops from memory the keys the window no longer covers. Call it once
+    /// every applied transaction is committed (durable): a later
+    /// [`LogIndex::truncate`] cannot bring dropped keys back.
+    pub fn forget_expired_keys(&mut self) {
+        let head = self.head;
+        let window = self.key_window;
+        self.shadowed
+            .retain(|(_, _, r)| r.next_position.saturating_add(window) > head);
+        while let Some((next, _)) = self.key_order.front() {
+            if self.remembers(*next) {
                 break;
             }
-            let Some((first, key)) = self.key_order.pop_front() else {
+            let Some((next, key)) = self.key_order.pop_front() else {
                 break;
             };
             // A key re-applied later (a broker that showed an aborted
@@ -103,7 +124,7 @@ impl LogIndex {
             if self
                 .keys
                 .get(&key)
-                .is_some_and(|(_, r)| r.first_position == first)
+                .is_some_and(|(_, r)| r.next_position == next)
             {
                 self.keys.remove(&key);
             }
@@ -156,7 +177,11 @@ impl LogIndex {
     pub fn check(&self, tx: &AppendTx, limits: &Limits) -> Result<Verdict, AppendError> {
         limits.check_tx(tx)?;
         if let Some(key) = &tx.idempotency_key {
-            if let Some((fp, result)) = self.keys.get(key) {
+            let remembered = self
+                .keys
+                .get(key)
+                .filter(|(_, r)| self.remembers(r.next_position));
+            if let Some((fp, result)) = remembered {
                 if *fp != tx.fingerprint() {
                     return Err(AppendError::IdempotencyKeyReused { key: key.clone() });
                 }
@@ -214,11 +239,14 @@ impl LogIndex {
         );
         self.head = pos;
         if let Some((key, fingerprint)) = key {
-            self.keys.insert(key.clone(), (fingerprint, result.clone()));
+            if let Some((fp, old)) = self.keys.insert(key.clone(), (fingerprint, result.clone())) {
+                // Only a forgotten key is applied again (`check` returns the
+                // remembered ones); keep its entry in case this is undone.
+                self.shadowed.push((key.clone(), fp, old));
+            }
             self.key_order
-                .push_back((result.first_position, key.clone()));
+                .push_back((result.next_position, key.clone()));
         }
-        self.expire_keys();
     }
 
     /// Records a transaction in one call from the transaction itself.
@@ -242,11 +270,28 @@ impl LogIndex {
             !p.is_empty()
         });
         self.keys.retain(|_, (_, r)| r.next_position <= head);
-        self.key_order.retain(|(first, _)| *first < head);
+        self.key_order.retain(|(next, _)| *next <= head);
+        // Restore, newest first, what the truncated transactions replaced.
+        while let Some((key, fp, old)) = self.shadowed.pop() {
+            if old.next_position <= head && !self.keys.contains_key(&key) {
+                let at = self
+                    .key_order
+                    .partition_point(|(n, _)| *n <= old.next_position);
+                if !self
+                    .key_order
+                    .iter()
+                    .any(|(n, k)| *n == old.next_position && *k == key)
+                {
+                    self.key_order.insert(at, (old.next_position, key.clone()));
+                }
+                self.keys.insert(key, (fp, old));
+            }
+        }
         self.head = head;
     }
 
-    /// Number of idempotency keys.
+    /// Number of idempotency keys held (including any the window no longer
+    /// covers that [`LogIndex::forget_expired_keys`] has not dropped yet).
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
@@ -412,18 +457,19 @@ impl LogIndex {
         }
         let mut key_order: Vec<(u64, IdempotencyKey)> = keys
             .iter()
-            .map(|(k, (_, r))| (r.first_position, k.clone()))
+            .map(|(k, (_, r))| (r.next_position, k.clone()))
             .collect();
         key_order.sort();
-        let mut index = Self {
+        // The keys are kept as encoded (the encoder's window already chose
+        // them); the caller sets its window with `set_key_window`.
+        Ok(Self {
             streams,
             keys,
             key_order: key_order.into(),
             head,
-            ..Self::default()
-        };
-        index.expire_keys();
-        Ok(index)
+            key_window: u64::MAX,
+            shadowed: Vec::new(),
+        })
     }
 }
 
@@ -579,16 +625,34 @@ mod tests {
         let b = keyed("s", 3, "b"); // 2..5
         assert!(append(&mut index, &a));
         assert!(append(&mut index, &b));
-        // Head 5: both start within 5 positions of it.
+        // Head 5: fewer than 5 events after either.
         assert!(!append(&mut index, &a) && !append(&mut index, &b));
-        assert_eq!(index.key_count(), 2);
-        assert!(append(&mut index, &keyed("t", 2, "c"))); // 5..7, cutoff 2
-        assert_eq!(index.key_count(), 2, "a (first position 0) is gone");
-        assert!(!append(&mut index, &b), "b (first position 2) is kept");
+        assert!(append(&mut index, &keyed("t", 2, "c"))); // 5..7
+        assert!(!append(&mut index, &b), "2 events after b: kept");
+        index.forget_expired_keys();
+        assert_eq!(index.key_count(), 2, "5 events after a: dropped");
         assert!(append(&mut index, &a), "a retried after its window is new");
-        // Narrowing the window forgets at once.
+        // A window of 0 remembers nothing.
         index.set_key_window(0);
         assert_eq!(index.key_count(), 0);
+        assert!(append(&mut index, &b));
+    }
+
+    #[test]
+    fn a_truncated_write_never_loses_a_key_the_window_covers() {
+        let mut index = LogIndex::new();
+        index.set_key_window(5);
+        let a = keyed("s", 2, "a"); // 0..2
+        assert!(append(&mut index, &a));
+        assert!(append(&mut index, &keyed("s", 2, "b"))); // 2..4
+        index.forget_expired_keys();
+        // A batch applied ahead of its commit pushes `a` out of the
+        // window, then fails and is truncated: `a` is covered again.
+        assert!(append(&mut index, &keyed("t", 5, "x"))); // 4..9
+        assert!(append(&mut index, &a), "a is new while the head is 9");
+        index.truncate(4);
+        assert_eq!(index.head(), 4);
+        assert!(!append(&mut index, &a), "a is remembered again at head 4");
     }
 
     #[test]
@@ -604,6 +668,7 @@ mod tests {
                 panic!("fresh keys are new");
             };
             live.apply_tx(tx, &r);
+            live.forget_expired_keys();
             results.push(r);
             assert!(live.key_count() <= 100);
         }
@@ -618,10 +683,16 @@ mod tests {
         let mut decoded = LogIndex::decode(&live.to_bytes()).unwrap();
         decoded.set_key_window(100);
         assert_eq!(decoded, live);
+        // A window larger than the default survives a decode untouched.
+        let mut wide = LogIndex::decode(&rebuilt.to_bytes()).unwrap();
+        assert_eq!(wide.key_count(), rebuilt.key_count());
+        wide.set_key_window(5_000_000);
+        assert_eq!(wide, rebuilt);
         // And they keep expiring alike.
         let more = keyed("s-0", 60, "late");
         for index in [&mut live, &mut rebuilt, &mut decoded] {
             assert!(append(index, &more));
+            index.forget_expired_keys();
         }
         assert_eq!(rebuilt, live);
         assert_eq!(decoded, live);

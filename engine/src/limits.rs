@@ -23,9 +23,10 @@ pub struct Limits {
     pub max_kind_len: usize,
     /// Longest correlation, causation or idempotency id, in bytes.
     pub max_id_len: usize,
-    /// How many positions behind the head an idempotency key is
-    /// remembered: a retry must come within this many events of its first
-    /// attempt, and the key table holds at most this many keys.
+    /// How long an idempotency key is remembered, in events: a
+    /// transaction's key is forgotten once this many events were appended
+    /// after it, so a retry must come before that; the key table holds at
+    /// most this many keys. 0 remembers no key.
     pub idempotency_window: u64,
 }
 

@@ -85,6 +85,7 @@ impl EventLog for InMemoryLog {
             }
         }
         st.index.apply_tx(&tx, &result);
+        st.index.forget_expired_keys();
         // Published under the lock, so heads reach watchers in order.
         self.head.send_replace(st.index.head());
         drop(st);

@@ -240,14 +240,20 @@ fn decode(e: &RecordedEvent) -> Result<CampaignEvent, ReplayError> {
     })
 }
 
-/// A set of user ids as a bitmap (ids are dense indices into the
-/// population), growing to the largest id seen.
+/// A set of user ids: a bitmap for ids below 2^26 (dense indices into a
+/// population; at most 8 MiB), a hash set above (a damaged log's ids must
+/// not size the bitmap).
 #[derive(Default)]
-struct Seen(Vec<u64>);
+struct Seen(Vec<u64>, HashSet<u32>);
 
 impl Seen {
+    const BITMAP_IDS: u32 = 1 << 26;
+
     /// Adds `u`; false if it was there already.
     fn insert(&mut self, u: u32) -> bool {
+        if u >= Self::BITMAP_IDS {
+            return self.1.insert(u);
+        }
         let (word, bit) = ((u / 64) as usize, 1u64 << (u % 64));
         if word >= self.0.len() {
             self.0.resize(word + 1, 0);

@@ -19,7 +19,7 @@
 //! - **model feedback**: each `ModelFed` event's reacting users are exactly
 //!   the users of that batch counted by the commits before it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Deserialize;
 use smartmsg_domain::Decisions;
@@ -69,15 +69,15 @@ const MAX_VIOLATIONS: usize = 20;
 /// What the path of one campaign committed, re-derived.
 #[derive(Debug, Default)]
 pub(crate) struct PathReplay {
-    /// For each user id: 1 + the batch it was planned in, and the creative
-    /// (0 = not planned).
-    plan: Vec<(u32, u16)>,
+    /// For each planned user: the batch it was planned in, and the creative
+    /// (a map: ids come from the log, which may be damaged).
+    plan: HashMap<u32, (u32, u16)>,
     ids: HashSet<u64>,
     /// Per window start: the last result number (0 = on time, n = n-th
     /// correction) committed.
     last_late: HashMap<u64, u32>,
     /// Users counted as reacting, per batch, so far.
-    reacted: Vec<Vec<u32>>,
+    reacted: BTreeMap<u32, Vec<u32>>,
     /// Reactions per creative of every committed result.
     pub(crate) per_creative: Vec<u64>,
     /// Command ids of every committed result.
@@ -104,11 +104,7 @@ impl PathReplay {
     /// A batch was planned.
     pub(crate) fn planned(&mut self, batch: u32, d: &Decisions) {
         for (u, c, _) in d.iter() {
-            let u = u as usize;
-            if u >= self.plan.len() {
-                self.plan.resize(u + 1, (0, 0));
-            }
-            self.plan[u] = (batch.saturating_add(1), c);
+            self.plan.insert(u, (batch, c));
         }
     }
 
@@ -156,16 +152,16 @@ impl PathReplay {
                 if !self.ids.insert(r.id) {
                     self.violation(format!("exactly once: reaction {} counted again", r.id));
                 }
-                let planned = self.plan.get(r.user as usize).copied().unwrap_or((0, 0));
-                if planned != (r.batch.saturating_add(1), r.creative) {
+                let planned = self.plan.get(&r.user).copied();
+                if planned != Some((r.batch, r.creative)) {
                     self.violation(format!(
                         "joined with the plan: user {} reacted to creative {} of batch {}, but was {}",
                         r.user,
                         r.creative,
                         r.batch,
                         match planned {
-                            (0, _) => "never planned".to_owned(),
-                            (b, c) => format!("planned creative {c} in batch {}", b - 1),
+                            None => "never planned".to_owned(),
+                            Some((b, c)) => format!("planned creative {c} in batch {b}"),
                         }
                     ));
                 }
@@ -178,11 +174,7 @@ impl PathReplay {
                         w.per_creative.len()
                     )),
                 }
-                let b = r.batch as usize;
-                if self.reacted.len() <= b {
-                    self.reacted.resize(b + 1, Vec::new());
-                }
-                self.reacted[b].push(r.user);
+                self.reacted.entry(r.batch).or_default().push(r.user);
             }
             if counts != w.per_creative {
                 self.violation(format!(
@@ -209,12 +201,8 @@ impl PathReplay {
                 m.batch, self.next_fed
             ));
         }
-        self.next_fed = m.batch + 1;
-        let mut expected = self
-            .reacted
-            .get(m.batch as usize)
-            .cloned()
-            .unwrap_or_default();
+        self.next_fed = m.batch.saturating_add(1);
+        let mut expected = self.reacted.get(&m.batch).cloned().unwrap_or_default();
         expected.sort_unstable();
         expected.dedup();
         if expected != m.reacted {
@@ -225,5 +213,41 @@ impl PathReplay {
                 expected.len()
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_from_a_damaged_log_are_checked_not_allocated() {
+        let mut p = PathReplay::default();
+        let mut d = Decisions::with_capacity(1);
+        d.push(u32::MAX, 0, 0.5);
+        p.planned(u32::MAX, &d);
+        let c: CommitView = serde_json::from_str(&format!(
+            r#"{{"windows":[{{"window_start_ms":60000,"late":0,"per_creative":[1],
+                "reactions":[{{"id":1,"user":{u},"creative":0,"batch":{u},"time_ms":60001}},
+                             {{"id":2,"user":7,"creative":0,"batch":4000000000,"time_ms":60002}}]}}]}}"#,
+            u = u32::MAX
+        ))
+        .unwrap();
+        p.committed(120_000, 60_000, &c);
+        p.fed(&ModelFed {
+            batch: u32::MAX,
+            reacted: vec![u32::MAX],
+        });
+        let v = p.violations.join("\n");
+        assert!(
+            v.contains("user 7 reacted to creative 0 of batch 4000000000, but was never planned"),
+            "{v}"
+        );
+        assert!(v.contains("its reactions give [2]"), "{v}");
+        assert!(
+            v.contains("model feedback for batch 4294967295 where 0 was next"),
+            "{v}"
+        );
+        assert_eq!(p.reactions, 2);
     }
 }

@@ -105,12 +105,15 @@ pub fn write(dir: &Path, mark: &CleanMark) -> Result<()> {
     std::fs::rename(&tmp, &path).map_err(|e| EmbeddedError::io("rename", &path, e))
 }
 
-/// Removes the mark, if any, durably (the directory is synced).
+/// Removes the mark, if any, durably (the directory is synced, also when
+/// there was no mark).
 pub fn remove(dir: &Path) -> Result<()> {
     let path = dir.join(CLEAN_FILE);
     match std::fs::remove_file(&path) {
+        // Sync the directory even when the mark is already gone: an earlier
+        // removal whose sync failed may not be durable yet.
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(EmbeddedError::io("remove", &path, e)),
     }
     let d = std::fs::File::open(dir).map_err(|e| EmbeddedError::io("open", dir, e))?;

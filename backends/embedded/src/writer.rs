@@ -245,7 +245,12 @@ impl Writer {
                 .bytes
                 .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
             stats.transactions.fetch_add(tx_written, Ordering::Relaxed);
-            let head = self.shared.index_read().head();
+            let head = {
+                // Durable: keys out of the window can go for good.
+                let mut index = self.shared.index_write();
+                index.forget_expired_keys();
+                index.head()
+            };
             stats.events.fetch_add(head - durable, Ordering::Relaxed);
             self.write_offset = buf_offset + self.buf.len() as u64;
             self.next_batch += 1;

@@ -765,13 +765,17 @@ impl Source for KafkaTopicSource {
 ///
 /// Each `send` (one runner commit's outputs) is one Kafka transaction
 /// holding the outputs and a progress record (key: the runner, value: the
-/// commit number) in the compacted topic `<prefix>__sink_progress`. At its
-/// first `send` the sink reads the runner's last delivered commit from that
-/// topic (`read_committed`) and from then on skips outputs of commits not
-/// after it: a commit re-delivered after a crash (the runner's outbox is
-/// kept until its next commit) produces nothing. The producer's
-/// `transactional.id` is `smartmsg.sink.<prefix><runner>`, so a second
-/// sink for the same runner fences the first. One sink serves one runner.
+/// commit number) in the runner's own compacted topic
+/// `<prefix>__sink_progress.<runner>`. At its first `send` the sink reads
+/// the runner's last delivered commit from that topic (`read_committed`,
+/// after `init_transactions` settled any transaction of an earlier sink)
+/// and from then on skips outputs of commits not after it: a commit
+/// re-delivered after a crash (the runner's outbox is kept until its next
+/// commit) produces nothing. The producer's `transactional.id` is
+/// `smartmsg.sink:<prefix>:<runner>`, so a second sink for the same
+/// runner fences the first, and a fenced sink fails every later `send`
+/// (make a new one). One sink serves one runner; runner names must be
+/// valid in topic names (`[A-Za-z0-9._-]`).
 ///
 /// Condition: the broker hides aborted transactions from `read_committed`
 /// readers (Apache Kafka does; tansu 0.6 does not, so there a transaction
@@ -779,14 +783,16 @@ impl Source for KafkaTopicSource {
 pub struct KafkaTopicSink {
     bootstrap: String,
     prefix: String,
-    progress_topic: String,
     timeout: Duration,
     /// Set up at the first `send`, for its runner.
     state: Option<SinkState>,
+    /// Fenced by a newer sink, or its producer broke: every `send` fails.
+    failed: Option<String>,
 }
 
 struct SinkState {
     runner: String,
+    progress_topic: String,
     producer: BaseProducer,
     /// The last commit whose outputs are delivered.
     delivered: Option<u64>,
@@ -809,9 +815,9 @@ impl KafkaTopicSink {
         Ok(Self {
             bootstrap: bootstrap.to_owned(),
             prefix: prefix.to_owned(),
-            progress_topic: format!("{prefix}__sink_progress"),
             timeout: Duration::from_secs(30),
             state: None,
+            failed: None,
         })
     }
 
@@ -827,6 +833,11 @@ impl KafkaTopicSink {
     /// Sets up the producer for `runner` (fencing an earlier sink of the
     /// same runner) and reads what was delivered.
     async fn start(&mut self, runner: &str) -> Result<(), KafkaStreamError> {
+        if let Some(why) = &self.failed {
+            return Err(KafkaStreamError::Config(format!(
+                "this sink can no longer deliver ({why}); create a new one"
+            )));
+        }
         if let Some(s) = &self.state {
             if s.runner == runner {
                 return Ok(());
@@ -836,9 +847,19 @@ impl KafkaTopicSink {
                 s.runner
             )));
         }
+        if runner.is_empty()
+            || !runner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(KafkaStreamError::Config(format!(
+                "runner name `{runner}` cannot name a topic (use [A-Za-z0-9._-])"
+            )));
+        }
+        let progress_topic = format!("{}__sink_progress.{runner}", self.prefix);
         create_topics(
             &self.bootstrap,
-            &[(&self.progress_topic, 1)],
+            &[(&progress_topic, 1)],
             &[("cleanup.policy", "compact")],
         )
         .await?;
@@ -846,7 +867,7 @@ impl KafkaTopicSink {
             .set("bootstrap.servers", &self.bootstrap)
             .set(
                 "transactional.id",
-                format!("smartmsg.sink.{}{runner}", self.prefix),
+                format!("smartmsg.sink:{}:{runner}", self.prefix),
             )
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -857,26 +878,31 @@ impl KafkaTopicSink {
             .map_err(|e| KafkaStreamError::kafka("init_transactions", e))?;
         // After init_transactions: an earlier sink's open transaction is
         // aborted (or committed) by now, so its progress is settled.
-        let delivered = self.read_progress(runner)?;
+        let delivered = self.read_progress(&progress_topic, runner)?;
         self.state = Some(SinkState {
             runner: runner.to_owned(),
+            progress_topic,
             producer,
             delivered,
         });
         Ok(())
     }
 
-    /// The last progress value of `runner` in the progress topic.
-    fn read_progress(&self, runner: &str) -> Result<Option<u64>, KafkaStreamError> {
+    /// The last progress value of `runner` in its progress topic (only its
+    /// own sinks write there, and `init_transactions` has settled their
+    /// transactions, so `read_committed` reads to the end).
+    fn read_progress(&self, topic: &str, runner: &str) -> Result<Option<u64>, KafkaStreamError> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", format!("smartmsg.sink.{}{runner}", self.prefix))
+            .set(
+                "group.id",
+                format!("smartmsg.sink:{}:{runner}", self.prefix),
+            )
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
             .create()
             .map_err(|e| KafkaStreamError::kafka("create progress consumer", e))?;
-        let topic = self.progress_topic.as_str();
         let (_, end) = consumer
             .fetch_watermarks(topic, 0, self.timeout)
             .map_err(|e| KafkaStreamError::kafka("progress watermarks", e))?;
@@ -930,10 +956,10 @@ impl KafkaTopicSink {
     ) -> Result<(), KafkaError> {
         let timeout = self.timeout;
         let prefix = self.prefix.clone();
-        let progress_topic = self.progress_topic.clone();
         let Some(st) = self.state.as_mut() else {
             return Err(KafkaError::Global(RDKafkaErrorCode::State));
         };
+        let progress_topic = st.progress_topic.clone();
         let p = &st.producer;
         p.begin_transaction()?;
         let result = (|| {
@@ -980,8 +1006,17 @@ impl KafkaTopicSink {
                 Ok(())
             }
             Err(e) => {
-                if p.abort_transaction(timeout).is_err() {
-                    // Fenced or broken: set up again at the next send.
+                let fenced = matches!(
+                    &e,
+                    KafkaError::Transaction(t) if t.is_fatal()
+                ) || matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::Fenced)
+                );
+                if fenced || p.abort_transaction(timeout).is_err() {
+                    // Fenced by a newer sink (or broken): never set up
+                    // again, which would fence the newer one in turn.
+                    self.failed = Some(e.to_string());
                     self.state = None;
                 }
                 Err(e)
@@ -1011,6 +1046,16 @@ impl Sink for KafkaTopicSink {
         let backend = |e: KafkaStreamError| SinkError::Backend(BackendError::new(e));
         self.start(runner).await.map_err(backend)?;
         let delivered = self.delivered(runner);
+        if let (Some(d), Some(c)) = (delivered, records.iter().map(|r| r.id.commit).min()) {
+            if c < d {
+                tracing::warn!(
+                    runner,
+                    commit = c,
+                    delivered = d,
+                    "outputs of a commit before the last delivered one are skipped: was the runner's store reset?"
+                );
+            }
+        }
         let fresh: Vec<&OutputRecord> = records
             .iter()
             .filter(|r| delivered.is_none_or(|d| r.id.commit > d))

@@ -367,6 +367,8 @@ impl Writer {
                     let mut st = self.shared.state.write().expect("state lock");
                     st.locs.extend(locations);
                     st.committed = st.index.head();
+                    // Committed: keys out of the window can go for good.
+                    st.index.forget_expired_keys();
                     st.tip = seq;
                     debug_assert_eq!(st.locs.len() as u64, st.committed);
                     st.committed

@@ -341,14 +341,22 @@ fn topic_sink_delivers_a_redelivered_commit_once_and_fences_a_zombie() {
         c.send("r", &commit_records(2, &["d", "e"])).await.unwrap();
         assert_eq!(c.delivered("r"), Some(2));
         assert!(b.send("r", &commit_records(3, &["zombie"])).await.is_err());
+        // The fenced sink stays fenced (it does not fence the new one back).
+        assert!(b.send("r", &commit_records(3, &["zombie"])).await.is_err());
+        c.send("r", &commit_records(3, &["f"])).await.unwrap();
         // One sink serves one runner.
         assert!(c.send("other", &commit_records(0, &["x"])).await.is_err());
+        let mut d = KafkaTopicSink::new(&bootstrap, &prefix).unwrap();
+        assert!(d
+            .send("not a topic name", &commit_records(0, &["x"]))
+            .await
+            .is_err());
     });
-    let got: Vec<String> = read_all(&bootstrap, &output, 5)
+    let got: Vec<String> = read_all(&bootstrap, &output, 6)
         .into_iter()
         .map(|(k, _)| k)
         .collect();
-    assert_eq!(got, vec!["a", "b", "c", "d", "e"]);
+    assert_eq!(got, vec!["a", "b", "c", "d", "e", "f"]);
 }
 
 #[test]

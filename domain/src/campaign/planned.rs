@@ -45,9 +45,11 @@ pub struct Planned {
 const ROW: usize = 4 + 2 + 4;
 
 /// Encodes a batch. The columns of `decisions` must agree in length (the
-/// aggregate checks that before it emits the event); a longer column is
-/// cut to the users' length so the layout stays self-consistent.
+/// aggregate checks that before it emits the event, and portable import
+/// checks it too); otherwise every column is cut to the shortest one so
+/// the layout stays self-consistent (a debug build panics instead).
 pub fn encode(command: &CommandStamp, batch: u32, policy: &str, d: &Decisions) -> Vec<u8> {
+    debug_assert!(d.check_shape().is_ok(), "decision columns differ in length");
     let n = d
         .users
         .len()

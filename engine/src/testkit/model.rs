@@ -206,8 +206,8 @@ impl LogModel {
     ///
     /// The rules, in order: a malformed transaction or a broken limit is a
     /// [`Rejection::Limit`]; a key already committed (by a transaction
-    /// starting within `limits.idempotency_window` positions of the head)
-    /// with identical content
+    /// after which fewer than `limits.idempotency_window` events were
+    /// appended) with identical content
     /// returns the original result and writes nothing; a key committed with
     /// different content is [`Rejection::IdempotencyKeyReused`] (or, when a
     /// stream is also at the wrong version, that conflict: the documentation
@@ -243,11 +243,14 @@ impl LogModel {
         if let Some(key) = &tx.idempotency_key {
             // Keys are remembered for `idempotency_window` positions behind
             // the head; an older one is forgotten and the retry is new.
-            let cutoff = self.head().saturating_sub(limits.idempotency_window);
-            let remembered = self
-                .keys
-                .get(key)
-                .filter(|d| d.result.first_position >= cutoff);
+            // (forgotten once `window` events were appended after it).
+            let head = self.head();
+            let remembered = self.keys.get(key).filter(|d| {
+                d.result
+                    .next_position
+                    .saturating_add(limits.idempotency_window)
+                    > head
+            });
             if let Some(done) = remembered {
                 if done.streams == tx.streams {
                     return Ok(done.result.clone());
