@@ -13,7 +13,8 @@
 //!   (the jobs due in `[t, t + n)`) is one key range, read in due order with
 //!   no sorting;
 //! - `leases`: deadline ‖ id → `()` for every **leased** job;
-//! - `dead`: sequence number → dead letter;
+//! - `dead`: sequence number → dead letter (the newest
+//!   [`EmbeddedQueueConfig::max_dead_letters`] are kept);
 //! - `meta`: counters (next delivery number, next dead-letter number).
 //!
 //! # Memory: only the near future
@@ -109,6 +110,9 @@ pub struct EmbeddedQueueConfig {
     /// Whether acks and nacks commit durably (default `false`; see the
     /// module docs).
     pub durable_settles: bool,
+    /// Dead letters kept: beyond it the oldest are deleted as new ones
+    /// arrive (default 100,000; 0 keeps none).
+    pub max_dead_letters: u64,
 }
 
 impl Default for EmbeddedQueueConfig {
@@ -120,6 +124,7 @@ impl Default for EmbeddedQueueConfig {
             cache_bytes: 32 << 20,
             durable_polls: true,
             durable_settles: false,
+            max_dead_letters: 100_000,
         }
     }
 }
@@ -750,6 +755,22 @@ impl EmbeddedDelayQueue {
             dead.insert(mem.next_dead, encode_dead(&letter).as_slice())
                 .map_err(|e| self.err(e))?;
             mem.next_dead += 1;
+            // Retention: keep the newest `max_dead_letters` (normally this
+            // deletes one: the oldest).
+            let cut = mem
+                .next_dead
+                .saturating_sub(self.core.config.max_dead_letters);
+            if cut > 0 {
+                let old: Vec<u64> = dead
+                    .range(..cut)
+                    .map_err(|e| self.err(e))?
+                    .map(|r| r.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.err(e))?;
+                for k in old {
+                    dead.remove(k).map_err(|e| self.err(e))?;
+                }
+            }
             mem.len = mem.len.saturating_sub(1);
             return Ok(());
         }
@@ -1274,6 +1295,35 @@ mod tests {
         drop(q);
         let q = EmbeddedDelayQueue::open(dir.path()).unwrap();
         assert_eq!(q.len().await.unwrap(), 64);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_keep_the_newest_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EmbeddedQueueConfig {
+            limits: QueueLimits {
+                max_attempts: 1,
+                ..QueueLimits::default()
+            },
+            max_dead_letters: 3,
+            ..EmbeddedQueueConfig::default()
+        };
+        let q = EmbeddedDelayQueue::open_with(dir.path(), config.clone()).unwrap();
+        for i in 0..5u64 {
+            q.schedule(job(&format!("j{i}"), 10 + i)).await.unwrap();
+        }
+        for lease in q.poll_due(100, 10).await.unwrap() {
+            q.nack(&lease.token, None).await.unwrap();
+        }
+        let ids = |d: Vec<DeadLetter>| -> Vec<String> {
+            d.into_iter()
+                .map(|l| l.id.unwrap().as_str().to_owned())
+                .collect()
+        };
+        assert_eq!(ids(q.dead_letters(100).await.unwrap()), ["j2", "j3", "j4"]);
+        drop(q);
+        let q = EmbeddedDelayQueue::open_with(dir.path(), config).unwrap();
+        assert_eq!(ids(q.dead_letters(100).await.unwrap()), ["j2", "j3", "j4"]);
     }
 
     #[tokio::test]
