@@ -32,7 +32,7 @@
 //!
 //! [`Scheduler::run_once`] does one poll at a given `now_ms` and processes
 //! the leases one by one, in the queue's order: deterministic, for
-//! simulators. [`Scheduler::run`] (feature `runtime`) loops on the
+//! simulators. [`Scheduler::run`] loops on the
 //! scheduler's [`Clock`], sleeping until the queue's next due time or the
 //! poll interval, whichever is sooner.
 
@@ -343,7 +343,6 @@ impl<A: Aggregate> Scheduler<A> {
     /// [`SchedulerConfig::poll_interval_ms`], whichever is sooner. A failing
     /// poll is logged and retried after the poll interval. Returns the sum
     /// of every poll's report (without the refusal list, which is logged).
-    #[cfg(feature = "runtime")]
     pub async fn run(&self, stop: impl std::future::Future<Output = ()> + Send) -> RunReport {
         let mut total = RunReport::default();
         tokio::pin!(stop);
@@ -664,7 +663,6 @@ mod tests {
         eprintln!("two schedulers: {total:?}");
     }
 
-    #[cfg(feature = "runtime")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn run_loops_until_stopped() {
         let log: Arc<dyn EventLog> = Arc::new(InMemoryLog::new());

@@ -506,3 +506,64 @@ async fn runner_commits_atomically_and_redelivers_idempotently() {
     sink.send("clicks", &again).await.unwrap();
     assert_eq!(log.head().await.unwrap(), head, "re-delivery wrote nothing");
 }
+
+/// A punctuation record in the source closes windows exactly like the
+/// records' own timestamps would, and outputs go to the streams the sink
+/// names.
+#[tokio::test]
+async fn punctuations_in_the_source_close_windows() {
+    use smartmsg_engine::stream::PUNCTUATE;
+    let log = Arc::new(InMemoryLog::new());
+    let store: Arc<dyn KeyValueStore> = Arc::new(InMemoryStore::new());
+    let stream = StreamId::new("in").unwrap();
+    let ev = |kind: &str, key: &str, ts: u64| {
+        NewEvent::new(
+            kind,
+            1,
+            ts,
+            envelope::encode(&key.to_string().to_bytes(), &1u32.to_bytes()),
+        )
+    };
+    log.append(AppendTx::single(
+        stream.clone(),
+        ExpectedVersion::Any,
+        vec![
+            ev("events", "a", 1),
+            ev("events", "a", 3),
+            ev("events", "b", 12),
+        ],
+    ))
+    .await
+    .unwrap();
+    let open = || {
+        StreamRunner::open(
+            windowed_counts(EmitStrategy::OnWindowClose),
+            store.clone(),
+            EventLogSource::with_envelopes(log.clone()),
+            EventLogSink::with_streams(log.clone(), |o| format!("{o}-c1")),
+            RunnerConfig::new("counts"),
+        )
+        .unwrap()
+    };
+    let mut r = open();
+    r.run_until_idle().await.unwrap();
+    let out = StreamId::new("out-c1").unwrap();
+    // Stream time is 12: window [0, 10) closes at 15 (grace 5).
+    assert_eq!(log.stream_version(&out).await.unwrap(), 0);
+    log.append(AppendTx::single(
+        stream,
+        ExpectedVersion::Any,
+        vec![NewEvent::new(PUNCTUATE, 1, 15, Bytes::new())],
+    ))
+    .await
+    .unwrap();
+    drop(r);
+    let mut r = open();
+    r.run_until_idle().await.unwrap();
+    let got = log.read_stream(&out, 1, 10).await.unwrap();
+    assert_eq!(got.len(), 1, "the punctuation closed window [0, 10)");
+    let (k, v) = envelope::decode(&got[0].payload).unwrap();
+    assert_eq!(Windowed::<String>::decode(&k).unwrap().key, "a");
+    assert_eq!(u64::decode(&v).unwrap(), 2);
+    assert_eq!(r.task().stream_time(), 15);
+}

@@ -125,8 +125,13 @@ impl Source for EventLogSource {
 #[derive(Clone)]
 pub struct EventLogSink {
     log: Arc<dyn EventLog>,
+    streams: Arc<StreamNamer>,
     appended: u64,
 }
+
+/// Names the log stream an output goes to (see
+/// [`EventLogSink::with_streams`]).
+pub type StreamNamer = dyn Fn(&str) -> String + Send + Sync;
 
 impl std::fmt::Debug for EventLogSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -137,9 +142,24 @@ impl std::fmt::Debug for EventLogSink {
 }
 
 impl EventLogSink {
-    /// A sink appending to `log`.
+    /// A sink appending to `log`, each output to the stream named as the
+    /// output.
     pub fn new(log: Arc<dyn EventLog>) -> Self {
-        Self { log, appended: 0 }
+        Self::with_streams(log, |output| output.to_owned())
+    }
+
+    /// A sink appending to `log`, each output to the stream `name(output)`
+    /// (e.g. one stream per output and campaign). The event kind stays the
+    /// output's name.
+    pub fn with_streams(
+        log: Arc<dyn EventLog>,
+        name: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            log,
+            streams: Arc::new(name),
+            appended: 0,
+        }
     }
 
     /// Transactions appended (first deliveries and re-deliveries alike).
@@ -186,10 +206,11 @@ impl Sink for EventLogSink {
                         ),
                     });
                 }
+                let stream_name = (self.streams)(&r.output);
                 let stream_pos = tx
                     .streams
                     .iter()
-                    .position(|s| s.stream.as_str() == r.output);
+                    .position(|s| s.stream.as_str() == stream_name);
                 let new_stream = stream_pos.is_none();
                 if events > 0
                     && (events + 1 > limits.max_tx_events
@@ -201,10 +222,11 @@ impl Sink for EventLogSink {
                 match stream_pos {
                     Some(p) => tx.streams[p].events.push(ev),
                     None => {
-                        let stream = StreamId::new(&r.output).map_err(|e| SinkError::Invalid {
-                            output: r.output.clone(),
-                            reason: e.to_string(),
-                        })?;
+                        let stream =
+                            StreamId::new(&stream_name).map_err(|e| SinkError::Invalid {
+                                output: r.output.clone(),
+                                reason: e.to_string(),
+                            })?;
                         tx = tx.with_stream(stream, ExpectedVersion::Any, vec![ev]);
                     }
                 }

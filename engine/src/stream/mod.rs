@@ -37,6 +37,7 @@ mod driver;
 mod io;
 mod memory_store;
 mod runner;
+mod scoped_store;
 mod store;
 mod task;
 mod topology;
@@ -45,12 +46,13 @@ mod window_store;
 
 pub use codec::{CodecError, Json, Reader, StateCodec};
 pub use driver::{DriverError, TestDriver};
-pub use io::{envelope, EventLogSink, EventLogSource};
+pub use io::{envelope, EventLogSink, EventLogSource, StreamNamer};
 pub use memory_store::InMemoryStore;
 pub use runner::{
     OutputId, OutputRecord, RunnerConfig, RunnerError, Sink, SinkError, Source, SourceError,
-    SourceRecord, StepReport, StreamRunner,
+    SourceRecord, StepReport, StreamRunner, PUNCTUATE,
 };
+pub use scoped_store::ScopedStore;
 pub use store::{
     changelog_blob, check_keyspace, prefixed, restore_from_changelog, scan_all, BatchOp,
     ChangelogEntry, Entries, KeyValueStore, StoreError, StoreLimits, WriteBatch, MAX_KEYSPACE_LEN,

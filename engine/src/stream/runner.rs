@@ -14,6 +14,14 @@ use super::task::{EncodedRecord, StreamError, Task, TaskMeta};
 use super::topology::{BuildError, Topology};
 use crate::error::{AppendError, BackendError, ReadError};
 
+/// The input name of a *punctuation*: a [`SourceRecord`] of this input
+/// carries no data; it moves the task's stream time to its
+/// `timestamp_ms` ([`Task::advance_time`]), closing the windows that are
+/// due. Putting punctuations into the source, rather than calling the
+/// task from outside, keeps everything that decides a runner's outputs in
+/// its durable, replayable input: the same source gives the same outputs.
+pub const PUNCTUATE: &str = "__punctuate";
+
 /// One input record from a [`Source`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceRecord {
@@ -383,10 +391,13 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
                 continue; // a source that repeats: already processed
             }
             next = r.position + 1;
-            match self
-                .task
-                .process_bytes(&r.input, &r.key, &r.value, r.timestamp_ms)
-            {
+            let processed = if r.input == PUNCTUATE {
+                self.task.advance_time(r.timestamp_ms).map(|()| true)
+            } else {
+                self.task
+                    .process_bytes(&r.input, &r.key, &r.value, r.timestamp_ms)
+            };
+            match processed {
                 Ok(true) => {}
                 Ok(false) => report.skipped += 1,
                 Err(e) => {
