@@ -20,6 +20,9 @@
 //! - [`data`]: the candidate matrix a policy scores, and aggregated
 //!   outcomes (per user, or per creative × feature bucket) that update the
 //!   models.
+//! - [`driver`]: the campaign driver: what a campaign needs done next
+//!   (plan, announce, send, record, learn, complete), decided purely; the
+//!   runtime and the simulator both run campaigns through it.
 //! - [`users`]: a compact set of user ids.
 //! - [`synthetic`]: a synthetic population with a known response model and
 //!   an in-memory campaign driver, for tests, benchmarks and simulation.
@@ -31,9 +34,11 @@
 
 pub mod campaign;
 pub mod data;
+pub mod driver;
 pub mod model;
 pub mod policy;
 pub mod reactions;
+pub mod rng;
 pub mod synthetic;
 pub mod users;
 
@@ -43,9 +48,12 @@ pub use campaign::{
     SCHEMA,
 };
 pub use data::{Candidates, Decisions, Outcomes, ShapeError};
+pub use driver::{
+    Audience, CampaignDriver, DriverConfig, Feedback, JobError, JobKind, OutgoingBatch, Ready,
+};
 pub use model::{BetaArm, GaussianWeights, Link, ModelError, Prior};
 pub use policy::{
     CreativeThompson, ExploreThenCommit, Integrated, ModelConfig, PlanContext, Policy, PolicyError,
-    Random, Targeting,
+    PolicySpec, Random, Targeting,
 };
 pub use users::UserSet;

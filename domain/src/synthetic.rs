@@ -3,6 +3,8 @@
 //! with a [`Policy`]: for tests, benchmarks and simulation. Pure: every
 //! random thing comes from the generator passed in.
 
+use std::sync::Arc;
+
 use rand::{Rng, RngCore};
 use rand_distr::{Distribution, StandardNormal};
 use smartmsg_engine::{Aggregate, DecideCtx, StreamId};
@@ -11,9 +13,12 @@ use crate::campaign::{
     Action, BatchSchedule, BatchSizing, Campaign, CampaignCommand, CampaignError, CampaignEvent,
     CampaignSpec,
 };
-use crate::data::{Candidates, Outcomes, ShapeError};
+use crate::data::{Candidates, ShapeError};
+use crate::driver::{
+    Audience, AudienceError, CampaignDriver, DriverConfig, FeedbackError, JobError, JobKind,
+};
 use crate::model::sigmoid;
-use crate::policy::{Policy, PolicyError};
+use crate::policy::Policy;
 
 /// The true response model: `P(react | x, c) = σ(b_c + w_c·x)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,9 +144,15 @@ pub enum DriveError {
     /// The campaign refused a command (a policy or driver bug).
     #[error("campaign refused a command: {0}")]
     Campaign(#[from] CampaignError),
-    /// The policy failed.
-    #[error("policy failed: {0}")]
-    Policy(#[from] PolicyError),
+    /// A batch could not be planned.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// Feedback could not be learned.
+    #[error(transparent)]
+    Feedback(#[from] FeedbackError),
+    /// The population is not a valid audience.
+    #[error(transparent)]
+    Audience(#[from] AudienceError),
     /// Outcomes could not be built.
     #[error("outcomes: {0}")]
     Shape(#[from] ShapeError),
@@ -182,26 +193,35 @@ impl InMemoryCampaign {
         action: Action,
         now_ms: u64,
     ) -> Result<usize, CampaignError> {
+        Ok(self.run(&CampaignCommand::new(id, action), now_ms)?.len())
+    }
+
+    /// Decides `cmd` at `now_ms`, applies the events and returns them.
+    pub fn run(
+        &mut self,
+        cmd: &CampaignCommand,
+        now_ms: u64,
+    ) -> Result<Vec<CampaignEvent>, CampaignError> {
         let ctx = DecideCtx {
             stream: StreamId::new("campaign-sim").unwrap_or_else(|_| unreachable!()),
             version: self.events.len() as u64,
             now_ms,
         };
-        let events = self.state.decide(&CampaignCommand::new(id, action), &ctx)?;
+        let events = self.state.decide(cmd, &ctx)?;
         for e in &events {
             self.state.evolve(e);
         }
-        let n = events.len();
-        self.events.extend(events);
-        Ok(n)
+        self.events.extend(events.iter().cloned());
+        Ok(events)
     }
 }
 
-/// Runs a whole campaign over `population` with `policy`: create, start,
-/// then for each batch plan (with the policy, on the users not yet
-/// messaged), send, simulate each user's reaction from the true model,
-/// record the reactions and update the policy with per-user outcomes;
-/// finally complete.
+/// Runs a whole campaign over `population` with `policy`, in memory,
+/// through the [`CampaignDriver`] (the same driver a runtime uses): create,
+/// start, then at each batch's due time record the feedback of the earlier
+/// batches, plan (the policy, on the users not yet messaged, with a
+/// generator seeded from `rng`), send, simulate each user's reaction from
+/// the true model (drawn from `rng`) and record it; finally complete.
 pub fn run_campaign(
     policy: &mut dyn Policy,
     population: &Population,
@@ -220,9 +240,17 @@ pub fn run_campaign(
             sizing: BatchSizing::Count(config.batches),
         },
     };
+    let audience = Arc::new(Audience::new(population.candidates.clone())?);
+    let driver_config = DriverConfig {
+        seed: rng.next_u64(),
+        stream: 0,
+        // Every reaction counts for the next batch.
+        window_ms: 1,
+        grace_ms: 0,
+        reaction_horizon_ms: 0,
+    };
+    let mut driver = CampaignDriver::new("synthetic", driver_config, Box::new(policy), audience);
     let mut c = InMemoryCampaign::default();
-    c.execute("create", Action::Create(spec.clone()), config.start_ms)?;
-    c.execute("start", Action::Start, config.start_ms)?;
     let mut run = CampaignRun {
         campaign: Campaign::default(),
         events: Vec::new(),
@@ -231,63 +259,95 @@ pub fn run_campaign(
         reactions: 0,
         per_batch_creatives: Vec::new(),
     };
-    let dim = population.candidates.dim();
-    let mut remaining = population.candidates.clone();
+    let exec = |driver: &mut CampaignDriver<'_>,
+                c: &mut InMemoryCampaign,
+                cmd: &CampaignCommand,
+                now: u64|
+     -> Result<(), DriveError> {
+        let events = c.run(cmd, now)?;
+        for e in &events {
+            driver.apply(e, now);
+        }
+        driver.executed(&cmd.id);
+        Ok(())
+    };
+    let create = CampaignCommand::new("create", Action::Create(spec.clone()));
+    exec(&mut driver, &mut c, &create, config.start_ms)?;
+    exec(
+        &mut driver,
+        &mut c,
+        &CampaignCommand::new("start", Action::Start),
+        config.start_ms,
+    )?;
+    let drive = |driver: &mut CampaignDriver<'_>,
+                 c: &mut InMemoryCampaign,
+                 run: &mut CampaignRun,
+                 rng: &mut dyn RngCore,
+                 now: u64|
+     -> Result<(), DriveError> {
+        loop {
+            let ready = driver.ready(now);
+            // Jobs are not run here: the loop below fires them itself.
+            driver.scheduled(&ready.schedule);
+            if ready.commands.is_empty()
+                && ready.feedback.is_empty()
+                && ready.announce.is_none()
+                && ready.send.is_none()
+            {
+                return Ok(());
+            }
+            for cmd in &ready.commands {
+                exec(driver, c, cmd, now)?;
+            }
+            for f in &ready.feedback {
+                driver.apply_feedback(f)?;
+            }
+            if let Some(b) = ready.announce {
+                driver.announced(b);
+            }
+            if let Some(b) = ready.send {
+                let Some(out) = driver.outgoing(b) else {
+                    continue;
+                };
+                // The channel delivers; users react.
+                let mut reactions = vec![0u32; creatives];
+                let mut expected = 0.0;
+                for (user, creative, _) in out.decisions.iter() {
+                    let p = population.probability(user, creative);
+                    expected += p;
+                    if rng.random_bool(p.clamp(0.0, 1.0)) {
+                        reactions[usize::from(creative)] += 1;
+                        driver.reaction(b, user, now);
+                    }
+                }
+                run.per_batch_creatives
+                    .push(out.decisions.per_creative(creatives));
+                run.reactions += reactions.iter().map(|&r| u64::from(r)).sum::<u64>();
+                run.expected_responses += expected;
+                run.per_batch_expected.push(expected);
+                driver.sender_acked(b);
+                // Recorded after the batch is recorded as sent.
+                driver.enqueue(CampaignCommand::new(
+                    format!("reactions-{b}"),
+                    Action::RecordReactions {
+                        window_start_ms: now,
+                        reactions,
+                    },
+                ));
+            }
+        }
+    };
     for batch in 0..spec.batch_count() {
         let now = spec.due_ms(batch);
-        remaining.retain_unmessaged(c.state.messaged());
-        let ctx = c
-            .state
-            .plan_context(batch)
-            .ok_or(CampaignError::NotCreated)?;
-        let allowance = c.state.batch_allowance(batch) as usize;
-        let decisions = policy.plan(&ctx, &remaining, allowance, rng)?;
-        run.per_batch_creatives
-            .push(decisions.per_creative(creatives));
-        c.execute(
-            &format!("plan-{batch}"),
-            Action::PlanBatch {
-                batch,
-                policy: policy.name().to_owned(),
-                decisions: decisions.clone(),
-            },
-            now,
-        )?;
-        c.execute(
-            &format!("sent-{batch}"),
-            Action::RecordBatchSent { batch },
-            now,
-        )?;
-        let mut outcomes = Outcomes::new(dim)?;
-        let mut reactions = vec![0u32; creatives];
-        let mut expected = 0.0;
-        for (user, creative, _) in decisions.iter() {
-            let p = population.probability(user, creative);
-            expected += p;
-            let y = rng.random_bool(p.clamp(0.0, 1.0));
-            reactions[usize::from(creative)] += u32::from(y);
-            outcomes.push(
-                creative,
-                population.candidates.row(user as usize),
-                1,
-                u32::from(y),
-            )?;
-        }
-        run.reactions += reactions.iter().map(|&r| u64::from(r)).sum::<u64>();
-        run.expected_responses += expected;
-        run.per_batch_expected.push(expected);
-        c.execute(
-            &format!("reactions-{batch}"),
-            Action::RecordReactions {
-                window_start_ms: now,
-                reactions,
-            },
-            now,
-        )?;
-        policy.update(&outcomes)?;
+        drive(&mut driver, &mut c, &mut run, rng, now)?;
+        let cmd = driver.job_command(JobKind::Batch(batch), now)?;
+        exec(&mut driver, &mut c, &cmd, now)?;
+        drive(&mut driver, &mut c, &mut run, rng, now)?;
     }
     let end = spec.due_ms(spec.batch_count());
-    c.execute("complete", Action::Complete, end)?;
+    drive(&mut driver, &mut c, &mut run, rng, end)?;
+    let cmd = driver.job_command(JobKind::Complete, end)?;
+    exec(&mut driver, &mut c, &cmd, end)?;
     run.campaign = c.state;
     run.events = c.events;
     Ok(run)

@@ -22,12 +22,14 @@
 mod bayes;
 mod scoring;
 mod simple;
+mod spec;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 pub use bayes::{Integrated, ModelConfig, Targeting};
 pub use simple::{CreativeThompson, ExploreThenCommit, Random};
+pub use spec::PolicySpec;
 
 use crate::data::{Candidates, Decisions, Outcomes};
 use crate::model::ModelError;
@@ -122,6 +124,32 @@ pub trait Policy: Send {
         budget: usize,
         rng: &mut dyn RngCore,
     ) -> Result<Decisions, PolicyError>;
+}
+
+/// A borrowed policy is a policy (so a driver can plan with a policy its
+/// caller keeps).
+impl<P: Policy + ?Sized> Policy for &mut P {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    fn creatives(&self) -> usize {
+        (**self).creatives()
+    }
+
+    fn update(&mut self, outcomes: &Outcomes) -> Result<(), PolicyError> {
+        (**self).update(outcomes)
+    }
+
+    fn plan(
+        &self,
+        ctx: &PlanContext,
+        candidates: &Candidates,
+        budget: usize,
+        rng: &mut dyn RngCore,
+    ) -> Result<Decisions, PolicyError> {
+        (**self).plan(ctx, candidates, budget, rng)
+    }
 }
 
 /// Checks that the campaign and the policy agree on the creatives.
