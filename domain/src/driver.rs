@@ -366,8 +366,9 @@ pub enum JobError {
     #[error("job refused: {0}")]
     Refused(String),
     /// Not yet: the previous batch is not sent, or feedback is not
-    /// recorded, or the campaign is paused. Deliver the job again later
-    /// (a resumed campaign schedules its jobs again).
+    /// recorded, or the campaign is paused. Acknowledge the job: the driver
+    /// schedules it again when it can be planned (once the pending batch
+    /// is sent, or when the campaign resumes).
     #[error("job not ready: {0}")]
     NotReady(String),
     /// The policy failed to plan.
@@ -428,6 +429,9 @@ pub struct CampaignDriver<'p> {
     /// Batch jobs must be (re)scheduled: at open, and when the campaign
     /// starts or resumes.
     jobs_due: bool,
+    /// A batch job was refused because an earlier batch was not sent yet:
+    /// schedule the remaining jobs again once it is.
+    reschedule_on_send: bool,
     complete_scheduled: bool,
     policy: Box<dyn Policy + 'p>,
     audience: Arc<Audience>,
@@ -471,6 +475,7 @@ impl<'p> CampaignDriver<'p> {
             commands: Vec::new(),
             queued: HashSet::new(),
             jobs_due: true,
+            reschedule_on_send: false,
             complete_scheduled: false,
             remaining: audience.candidates().clone(),
             remaining_synced: 0,
@@ -564,6 +569,9 @@ impl<'p> CampaignDriver<'p> {
                 }
                 self.sent_ms[b].get_or_insert(timestamp_ms);
                 self.acked.remove(batch);
+                if std::mem::take(&mut self.reschedule_on_send) {
+                    self.jobs_due = true;
+                }
             }
             _ => {}
         }
@@ -815,14 +823,19 @@ impl<'p> CampaignDriver<'p> {
                         status.map_or("not created".to_owned(), |s| s.to_string())
                     )));
                 }
+                if let Some(p) = self.campaign.pending_batch() {
+                    self.reschedule_on_send = true;
+                    return Err(JobError::NotReady(format!("batch {p} is not sent yet")));
+                }
                 if self.campaign.next_batch() != Some(batch) {
-                    return Err(JobError::Refused(format!(
+                    // An earlier batch's job is still to come (or was
+                    // refused while its predecessor was unsent): this one
+                    // is scheduled again once that batch is sent.
+                    self.reschedule_on_send = true;
+                    return Err(JobError::NotReady(format!(
                         "batch {batch} is not the next batch ({:?})",
                         self.campaign.next_batch()
                     )));
-                }
-                if let Some(p) = self.campaign.pending_batch() {
-                    return Err(JobError::NotReady(format!("batch {p} is not sent yet")));
                 }
                 if spec.due_ms(batch) > now_ms {
                     return Err(JobError::NotReady(format!(

@@ -278,13 +278,28 @@ impl<A: Aggregate> Scheduler<A> {
 
     /// Executes one leased job and settles its lease (see the module docs).
     pub async fn process(&self, lease: Lease, now_ms: u64) -> RunReport {
+        let mapped = (self.mapper)(&lease.job);
+        self.process_mapped(lease, mapped, now_ms).await
+    }
+
+    /// Like [`process`](Self::process), with the job already mapped by the
+    /// caller (a runtime that needs `now_ms` or its own state to map a
+    /// job): `Err(reason)` refuses the job (acked and logged), `Ok` executes
+    /// the command with the job's idempotency key and settles the lease as
+    /// the module docs say.
+    pub async fn process_mapped(
+        &self,
+        lease: Lease,
+        mapped: Result<(StreamId, A::Command), String>,
+        now_ms: u64,
+    ) -> RunReport {
         let mut report = RunReport::default();
         let id = lease.job.id.clone();
         enum Then {
             Ack,
             Nack(u64),
         }
-        let then = match (self.mapper)(&lease.job) {
+        let then = match mapped {
             Err(reason) => {
                 tracing::warn!(job = %id, %reason, "job refused: it does not map to a command");
                 report.refused += 1;

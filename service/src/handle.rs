@@ -1,0 +1,199 @@
+//! Running a runtime on the clock: [`Runtime::run`], the
+//! [`RuntimeHandle`] a service talks to it through, and shutdown.
+
+use std::future::Future;
+
+use smartmsg_domain::CampaignCommand;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::RuntimeError;
+use crate::ingest::ReactionInbox;
+use crate::runtime::{CampaignSetup, CampaignView, Runtime};
+
+/// Requests waiting for the runtime's loop at most.
+pub const MAX_PENDING_REQUESTS: usize = 1_024;
+
+type Reply<T> = oneshot::Sender<Result<T, RuntimeError>>;
+
+enum Request {
+    Create(Box<CampaignSetup>, Reply<()>),
+    Command(String, CampaignCommand, Reply<()>),
+    View(String, Reply<Option<CampaignView>>),
+    List(Reply<Vec<CampaignView>>),
+}
+
+/// Talks to a running [`Runtime`] (see [`Runtime::spawn`]). Cheap to clone;
+/// every call waits for the runtime's loop to answer.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    tx: mpsc::Sender<Request>,
+    inbox: ReactionInbox,
+}
+
+impl std::fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeHandle").finish_non_exhaustive()
+    }
+}
+
+impl RuntimeHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, RuntimeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| RuntimeError::Stopped)?;
+        rx.await.map_err(|_| RuntimeError::Stopped)?
+    }
+
+    /// Creates a campaign (see [`Runtime::create_campaign`]).
+    pub async fn create_campaign(&self, setup: CampaignSetup) -> Result<(), RuntimeError> {
+        self.ask(|r| Request::Create(Box::new(setup), r)).await
+    }
+
+    /// Executes a lifecycle command (see [`Runtime::command`]).
+    pub async fn command(&self, id: &str, cmd: CampaignCommand) -> Result<(), RuntimeError> {
+        self.ask(|r| Request::Command(id.to_owned(), cmd, r)).await
+    }
+
+    /// Starts a campaign (command id `start`).
+    pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.command(
+            id,
+            CampaignCommand::new("start", smartmsg_domain::Action::Start),
+        )
+        .await
+    }
+
+    /// A campaign as it is now.
+    pub async fn view(&self, id: &str) -> Result<Option<CampaignView>, RuntimeError> {
+        self.ask(|r| Request::View(id.to_owned(), r)).await
+    }
+
+    /// Every campaign.
+    pub async fn list(&self) -> Result<Vec<CampaignView>, RuntimeError> {
+        self.ask(Request::List).await
+    }
+
+    /// The way in for reactions (usable without the loop).
+    pub fn inbox(&self) -> &ReactionInbox {
+        &self.inbox
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+impl Runtime {
+    /// Runs the runtime on its clock until `shutdown` resolves, serving the
+    /// returned handle's requests between steps. The current step always
+    /// finishes (nothing is abandoned half-way); then the runtime is
+    /// dropped, which closes the backends (the embedded log leaves its
+    /// clean-shutdown mark and releases the directory lock).
+    ///
+    /// Returns the handle and the loop's future (spawn it, or await it).
+    pub fn spawn(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (
+        RuntimeHandle,
+        impl Future<Output = Result<(), RuntimeError>> + Send,
+    ) {
+        let (tx, rx) = mpsc::channel(MAX_PENDING_REQUESTS);
+        let handle = RuntimeHandle {
+            tx,
+            inbox: self.inbox(),
+        };
+        (handle, self.run(rx, shutdown))
+    }
+
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), RuntimeError> {
+        tokio::pin!(shutdown);
+        let mut failures = 0u32;
+        loop {
+            let now = self.ports().clock.now_ms();
+            let next = match self.step(now).await {
+                Ok(r) => {
+                    failures = 0;
+                    r.next_wake_ms
+                }
+                Err(e) if e.is_crash() => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, failures, "runtime step failed; trying again");
+                    let backoff = 100u64.saturating_mul(1 << failures.min(9));
+                    Some(now.saturating_add(backoff))
+                }
+            };
+            let poll = self.options().poll_interval_ms.max(1);
+            let wait = next.map_or(poll, |t| {
+                t.saturating_sub(self.ports().clock.now_ms()).min(poll)
+            });
+            let wake = self.wake_handle();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    tracing::info!("shutting down");
+                    return Ok(());
+                }
+                req = requests.recv() => match req {
+                    Some(req) => self.serve(req).await,
+                    None => {
+                        // Every handle is gone: keep running until shutdown.
+                        tokio::select! {
+                            () = &mut shutdown => return Ok(()),
+                            () = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
+                        }
+                    }
+                },
+                () = wake.notified() => {}
+                () = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
+            }
+        }
+    }
+
+    async fn serve(&mut self, req: Request) {
+        match req {
+            Request::Create(setup, r) => {
+                let _ = r.send(self.create_campaign(*setup).await);
+            }
+            Request::Command(id, cmd, r) => {
+                let _ = r.send(self.command(&id, cmd).await);
+            }
+            Request::View(id, r) => {
+                let _ = r.send(Ok(self.view(&id)));
+            }
+            Request::List(r) => {
+                let all = self
+                    .campaign_ids()
+                    .iter()
+                    .filter_map(|id| self.view(id))
+                    .collect();
+                let _ = r.send(Ok(all));
+            }
+        }
+    }
+}

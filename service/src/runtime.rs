@@ -1,0 +1,1141 @@
+//! [`Runtime`]: campaigns run on the ports.
+//!
+//! A runtime holds any number of campaigns. For each it keeps a
+//! [`CampaignDriver`] (the pure decisions), a reaction pipeline (the
+//! domain's topology on a [`StreamRunner`], see [`crate::pipeline`]) and
+//! the positions it has read in the campaign's streams. [`Runtime::step`]
+//! does everything due at a given time:
+//!
+//! 1. polls the reaction sources into the log ([`crate::ingest`]);
+//! 2. for each campaign: runs the pipeline over its new input (with a tick
+//!    when windows may have closed), reads the pipeline's new outputs into
+//!    the driver, and performs what the driver asks (record windows,
+//!    record feedback, announce a batch to the pipeline, hand a batch to
+//!    the sender, record it as sent, schedule jobs);
+//! 3. takes the due jobs from the delay queue: for each, brings its
+//!    campaign up to date (ticking the pipeline at `now` so that the
+//!    windows due are closed and the feedback is recorded), asks the driver
+//!    for the job's command (a plan, drawn from a generator seeded by the
+//!    batch) and executes it through the engine's [`Scheduler`] (with the
+//!    job's idempotency key, acknowledging the job only once the command's
+//!    events are durable), then lets the new batch go out.
+//!
+//! [`Runtime::run`] loops `step` on the clock until shutdown, taking
+//! requests from [`RuntimeHandle`]s in between. The simulator calls `step`
+//! itself at virtual times; it is the same code.
+//!
+//! # Resume
+//!
+//! Everything is in the log, the queue and the state store. Opening a
+//! runtime reads the registered campaigns and, for each, its audience, its
+//! campaign stream (with the snapshot), its recorded feedback and its
+//! pipeline's outputs; the runner restores its state and position from the
+//! store. What was in flight is asked for again with the same ids: a batch
+//! planned but not sent is announced (idempotently) and handed to the
+//! sender again, with the same message ids and content; a job executed but
+//! not acknowledged is delivered again and finds its idempotency key; a
+//! pipeline commit's outputs are delivered again idempotently.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use smartmsg_domain::driver::{parse_job, FEEDBACK_KIND, FEEDBACK_SCHEMA};
+use smartmsg_domain::reactions::{reaction_topology, CampaignInfo};
+use smartmsg_domain::rng;
+use smartmsg_domain::{
+    Action, Audience, Campaign, CampaignCommand, CampaignDriver, CampaignEvent, CampaignSpec,
+    Candidates, CreativeStats, DriverConfig, Feedback, JobKind, Policy, PolicyError, PolicySpec,
+    Status,
+};
+use smartmsg_engine::stream::{
+    EventLogSink, KeyValueStore, RunnerConfig, RunnerError, ScopedStore, StoreError, StreamRunner,
+};
+use smartmsg_engine::{
+    job_idempotency_key, AppendTx, Clock, CommandOptions, DelayQueue, EventCodec, EventLog,
+    ExpectedVersion, NewEvent, RecordedEvent, Repository, RepositoryConfig, RepositoryError,
+    Scheduler, SnapshotStore, StreamId,
+};
+use tokio::sync::Notify;
+
+use crate::audience;
+use crate::error::RuntimeError;
+use crate::hooks::{CrashPoint, Hooks, NoHooks};
+use crate::ingest::{ingest_once, ReactionInbox, ReactionSource, Routes, MAX_POLL};
+use crate::pipeline::{
+    announce_event, decode_late, decode_outcome, decode_window, info_event, set_batch_users,
+    tick_event, BatchUsers, HookedStore, PipelineSettings, PipelineSource, SimulatedCrash,
+    NO_OFFSET,
+};
+use crate::sender::Sender;
+use crate::streams::{check_campaign_id, CampaignStreams, REGISTRY};
+
+/// Builds a campaign's policy from its recorded [`PolicySpec`] (for
+/// policies the domain does not know, `PolicySpec::Custom`).
+pub type PolicyFactory = dyn Fn(&PolicySpec, &CampaignSpec, &Audience) -> Result<Box<dyn Policy>, PolicyError>
+    + Send
+    + Sync;
+
+/// The systems a runtime runs on.
+#[derive(Clone)]
+pub struct Ports {
+    /// The event log.
+    pub log: Arc<dyn EventLog>,
+    /// Snapshots of campaign aggregates (optional).
+    pub snapshots: Option<Arc<dyn SnapshotStore>>,
+    /// The delay queue of batch jobs.
+    pub queue: Arc<dyn DelayQueue>,
+    /// The reaction pipelines' state.
+    pub state: Arc<dyn KeyValueStore>,
+    /// The clock ([`smartmsg_engine::SystemClock`] in production).
+    pub clock: Arc<dyn Clock>,
+    /// Where batches go.
+    pub sender: Arc<dyn Sender>,
+}
+
+impl std::fmt::Debug for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ports")
+            .field("sender", &self.sender.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a runtime works.
+#[derive(Clone)]
+pub struct RuntimeOptions {
+    /// Snapshot a campaign every this many events. Default 16.
+    pub snapshot_every: u64,
+    /// Most pipeline input records per commit. Default 5,000.
+    pub runner_batch: usize,
+    /// Most jobs taken from the queue per step. Default 64.
+    pub lease_batch: usize,
+    /// Most messages taken from each reaction source per step (at most
+    /// [`MAX_POLL`]). Default [`MAX_POLL`].
+    pub ingest_batch: usize,
+    /// First delay before a failed send is tried again (doubling, up to
+    /// `send_retry_max_ms`). Default 1 s.
+    pub send_retry_ms: u64,
+    /// Longest delay between send attempts. Default 5 minutes.
+    pub send_retry_max_ms: u64,
+    /// Longest sleep of [`Runtime::run`] between steps. Default 200 ms.
+    pub poll_interval_ms: u64,
+    /// Crash hooks ([`NoHooks`] in production).
+    pub hooks: Arc<dyn Hooks>,
+    /// Builds policies from their specs; `None`: [`PolicySpec::build`].
+    pub policies: Option<Arc<PolicyFactory>>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            snapshot_every: 16,
+            runner_batch: 5_000,
+            lease_batch: 64,
+            ingest_batch: MAX_POLL,
+            send_retry_ms: 1_000,
+            send_retry_max_ms: 300_000,
+            poll_interval_ms: 200,
+            hooks: Arc::new(NoHooks),
+            policies: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for RuntimeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeOptions")
+            .field("snapshot_every", &self.snapshot_every)
+            .field("runner_batch", &self.runner_batch)
+            .field("lease_batch", &self.lease_batch)
+            .field("poll_interval_ms", &self.poll_interval_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a campaign is created with.
+#[derive(Debug, Clone)]
+pub struct CampaignSetup {
+    /// Its id (see [`check_campaign_id`]).
+    pub id: String,
+    /// Creatives, budget, schedule.
+    pub spec: CampaignSpec,
+    /// The users it may message, with their features.
+    pub audience: Candidates,
+    /// The policy that plans its batches.
+    pub policy: PolicySpec,
+    /// Seeds the plans (the same seed plans the same batches).
+    pub seed: u64,
+    /// A second seed part; default: the campaign id's hash.
+    pub plan_stream: Option<u64>,
+    /// The reaction pipeline's settings.
+    pub pipeline: PipelineSettings,
+    /// Complete the campaign this long after its last batch was sent.
+    pub reaction_horizon_ms: u64,
+}
+
+impl CampaignSetup {
+    /// A setup with default pipeline settings, seed 0, and completion a
+    /// day after the last batch.
+    pub fn new(
+        id: impl Into<String>,
+        spec: CampaignSpec,
+        audience: Candidates,
+        policy: PolicySpec,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            spec,
+            audience,
+            policy,
+            seed: 0,
+            plan_stream: None,
+            pipeline: PipelineSettings::default(),
+            reaction_horizon_ms: DriverConfig::default().reaction_horizon_ms,
+        }
+    }
+}
+
+/// A campaign's registration in the runtime's registry stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Registration {
+    id: String,
+    spec: CampaignSpec,
+    policy: PolicySpec,
+    seed: u64,
+    plan_stream: u64,
+    pipeline: PipelineSettings,
+    reaction_horizon_ms: u64,
+    /// The audience: events `audience_from..audience_from + chunks` of the
+    /// audience stream (1-based versions).
+    audience_from: u64,
+    audience_chunks: u64,
+    audience_rows: u64,
+}
+
+const REGISTERED: &str = "CampaignRegistered";
+
+/// One batch of a campaign, as [`CampaignView`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchView {
+    /// The batch.
+    pub batch: u32,
+    /// The policy that planned it.
+    pub policy: String,
+    /// Messages in it.
+    pub messages: u32,
+    /// Messages per creative.
+    pub per_creative: Vec<u32>,
+    /// When it was recorded as sent.
+    pub sent_ms: Option<u64>,
+    /// Users counted as reacting so far.
+    pub reacted: u64,
+}
+
+/// What a campaign looks like now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignView {
+    /// Its id.
+    pub id: String,
+    /// Its state.
+    pub status: Option<Status>,
+    /// Its budget.
+    pub budget: u64,
+    /// Budget not yet reserved by a planned batch.
+    pub budget_left: u64,
+    /// Messages in sent batches.
+    pub sent: u64,
+    /// Reactions recorded.
+    pub reactions: u64,
+    /// Per creative.
+    pub creatives: Vec<CreativeStats>,
+    /// Its batches so far.
+    pub batches: Vec<BatchView>,
+    /// Batches the model has learned from.
+    pub fed: u32,
+    /// The last failure to hand a batch to the sender, if it is still
+    /// failing.
+    pub send_error: Option<String>,
+}
+
+/// What one [`Runtime::step`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Reaction messages taken from sources.
+    pub ingested: usize,
+    /// Jobs taken from the queue.
+    pub jobs: usize,
+    /// Batches handed to the sender and acknowledged.
+    pub batches_sent: usize,
+    /// Sends that failed (tried again later).
+    pub send_failures: usize,
+    /// The earliest time something is due (a job, a send retry, a tick), if
+    /// known.
+    pub next_wake_ms: Option<u64>,
+}
+
+/// Most rounds of driver work per campaign and step: each round settles
+/// at least one thing (a command, a feedback, an announcement, a send), so
+/// a campaign needs a handful; more means a bug, reported rather than
+/// looped on.
+const MAX_ROUNDS: usize = 1_000;
+
+/// The runtime state of one campaign.
+struct Live {
+    id: String,
+    streams: CampaignStreams,
+    driver: CampaignDriver<'static>,
+    runner: Option<StreamRunner<PipelineSource, EventLogSink>>,
+    users: BatchUsers,
+    through: Arc<AtomicU64>,
+    audience: Arc<Audience>,
+    pipeline: PipelineSettings,
+    campaign_v: u64,
+    feedback_v: u64,
+    windows_v: u64,
+    outcomes_v: u64,
+    late_v: u64,
+    /// Time of the last tick this process appended, and the pipeline
+    /// stream's version right after it.
+    tick_ms: u64,
+    tick_v: u64,
+    send_retry_at: u64,
+    send_failures: u32,
+    send_error: Option<String>,
+}
+
+/// Campaigns run on the ports. See the [module docs](self).
+pub struct Runtime {
+    ports: Ports,
+    options: RuntimeOptions,
+    repo: Repository<Campaign>,
+    scheduler: Scheduler<Campaign>,
+    routes: Routes,
+    wake: Arc<Notify>,
+    sources: Vec<Box<dyn ReactionSource>>,
+    campaigns: BTreeMap<String, Live>,
+    registry_v: u64,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("campaigns", &self.campaigns.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode_err(e: &RecordedEvent, reason: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Decode {
+        stream: e.stream.to_string(),
+        position: e.position,
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads `stream` from version `from` to its end.
+async fn read_from(
+    log: &dyn EventLog,
+    stream: &StreamId,
+    from: u64,
+) -> Result<Vec<RecordedEvent>, RuntimeError> {
+    let mut out = Vec::new();
+    let mut v = from.max(1);
+    let page = log.limits().max_read_events.clamp(1, 10_000);
+    loop {
+        let batch = log.read_stream(stream, v, page).await?;
+        let Some(last) = batch.last() else { break };
+        v = last.version + 1;
+        let n = batch.len();
+        out.extend(batch);
+        if n < page {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+impl Runtime {
+    /// Opens a runtime on `ports`: every campaign registered in the log is
+    /// loaded and resumes where it was.
+    pub async fn open(ports: Ports, options: RuntimeOptions) -> Result<Self, RuntimeError> {
+        let mut repo =
+            Repository::<Campaign>::new(Arc::clone(&ports.log), Arc::clone(&ports.clock));
+        if let Some(s) = &ports.snapshots {
+            repo = repo.with_snapshots(Arc::clone(s));
+        }
+        let repo = repo
+            .with_config(RepositoryConfig {
+                snapshot_every: options.snapshot_every,
+                ..RepositoryConfig::default()
+            })
+            .map_err(|e| RuntimeError::Open {
+                what: "repository",
+                reason: e.to_string(),
+            })?;
+        let scheduler = Scheduler::new(
+            Arc::clone(&ports.queue),
+            repo.clone(),
+            Arc::clone(&ports.clock),
+            |job| Err(format!("job {} is mapped by the runtime", job.id)),
+        );
+        let mut rt = Self {
+            ports,
+            options,
+            repo,
+            scheduler,
+            routes: Routes::default(),
+            wake: Arc::new(Notify::new()),
+            sources: Vec::new(),
+            campaigns: BTreeMap::new(),
+            registry_v: 0,
+        };
+        let registry = StreamId::new(REGISTRY)?;
+        for e in read_from(&*rt.ports.log, &registry, 1).await? {
+            rt.registry_v = e.version;
+            let reg: Registration =
+                serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
+            rt.load(reg).await?;
+        }
+        Ok(rt)
+    }
+
+    /// The ports.
+    pub fn ports(&self) -> &Ports {
+        &self.ports
+    }
+
+    /// The options.
+    pub fn options(&self) -> &RuntimeOptions {
+        &self.options
+    }
+
+    pub(crate) fn wake_handle(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
+    }
+
+    /// The in-process way in for reactions.
+    pub fn inbox(&self) -> ReactionInbox {
+        ReactionInbox::new(
+            Arc::clone(&self.ports.log),
+            self.routes.clone(),
+            Arc::clone(&self.ports.clock),
+            Arc::clone(&self.wake),
+        )
+    }
+
+    /// Adds a reaction source, polled at every step.
+    pub fn add_source(&mut self, source: Box<dyn ReactionSource>) {
+        self.sources.push(source);
+    }
+
+    /// The ids of the campaigns.
+    pub fn campaign_ids(&self) -> Vec<String> {
+        self.campaigns.keys().cloned().collect()
+    }
+
+    /// Whether every campaign is completed or cancelled with nothing left
+    /// to record.
+    pub fn all_finished(&self) -> bool {
+        self.campaigns.values().all(|c| c.driver.is_finished())
+    }
+
+    /// The driver of a campaign (its decisions, plans and model).
+    pub fn driver(&self, id: &str) -> Option<&CampaignDriver<'static>> {
+        self.campaigns.get(id).map(|c| &c.driver)
+    }
+
+    fn live(&mut self, id: &str) -> Result<&mut Live, RuntimeError> {
+        self.campaigns
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::UnknownCampaign(id.to_owned()))
+    }
+
+    fn build_policy(
+        &self,
+        reg: &Registration,
+        aud: &Audience,
+    ) -> Result<Box<dyn Policy>, RuntimeError> {
+        let p = match &self.options.policies {
+            Some(f) => f(&reg.policy, &reg.spec, aud)?,
+            None => reg.policy.build(
+                reg.spec.creatives.len(),
+                aud.dim(),
+                reg.spec.nominal_batch_size(0),
+            )?,
+        };
+        Ok(p)
+    }
+
+    /// Creates a campaign (in draft): stores its audience and registration,
+    /// then executes its `Create` command. Creating it again with the same
+    /// setup does nothing; with another setup it is refused.
+    pub async fn create_campaign(&mut self, setup: CampaignSetup) -> Result<(), RuntimeError> {
+        check_campaign_id(&setup.id)?;
+        setup.spec.validate()?;
+        let aud = Audience::new(setup.audience.clone())?;
+        if aud.is_empty() {
+            return Err(RuntimeError::Audience("the audience is empty".into()));
+        }
+        let streams = CampaignStreams::new(&setup.id)?;
+        let plan_stream = setup.plan_stream.unwrap_or_else(|| rng::label(&setup.id));
+        if let Some(c) = self.campaigns.get(&setup.id) {
+            let same = c.driver.campaign().spec() == Some(&setup.spec)
+                && c.driver.config().seed == setup.seed
+                && c.driver.config().stream == plan_stream
+                && c.pipeline == setup.pipeline
+                && c.audience.candidates() == &setup.audience;
+            return if same {
+                Ok(())
+            } else {
+                Err(RuntimeError::CampaignExists(setup.id))
+            };
+        }
+        let mut reg = Registration {
+            id: setup.id.clone(),
+            spec: setup.spec.clone(),
+            policy: setup.policy.clone(),
+            seed: setup.seed,
+            plan_stream,
+            pipeline: setup.pipeline,
+            reaction_horizon_ms: setup.reaction_horizon_ms,
+            audience_from: 0,
+            audience_chunks: 0,
+            audience_rows: aud.len() as u64,
+        };
+        // The policy must build before anything is stored.
+        self.build_policy(&reg, &aud)?;
+        let now = self.ports.clock.now_ms();
+        let limits = self.ports.log.limits();
+        let rows =
+            audience::rows_per_chunk(aud.dim(), limits.max_event_bytes.min(limits.max_tx_bytes));
+        let chunks = audience::encode(aud.candidates(), rows, now);
+        reg.audience_chunks = chunks.len() as u64;
+        for chunk in chunks {
+            let r = self
+                .ports
+                .log
+                .append(AppendTx::single(
+                    streams.audience.clone(),
+                    ExpectedVersion::Any,
+                    vec![chunk],
+                ))
+                .await?;
+            if reg.audience_from == 0 {
+                reg.audience_from = r.versions.first().map_or(1, |(_, v)| *v);
+            }
+        }
+        let registry = StreamId::new(REGISTRY)?;
+        let body = serde_json::to_vec(&reg).map_err(|e| RuntimeError::Open {
+            what: "registration",
+            reason: e.to_string(),
+        })?;
+        self.ports
+            .log
+            .append(AppendTx::single(
+                registry,
+                ExpectedVersion::Exact(self.registry_v),
+                vec![NewEvent::new(REGISTERED, 1, now, body)],
+            ))
+            .await?;
+        self.registry_v += 1;
+        self.load(reg).await
+    }
+
+    /// Loads a registered campaign and brings it up to date from the log.
+    async fn load(&mut self, reg: Registration) -> Result<(), RuntimeError> {
+        let streams = CampaignStreams::new(&reg.id)?;
+        let log = Arc::clone(&self.ports.log);
+        let mut cands = None;
+        let mut events = read_from(&*log, &streams.audience, reg.audience_from.max(1)).await?;
+        events.truncate(usize::try_from(reg.audience_chunks).unwrap_or(usize::MAX));
+        if (events.len() as u64) < reg.audience_chunks {
+            return Err(RuntimeError::Audience(format!(
+                "campaign {}: {} of {} audience chunks found",
+                reg.id,
+                events.len(),
+                reg.audience_chunks
+            )));
+        }
+        for e in &events {
+            audience::decode_into(e, &mut cands).map_err(|r| decode_err(e, r))?;
+        }
+        let cands = cands.ok_or_else(|| RuntimeError::Audience("no audience".into()))?;
+        let aud = Arc::new(Audience::new(cands)?);
+        let policy = self.build_policy(&reg, &aud)?;
+        let config = DriverConfig {
+            seed: reg.seed,
+            stream: reg.plan_stream,
+            window_ms: reg.pipeline.window_ms.max(1),
+            grace_ms: reg.pipeline.grace_ms,
+            reaction_horizon_ms: reg.reaction_horizon_ms,
+        };
+        let driver = CampaignDriver::new(reg.id.clone(), config, policy, Arc::clone(&aud));
+        let users: BatchUsers = Arc::default();
+        let through = Arc::new(AtomicU64::new(NO_OFFSET));
+        let mut live = Live {
+            id: reg.id.clone(),
+            streams: streams.clone(),
+            driver,
+            runner: None,
+            users,
+            through,
+            audience: aud,
+            pipeline: reg.pipeline,
+            campaign_v: 0,
+            feedback_v: 0,
+            windows_v: 0,
+            outcomes_v: 0,
+            late_v: 0,
+            tick_ms: 0,
+            tick_v: 0,
+            send_retry_at: 0,
+            send_failures: 0,
+            send_error: None,
+        };
+        // The campaign exists (a crash may have come between registration
+        // and creation) and the pipeline knows it.
+        self.execute_on(
+            &mut live,
+            CampaignCommand::new("create", Action::Create(reg.spec.clone())),
+        )
+        .await?;
+        if log.stream_version(&streams.pipeline).await? == 0 {
+            let info = CampaignInfo::from_spec(&reg.spec, reg.pipeline.accept_after_last_ms);
+            let tx = AppendTx::single(
+                streams.pipeline.clone(),
+                ExpectedVersion::NoStream,
+                vec![info_event(&info, self.ports.clock.now_ms())],
+            );
+            match log.append(tx).await {
+                Ok(_) | Err(smartmsg_engine::AppendError::WrongExpectedVersion { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        catch_up(&*log, &mut live).await?;
+        for e in read_from(&*log, &streams.feedback, 1).await? {
+            if e.kind != FEEDBACK_KIND {
+                continue;
+            }
+            let f: Feedback =
+                serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
+            live.feedback_v = e.version;
+            live.driver.apply_feedback(&f)?;
+        }
+        // Every planned batch but the last was announced before it was sent;
+        // the last one too if it was sent.
+        let planned = live.driver.plans().len() as u32;
+        if planned > 0 {
+            let last_sent = live.driver.campaign().pending_batch().is_none();
+            let through = if last_sent { planned } else { planned - 1 };
+            if through > 0 {
+                live.driver.announced(through - 1);
+            }
+        }
+        self.open_runner(&mut live)?;
+        read_outputs(&*log, &mut live).await?;
+        self.routes.insert(&live.id, streams.pipeline.clone());
+        tracing::info!(campaign = %live.id, status = ?live.driver.campaign().status(), planned, "campaign loaded");
+        self.campaigns.insert(reg.id, live);
+        Ok(())
+    }
+
+    fn open_runner(&self, live: &mut Live) -> Result<(), RuntimeError> {
+        let scoped = ScopedStore::new(Arc::clone(&self.ports.state), format!("{}/", live.id))?;
+        let store = HookedStore::new(
+            Arc::new(scoped),
+            Arc::clone(&self.options.hooks),
+            &live.id,
+            Arc::clone(&live.through),
+        );
+        let source = PipelineSource::new(
+            Arc::clone(&self.ports.log),
+            live.streams.pipeline.clone(),
+            &live.id,
+            Arc::clone(&live.audience),
+            Arc::clone(&live.users),
+            Arc::clone(&live.through),
+        );
+        let id = live.id.clone();
+        let sink = EventLogSink::with_streams(Arc::clone(&self.ports.log), move |output| {
+            CampaignStreams::output_stream(&id, output)
+        });
+        let topology = reaction_topology(live.pipeline.reaction_config(live.audience.dim()))
+            .map_err(|e| RuntimeError::Open {
+                what: "reaction pipeline",
+                reason: e.to_string(),
+            })?;
+        let runner = StreamRunner::open(
+            topology,
+            Arc::new(store),
+            source,
+            sink,
+            RunnerConfig::new(format!("rx-{}", live.id))
+                .with_batch(self.options.runner_batch.max(1)),
+        )?;
+        live.runner = Some(runner);
+        Ok(())
+    }
+
+    async fn execute_on(
+        &mut self,
+        live: &mut Live,
+        cmd: CampaignCommand,
+    ) -> Result<(), RuntimeError> {
+        let r = self
+            .repo
+            .execute(&live.streams.campaign, &cmd, CommandOptions::default())
+            .await;
+        live.driver.executed(&cmd.id);
+        match r {
+            Ok(_) => {}
+            Err(RepositoryError::Domain(source)) => {
+                return Err(RuntimeError::Refused {
+                    campaign: live.id.clone(),
+                    command: cmd.id,
+                    source,
+                })
+            }
+            Err(e) => {
+                return Err(RuntimeError::Command {
+                    campaign: live.id.clone(),
+                    command: cmd.id,
+                    source: Box::new(e),
+                })
+            }
+        }
+        catch_up(&*self.ports.log, live).await
+    }
+
+    /// Executes a lifecycle command on campaign `id` (`Start`, `Pause`,
+    /// `Resume`, `Cancel`; the command id makes retries harmless).
+    pub async fn command(&mut self, id: &str, cmd: CampaignCommand) -> Result<(), RuntimeError> {
+        let mut live = self
+            .campaigns
+            .remove(id)
+            .ok_or_else(|| RuntimeError::UnknownCampaign(id.to_owned()))?;
+        let r = self.execute_on(&mut live, cmd).await;
+        self.campaigns.insert(id.to_owned(), live);
+        self.wake.notify_one();
+        r
+    }
+
+    /// Starts campaign `id` (command id `start`).
+    pub async fn start(&mut self, id: &str) -> Result<(), RuntimeError> {
+        self.command(id, CampaignCommand::new("start", Action::Start))
+            .await
+    }
+
+    /// What campaign `id` looks like now.
+    pub fn view(&self, id: &str) -> Option<CampaignView> {
+        let live = self.campaigns.get(id)?;
+        let d = &live.driver;
+        let c = d.campaign();
+        let batches = c
+            .batches()
+            .iter()
+            .enumerate()
+            .map(|(b, r)| BatchView {
+                batch: b as u32,
+                policy: r.policy.clone(),
+                messages: r.users,
+                per_creative: r.per_creative.clone(),
+                sent_ms: d.sent_ms().get(b).copied().flatten(),
+                reacted: d.reacted(b as u32) as u64,
+            })
+            .collect();
+        Some(CampaignView {
+            id: id.to_owned(),
+            status: c.status(),
+            budget: c.spec().map_or(0, |s| s.budget),
+            budget_left: c.remaining_budget(),
+            sent: c.sent(),
+            reactions: c.creative_stats().iter().map(|s| s.reactions).sum(),
+            creatives: c.creative_stats().to_vec(),
+            batches,
+            fed: d.fed(),
+            send_error: live.send_error.clone(),
+        })
+    }
+
+    /// Does everything due at `now_ms` (see the [module docs](self)).
+    pub async fn step(&mut self, now_ms: u64) -> Result<StepReport, RuntimeError> {
+        let mut report = StepReport::default();
+        let log = Arc::clone(&self.ports.log);
+        for s in &mut self.sources {
+            loop {
+                let n = ingest_once(
+                    &log,
+                    &self.routes,
+                    &mut **s,
+                    now_ms,
+                    self.options.ingest_batch,
+                )
+                .await?;
+                report.ingested += n;
+                if n < self.options.ingest_batch.clamp(1, MAX_POLL) {
+                    break;
+                }
+            }
+        }
+        let ids: Vec<String> = self.campaigns.keys().cloned().collect();
+        for id in &ids {
+            self.drive(id, now_ms, false, &mut report).await?;
+        }
+        let leases = self
+            .ports
+            .queue
+            .poll_due(now_ms, self.options.lease_batch.max(1))
+            .await?;
+        report.jobs = leases.len();
+        for lease in leases {
+            let (id, kind) = match parse_job(&lease.job) {
+                Ok(x) => x,
+                Err(reason) => {
+                    self.scheduler
+                        .process_mapped(lease, Err(reason), now_ms)
+                        .await;
+                    continue;
+                }
+            };
+            if !self.campaigns.contains_key(&id) {
+                let reason = format!("unknown campaign {id:?}");
+                self.scheduler
+                    .process_mapped(lease, Err(reason), now_ms)
+                    .await;
+                continue;
+            }
+            self.drive(&id, now_ms, true, &mut report).await?;
+            let hooks = Arc::clone(&self.options.hooks);
+            if let JobKind::Batch(batch) = kind {
+                if hooks.crash(CrashPoint::BeforePlan {
+                    campaign: &id,
+                    batch,
+                }) {
+                    return Err(RuntimeError::Crashed(format!(
+                        "{id}: before planning batch {batch}"
+                    )));
+                }
+            }
+            let live = self.live(&id)?;
+            let stream = live.streams.campaign.clone();
+            let mapped = live.driver.job_command(kind, now_ms);
+            match mapped {
+                Ok(cmd) => {
+                    if let JobKind::Batch(batch) = kind {
+                        if hooks.crash(CrashPoint::AfterPlanBeforeAck {
+                            campaign: &id,
+                            batch,
+                        }) {
+                            // Execute as the scheduler would, and stop before
+                            // the ack: the queue delivers the job again.
+                            let key =
+                                job_idempotency_key(&lease.job, self.ports.log.limits().max_id_len);
+                            let opts = CommandOptions::default().with_idempotency_key(key);
+                            self.repo
+                                .execute(&stream, &cmd, opts)
+                                .await
+                                .map_err(|source| RuntimeError::Command {
+                                    campaign: id.clone(),
+                                    command: cmd.id.clone(),
+                                    source: Box::new(source),
+                                })?;
+                            return Err(RuntimeError::Crashed(format!(
+                                "{id}: after planning batch {batch}, before the ack"
+                            )));
+                        }
+                    }
+                    let r = self
+                        .scheduler
+                        .process_mapped(lease, Ok((stream, cmd)), now_ms)
+                        .await;
+                    if r.retried > 0 {
+                        tracing::warn!(campaign = %id, ?kind, "a job's command failed; the queue retries it");
+                    }
+                }
+                Err(e) => {
+                    self.scheduler
+                        .process_mapped(lease, Err(e.to_string()), now_ms)
+                        .await;
+                }
+            }
+            let live = self.live(&id)?;
+            catch_up(&*log, live).await?;
+            self.drive(&id, now_ms, false, &mut report).await?;
+        }
+        report.next_wake_ms = self.next_wake(now_ms).await?;
+        Ok(report)
+    }
+
+    /// Closes every window the pipelines can close by `now_ms` (a tick for
+    /// every campaign) and records what that yields. The simulator calls
+    /// this at the end of a run.
+    pub async fn flush(&mut self, now_ms: u64) -> Result<StepReport, RuntimeError> {
+        let mut report = StepReport::default();
+        let ids: Vec<String> = self.campaigns.keys().cloned().collect();
+        for id in &ids {
+            self.drive(id, now_ms, true, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    async fn next_wake(&mut self, now_ms: u64) -> Result<Option<u64>, RuntimeError> {
+        let mut next = self.ports.queue.next_due().await?;
+        let mut earlier = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
+        for live in self.campaigns.values() {
+            if live.send_error.is_some() {
+                earlier(live.send_retry_at.max(now_ms));
+            }
+            if live.tick_ms > 0 || live.tick_v > 0 {
+                earlier(live.tick_ms.saturating_add(live.pipeline.window_ms.max(1)));
+            }
+        }
+        Ok(next)
+    }
+
+    /// Runs campaign `id`'s pipeline and performs what its driver asks,
+    /// until nothing is left to do at `now_ms`.
+    async fn drive(
+        &mut self,
+        id: &str,
+        now_ms: u64,
+        force_tick: bool,
+        report: &mut StepReport,
+    ) -> Result<(), RuntimeError> {
+        let mut live = self
+            .campaigns
+            .remove(id)
+            .ok_or_else(|| RuntimeError::UnknownCampaign(id.to_owned()))?;
+        let r = self.drive_live(&mut live, now_ms, force_tick, report).await;
+        self.campaigns.insert(id.to_owned(), live);
+        r
+    }
+
+    async fn drive_live(
+        &mut self,
+        live: &mut Live,
+        now_ms: u64,
+        force_tick: bool,
+        report: &mut StepReport,
+    ) -> Result<(), RuntimeError> {
+        let log = Arc::clone(&self.ports.log);
+        let hooks = Arc::clone(&self.options.hooks);
+        let mut force = force_tick;
+        for _ in 0..MAX_ROUNDS {
+            self.pump(live, now_ms, force).await?;
+            force = false;
+            let mut ready = live.driver.ready(now_ms);
+            if ready.send.is_some() && now_ms < live.send_retry_at {
+                ready.send = None;
+            }
+            if ready.is_empty() {
+                return Ok(());
+            }
+            for job in &ready.schedule {
+                self.ports.queue.schedule(job.clone()).await?;
+            }
+            live.driver.scheduled(&ready.schedule);
+            for cmd in ready.commands {
+                match self.execute_on(live, cmd).await {
+                    Ok(()) => {}
+                    Err(RuntimeError::Refused {
+                        campaign,
+                        command,
+                        source,
+                    }) => {
+                        tracing::warn!(%campaign, %command, reason = %source, "the campaign refused a command; dropped");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            for f in ready.feedback {
+                let body = serde_json::to_vec(&f).unwrap_or_default();
+                log.append(AppendTx::single(
+                    live.streams.feedback.clone(),
+                    ExpectedVersion::Exact(live.feedback_v),
+                    vec![NewEvent::new(FEEDBACK_KIND, FEEDBACK_SCHEMA, now_ms, body)],
+                ))
+                .await?;
+                live.feedback_v += 1;
+                if hooks.crash(CrashPoint::AfterFeedbackBeforeUpdate {
+                    campaign: &live.id,
+                    batch: f.batch,
+                }) {
+                    return Err(RuntimeError::Crashed(format!(
+                        "{}: after the feedback of batch {}, before the update",
+                        live.id, f.batch
+                    )));
+                }
+                live.driver.apply_feedback(&f)?;
+            }
+            if let Some(b) = ready.announce {
+                let key = format!("announce:{}:{b}", live.id);
+                let tx = AppendTx::single(
+                    live.streams.pipeline.clone(),
+                    ExpectedVersion::Any,
+                    vec![announce_event(b, now_ms)],
+                )
+                .with_idempotency_key(key);
+                log.append(tx).await?;
+                live.driver.announced(b);
+                // The pipeline learns the batch's users before it goes out.
+                self.pump(live, now_ms, false).await?;
+            }
+            if let Some(b) = ready.send {
+                if hooks.crash(CrashPoint::AfterPlanBeforeSend {
+                    campaign: &live.id,
+                    batch: b,
+                }) {
+                    return Err(RuntimeError::Crashed(format!(
+                        "{}: batch {b} planned, before it is sent",
+                        live.id
+                    )));
+                }
+                let Some(out) = live.driver.outgoing(b) else {
+                    continue;
+                };
+                match self.ports.sender.send(&out).await {
+                    Ok(()) => {
+                        report.batches_sent += 1;
+                        live.send_failures = 0;
+                        live.send_error = None;
+                        live.send_retry_at = 0;
+                        if hooks.crash(CrashPoint::AfterDeliveryBeforeRecord {
+                            campaign: &live.id,
+                            batch: b,
+                        }) {
+                            return Err(RuntimeError::Crashed(format!(
+                                "{}: batch {b} delivered, before it is recorded",
+                                live.id
+                            )));
+                        }
+                        live.driver.sender_acked(b);
+                    }
+                    Err(e) => {
+                        report.send_failures += 1;
+                        live.send_failures += 1;
+                        let shift = live.send_failures.saturating_sub(1).min(20);
+                        let delay = self
+                            .options
+                            .send_retry_ms
+                            .saturating_mul(1 << shift)
+                            .min(self.options.send_retry_max_ms);
+                        live.send_retry_at = now_ms.saturating_add(delay.max(1));
+                        tracing::warn!(campaign = %live.id, batch = b, sender = self.ports.sender.name(), error = %e, retry_in_ms = delay, "sending failed");
+                        live.send_error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        Err(RuntimeError::Stuck(format!(
+            "campaign {}: the driver still had work after {MAX_ROUNDS} rounds at {now_ms}",
+            live.id
+        )))
+    }
+
+    /// Ticks the pipeline if windows may have closed (or `force`), runs it
+    /// over its new input, and reads its new outputs into the driver.
+    async fn pump(
+        &mut self,
+        live: &mut Live,
+        now_ms: u64,
+        force: bool,
+    ) -> Result<(), RuntimeError> {
+        let log = &*self.ports.log;
+        let v = log.stream_version(&live.streams.pipeline).await?;
+        let dirty = v > live.tick_v;
+        let due = now_ms >= live.tick_ms.saturating_add(live.pipeline.window_ms.max(1));
+        if (force && now_ms > live.tick_ms) || (dirty && due) {
+            let r = log
+                .append(AppendTx::single(
+                    live.streams.pipeline.clone(),
+                    ExpectedVersion::Any,
+                    vec![tick_event(now_ms)],
+                ))
+                .await?;
+            live.tick_ms = now_ms;
+            live.tick_v = r.versions.first().map_or(v + 1, |(_, v)| *v);
+        }
+        if live.runner.is_none() {
+            self.open_runner(live)?;
+        }
+        let Some(runner) = live.runner.as_mut() else {
+            return Ok(());
+        };
+        let before = runner.next_commit();
+        let r = runner.run_until_idle().await;
+        let after = runner.next_commit();
+        if let Err(e) = r {
+            live.runner = None;
+            if let RunnerError::Store(StoreError::Backend(b)) = &e {
+                if b.downcast_ref::<SimulatedCrash>().is_some() {
+                    return Err(RuntimeError::Crashed(format!(
+                        "{}: before a pipeline commit",
+                        live.id
+                    )));
+                }
+            }
+            return Err(e.into());
+        }
+        for commit in before..after {
+            if self
+                .options
+                .hooks
+                .crash(CrashPoint::AfterCommitBeforeRecord {
+                    campaign: &live.id,
+                    commit: commit + 1,
+                })
+            {
+                return Err(RuntimeError::Crashed(format!(
+                    "{}: after pipeline commit {}, before recording it",
+                    live.id,
+                    commit + 1
+                )));
+            }
+        }
+        read_outputs(log, live).await
+    }
+}
+
+/// Applies the campaign events not applied yet.
+async fn catch_up(log: &dyn EventLog, live: &mut Live) -> Result<(), RuntimeError> {
+    for e in read_from(log, &live.streams.campaign, live.campaign_v + 1).await? {
+        let ev = CampaignEvent::decode(&e.kind, e.schema, &e.payload)
+            .map_err(|err| decode_err(&e, err))?;
+        if let CampaignEvent::BatchPlanned {
+            batch, decisions, ..
+        } = &ev
+        {
+            set_batch_users(&live.users, *batch, &decisions.users);
+        }
+        live.driver.apply(&ev, e.timestamp_ms);
+        live.campaign_v = e.version;
+    }
+    Ok(())
+}
+
+/// Reads the pipeline outputs not read yet into the driver.
+async fn read_outputs(log: &dyn EventLog, live: &mut Live) -> Result<(), RuntimeError> {
+    for e in read_from(log, &live.streams.outcomes, live.outcomes_v + 1).await? {
+        let (user, r) = decode_outcome(&e).map_err(|err| decode_err(&e, err))?;
+        if r.reacted {
+            live.driver.reaction(r.batch, user, r.time_ms);
+        }
+        live.outcomes_v = e.version;
+    }
+    for e in read_from(log, &live.streams.windows, live.windows_v + 1).await? {
+        let w = decode_window(&e).map_err(|err| decode_err(&e, err))?;
+        live.driver.window_closed(&w);
+        live.windows_v = e.version;
+    }
+    for e in read_from(log, &live.streams.late, live.late_v + 1).await? {
+        let (start, r) = decode_late(&e).map_err(|err| decode_err(&e, err))?;
+        if r.reacted {
+            live.driver
+                .late_reaction(format!("late-{}", e.version), start, r.creative);
+        }
+        live.late_v = e.version;
+    }
+    Ok(())
+}

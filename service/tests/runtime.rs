@@ -1,0 +1,360 @@
+//! The runtime end to end on the embedded backend under a manual clock:
+//! campaigns planned, announced, sent, reacted to, learned from and
+//! completed; a reopened runtime resumes exactly; bad input at every port.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rand::SeedableRng;
+use smartmsg_domain::synthetic::{Population, ResponseTruth};
+use smartmsg_domain::{
+    Action, BatchSchedule, BatchSizing, CampaignCommand, CampaignSpec, Candidates, OutgoingBatch,
+    PolicySpec, Status,
+};
+use smartmsg_embedded::EmbeddedConfig;
+use smartmsg_engine::{ManualClock, StreamId};
+use smartmsg_service::sender::MessageRecord;
+use smartmsg_service::{
+    embedded_ports, CampaignSetup, Ports, Runtime, RuntimeOptions, SendError, Sender, Submitted,
+};
+
+const START: u64 = 1_700_000_000_000;
+const HOUR: u64 = 3_600_000;
+
+/// Records every batch it is given; fails the first `fail` sends.
+#[derive(Default)]
+struct Recording {
+    batches: Mutex<Vec<OutgoingBatch>>,
+    fail: Mutex<u32>,
+}
+
+#[async_trait]
+impl Sender for Recording {
+    fn name(&self) -> &str {
+        "recording"
+    }
+    async fn send(&self, batch: &OutgoingBatch) -> Result<(), SendError> {
+        {
+            let mut f = self.fail.lock().unwrap();
+            if *f > 0 {
+                *f -= 1;
+                return Err(SendError::Unavailable {
+                    batch: batch.key(),
+                    reason: "test failure".into(),
+                });
+            }
+        }
+        self.batches.lock().unwrap().push(batch.clone());
+        Ok(())
+    }
+}
+
+fn population() -> Population {
+    let truth = ResponseTruth::segmented(2, 3, 0.2, 1.5);
+    Population::generate(3_000, truth, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3)).unwrap()
+}
+
+fn spec() -> CampaignSpec {
+    CampaignSpec {
+        channel: "test-channel".into(),
+        audience: "pop".into(),
+        creatives: vec!["red".into(), "blue".into()],
+        budget: 600,
+        schedule: BatchSchedule {
+            start_ms: START,
+            interval_ms: HOUR,
+            sizing: BatchSizing::Count(3),
+        },
+    }
+}
+
+fn setup(id: &str, audience: Candidates) -> CampaignSetup {
+    let mut s = CampaignSetup::new(
+        id,
+        spec(),
+        audience,
+        PolicySpec::Integrated {
+            model: smartmsg_domain::ModelConfig {
+                propensity_draws: 4,
+                ..Default::default()
+            },
+        },
+    );
+    s.seed = 11;
+    s.reaction_horizon_ms = HOUR;
+    s
+}
+
+fn ports(dir: &std::path::Path, clock: &ManualClock, sender: Arc<Recording>) -> Ports {
+    let c = EmbeddedConfig {
+        segment_bytes: 4 << 20,
+        ..Default::default()
+    };
+    embedded_ports(dir, c, Arc::new(clock.clone()), sender).unwrap()
+}
+
+/// Reactions of the users of `batch` who react (by the true model, the
+/// same draw whatever the run), `delay` after the batch was sent.
+fn reactions(pop: &Population, b: &OutgoingBatch, sent: u64, delay: u64) -> Vec<bytes::Bytes> {
+    b.decisions
+        .iter()
+        .filter(|(u, c, _)| {
+            let p = pop.probability(*u, *c);
+            let h = smartmsg_domain::rng::mix(&[99, u64::from(*u)]);
+            ((h >> 11) as f64 / (1u64 << 53) as f64) < p
+        })
+        .map(|(u, c, _)| {
+            bytes::Bytes::from(format!(
+                r#"{{"campaign":"{}","batch":{},"user":{u},"creative":{c},"reaction":"clicked","time_ms":{}}}"#,
+                b.campaign,
+                b.batch,
+                sent + delay
+            ))
+        })
+        .collect()
+}
+
+/// Runs the campaign to completion, optionally dropping and reopening the
+/// runtime before each step (`crash_every`). Returns the batches sent, the
+/// reactions submitted, and the final view.
+async fn run(
+    dir: &std::path::Path,
+    reopen: bool,
+) -> (Vec<OutgoingBatch>, u64, smartmsg_service::CampaignView) {
+    let pop = population();
+    let clock = ManualClock::new(START - 1_000);
+    let sender = Arc::new(Recording::default());
+    let mut rt = Runtime::open(
+        ports(dir, &clock, sender.clone()),
+        RuntimeOptions::default(),
+    )
+    .await
+    .unwrap();
+    rt.create_campaign(setup("c1", pop.candidates.clone()))
+        .await
+        .unwrap();
+    rt.start("c1").await.unwrap();
+    let mut submitted = 0u64;
+    let mut fed_reactions = 0usize;
+    let times: Vec<u64> = (0..3)
+        .map(|b| START + b * HOUR)
+        .chain([START + 3 * HOUR])
+        .collect();
+    for &t in &times {
+        if reopen {
+            drop(rt);
+            rt = Runtime::open(
+                ports(dir, &clock, sender.clone()),
+                RuntimeOptions::default(),
+            )
+            .await
+            .unwrap();
+        }
+        clock.set(t);
+        rt.step(t).await.unwrap();
+        // Reactions to every batch sent so far and not yet answered.
+        let sent = sender.batches.lock().unwrap().clone();
+        for b in sent.iter().skip(fed_reactions) {
+            let rs = reactions(&pop, b, t, 5 * 60_000);
+            submitted += rs.len() as u64;
+            for r in rt.inbox().submit_many(rs).await.unwrap() {
+                assert!(matches!(r, Submitted::Accepted { .. }), "{r:?}");
+            }
+        }
+        fed_reactions = sent.len();
+    }
+    // Past the horizon: complete, close the last windows.
+    let end = START + 4 * HOUR;
+    clock.set(end);
+    rt.step(end).await.unwrap();
+    rt.flush(end).await.unwrap();
+    let view = rt.view("c1").unwrap();
+    let batches = sender.batches.lock().unwrap().clone();
+    (batches, submitted, view)
+}
+
+#[tokio::test]
+async fn a_campaign_runs_to_completion_and_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (batches, submitted, view) = run(dir.path(), false).await;
+    assert_eq!(view.status, Some(Status::Completed), "{view:?}");
+    assert_eq!(view.sent, 600);
+    assert_eq!(batches.len(), 3, "each batch sent once");
+    assert_eq!(view.reactions, submitted, "every reaction counted once");
+    assert!(submitted > 50, "{submitted}");
+    assert_eq!(view.fed, 2, "batches 0 and 1 fed before planning 1 and 2");
+    // Every message id once, users once across batches.
+    let mut users: Vec<u32> = batches
+        .iter()
+        .flat_map(|b| b.decisions.users.clone())
+        .collect();
+    users.sort_unstable();
+    let n = users.len();
+    users.dedup();
+    assert_eq!(users.len(), n);
+}
+
+/// Reopening the runtime before every step gives the very same campaign.
+#[tokio::test]
+async fn a_reopened_runtime_resumes_exactly() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let (straight, s1, v1) = run(a.path(), false).await;
+    let (reopened, s2, v2) = run(b.path(), true).await;
+    assert_eq!(s1, s2);
+    assert_eq!(v1, v2);
+    assert_eq!(straight, reopened, "same plans, same order");
+}
+
+#[tokio::test]
+async fn a_failing_sender_is_retried_and_nothing_is_recorded_before_its_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = population();
+    let clock = ManualClock::new(START);
+    let sender = Arc::new(Recording::default());
+    *sender.fail.lock().unwrap() = 2;
+    let mut rt = Runtime::open(
+        ports(dir.path(), &clock, sender.clone()),
+        RuntimeOptions::default(),
+    )
+    .await
+    .unwrap();
+    rt.create_campaign(setup("c1", pop.candidates.clone()))
+        .await
+        .unwrap();
+    rt.start("c1").await.unwrap();
+    let r = rt.step(START).await.unwrap();
+    assert_eq!(r.send_failures, 1);
+    let v = rt.view("c1").unwrap();
+    assert_eq!(v.batches.len(), 1, "planned");
+    assert_eq!(v.sent, 0, "not recorded as sent");
+    assert!(v.send_error.is_some());
+    assert!(r.next_wake_ms.unwrap() <= START + 1_000, "{r:?}");
+    // Not yet time to retry.
+    let r = rt.step(START + 10).await.unwrap();
+    assert_eq!(r.send_failures, 0);
+    assert_eq!(r.batches_sent, 0);
+    let r = rt.step(START + 1_000).await.unwrap();
+    assert_eq!(r.send_failures, 1, "second failure; backoff doubles");
+    let r = rt.step(START + 3_000).await.unwrap();
+    assert_eq!(r.batches_sent, 1);
+    let v = rt.view("c1").unwrap();
+    assert_eq!(v.sent, 200);
+    assert!(v.send_error.is_none());
+}
+
+#[tokio::test]
+async fn bad_reactions_are_dead_lettered_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = population();
+    let clock = ManualClock::new(START);
+    let sender = Arc::new(Recording::default());
+    let mut rt = Runtime::open(
+        ports(dir.path(), &clock, sender.clone()),
+        RuntimeOptions::default(),
+    )
+    .await
+    .unwrap();
+    rt.create_campaign(setup("c1", pop.candidates.clone()))
+        .await
+        .unwrap();
+    rt.start("c1").await.unwrap();
+    rt.step(START).await.unwrap();
+    let inbox = rt.inbox();
+    let cases: Vec<(&[u8], &str)> = vec![
+        (b"\xff\xfe not utf-8", "not a JSON object"),
+        (b"[1,2]", "not a JSON object"),
+        (br#"{"batch":0}"#, "no \"campaign\" field"),
+        (br#"{"campaign":"nope","batch":0}"#, "unknown campaign"),
+    ];
+    for (payload, want) in &cases {
+        match inbox
+            .submit(bytes::Bytes::copy_from_slice(payload))
+            .await
+            .unwrap()
+        {
+            Submitted::Unrouted { reason } => assert!(reason.contains(want), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let big = vec![b' '; 20_000];
+    assert!(matches!(
+        inbox.submit(big).await.unwrap(),
+        Submitted::Unrouted { .. }
+    ));
+    // Routed, then refused by the pipeline (unknown user, bad field).
+    for p in [
+        r#"{"campaign":"c1","batch":0,"user":4000000000,"creative":0,"reaction":"clicked","time_ms":1700000100000}"#,
+        r#"{"campaign":"c1","batch":0,"user":1,"creative":"x","reaction":"clicked","time_ms":1700000100000}"#,
+    ] {
+        assert!(matches!(
+            inbox.submit(p.as_bytes().to_vec()).await.unwrap(),
+            Submitted::Accepted { .. }
+        ));
+    }
+    rt.step(START + 60_000).await.unwrap();
+    let log = rt.ports().log.clone();
+    let unrouted = log
+        .read_stream(&StreamId::new("reactions-unrouted").unwrap(), 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(unrouted.len(), 5);
+    let dead = log
+        .read_stream(&StreamId::new("reaction-dead-letters-c1").unwrap(), 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 2, "the pipeline dead-lettered both");
+    let text: Vec<String> = dead
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.payload).into_owned())
+        .collect();
+    assert!(text[0].contains("unknown_user"), "{}", text[0]);
+    assert!(text[1].contains("bad_field"), "{}", text[1]);
+    assert_eq!(rt.view("c1").unwrap().reactions, 0);
+}
+
+#[tokio::test]
+async fn bad_setups_are_refused_before_anything_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = population();
+    let clock = ManualClock::new(START);
+    let sender = Arc::new(Recording::default());
+    let mut rt = Runtime::open(ports(dir.path(), &clock, sender), RuntimeOptions::default())
+        .await
+        .unwrap();
+    let head = rt.ports().log.head().await.unwrap();
+    assert!(rt
+        .create_campaign(setup("bad id", pop.candidates.clone()))
+        .await
+        .is_err());
+    let mut dup = Candidates::new(3).unwrap();
+    dup.push(1, &[0.0, 0.0, 0.0]).unwrap();
+    dup.push(1, &[1.0, 0.0, 0.0]).unwrap();
+    let e = rt.create_campaign(setup("dup", dup)).await.unwrap_err();
+    assert!(e.to_string().contains("appears twice"), "{e}");
+    let mut s = setup("zero", pop.candidates.clone());
+    s.spec.budget = 0;
+    assert!(rt.create_campaign(s).await.is_err());
+    let mut s = setup("custom", pop.candidates.clone());
+    s.policy = PolicySpec::Custom { name: "x".into() };
+    assert!(rt.create_campaign(s).await.is_err());
+    assert_eq!(rt.ports().log.head().await.unwrap(), head, "nothing stored");
+    // Creating twice with the same setup is a no-op; another setup is refused.
+    rt.create_campaign(setup("c1", pop.candidates.clone()))
+        .await
+        .unwrap();
+    rt.create_campaign(setup("c1", pop.candidates.clone()))
+        .await
+        .unwrap();
+    let mut other = setup("c1", pop.candidates.clone());
+    other.seed = 12;
+    assert!(rt.create_campaign(other).await.is_err());
+    // Commands are checked by the campaign.
+    let e = rt
+        .command("c1", CampaignCommand::new("p", Action::Pause))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(rt.start("nope").await.is_err());
+    let _: Option<MessageRecord> = None;
+}
