@@ -313,9 +313,11 @@ pub async fn ingest_once(
 
 /// Reads reaction messages from a JSON Lines file, or from every `*.jsonl`
 /// file of a directory in name order (a file is finished once a later one
-/// exists). Only complete lines (ending in `\n`) are taken; blank lines are
-/// skipped. The cursor is the file and the byte offset after the last line
-/// taken.
+/// exists). Only complete lines (ending in `\n`, or the last line of a
+/// finished file) are taken; blank lines are skipped. A line too long for
+/// any message comes out, once complete, as its first
+/// `MAX_MESSAGE_BYTES + 2` bytes (dead-lettered as too large). The cursor is
+/// the file and the byte offset after the last line taken.
 #[derive(Debug, Clone)]
 pub struct JsonLinesSource {
     name: String,
@@ -341,7 +343,7 @@ impl JsonLinesSource {
         if self.path.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(&self.path)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl") && p.is_file())
                 .collect();
             v.sort();
             Ok(v)
@@ -377,22 +379,54 @@ impl JsonLinesSource {
                 };
             }
             let mut file = std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            // A file is finished once a later one exists: its length is final.
+            let finished = i + 1 < files.len();
+            let len = file.metadata().map_err(|e| e.to_string())?.len();
             file.seek(SeekFrom::Start(cur.offset))
                 .map_err(|e| e.to_string())?;
-            // Enough for `max` lines of the largest accepted size.
-            let cap = (max as u64).saturating_mul(MAX_MESSAGE_BYTES as u64 + 1);
+            // Enough for `max` lines of the largest accepted size ("\r\n").
+            let cap = (max as u64).saturating_mul(MAX_MESSAGE_BYTES as u64 + 2);
             let mut buf = Vec::new();
-            file.take(cap)
+            file.by_ref()
+                .take(cap)
                 .read_to_end(&mut buf)
                 .map_err(|e| e.to_string())?;
+            let at_end = cur.offset + buf.len() as u64 >= len;
             let mut pos = 0usize;
-            while messages.len() < max {
-                let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
-                    break;
-                };
-                let line = &buf[pos..pos + nl];
+            // Bytes of an oversized line beyond `buf`.
+            let mut skipped = 0u64;
+            while messages.len() < max && pos < buf.len() {
                 let at = cur.offset + pos as u64;
-                pos += nl + 1;
+                let rest = &buf[pos..];
+                let line = match rest.iter().position(|&b| b == b'\n') {
+                    Some(nl) => {
+                        pos += nl + 1;
+                        &rest[..nl]
+                    }
+                    // The last line of a finished file needs no newline.
+                    None if finished && at_end => {
+                        pos = buf.len();
+                        rest
+                    }
+                    // Too long to be accepted in any case: once the line is
+                    // complete, its start goes out (more than
+                    // MAX_MESSAGE_BYTES, dead-lettered as too large) and
+                    // the rest of it is passed.
+                    None if rest.len() > MAX_MESSAGE_BYTES + 1 => {
+                        let Some(n) = skip_line(&mut file, finished)? else {
+                            break;
+                        };
+                        skipped = n;
+                        pos = buf.len();
+                        messages.push(Incoming {
+                            payload: Bytes::copy_from_slice(&rest[..MAX_MESSAGE_BYTES + 2]),
+                            arrival_ms: None,
+                            offset: Some(at),
+                        });
+                        continue;
+                    }
+                    None => break,
+                };
                 let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
                 if trimmed.iter().all(u8::is_ascii_whitespace) {
                     continue;
@@ -403,9 +437,8 @@ impl JsonLinesSource {
                     offset: Some(at),
                 });
             }
-            cur.offset += pos as u64;
-            let finished = pos == buf.len() && i + 1 < files.len();
-            if messages.len() >= max || !finished {
+            cur.offset += pos as u64 + skipped;
+            if messages.len() >= max || !(finished && cur.offset >= len) {
                 break;
             }
         }
@@ -413,6 +446,29 @@ impl JsonLinesSource {
             messages,
             cursor: serde_json::to_vec(&cur).unwrap_or_default(),
         })
+    }
+}
+
+/// Reads `file` up to and including the next newline; returns how many
+/// bytes that was. At the end of the file: all of it if `finished`, else
+/// `None` (the line is still being written).
+fn skip_line(file: &mut std::fs::File, finished: bool) -> Result<Option<u64>, String> {
+    use std::io::Read;
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut n = 0u64;
+    loop {
+        let got = match file.read(&mut chunk) {
+            Ok(got) => got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        if got == 0 {
+            return Ok(finished.then_some(n));
+        }
+        if let Some(nl) = chunk[..got].iter().position(|&b| b == b'\n') {
+            return Ok(Some(n + nl as u64 + 1));
+        }
+        n += got as u64;
     }
 }
 

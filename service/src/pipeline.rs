@@ -207,82 +207,106 @@ impl PipelineSource {
         room: usize,
         out: &mut Vec<SourceRecord>,
     ) -> Result<(), SourceError> {
-        let base = e.version << SUB_BITS;
-        let bad = |reason: String| {
+        if e.kind == REACTION && from_sub == 0 {
+            if let Some(o) = e.metadata.causation_id.as_deref().and_then(origin_offset) {
+                let t = self.through.load(Ordering::Relaxed);
+                if t == NO_OFFSET || o > t {
+                    self.through.store(o, Ordering::Relaxed);
+                }
+            }
+        }
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        expand_event(
+            e,
+            &self.campaign,
+            &self.audience,
+            &users,
+            from_sub,
+            room,
+            out,
+        )
+        .map_err(|reason| {
             SourceError::Backend(BackendError::new(std::io::Error::other(format!(
                 "{} version {}: {reason}",
                 self.stream, e.version
             ))))
-        };
-        let one = |input: &str, key: Bytes, value: Bytes, ts: u64| SourceRecord {
-            position: base,
-            input: input.to_owned(),
-            key,
-            value,
-            timestamp_ms: ts,
-        };
-        if from_sub > 0 && e.kind != BATCH_ANNOUNCED {
-            // A one-record event already processed.
-            return Ok(());
-        }
-        match e.kind.as_str() {
-            REACTION => {
-                if let Some(o) = e.metadata.causation_id.as_deref().and_then(origin_offset) {
-                    let t = self.through.load(Ordering::Relaxed);
-                    if t == NO_OFFSET || o > t {
-                        self.through.store(o, Ordering::Relaxed);
-                    }
-                }
-                out.push(one(
-                    INPUT_REACTIONS,
-                    Bytes::new(),
-                    e.payload.clone(),
-                    e.timestamp_ms,
-                ))
-            }
-            TICK => out.push(one(PUNCTUATE, Bytes::new(), Bytes::new(), e.timestamp_ms)),
-            CAMPAIGN_INFO => out.push(one(
-                INPUT_CAMPAIGNS,
-                Bytes::from(self.campaign.to_bytes()),
-                e.payload.clone(),
-                0,
-            )),
-            BATCH_ANNOUNCED => {
-                let a: Announced = serde_json::from_slice(&e.payload)
-                    .map_err(|err| bad(format!("unreadable announcement: {err}")))?;
-                let users = self
-                    .users
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(a.batch as usize)
-                    .cloned()
-                    .flatten()
-                    .ok_or_else(|| bad(format!("batch {} is not planned", a.batch)))?;
-                if users.len() as u64 >= 1 << SUB_BITS {
-                    return Err(bad(format!("batch of {} users is too large", users.len())));
-                }
-                for (i, &user) in users.iter().enumerate().skip(from_sub as usize).take(room) {
-                    let Some(x) = self.audience.features(user) else {
-                        continue;
-                    };
-                    let profile = UserProfile {
-                        user,
-                        features: x.to_vec(),
-                    };
-                    out.push(SourceRecord {
-                        position: base | i as u64,
-                        input: INPUT_PROFILES.to_owned(),
-                        key: Bytes::new(),
-                        value: Bytes::from(serde_json::to_vec(&profile).unwrap_or_default()),
-                        timestamp_ms: 0,
-                    });
-                }
-            }
-            // Unknown kinds: a record of no input (skipped, position kept).
-            other => out.push(one(other, Bytes::new(), Bytes::new(), 0)),
-        }
-        Ok(())
+        })
     }
+}
+
+/// The records one event of a pipeline stream stands for (see the
+/// [module docs](self)), from its `from_sub`-th on, at most `room`, each
+/// with its position `(version << 24) | i`. `users[b]` are batch `b`'s
+/// users in plan order; `audience` gives their features. The runtime's
+/// source and `smartmsg replay` both expand through this function, so a
+/// replay feeds the topology exactly what the runner was fed.
+pub fn expand_event(
+    e: &RecordedEvent,
+    campaign: &str,
+    audience: &Audience,
+    users: &[Option<Arc<[u32]>>],
+    from_sub: u64,
+    room: usize,
+    out: &mut Vec<SourceRecord>,
+) -> Result<(), String> {
+    let base = e.version << SUB_BITS;
+    if from_sub > 0 && e.kind != BATCH_ANNOUNCED {
+        // A one-record event already processed.
+        return Ok(());
+    }
+    let one = |input: &str, key: Bytes, value: Bytes, ts: u64| SourceRecord {
+        position: base,
+        input: input.to_owned(),
+        key,
+        value,
+        timestamp_ms: ts,
+    };
+    match e.kind.as_str() {
+        REACTION => out.push(one(
+            INPUT_REACTIONS,
+            Bytes::new(),
+            e.payload.clone(),
+            e.timestamp_ms,
+        )),
+        TICK => out.push(one(PUNCTUATE, Bytes::new(), Bytes::new(), e.timestamp_ms)),
+        CAMPAIGN_INFO => out.push(one(
+            INPUT_CAMPAIGNS,
+            Bytes::from(campaign.to_owned().to_bytes()),
+            e.payload.clone(),
+            0,
+        )),
+        BATCH_ANNOUNCED => {
+            let a: Announced = serde_json::from_slice(&e.payload)
+                .map_err(|err| format!("unreadable announcement: {err}"))?;
+            let list = users
+                .get(a.batch as usize)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| format!("batch {} is not planned", a.batch))?;
+            if list.len() as u64 >= 1 << SUB_BITS {
+                return Err(format!("batch of {} users is too large", list.len()));
+            }
+            for (i, &user) in list.iter().enumerate().skip(from_sub as usize).take(room) {
+                let Some(x) = audience.features(user) else {
+                    continue;
+                };
+                let profile = UserProfile {
+                    user,
+                    features: x.to_vec(),
+                };
+                out.push(SourceRecord {
+                    position: base | i as u64,
+                    input: INPUT_PROFILES.to_owned(),
+                    key: Bytes::new(),
+                    value: Bytes::from(serde_json::to_vec(&profile).unwrap_or_default()),
+                    timestamp_ms: 0,
+                });
+            }
+        }
+        // Unknown kinds: a record of no input (skipped, position kept).
+        other => out.push(one(other, Bytes::new(), Bytes::new(), 0)),
+    }
+    Ok(())
 }
 
 #[async_trait]

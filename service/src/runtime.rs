@@ -197,24 +197,36 @@ impl CampaignSetup {
     }
 }
 
-/// A campaign's registration in the runtime's registry stream.
+/// A campaign's registration in the runtime's registry stream
+/// ([`REGISTRY`], events of kind [`REGISTERED`], JSON): everything needed
+/// to run it again after a restart, and to replay its pipeline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Registration {
-    id: String,
-    spec: CampaignSpec,
-    policy: PolicySpec,
-    seed: u64,
-    plan_stream: u64,
-    pipeline: PipelineSettings,
-    reaction_horizon_ms: u64,
+pub struct Registration {
+    /// The campaign id.
+    pub id: String,
+    /// Its spec.
+    pub spec: CampaignSpec,
+    /// Its policy.
+    pub policy: PolicySpec,
+    /// The plans' seed.
+    pub seed: u64,
+    /// The plans' second seed part.
+    pub plan_stream: u64,
+    /// The reaction pipeline's settings.
+    pub pipeline: PipelineSettings,
+    /// Completion this long after the last batch was sent.
+    pub reaction_horizon_ms: u64,
     /// The audience: events `audience_from..audience_from + chunks` of the
     /// audience stream (1-based versions).
-    audience_from: u64,
-    audience_chunks: u64,
-    audience_rows: u64,
+    pub audience_from: u64,
+    /// Chunk events of the audience.
+    pub audience_chunks: u64,
+    /// Users in the audience.
+    pub audience_rows: u64,
 }
 
-const REGISTERED: &str = "CampaignRegistered";
+/// The kind of a [`Registration`] event.
+pub const REGISTERED: &str = "CampaignRegistered";
 
 /// One batch of a campaign, as [`CampaignView`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +278,11 @@ pub struct StepReport {
     pub ingested: usize,
     /// Jobs taken from the queue.
     pub jobs: usize,
+    /// Of which refused or found already done (acknowledged with no new
+    /// effect: redeliveries, jobs of a campaign that is over).
+    pub jobs_absorbed: usize,
+    /// Of which failed and given back to the queue for a retry.
+    pub jobs_retried: usize,
     /// Batches handed to the sender and acknowledged.
     pub batches_sent: usize,
     /// Sends that failed (tried again later).
@@ -280,6 +297,13 @@ pub struct StepReport {
 /// a campaign needs a handful; more means a bug, reported rather than
 /// looped on.
 const MAX_ROUNDS: usize = 1_000;
+
+impl StepReport {
+    fn absorb(&mut self, r: &smartmsg_engine::RunReport) {
+        self.jobs_absorbed += r.refused + r.already_done;
+        self.jobs_retried += r.retried;
+    }
+}
 
 /// The runtime state of one campaign.
 struct Live {
@@ -439,6 +463,16 @@ impl Runtime {
     /// to record.
     pub fn all_finished(&self) -> bool {
         self.campaigns.values().all(|c| c.driver.is_finished())
+    }
+
+    /// Commits the reaction pipeline of campaign `id` has made (in its
+    /// whole life, restarts included).
+    pub fn pipeline_commits(&self, id: &str) -> Option<u64> {
+        self.campaigns
+            .get(id)?
+            .runner
+            .as_ref()
+            .map(|r| r.next_commit())
     }
 
     /// The driver of a campaign (its decisions, plans and model).
@@ -793,17 +827,21 @@ impl Runtime {
             let (id, kind) = match parse_job(&lease.job) {
                 Ok(x) => x,
                 Err(reason) => {
-                    self.scheduler
+                    let r = self
+                        .scheduler
                         .process_mapped(lease, Err(reason), now_ms)
                         .await;
+                    report.absorb(&r);
                     continue;
                 }
             };
             if !self.campaigns.contains_key(&id) {
                 let reason = format!("unknown campaign {id:?}");
-                self.scheduler
+                let r = self
+                    .scheduler
                     .process_mapped(lease, Err(reason), now_ms)
                     .await;
+                report.absorb(&r);
                 continue;
             }
             self.drive(&id, now_ms, true, &mut report).await?;
@@ -853,11 +891,14 @@ impl Runtime {
                     if r.retried > 0 {
                         tracing::warn!(campaign = %id, ?kind, "a job's command failed; the queue retries it");
                     }
+                    report.absorb(&r);
                 }
                 Err(e) => {
-                    self.scheduler
+                    let r = self
+                        .scheduler
                         .process_mapped(lease, Err(e.to_string()), now_ms)
                         .await;
+                    report.absorb(&r);
                 }
             }
             let live = self.live(&id)?;

@@ -27,6 +27,9 @@ pub fn check_campaign_id(id: &str) -> Result<(), RuntimeError> {
     {
         return Err(bad("allowed: ASCII letters, digits, '-', '_' and '.'"));
     }
+    if id.bytes().all(|b| b == b'.') {
+        return Err(bad("'.' and '..' name directories"));
+    }
     Ok(())
 }
 
@@ -86,7 +89,7 @@ mod tests {
     #[test]
     fn ids_are_checked_and_streams_fit() {
         assert!(check_campaign_id("spring-sale_2026.v2").is_ok());
-        for bad in ["", "a b", "ü", &"x".repeat(41), "a/b"] {
+        for bad in ["", "a b", "ü", &"x".repeat(41), "a/b", ".", ".."] {
             assert!(check_campaign_id(bad).is_err(), "{bad:?}");
         }
         let s = CampaignStreams::new(&"x".repeat(MAX_CAMPAIGN_ID)).unwrap();

@@ -149,9 +149,9 @@ pub enum SimError {
         /// Why.
         reason: String,
     },
-    /// The reaction path refused its saved state.
-    #[error("reaction path: {0}")]
-    Path(String),
+    /// The campaign runtime failed.
+    #[error(transparent)]
+    Runtime(#[from] smartmsg_service::RuntimeError),
     /// The data directory cannot be used.
     #[error("data directory {path}: {reason}")]
     DataDir {

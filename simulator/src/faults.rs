@@ -29,8 +29,12 @@ pub enum Crash {
         /// The batch.
         batch: u32,
     },
-    /// After batch `batch` is recorded as sent, before the channel has it.
-    AfterSendBeforeDelivery {
+    /// After the channel acknowledged batch `batch`, before it is recorded
+    /// as sent (the runtime hands it over again: the channel drops the
+    /// repeat). Also accepted as `after-send-before-delivery`, its name
+    /// when sending was recorded before delivery.
+    #[serde(alias = "after-send-before-delivery")]
+    AfterDeliveryBeforeRecord {
         /// The batch.
         batch: u32,
     },
@@ -108,7 +112,7 @@ impl FaultPlan {
                 Crash::BeforePlan { batch }
                 | Crash::AfterPlanBeforeAck { batch }
                 | Crash::AfterPlanBeforeSend { batch }
-                | Crash::AfterSendBeforeDelivery { batch }
+                | Crash::AfterDeliveryBeforeRecord { batch }
                 | Crash::AfterFeedbackBeforeUpdate { batch } => {
                     if batch >= batches {
                         return Err(bad(
@@ -176,7 +180,7 @@ impl FaultPlan {
                 0 => Crash::BeforePlan { batch },
                 1 => Crash::AfterPlanBeforeAck { batch },
                 2 => Crash::AfterPlanBeforeSend { batch },
-                3 => Crash::AfterSendBeforeDelivery { batch },
+                3 => Crash::AfterDeliveryBeforeRecord { batch },
                 4 => Crash::AfterFeedbackBeforeUpdate { batch },
                 5 => Crash::AfterCommitBeforeRecord {
                     commit: r.random_range(1..=(m as u32).min(400)),

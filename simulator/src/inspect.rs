@@ -9,9 +9,11 @@ use smartmsg_domain::Campaign;
 use smartmsg_embedded::{EmbeddedDelayQueue, EmbeddedLog};
 use smartmsg_engine::{Aggregate, DelayQueue, EventLog, StreamId};
 
+use smartmsg_domain::reactions::DeadLetter;
+use smartmsg_engine::stream::{envelope, Json, StateCodec};
+use smartmsg_service::ingest::{Unrouted, UNROUTED_KIND};
+
 use crate::error::SimError;
-use crate::events::{self, DEAD_LETTERED};
-use crate::reaction::DeadLetterOut;
 
 /// What one run's directory holds.
 #[derive(Debug, Clone, Default)]
@@ -33,7 +35,7 @@ pub struct RunInspection {
     pub queue_dead_letters: Vec<String>,
     /// Reaction dead letters: how many.
     pub reaction_dead_letters: u64,
-    /// The first few (offset and reason).
+    /// The first few (where and why).
     pub reaction_dead_letter_samples: Vec<String>,
 }
 
@@ -116,19 +118,37 @@ async fn inspect_run(dir: &Path) -> Result<RunInspection, SimError> {
                 c.remaining_budget()
             ));
         }
-        if name.starts_with("reaction-dead-letters-") {
+        if name.starts_with("reaction-dead-letters-") || name == smartmsg_service::streams::UNROUTED
+        {
             let mut v = 1;
             loop {
                 let batch = log.read_stream(&stream, v, 1_000).await?;
                 let Some(last) = batch.last() else { break };
                 v = last.version + 1;
-                for e in batch.iter().filter(|e| e.kind == DEAD_LETTERED) {
+                for e in &batch {
                     r.reaction_dead_letters += 1;
-                    if r.reaction_dead_letter_samples.len() < 10 {
-                        let d: DeadLetterOut = events::decode(e)?;
-                        r.reaction_dead_letter_samples
-                            .push(format!("offset {}: {}", d.offset, d.reason));
+                    if r.reaction_dead_letter_samples.len() >= 10 {
+                        continue;
                     }
+                    let sample = if e.kind == UNROUTED_KIND {
+                        serde_json::from_slice::<Unrouted>(&e.payload)
+                            .ok()
+                            .map(|u| {
+                                format!(
+                                    "unrouted ({}): {}",
+                                    u.origin.as_deref().unwrap_or("inbox"),
+                                    u.reason
+                                )
+                            })
+                    } else {
+                        envelope::decode(&e.payload)
+                            .and_then(|(_, v)| Json::<DeadLetter>::decode(&v).ok())
+                            .map(|Json(d)| format!("{name} version {}: {}", e.version, d.reason))
+                    };
+                    r.reaction_dead_letter_samples
+                        .push(sample.unwrap_or_else(|| {
+                            format!("{name} version {}: unreadable", e.version)
+                        }));
                 }
             }
         }

@@ -13,23 +13,31 @@
 //!    exactly one window result, each window result is recorded on the
 //!    campaign exactly once, and the campaign's reaction totals per
 //!    creative equal the true ones;
-//! 6. **invalid reactions dead-lettered**: every invalid message is
-//!    dead-lettered exactly once with a reason, and nothing else is.
+//! 6. **invalid reactions dead-lettered**: every topic message enters the
+//!    log exactly once; every invalid message is dead-lettered exactly once
+//!    with a reason (by the router when it names no campaign, else by the
+//!    pipeline), and nothing else is.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
+use smartmsg_domain::reactions::DeadLetter;
 use smartmsg_domain::{CampaignEvent, Decisions};
 use smartmsg_embedded::EmbeddedLog;
-use smartmsg_engine::EventLog;
+use smartmsg_engine::stream::{envelope, Json, StateCodec};
+use smartmsg_engine::{EventLog, RecordedEvent, StreamId};
+use smartmsg_service::ingest::{Unrouted, UNROUTED_KIND};
+use smartmsg_service::pipeline::{
+    decode_late, decode_outcome, decode_window, origin_offset, REACTION,
+};
+use smartmsg_service::streams::UNROUTED;
 
 use crate::error::SimError;
-use crate::events::{self, PathCommitted, Streams};
+use crate::events::Streams;
 use crate::population::SimPopulation;
-use crate::reaction::{DeadLetterOut, PathStats};
 use crate::scenario::Scenario;
-use crate::sim::campaign_event;
-use crate::world::{Label, World};
+use crate::sim::{campaign_event, WORLD_SOURCE};
+use crate::world::{reaction_id, Label, World};
 
 /// A broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +80,36 @@ fn v(out: &mut Vec<Violation>, invariant: &str, detail: String) {
     }
 }
 
+fn decode_err(e: &RecordedEvent, reason: impl std::fmt::Display) -> SimError {
+    SimError::Decode {
+        kind: e.kind.clone(),
+        position: e.position,
+        reason: reason.to_string(),
+    }
+}
+
+async fn read_stream(log: &EmbeddedLog, stream: &StreamId) -> Result<Vec<RecordedEvent>, SimError> {
+    let mut out = Vec::new();
+    let mut v = 1;
+    loop {
+        let batch = log.read_stream(stream, v, 10_000).await?;
+        let Some(last) = batch.last() else { break };
+        v = last.version + 1;
+        out.extend(batch);
+    }
+    Ok(out)
+}
+
+/// The world offset of an ingested message's origin (`world@<offset>`).
+fn world_offset(origin: Option<&str>) -> Option<u64> {
+    let o = origin?;
+    if o.strip_prefix(WORLD_SOURCE)?.starts_with('@') {
+        origin_offset(o)
+    } else {
+        None
+    }
+}
+
 /// Reads `log` from the start and checks the invariants (see the [module
 /// docs](self)).
 pub async fn verify(
@@ -90,101 +128,123 @@ pub async fn verify(
     let mut recorded_ids: HashMap<String, u32> = HashMap::new();
     let mut recorded = vec![0u64; k];
     let mut completed = false;
-    let mut window_ids: HashMap<String, u32> = HashMap::new();
-    let mut counted: HashMap<u64, u32> = HashMap::new();
-    let mut dead: HashMap<u64, u32> = HashMap::new();
-    let mut last_stats = PathStats::default();
-    let head = log.head().await?;
-    let mut pos = 0;
-    while pos < head {
-        let batch = log.read_all(pos, 10_000).await?;
-        let Some(last) = batch.last() else { break };
-        pos = last.position + 1;
-        for e in &batch {
-            if e.stream == streams.campaign {
-                match campaign_event(e)? {
-                    CampaignEvent::BatchPlanned {
-                        batch, decisions, ..
-                    } => {
-                        *planned.entry(batch).or_default() += 1;
-                        let b = batch as usize;
-                        if out.decisions.len() <= b {
-                            out.decisions.resize(b + 1, Decisions::default());
-                        }
-                        out.decisions[b] = decisions;
-                    }
-                    CampaignEvent::BatchSent { batch, .. } => {
-                        *sent.entry(batch).or_default() += 1;
-                    }
-                    CampaignEvent::ReactionsRecorded {
-                        command, reactions, ..
-                    } => {
-                        *recorded_ids.entry(command.id.clone()).or_default() += 1;
-                        for (t, r) in recorded.iter_mut().zip(&reactions) {
-                            *t += u64::from(*r);
-                        }
-                        if reactions.len() != k {
-                            v(
-                                &mut bad,
-                                "reactions exactly once",
-                                format!("{} has {} creatives", command.id, reactions.len()),
-                            );
-                        }
-                    }
-                    CampaignEvent::Completed { .. } => completed = true,
-                    _ => {}
+    for e in &read_stream(log, &streams.campaign).await? {
+        match campaign_event(e)? {
+            CampaignEvent::BatchPlanned {
+                batch, decisions, ..
+            } => {
+                *planned.entry(batch).or_default() += 1;
+                let b = batch as usize;
+                if out.decisions.len() <= b {
+                    out.decisions.resize(b + 1, Decisions::default());
                 }
-            } else if e.stream == streams.path {
-                let c: PathCommitted = events::decode(e)?;
-                out.commits += 1;
-                for w in &c.windows {
-                    *window_ids.entry(w.command_id()).or_default() += 1;
-                    if w.late > 0 {
-                        out.late_corrections += 1;
-                    }
-                    let mut per = vec![0u32; k];
-                    for r in &w.reactions {
-                        *counted.entry(r.id).or_default() += 1;
-                        if let Some(n) = per.get_mut(usize::from(r.creative)) {
-                            *n += 1;
-                        }
-                    }
-                    if per != w.per_creative {
-                        v(
-                            &mut bad,
-                            "reactions exactly once",
-                            format!(
-                                "window {} counts {:?} but holds {:?}",
-                                w.command_id(),
-                                w.per_creative,
-                                per
-                            ),
-                        );
-                    }
+                out.decisions[b] = decisions;
+            }
+            CampaignEvent::BatchSent { batch, .. } => {
+                *sent.entry(batch).or_default() += 1;
+            }
+            CampaignEvent::ReactionsRecorded {
+                command, reactions, ..
+            } => {
+                *recorded_ids.entry(command.id.clone()).or_default() += 1;
+                for (t, r) in recorded.iter_mut().zip(&reactions) {
+                    *t += u64::from(*r);
                 }
-                if let Some(s) = c.state.get("stats") {
-                    if let Ok(s) = PathStats::deserialize(s) {
-                        last_stats = s;
-                    }
-                }
-            } else if e.stream == streams.dead_letters {
-                let d: DeadLetterOut = events::decode(e)?;
-                *dead.entry(d.offset).or_default() += 1;
-                if d.reason.trim().is_empty() {
+                if reactions.len() != k {
                     v(
                         &mut bad,
-                        "invalid reactions dead-lettered",
-                        format!("dead letter at offset {} has no reason", d.offset),
+                        "reactions exactly once",
+                        format!("{} has {} creatives", command.id, reactions.len()),
                     );
                 }
             }
+            CampaignEvent::Completed { .. } => completed = true,
+            _ => {}
         }
     }
+    // What entered the log from the topic: into the pipeline, or unrouted.
+    let mut ingested: HashMap<u64, u32> = HashMap::new();
+    let mut ingested_reactions = 0u64;
+    for e in read_stream(log, &streams.pipeline).await? {
+        if e.kind != REACTION {
+            continue;
+        }
+        ingested_reactions += 1;
+        match world_offset(e.metadata.causation_id.as_deref()) {
+            Some(o) => *ingested.entry(o).or_default() += 1,
+            None => v(
+                &mut bad,
+                "invalid reactions dead-lettered",
+                format!("reaction at position {} has no topic offset", e.position),
+            ),
+        }
+    }
+    let mut unrouted: HashMap<u64, u32> = HashMap::new();
+    for e in read_stream(log, &StreamId::new(UNROUTED)?).await? {
+        if e.kind != UNROUTED_KIND {
+            continue;
+        }
+        let u: Unrouted = serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
+        if u.reason.trim().is_empty() {
+            v(
+                &mut bad,
+                "invalid reactions dead-lettered",
+                format!("unrouted message at position {} has no reason", e.position),
+            );
+        }
+        if let Some(o) = world_offset(u.origin.as_deref()) {
+            *unrouted.entry(o).or_default() += 1;
+        }
+    }
+    // The pipeline's outputs.
+    let mut counted: HashMap<u64, u32> = HashMap::new();
+    let mut counted_per = vec![0u64; k];
+    let outcomes = read_stream(log, &streams.outcomes).await?;
+    for e in &outcomes {
+        let (user, r) = decode_outcome(e).map_err(|err| decode_err(e, err))?;
+        if r.reacted {
+            *counted.entry(reaction_id(r.batch, user)).or_default() += 1;
+            if let Some(n) = counted_per.get_mut(usize::from(r.creative)) {
+                *n += 1;
+            }
+        }
+    }
+    let mut window_ids: HashMap<String, u32> = HashMap::new();
+    let mut windowed_per = vec![0u64; k];
+    for e in &read_stream(log, &streams.windows).await? {
+        let w = decode_window(e).map_err(|err| decode_err(e, err))?;
+        *window_ids.entry(w.record_reactions(k).id).or_default() += 1;
+        for (t, n) in windowed_per.iter_mut().zip(w.reactions_per_creative(k)) {
+            *t += u64::from(n);
+        }
+    }
+    for e in &read_stream(log, &streams.late).await? {
+        let (_, r) = decode_late(e).map_err(|err| decode_err(e, err))?;
+        out.late_corrections += 1;
+        if r.reacted {
+            out.late_counted += 1;
+            *window_ids.entry(format!("late-{}", e.version)).or_default() += 1;
+            if let Some(n) = windowed_per.get_mut(usize::from(r.creative)) {
+                *n += 1;
+            }
+        }
+    }
+    let mut dead_excerpts: HashMap<String, u32> = HashMap::new();
+    let dead_letters = read_stream(log, &streams.dead_letters).await?;
+    for e in &dead_letters {
+        let (_, v_) =
+            envelope::decode(&e.payload).ok_or_else(|| decode_err(e, "not an envelope"))?;
+        let Json(d) = Json::<DeadLetter>::decode(&v_).map_err(|err| decode_err(e, err))?;
+        *dead_excerpts.entry(d.excerpt).or_default() += 1;
+    }
     out.windows = window_ids.len() as u64;
-    out.duplicates_dropped = last_stats.duplicates;
-    out.late_counted = last_stats.late;
-    out.dead_letters = dead.values().map(|&n| u64::from(n)).sum();
+    out.dead_letters =
+        dead_letters.len() as u64 + unrouted.values().map(|&n| u64::from(n)).sum::<u64>();
+    out.duplicates_dropped = ingested_reactions
+        .saturating_sub(outcomes.len() as u64)
+        .saturating_sub(dead_letters.len() as u64);
     out.recorded_reactions = recorded.iter().sum();
+    out.commits = 0;
 
     // 1. Budget.
     let total: u64 = out.decisions.iter().map(|d| d.len() as u64).sum();
@@ -301,6 +361,15 @@ pub async fn verify(
             ),
         );
     }
+    if windowed_per != counted_per {
+        v(
+            &mut bad,
+            "reactions exactly once",
+            format!(
+                "windows and corrections count {windowed_per:?} per creative; the pipeline counted {counted_per:?} reactions"
+            ),
+        );
+    }
     for (id, n) in &window_ids {
         if *n > 1 {
             v(
@@ -339,28 +408,58 @@ pub async fn verify(
             format!("campaign counts {recorded:?} reactions per creative; {true_per:?} happened"),
         );
     }
-    // 6. Invalid ones dead-lettered.
+    // 6. Every message in once; invalid ones dead-lettered.
+    let mut invalid_in_pipeline: HashMap<String, u32> = HashMap::new();
     for (offset, m) in world.topic().iter().enumerate() {
-        let n = dead.get(&(offset as u64)).copied().unwrap_or(0);
+        let o = offset as u64;
+        let (i, u) = (
+            ingested.get(&o).copied().unwrap_or(0),
+            unrouted.get(&o).copied().unwrap_or(0),
+        );
+        if i + u != 1 {
+            v(
+                &mut bad,
+                "invalid reactions dead-lettered",
+                format!("topic message {offset} entered the log {} times", i + u),
+            );
+        }
         match m.label {
-            Label::Invalid { kind } if n != 1 => v(
+            Label::Invalid { .. } if i > 0 => {
+                let cut = m
+                    .payload
+                    .len()
+                    .min(smartmsg_domain::reactions::DEAD_LETTER_EXCERPT);
+                let ex = String::from_utf8_lossy(&m.payload[..cut]).into_owned();
+                *invalid_in_pipeline.entry(ex).or_default() += 1;
+            }
+            Label::Valid { id } | Label::Repeat { id } if u > 0 => v(
                 &mut bad,
                 "invalid reactions dead-lettered",
-                format!("invalid message at offset {offset} ({kind}) dead-lettered {n} times"),
-            ),
-            Label::Valid { id } | Label::Repeat { id } if n > 0 => v(
-                &mut bad,
-                "invalid reactions dead-lettered",
-                format!("valid reaction {id} at offset {offset} was dead-lettered"),
+                format!("valid reaction {id} at offset {offset} was not routed to the campaign"),
             ),
             _ => {}
         }
     }
-    if let Some(o) = dead.keys().find(|&&o| o as usize >= world.topic().len()) {
+    if invalid_in_pipeline != dead_excerpts {
+        let want: u32 = invalid_in_pipeline.values().sum();
+        let got: u32 = dead_excerpts.values().sum();
         v(
             &mut bad,
             "invalid reactions dead-lettered",
-            format!("dead letter for offset {o}, past the topic"),
+            format!(
+                "{want} invalid messages reached the pipeline; it dead-lettered {got} (or other ones)"
+            ),
+        );
+    }
+    if let Some(o) = ingested
+        .keys()
+        .chain(unrouted.keys())
+        .find(|&&o| o as usize >= world.topic().len())
+    {
+        v(
+            &mut bad,
+            "invalid reactions dead-lettered",
+            format!("a message from offset {o}, past the topic"),
         );
     }
     out.violations = bad;

@@ -7,19 +7,17 @@
 //! - [`population`]: subscribers with features and hidden true reaction
 //!   probabilities (generated, or CSV import/export);
 //! - [`world`]: the channel, the reacting users and the reactions topic;
-//! - [`reaction`]: the [`ReactionPath`](reaction::ReactionPath) seam and
-//!   the built-in path (validate, join, dedupe, one-minute windows);
-//! - [`reaction_pipeline`]: the path on the real pipeline (the domain's
-//!   reaction topology run by the engine's stream task);
-//! - [`sim`]: one policy's campaign through the repository, the embedded
-//!   log, the delay queue and the scheduler, under a virtual clock, with
-//!   crashes and recovery;
+//! - [`sim`]: one policy's campaign run by the campaign runtime
+//!   (`smartmsg-service`, the code services run) under a virtual clock,
+//!   with the world as its sender and reaction source, crashes and
+//!   recovery;
 //! - [`invariants`]: what every run must keep, checked from disk;
 //! - [`report`]: the comparison (table, JSON, SVG);
 //! - [`runner`]: policies in parallel, and many seeds with random faults;
 //! - [`inspect`]: what a data directory holds;
 //! - [`portable`]: export and import of logs as JSON Lines;
-//! - [`replay`]: rebuild campaigns from a log and check them;
+//! - [`replay`]: rebuild campaigns from a log and check them, running each
+//!   reaction pipeline again ([`replay_pipeline`]);
 //! - [`ope`]: off-policy evaluation from logged bandit feedback.
 //!
 //! The same scenario and seed give a byte-identical event log and report.
@@ -35,10 +33,8 @@ pub mod ope;
 pub mod policies;
 pub mod population;
 pub mod portable;
-pub mod reaction;
-pub mod reaction_pipeline;
 pub mod replay;
-pub mod replay_windows;
+pub mod replay_pipeline;
 pub mod report;
 pub mod rng;
 pub mod runner;
@@ -50,8 +46,6 @@ pub use error::{PopulationError, ScenarioError, SimError};
 pub use faults::{Crash, FaultPlan};
 pub use policies::PolicyName;
 pub use population::SimPopulation;
-pub use reaction::{BuiltinPath, ReactionPath};
-pub use reaction_pipeline::PipelinePath;
 pub use report::{PolicyRun, Report};
 pub use runner::{compare, run_seed, run_seeds, CompareOptions, SeedOutcome, SeedsOptions};
 pub use scenario::Scenario;

@@ -177,6 +177,11 @@ struct SimulateArgs {
     /// Keep the stores here (default: a temporary directory, removed).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Continue the simulation in --data-dir (killed before it finished)
+    /// instead of starting over: every campaign resumes from its log, the
+    /// simulated world is rebuilt from what the log says was sent.
+    #[arg(long, requires = "data_dir")]
+    resume: bool,
     /// Write report.json and chart.svg here.
     #[arg(long, value_name = "DIR", default_value = "smartmsg-report")]
     report: PathBuf,
@@ -622,6 +627,7 @@ fn simulate(a: SimulateArgs) -> Result<std::process::ExitCode> {
             },
             threads: threads(&a),
             progress,
+            resume: a.resume,
         },
     )?;
     if let Some(b) = bar {

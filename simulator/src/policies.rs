@@ -7,8 +7,8 @@ use std::sync::Arc;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use smartmsg_domain::{
-    Candidates, CreativeThompson, Decisions, ExploreThenCommit, Integrated, Link, ModelConfig,
-    Outcomes, PlanContext, Policy, PolicyError, Prior, Random, Targeting,
+    Candidates, Decisions, Link, ModelConfig, Outcomes, PlanContext, Policy, PolicyError,
+    PolicySpec, Prior,
 };
 
 use crate::population::SimPopulation;
@@ -101,36 +101,50 @@ pub fn targeting_creative(scenario: &Scenario, pop: &SimPopulation) -> u16 {
         .unwrap_or_else(|| pop.best_average_creative())
 }
 
+/// The policy as the runtime records it: its spec (the oracle is a custom
+/// policy the simulator builds itself).
+pub fn spec(name: PolicyName, scenario: &Scenario, pop: &SimPopulation) -> PolicySpec {
+    let k = scenario.campaign.creatives;
+    match name {
+        PolicyName::Random => PolicySpec::Random {},
+        PolicyName::ExploreThenCommit => PolicySpec::ExploreThenCommit {
+            test_per_creative: Some(
+                scenario
+                    .policies
+                    .explore_test_per_creative
+                    .unwrap_or_else(|| scenario.largest_batch() / k as u64),
+            ),
+        },
+        PolicyName::CreativeThompson => PolicySpec::CreativeThompson {
+            propensity_draws: scenario.policies.propensity_draws,
+        },
+        PolicyName::Targeting => PolicySpec::Targeting {
+            creative: targeting_creative(scenario, pop),
+            model: model_config(scenario),
+        },
+        PolicyName::Integrated => PolicySpec::Integrated {
+            model: model_config(scenario),
+        },
+        PolicyName::Oracle => PolicySpec::Custom {
+            name: "oracle".into(),
+        },
+    }
+}
+
 /// A fresh policy (its prior model) for a run.
 pub fn build(
     name: PolicyName,
     scenario: &Scenario,
     pop: &Arc<SimPopulation>,
 ) -> Result<Box<dyn Policy>, PolicyError> {
-    let k = scenario.campaign.creatives;
-    let d = pop.dim();
-    Ok(match name {
-        PolicyName::Random => Box::new(Random::new(k)?),
-        PolicyName::ExploreThenCommit => {
-            let test = scenario
-                .policies
-                .explore_test_per_creative
-                .unwrap_or_else(|| scenario.largest_batch() / k as u64);
-            Box::new(ExploreThenCommit::new(k, test)?)
-        }
-        PolicyName::CreativeThompson => Box::new(CreativeThompson::new(
-            k,
-            scenario.policies.propensity_draws,
-        )?),
-        PolicyName::Targeting => Box::new(Targeting::new(
-            k,
-            targeting_creative(scenario, pop),
-            d,
-            model_config(scenario),
-        )?),
-        PolicyName::Integrated => Box::new(Integrated::new(k, d, model_config(scenario))?),
-        PolicyName::Oracle => Box::new(Oracle::new(Arc::clone(pop))),
-    })
+    match name {
+        PolicyName::Oracle => Ok(Box::new(Oracle::new(Arc::clone(pop)))),
+        other => spec(other, scenario, pop).build(
+            scenario.campaign.creatives,
+            pop.dim(),
+            scenario.largest_batch(),
+        ),
+    }
 }
 
 /// Knows every user's true probability per creative: sends each batch to

@@ -159,9 +159,12 @@ pub fn is_json_kind(kind: &str) -> bool {
             | "BatchPlanned"
             | "BatchSent"
             | "ReactionsRecorded"
-            | events::PATH_COMMITTED
-            | events::DEAD_LETTERED
             | events::MODEL_FED
+            | smartmsg_service::runtime::REGISTERED
+            | smartmsg_service::pipeline::CAMPAIGN_INFO
+            | smartmsg_service::pipeline::BATCH_ANNOUNCED
+            | smartmsg_service::pipeline::REACTION
+            | smartmsg_service::ingest::UNROUTED_KIND
     )
 }
 

@@ -20,14 +20,12 @@
 //! - **snapshot**: where a snapshot store is present (`snapshots.redb`
 //!   beside the log), the latest snapshot equals the replayed state at its
 //!   version;
-//! - **reactions**: the campaign's reactions per creative equal the sum of
-//!   the window results the reaction path committed (its read model), and
-//!   every recorded window comes from a committed one;
-//! - **reaction path in virtual time**: every counted reaction is put back
-//!   into its window by its original timestamp, windows are emitted only
-//!   after they close, each reaction once, each joined with the batch and
-//!   creative its user was planned, and the model feedback re-derived from
-//!   the commits before it (see [`crate::replay_windows`]).
+//! - **reaction pipeline**: the pipeline's input is in the log; replay runs
+//!   the topology over it again and checks that every output stream holds
+//!   exactly what it emits, that the campaign recorded exactly the
+//!   pipeline's windows and late reactions, and that each model feedback
+//!   event is what the pipeline had counted by then (see
+//!   [`crate::replay_pipeline`]).
 //!
 //! Measured with `smartmsg replay DIR --repeat 9` (median of in-process
 //! runs): the default simulation's logs (1,200–1,900 events, 1.8–3.6 MB,
@@ -42,9 +40,9 @@ use smartmsg_domain::{Campaign, CampaignEvent, Status};
 use smartmsg_embedded::{EmbeddedLog, RedbSnapshots};
 use smartmsg_engine::{Aggregate, EventCodec, RecordedEvent, SnapshotStore, StreamId};
 
-use crate::events::{self, ModelFed};
+use crate::events::{ModelFed, MODEL_FED};
 use crate::portable::{self, PortableError};
-use crate::replay_windows::{CommitView, PathReplay};
+use crate::replay_pipeline::{PipelineLog, OUTPUTS};
 
 /// Why a replay could not run (a failed check is not an error: see
 /// [`CampaignReplay::violations`]).
@@ -98,9 +96,9 @@ pub struct CampaignReplay {
     pub time_span_ms: (u64, u64),
     /// Whether a snapshot was compared (and at which version).
     pub snapshot_checked: Option<u64>,
-    /// The reaction path's read models re-derived in virtual time: window
-    /// results, reactions re-windowed, model feedback events (see
-    /// [`crate::replay_windows`]).
+    /// The reaction pipeline run again: windows and late reactions
+    /// checked, input records run, model feedback events re-derived (see
+    /// [`crate::replay_pipeline`]).
     pub path_checked: Option<(u64, u64, u64)>,
     /// Broken checks.
     pub violations: Vec<String>,
@@ -158,7 +156,7 @@ impl ReplayReport {
             if let Some((w, r, m)) = c.path_checked {
                 let _ = writeln!(
                     s,
-                    "  reaction path: {w} window results, {r} reactions re-windowed by their timestamps, model feedback of {m} batches re-derived"
+                    "  reaction pipeline: run again over its {r} input records, every output the same; {w} windows and late reactions recorded once; model feedback of {m} batches re-derived"
                 );
             }
             if c.violations.is_empty() {
@@ -378,8 +376,8 @@ impl Fold {
 /// How to replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplayOptions {
-    /// The reaction path's window length (ms), which the log does not
-    /// record: the scenario's `pipeline.window_ms` (one minute by default).
+    /// Unused: the pipeline's window length is in the log (each campaign's
+    /// registration). Kept so that callers of earlier versions compile.
     pub window_ms: u64,
 }
 
@@ -404,13 +402,13 @@ type Snapshots = HashMap<String, (u64, Option<Campaign>)>;
 fn replay_with(
     events: &[RecordedEvent],
     snaps: &Snapshots,
-    options: &ReplayOptions,
+    _options: &ReplayOptions,
 ) -> Result<ReplayReport, ReplayError> {
     let mut decoded: Decoded<'_> = Vec::new();
     let mut folds: BTreeMap<&str, Fold> = BTreeMap::new();
-    // The reaction path's read model: reactions per creative of every
-    // committed window result, by campaign name.
-    let mut paths: HashMap<&str, PathReplay> = HashMap::new();
+    // Each campaign's pipeline: its registration, audience, input, outputs
+    // and feedback, by campaign id.
+    let mut pipelines: HashMap<String, PipelineLog> = HashMap::new();
     let bad = |e: &RecordedEvent, err: String| ReplayError::Decode {
         position: e.position,
         kind: e.kind.clone(),
@@ -424,23 +422,55 @@ fn replay_with(
                 batch, decisions, ..
             } = &ev
             {
-                paths.entry(name).or_default().planned(*batch, decisions);
+                pipelines
+                    .entry(name.to_owned())
+                    .or_default()
+                    .planned(*batch, decisions);
             }
             folds.entry(stream).or_insert_with(Fold::new).apply(e, &ev);
             decoded.push((stream, e.version, ev));
-        } else if let Some(name) = stream.strip_prefix("reaction-path-") {
-            if e.kind == events::PATH_COMMITTED {
-                let c: CommitView = events::decode(e).map_err(|err| bad(e, err.to_string()))?;
-                paths
-                    .entry(name)
-                    .or_default()
-                    .committed(e.timestamp_ms, options.window_ms, &c);
+        } else if stream == smartmsg_service::streams::REGISTRY {
+            if e.kind == smartmsg_service::runtime::REGISTERED {
+                let reg: smartmsg_service::runtime::Registration =
+                    serde_json::from_slice(&e.payload).map_err(|err| bad(e, err.to_string()))?;
+                let id = reg.id.clone();
+                pipelines.entry(id).or_default().registration = Some(reg);
             }
+        } else if let Some(name) = stream.strip_prefix("audience-") {
+            pipelines
+                .entry(name.to_owned())
+                .or_default()
+                .audience
+                .push(e.clone());
+        } else if let Some(name) = stream.strip_prefix("pipeline-") {
+            pipelines
+                .entry(name.to_owned())
+                .or_default()
+                .input
+                .push(e.clone());
         } else if let Some(name) = stream.strip_prefix("model-feedback-") {
-            if e.kind == events::MODEL_FED {
-                let m: ModelFed = events::decode(e).map_err(|err| bad(e, err.to_string()))?;
-                paths.entry(name).or_default().fed(&m);
+            if e.kind == MODEL_FED {
+                let m: ModelFed =
+                    serde_json::from_slice(&e.payload).map_err(|err| bad(e, err.to_string()))?;
+                pipelines
+                    .entry(name.to_owned())
+                    .or_default()
+                    .feedback
+                    .push((e.position, e.timestamp_ms, m));
             }
+        } else if let Some((output, name)) = OUTPUTS.iter().find_map(|o| {
+            stream
+                .strip_prefix(*o)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .map(|n| (*o, n))
+        }) {
+            pipelines
+                .entry(name.to_owned())
+                .or_default()
+                .outputs
+                .entry(output)
+                .or_default()
+                .push(e.clone());
         }
     }
     // Deterministic: a second fold of the same events gives the same state.
@@ -462,35 +492,20 @@ fn replay_with(
         }
         let name = stream.trim_start_matches("campaign-");
         let mut path_checked = None;
-        if let Some(path) = paths.get(name).filter(|p| p.windows + p.feedback > 0) {
-            path_checked = Some((path.windows, path.reactions, path.feedback));
-            for v in &path.violations {
+        if let Some(p) = pipelines.get(name).filter(|p| p.registration.is_some()) {
+            let r = p.check(name, &f.state);
+            path_checked = Some((r.windows, r.records, r.feedback));
+            for v in &r.violations {
                 f.violation(v.clone());
-            }
-            let (per_creative, ids) = (&path.per_creative, &path.command_ids);
-            let recorded: Vec<u64> = f
-                .state
-                .creative_stats()
-                .iter()
-                .map(|s| s.reactions)
-                .collect();
-            let mut committed = per_creative.clone();
-            committed.resize(recorded.len().max(committed.len()), 0);
-            let mut rec = recorded.clone();
-            rec.resize(committed.len(), 0);
-            if rec != committed {
-                f.violation(format!(
-                    "reactions: the campaign records {rec:?} per creative, the reaction path committed {committed:?}"
-                ));
             }
             let unknown = f
                 .recorded_windows
                 .iter()
-                .filter(|id| !ids.contains(*id))
+                .filter(|id| !r.command_ids.contains(*id))
                 .count();
             if unknown > 0 {
                 f.violation(format!(
-                    "reactions: {unknown} recorded window(s) were never committed by the reaction path"
+                    "recorded once: {unknown} recorded reaction window(s) do not come from the pipeline"
                 ));
             }
         }

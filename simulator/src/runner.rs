@@ -28,6 +28,9 @@ pub struct CompareOptions {
     pub threads: usize,
     /// Progress callback.
     pub progress: Option<Arc<Progress>>,
+    /// Continue the runs found in `data_dir` (a killed simulation) instead
+    /// of starting over.
+    pub resume: bool,
 }
 
 impl std::fmt::Debug for CompareOptions {
@@ -108,7 +111,7 @@ pub fn compare(
         .iter()
         .map(|p| p.as_str().to_owned())
         .collect();
-    prepare_data_dir(&opts.data_dir, &names)?;
+    prepare_data_dir(&opts.data_dir, &names, opts.resume)?;
     let results = parallel(
         &opts.policies,
         opts.threads,
@@ -123,6 +126,7 @@ pub fn compare(
                     queue: opts.queue,
                     faults: scenario.faults.clone(),
                     progress: opts.progress.clone(),
+                    resume: opts.resume,
                 },
             )
         },
@@ -235,6 +239,7 @@ pub fn run_seed(base: &Scenario, seed: u64, policy: PolicyName, queue: QueueKind
             queue,
             faults: faults.clone(),
             progress: None,
+            resume: false,
         },
     );
     match r {

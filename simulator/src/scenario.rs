@@ -220,8 +220,9 @@ pub struct PipelineSpec {
     pub window_ms: u64,
     /// How long after its end a window still accepts reactions (ms).
     pub grace_ms: u64,
-    /// Which reaction path the simulation runs (`"dsl"`: the domain's
-    /// stream-processing pipeline; `"builtin"`: the simulator's own).
+    /// Which reaction path the simulation runs: `"dsl"`, the domain's
+    /// stream-processing pipeline run by the campaign runtime (the only one
+    /// since the runtime replaced the simulator's own loop).
     pub kind: PathKind,
 }
 
@@ -230,11 +231,10 @@ pub struct PipelineSpec {
 #[serde(rename_all = "lowercase")]
 pub enum PathKind {
     /// The domain's reaction pipeline on the engine's stream DSL
-    /// (`smartmsg_domain::reactions::reaction_topology`).
+    /// (`smartmsg_domain::reactions::reaction_topology`), on the campaign
+    /// runtime's exactly-once runner.
     #[default]
     Dsl,
-    /// The simulator's built-in path.
-    Builtin,
 }
 
 impl PathKind {
@@ -242,7 +242,6 @@ impl PathKind {
     pub fn as_str(self) -> &'static str {
         match self {
             PathKind::Dsl => "dsl",
-            PathKind::Builtin => "builtin",
         }
     }
 }

@@ -86,6 +86,7 @@ pub struct TrueReaction {
     pub time_ms: u64,
 }
 
+#[derive(Clone)]
 struct Pending {
     arrival_ms: u64,
     payload: Vec<u8>,
@@ -106,6 +107,7 @@ pub struct WorldFaults {
 }
 
 /// See the [module docs](self).
+#[derive(Clone)]
 pub struct World {
     seed: u64,
     campaign: String,
@@ -334,6 +336,11 @@ impl World {
     /// When the next message arrives, if any is on its way.
     pub fn next_arrival(&self) -> Option<u64> {
         self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// When the last message on its way arrives, if any is.
+    pub fn last_arrival(&self) -> Option<u64> {
+        self.heap.iter().map(|Reverse((at, _))| *at).max()
     }
 
     /// The topic so far (offset = index).

@@ -78,7 +78,7 @@ fn simulate_writes_a_report_and_inspect_shows_the_stores() {
     assert!(o.status.success(), "{out}");
     for want in [
         "stream campaign-small: version",
-        "stream reaction-path-small",
+        "stream pipeline-small",
         "completed, 6 batches planned (6 sent), 1200 messages sent",
         "delay queue: 0 pending jobs",
         "reaction dead letters: 0",

@@ -32,6 +32,7 @@ fn run(s: &Scenario, dir: &Path) -> Vec<u8> {
             queue: QueueKind::Embedded,
             threads: 2,
             progress: None,
+            resume: false,
         },
     )
     .unwrap();

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use smartmsg_simulator::runner::policy_for_seed;
-use smartmsg_simulator::scenario::PathKind;
 use smartmsg_simulator::{
     run_policy, run_seeds, Crash, FaultPlan, PolicyName, QueueKind, RunOptions, Scenario,
     SeedsOptions, SimPopulation,
@@ -17,7 +16,7 @@ fn every_fault() -> FaultPlan {
             Crash::BeforePlan { batch: 1 },
             Crash::AfterPlanBeforeAck { batch: 2 },
             Crash::AfterPlanBeforeSend { batch: 3 },
-            Crash::AfterSendBeforeDelivery { batch: 4 },
+            Crash::AfterDeliveryBeforeRecord { batch: 4 },
             Crash::AfterFeedbackBeforeUpdate { batch: 2 },
             Crash::AfterCommitBeforeRecord { commit: 3 },
             Crash::MidReactions { message: 50 },
@@ -33,17 +32,7 @@ fn every_fault() -> FaultPlan {
 }
 
 fn run(policy: PolicyName, queue: QueueKind, faults: FaultPlan) -> smartmsg_simulator::PolicyRun {
-    run_on(PathKind::default(), policy, queue, faults)
-}
-
-fn run_on(
-    kind: PathKind,
-    policy: PolicyName,
-    queue: QueueKind,
-    faults: FaultPlan,
-) -> smartmsg_simulator::PolicyRun {
-    let mut s = Scenario::small();
-    s.pipeline.kind = kind;
+    let s = Scenario::small();
     let pop = Arc::new(SimPopulation::generate(&s).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let run = run_policy(
@@ -55,6 +44,7 @@ fn run_on(
             queue,
             faults,
             progress: None,
+            resume: false,
         },
     )
     .unwrap();
@@ -100,45 +90,6 @@ fn every_fault_at_once_breaks_no_invariant() {
             r.faults
         );
     }
-}
-
-#[test]
-fn the_builtin_path_breaks_no_invariant_either() {
-    let r = run_on(
-        PathKind::Builtin,
-        PolicyName::Integrated,
-        QueueKind::Embedded,
-        every_fault(),
-    );
-    assert!(r.violations.is_empty(), "{:?}", r.violations);
-    assert_eq!(r.pipeline.path, "built-in");
-    assert_eq!(r.faults.crashes_recovered, 9);
-    assert_eq!(r.pipeline.dead_letters, 30);
-}
-
-#[test]
-fn both_paths_feed_the_model_alike() {
-    let dsl = run_on(
-        PathKind::Dsl,
-        PolicyName::Integrated,
-        QueueKind::Embedded,
-        FaultPlan::default(),
-    );
-    let builtin = run_on(
-        PathKind::Builtin,
-        PolicyName::Integrated,
-        QueueKind::Embedded,
-        FaultPlan::default(),
-    );
-    assert_eq!(dsl.pipeline.path, "dsl");
-    assert!(dsl.violations.is_empty(), "{:?}", dsl.violations);
-    // Same windows, same reactions counted by the next batch: same plans.
-    assert_eq!(dsl.batches, builtin.batches);
-    assert_eq!(dsl.responses_realised, builtin.responses_realised);
-    assert_eq!(
-        dsl.pipeline.windows_recorded,
-        builtin.pipeline.windows_recorded
-    );
 }
 
 #[test]

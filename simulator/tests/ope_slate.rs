@@ -33,6 +33,7 @@ fn random_log(seed: u64) -> Logged {
             queue: Default::default(),
             faults: FaultPlan::default(),
             progress: None,
+            resume: false,
         },
     )
     .unwrap();

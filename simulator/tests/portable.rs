@@ -36,6 +36,7 @@ fn simulate(root: &std::path::Path) {
             queue: Default::default(),
             faults: FaultPlan::default(),
             progress: None,
+            resume: false,
         },
     )
     .unwrap();

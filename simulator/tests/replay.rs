@@ -22,6 +22,7 @@ fn simulate(dir: &std::path::Path) -> smartmsg_simulator::PolicyRun {
             queue: Default::default(),
             faults: FaultPlan::default(),
             progress: None,
+            resume: false,
         },
     )
     .unwrap()
@@ -51,9 +52,14 @@ fn a_simulated_log_replays_to_the_recorded_state() {
     assert_eq!(c.batches_planned, 6);
     assert_eq!(c.batches_sent, 6);
     assert!(c.snapshot_checked.is_some(), "{}", r.render());
-    let (windows, reactions, fed) = c.path_checked.expect("the reaction path was replayed");
+    let (windows, records, fed) = c.path_checked.expect("the reaction pipeline was replayed");
     assert!(windows > 0 && fed > 0, "{}", r.render());
-    assert_eq!(reactions, run.responses_realised);
+    // Every reaction, every announced user's profile, the ticks.
+    assert!(
+        records > run.responses_realised + run.messages_sent,
+        "{}",
+        r.render()
+    );
     assert!(r.render().contains("completed"));
     // The same from an exported file.
     let file = dir.path().join("log.jsonl");
@@ -113,108 +119,50 @@ fn tampered_logs_break_the_checks() {
     assert!(v.contains("after the campaign closed"), "{v}");
 }
 
-/// Rewrites the `ReactionPathCommitted` event at `i` through `f`.
-fn tamper_commit(
-    t: &mut [RecordedEvent],
-    i: usize,
-    f: impl FnOnce(&mut smartmsg_simulator::events::PathCommitted),
-) {
-    let mut c: smartmsg_simulator::events::PathCommitted =
-        smartmsg_simulator::events::decode(&t[i]).unwrap();
-    f(&mut c);
-    t[i].payload = serde_json::to_vec(&c).unwrap().into();
-}
-
 #[test]
-fn tampered_reaction_paths_break_the_virtual_time_checks() {
-    use smartmsg_simulator::events::{ModelFed, MODEL_FED, PATH_COMMITTED};
+fn tampered_reaction_pipelines_break_the_checks() {
+    use smartmsg_simulator::events::{ModelFed, MODEL_FED};
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     simulate(&run_dir);
     let events = events_of(&run_dir);
-    let commits: Vec<usize> = events
-        .iter()
-        .enumerate()
-        .filter(|(i, e)| {
-            e.kind == PATH_COMMITTED
-                && smartmsg_simulator::events::decode::<smartmsg_simulator::events::PathCommitted>(
-                    &events[*i],
-                )
-                .unwrap()
-                .windows
-                .iter()
-                .any(|w| w.reactions.len() >= 2)
-        })
-        .map(|(i, _)| i)
-        .collect();
-    assert!(commits.len() >= 2);
     let replayed = |t: &[RecordedEvent]| replay_events(t).unwrap().violations().join("\n");
     assert_eq!(replayed(&events), "");
+    let find = |pred: &dyn Fn(&RecordedEvent) -> bool| events.iter().position(pred).unwrap();
 
-    // A reaction moved out of its window (by its timestamp).
+    // A reaction in the pipeline's input that the outputs do not reflect
+    // (its time moved by an hour: another window).
     let mut t = events.clone();
-    tamper_commit(&mut t, commits[0], |c| {
-        let w = c
-            .windows
-            .iter_mut()
-            .find(|w| !w.reactions.is_empty())
-            .unwrap();
-        w.reactions[0].time_ms = w.window_start_ms + 60_000;
+    let i = find(&|e| {
+        e.stream.as_str().starts_with("pipeline-")
+            && e.kind == "Reaction"
+            && std::str::from_utf8(&e.payload)
+                .is_ok_and(|s| s.contains("\"clicked\"") || s.contains("\"replied\""))
     });
+    let text = String::from_utf8(t[i].payload.to_vec()).unwrap();
+    let at = text.find("\"time_ms\":").unwrap() + 10;
+    let end = at + text[at..].find(|c: char| !c.is_ascii_digit()).unwrap();
+    let time: u64 = text[at..end].parse().unwrap();
+    let moved = format!("{}{}{}", &text[..at], time + 3_600_000, &text[end..]);
+    t[i].payload = moved.into_bytes().into();
     let v = replayed(&t);
-    assert!(v.contains("is outside its window"), "{v}");
+    assert!(v.contains("same outputs"), "{v}");
 
-    // A reaction counted twice (copied into a later commit).
+    // A window's output altered after the fact.
     let mut t = events.clone();
-    let first: smartmsg_simulator::events::PathCommitted =
-        smartmsg_simulator::events::decode(&t[commits[0]]).unwrap();
-    let r = first
-        .windows
-        .iter()
-        .find(|w| !w.reactions.is_empty())
-        .unwrap()
-        .reactions[0]
-        .clone();
-    tamper_commit(&mut t, commits[1], |c| {
-        let w = c
-            .windows
-            .iter_mut()
-            .find(|w| !w.reactions.is_empty())
-            .unwrap();
-        w.reactions[0].id = r.id;
-    });
-    assert!(
-        replayed(&t).contains("exactly once: reaction"),
-        "{}",
-        replayed(&t)
-    );
-
-    // A reaction to a creative the user never got, with the counts to match.
-    let mut t = events.clone();
-    tamper_commit(&mut t, commits[0], |c| {
-        let w = c
-            .windows
-            .iter_mut()
-            .find(|w| !w.reactions.is_empty())
-            .unwrap();
-        let old = w.reactions[0].creative as usize;
-        let new = (old + 1) % w.per_creative.len();
-        w.reactions[0].creative = new as u16;
-        w.per_creative[old] -= 1;
-        w.per_creative[new] += 1;
-    });
+    let i = find(&|e| e.kind == "reaction-windows");
+    t[i].timestamp_ms += 1;
     let v = replayed(&t);
-    assert!(v.contains("joined with the plan"), "{v}");
+    assert!(v.contains("same outputs: reaction-windows record"), "{v}");
 
-    // Counts that disagree with the reactions.
+    // A first reaction lost from the outputs.
     let mut t = events.clone();
-    tamper_commit(&mut t, commits[0], |c| {
-        c.windows[0].per_creative[0] += 1;
-    });
+    let i = find(&|e| e.kind == "reaction-user-outcomes");
+    t.remove(i);
+    let v = replayed(&t);
     assert!(
-        replayed(&t).contains("its reactions give"),
-        "{}",
-        replayed(&t)
+        v.contains("same outputs: reaction-user-outcomes holds"),
+        "{v}"
     );
 
     // Model feedback that forgets a reacting user.
@@ -223,13 +171,13 @@ fn tampered_reaction_paths_break_the_virtual_time_checks() {
         .iter()
         .position(|e| {
             e.kind == MODEL_FED
-                && !smartmsg_simulator::events::decode::<ModelFed>(e)
+                && !serde_json::from_slice::<ModelFed>(&e.payload)
                     .unwrap()
                     .reacted
                     .is_empty()
         })
         .unwrap();
-    let mut m: ModelFed = smartmsg_simulator::events::decode(&t[fed]).unwrap();
+    let mut m: ModelFed = serde_json::from_slice(&t[fed].payload).unwrap();
     m.reacted.pop();
     t[fed].payload = serde_json::to_vec(&m).unwrap().into();
     assert!(
@@ -238,15 +186,14 @@ fn tampered_reaction_paths_break_the_virtual_time_checks() {
         replayed(&t)
     );
 
-    // A window emitted before it closed in virtual time.
+    // The campaign records reactions the pipeline never closed a window on.
     let mut t = events.clone();
-    let at = t[commits[0]].timestamp_ms;
-    tamper_commit(&mut t, commits[0], |c| {
-        c.windows[0].window_start_ms = at - at % 60_000;
-    });
-    assert!(
-        replayed(&t).contains("closed before emitted"),
-        "{}",
-        replayed(&t)
-    );
+    let i = find(&|e| e.kind == "ReactionsRecorded");
+    let mut ev = CampaignEvent::decode("ReactionsRecorded", t[i].schema, &t[i].payload).unwrap();
+    if let CampaignEvent::ReactionsRecorded { command, .. } = &mut ev {
+        command.id = "made-up".into();
+    }
+    reencode(&mut t[i], &ev);
+    let v = replayed(&t);
+    assert!(v.contains("do not come from the pipeline"), "{v}");
 }

@@ -22,7 +22,7 @@ use smartmsg_domain::OutgoingBatch;
 
 pub use channel::{ChannelSender, SentBatch};
 pub use outbox::OutboxSender;
-pub use webhook::{WebhookConfig, WebhookSender};
+pub use webhook::{WebhookConfig, WebhookRequest, WebhookSender};
 
 /// Why a batch was not delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

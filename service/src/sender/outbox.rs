@@ -1,7 +1,7 @@
 //! [`OutboxSender`]: one JSON Lines file per batch in a directory.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use async_trait::async_trait;
 use smartmsg_domain::OutgoingBatch;
@@ -38,7 +38,13 @@ impl OutboxSender {
     }
 
     fn write(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir)?;
+            // The new campaign directory's entry must be durable too.
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+        }
         let tmp = path.with_extension("jsonl.tmp");
         {
             let mut f = std::fs::File::create(&tmp)?;
@@ -57,6 +63,18 @@ impl Sender for OutboxSender {
     }
 
     async fn send(&self, batch: &OutgoingBatch) -> Result<(), SendError> {
+        // The campaign names a directory inside the outbox: one plain path
+        // component ("..", "a/b" or "" would write elsewhere).
+        let plain = matches!(
+            Path::new(&batch.campaign).components().collect::<Vec<_>>()[..],
+            [Component::Normal(c)] if c.to_str() == Some(batch.campaign.as_str())
+        );
+        if !plain {
+            return Err(SendError::Rejected {
+                batch: batch.key(),
+                reason: format!("campaign {:?} is not a plain file name", batch.campaign),
+            });
+        }
         let mut bytes = Vec::new();
         write_json_lines(batch, &mut bytes);
         let dir = self.dir.join(&batch.campaign);

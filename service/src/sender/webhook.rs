@@ -67,7 +67,8 @@ pub struct WebhookRequest {
 /// retry and after a restart) and every message its stable id, so the
 /// receiver can drop repeats. A 2xx acknowledges the part. Connection
 /// failures, timeouts, 408, 429 and 5xx are retried with exponential
-/// backoff; other answers refuse the batch ([`SendError::Rejected`]).
+/// backoff; other answers, redirects included (they are not followed),
+/// refuse the batch ([`SendError::Rejected`]).
 #[derive(Debug, Clone)]
 pub struct WebhookSender {
     client: reqwest::Client,
@@ -79,6 +80,9 @@ impl WebhookSender {
     pub fn new(config: WebhookConfig) -> Result<Self, SendError> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms.max(1)))
+            // A followed 301/302/303 turns the POST into a GET without the
+            // messages, whose 2xx would acknowledge an undelivered batch.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SendError::Unavailable {
                 batch: String::new(),
@@ -147,6 +151,19 @@ impl Sender for WebhookSender {
     }
 
     async fn send(&self, batch: &OutgoingBatch) -> Result<(), SendError> {
+        // Without TLS the client fails to connect to https:// endpoints,
+        // which would look like an outage retried forever.
+        let https = self
+            .config
+            .url
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+        if https && cfg!(not(feature = "rustls")) {
+            return Err(SendError::Rejected {
+                batch: batch.key(),
+                reason: "https:// endpoints need the `rustls` feature of smartmsg-service".into(),
+            });
+        }
         let all: Vec<MessageRecord> = records(batch).collect();
         let per = self.config.max_messages_per_request.max(1);
         let parts = all.len().div_ceil(per).max(1);

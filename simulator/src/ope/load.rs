@@ -9,7 +9,6 @@ use smartmsg_domain::CampaignEvent;
 use smartmsg_engine::{EventCodec, RecordedEvent};
 
 use super::{LoggedData, OpeError, TargetProbs};
-use crate::events::{self, PathCommitted};
 
 /// Which columns hold what.
 #[derive(Debug, Clone, Default)]
@@ -345,7 +344,7 @@ pub const UNIFORM_SELECTION: [&str; 3] = ["random", "explore-then-commit", "crea
 
 /// Extracts the logged decisions of the campaign streams of `events`:
 /// one row per planned user (action = creative), reward 1 when the
-/// reaction path committed a reaction of that user to that batch, else 0.
+/// reaction pipeline counted a reaction of that user to that batch, else 0.
 /// `features(user)` joins context features (e.g. from the population);
 /// `creatives` names the actions `c0..`.
 ///
@@ -385,12 +384,11 @@ pub fn from_events(
                 Ok(_) => {}
                 Err(err) => return Err(bad(e, err.to_string())),
             }
-        } else if e.kind == events::PATH_COMMITTED {
-            let c: PathCommitted = events::decode(e).map_err(|err| bad(e, err.to_string()))?;
-            for w in &c.windows {
-                for r in &w.reactions {
-                    reacted.insert((r.batch, r.user));
-                }
+        } else if e.kind == smartmsg_domain::reactions::USER_OUTCOMES {
+            let (user, r) =
+                smartmsg_service::pipeline::decode_outcome(e).map_err(|err| bad(e, err))?;
+            if r.reacted {
+                reacted.insert((r.batch, user));
             }
         }
     }
