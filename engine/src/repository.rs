@@ -490,6 +490,29 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
+    /// Like [`execute`](Self::execute), deciding first against `known`:
+    /// the aggregate's state at its current version, which the caller
+    /// already holds (a runtime that folds every event of the stream keeps
+    /// it in memory). Nothing is loaded then. If the stream has moved on
+    /// (another writer), the append's expected version conflicts and the
+    /// command is executed again as `execute` does, from a fresh load; so a
+    /// stale `known` costs a retry, never a wrong decision.
+    pub async fn execute_from(
+        &self,
+        stream: &StreamId,
+        known: Loaded<A>,
+        command: &A::Command,
+        options: CommandOptions,
+    ) -> Result<Executed<A>, RepositoryError<A::Error>> {
+        match self
+            .attempt_with(stream, command, &options, Some(known), true, 1)
+            .await?
+        {
+            Attempt::Done(executed) => Ok(executed),
+            Attempt::Conflict { .. } => self.execute(stream, command, options).await,
+        }
+    }
+
     async fn attempt(
         &self,
         stream: &StreamId,
@@ -498,7 +521,23 @@ impl<A: Aggregate> Repository<A> {
         use_snapshot: bool,
         attempts: u32,
     ) -> Result<Attempt<A>, RepositoryError<A::Error>> {
-        let Loaded { mut state, version } = self.load_inner(stream, use_snapshot).await?;
+        self.attempt_with(stream, command, options, None, use_snapshot, attempts)
+            .await
+    }
+
+    async fn attempt_with(
+        &self,
+        stream: &StreamId,
+        command: &A::Command,
+        options: &CommandOptions,
+        known: Option<Loaded<A>>,
+        use_snapshot: bool,
+        attempts: u32,
+    ) -> Result<Attempt<A>, RepositoryError<A::Error>> {
+        let Loaded { mut state, version } = match known {
+            Some(k) => k,
+            None => self.load_inner(stream, use_snapshot).await?,
+        };
         let now_ms = self.clock.now_ms();
         let ctx = DecideCtx {
             stream: stream.clone(),

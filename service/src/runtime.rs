@@ -54,8 +54,8 @@ use smartmsg_engine::stream::{
 };
 use smartmsg_engine::{
     job_idempotency_key, AppendTx, Clock, CommandOptions, DelayQueue, EventCodec, EventLog,
-    ExpectedVersion, NewEvent, RecordedEvent, Repository, RepositoryConfig, RepositoryError,
-    Scheduler, SnapshotStore, StreamId,
+    ExpectedVersion, Loaded, NewEvent, RecordedEvent, Repository, RepositoryConfig,
+    RepositoryError, Scheduler, SnapshotStore, StreamId,
 };
 use tokio::sync::Notify;
 
@@ -717,9 +717,21 @@ impl Runtime {
         live: &mut Live,
         cmd: CampaignCommand,
     ) -> Result<(), RuntimeError> {
+        // The driver holds the campaign folded from every event: decide on
+        // it rather than loading the aggregate again (a stale copy only
+        // costs a retry from a fresh load).
+        let known = Loaded {
+            state: live.driver.campaign().clone(),
+            version: live.campaign_v,
+        };
         let r = self
             .repo
-            .execute(&live.streams.campaign, &cmd, CommandOptions::default())
+            .execute_from(
+                &live.streams.campaign,
+                known,
+                &cmd,
+                CommandOptions::default(),
+            )
             .await;
         live.driver.executed(&cmd.id);
         match r {
@@ -1018,7 +1030,12 @@ impl Runtime {
                     vec![announce_event(b, now_ms)],
                 )
                 .with_idempotency_key(key);
-                log.append(tx).await?;
+                match log.append(tx).await {
+                    // Announced before a restart (at another time, so
+                    // with other content): the key says it is done.
+                    Ok(_) | Err(smartmsg_engine::AppendError::IdempotencyKeyReused { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 live.driver.announced(b);
                 // The pipeline learns the batch's users before it goes out.
                 self.pump(live, now_ms, false).await?;

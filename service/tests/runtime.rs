@@ -358,3 +358,112 @@ async fn bad_setups_are_refused_before_anything_is_stored() {
     assert!(rt.start("nope").await.is_err());
     let _: Option<MessageRecord> = None;
 }
+
+/// Crashes once at each named point.
+struct CrashAt(Mutex<Vec<&'static str>>);
+
+impl smartmsg_service::Hooks for CrashAt {
+    fn crash(&self, point: smartmsg_service::CrashPoint<'_>) -> bool {
+        use smartmsg_service::CrashPoint as P;
+        let name = match point {
+            P::BeforePlan { batch: 1, .. } => "before-plan",
+            P::AfterPlanBeforeAck { batch: 1, .. } => "after-plan-before-ack",
+            P::AfterPlanBeforeSend { batch: 1, .. } => "after-plan-before-send",
+            P::AfterDeliveryBeforeRecord { batch: 1, .. } => "after-delivery-before-record",
+            P::AfterFeedbackBeforeUpdate { batch: 1, .. } => "after-feedback-before-update",
+            P::AfterCommitBeforeRecord { commit: 4, .. } => "after-commit-before-record",
+            _ => return false,
+        };
+        let mut left = self.0.lock().unwrap();
+        match left.iter().position(|n| *n == name) {
+            Some(i) => {
+                left.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A crash at every point of a batch's life, each followed by a reopen
+/// minutes later (the clock moved on while the process was down): the
+/// campaign completes with every batch sent once and the same reactions.
+#[tokio::test]
+async fn crashes_at_every_point_with_time_passing_in_between() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = population();
+    let clock = ManualClock::new(START);
+    let sender = Arc::new(Recording::default());
+    let hooks = Arc::new(CrashAt(Mutex::new(vec![
+        "before-plan",
+        "after-plan-before-ack",
+        "after-plan-before-send",
+        "after-delivery-before-record",
+        "after-feedback-before-update",
+        "after-commit-before-record",
+    ])));
+    let options = || RuntimeOptions {
+        hooks: hooks.clone(),
+        ..RuntimeOptions::default()
+    };
+    let open = || async {
+        Runtime::open(ports(dir.path(), &clock, sender.clone()), options())
+            .await
+            .unwrap()
+    };
+    let mut rt = open().await;
+    rt.create_campaign(setup("c1", pop.candidates.clone()))
+        .await
+        .unwrap();
+    rt.start("c1").await.unwrap();
+    let mut crashes = 0;
+    let mut answered = 0;
+    let mut submitted = 0u64;
+    let mut t = START;
+    while rt.view("c1").unwrap().status != Some(Status::Completed) {
+        match rt.step(t).await {
+            Ok(_) => {}
+            Err(e) if e.is_crash() => {
+                crashes += 1;
+                drop(rt);
+                t += 5 * 60_000; // down for five minutes
+                clock.set(t);
+                rt = open().await;
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let sent = sender.batches.lock().unwrap().clone();
+        for b in sent.iter().skip(answered) {
+            let rs = reactions(&pop, b, t, 60_000);
+            submitted += rs.len() as u64;
+            rt.inbox().submit_many(rs).await.unwrap();
+        }
+        answered = sent.len();
+        t += 10 * 60_000;
+        clock.set(t);
+        assert!(t < START + 10 * HOUR, "the campaign never completed");
+    }
+    assert_eq!(crashes, 6, "every crash point fired");
+    rt.flush(t + HOUR).await.unwrap();
+    let v = rt.view("c1").unwrap();
+    assert_eq!(v.sent, 600);
+    let mut ids: Vec<String> = Vec::new();
+    for b in sender.batches.lock().unwrap().iter() {
+        for (u, _, _) in b.decisions.iter() {
+            ids.push(b.message_id(u));
+        }
+    }
+    let delivered = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 600, "each message id of the campaign");
+    assert!(delivered >= 600, "redeliveries are allowed, losses are not");
+    // Reactions to a batch delivered twice were submitted twice: the
+    // pipeline counts each user once.
+    assert!(v.reactions > 0 && v.reactions <= submitted, "{v:?}");
+    assert_eq!(
+        v.batches.iter().map(|b| b.reacted).sum::<u64>(),
+        v.reactions
+    );
+}

@@ -83,6 +83,27 @@ pub struct MessageRecord {
     pub creative_ref: String,
 }
 
+impl MessageRecord {
+    /// The reaction message reporting that this message's user reacted
+    /// with `kind` at `time_ms` (what a channel sends back; see
+    /// [`smartmsg_domain::reactions::ReactionMessage`]).
+    pub fn reaction(
+        &self,
+        kind: smartmsg_domain::reactions::ReactionKind,
+        time_ms: u64,
+    ) -> bytes::Bytes {
+        let m = smartmsg_domain::reactions::ReactionMessage {
+            campaign: self.campaign.clone(),
+            batch: self.batch,
+            user: self.user,
+            creative: self.creative,
+            reaction: kind,
+            time_ms,
+        };
+        bytes::Bytes::from(serde_json::to_vec(&m).unwrap_or_default())
+    }
+}
+
 /// The messages of `batch` as records, in decision order.
 pub fn records(batch: &OutgoingBatch) -> impl Iterator<Item = MessageRecord> + '_ {
     batch

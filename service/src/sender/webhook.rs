@@ -91,6 +91,14 @@ impl WebhookSender {
         Ok(Self { client, config })
     }
 
+    /// A sender to `url` with the default settings.
+    pub fn to(url: impl Into<String>) -> Result<Self, SendError> {
+        Self::new(WebhookConfig {
+            url: url.into(),
+            ..WebhookConfig::default()
+        })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &WebhookConfig {
         &self.config
