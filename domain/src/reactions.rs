@@ -292,8 +292,43 @@ fn uint(
 }
 
 /// Parses a reaction message. Never panics; every refusal is a typed
-/// [`DeadReason`].
+/// [`DeadReason`]. Fields other than the six above are skipped, not
+/// validated.
 pub fn parse_reaction(bytes: &[u8]) -> Result<ReactionMessage, DeadReason> {
+    // The common case, a well-formed message, straight into a struct; any
+    // doubt goes the careful way below, which names what is wrong.
+    #[derive(Deserialize)]
+    struct Fast<'a> {
+        #[serde(borrow)]
+        campaign: std::borrow::Cow<'a, str>,
+        batch: u32,
+        user: u32,
+        creative: u16,
+        #[serde(borrow)]
+        reaction: std::borrow::Cow<'a, str>,
+        time_ms: u64,
+    }
+    if bytes.len() <= MAX_MESSAGE_BYTES {
+        if let Ok(f) = serde_json::from_slice::<Fast<'_>>(bytes) {
+            if let Some(reaction) = ReactionKind::parse(&f.reaction) {
+                if !f.campaign.is_empty() && f.campaign.len() <= MAX_CAMPAIGN_ID {
+                    return Ok(ReactionMessage {
+                        campaign: f.campaign.into_owned(),
+                        batch: f.batch,
+                        user: f.user,
+                        creative: f.creative,
+                        reaction,
+                        time_ms: f.time_ms,
+                    });
+                }
+            }
+        }
+    }
+    parse_reaction_checked(bytes)
+}
+
+/// The careful parse: every field checked, every refusal named.
+fn parse_reaction_checked(bytes: &[u8]) -> Result<ReactionMessage, DeadReason> {
     let m = object(bytes)?;
     let campaign = match field(&m, "campaign")? {
         serde_json::Value::String(s) if !s.is_empty() && s.len() <= MAX_CAMPAIGN_ID => s.clone(),
@@ -336,6 +371,30 @@ pub struct UserProfile {
 
 /// Parses a user profile message. Never panics.
 pub fn parse_profile(bytes: &[u8]) -> Result<UserProfile, DeadReason> {
+    // The common case straight into a struct (see `parse_reaction`).
+    #[derive(Deserialize)]
+    struct Fast {
+        user: u32,
+        features: Vec<f64>,
+    }
+    if bytes.len() <= MAX_MESSAGE_BYTES {
+        if let Ok(f) = serde_json::from_slice::<Fast>(bytes) {
+            if f.features.len() <= crate::data::Candidates::MAX_DIM {
+                let features: Vec<f32> = f.features.iter().map(|&x| x as f32).collect();
+                if features.iter().all(|x| x.is_finite()) {
+                    return Ok(UserProfile {
+                        user: f.user,
+                        features,
+                    });
+                }
+            }
+        }
+    }
+    parse_profile_checked(bytes)
+}
+
+/// The careful parse of a profile.
+fn parse_profile_checked(bytes: &[u8]) -> Result<UserProfile, DeadReason> {
     let m = object(bytes)?;
     let user = uint(&m, "user", u64::from(u32::MAX))? as u32;
     let features = match field(&m, "features")? {
@@ -882,4 +941,104 @@ pub fn user_outcome_projection(
     model: InMemoryReadModel<UserOutcomes>,
 ) -> InMemoryProjection<UserOutcomes> {
     InMemoryProjection::new(name, model, |m: &mut UserOutcomes, e| m.apply_event(e))
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn field_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("0".to_owned()),
+            Just("1".to_owned()),
+            Just("-1".to_owned()),
+            Just("1.0".to_owned()),
+            Just("4294967295".to_owned()),
+            Just("4294967296".to_owned()),
+            Just("65535".to_owned()),
+            Just("65536".to_owned()),
+            Just("18446744073709551615".to_owned()),
+            Just("1e400".to_owned()),
+            Just("null".to_owned()),
+            Just("\"c1\"".to_owned()),
+            Just("\"\"".to_owned()),
+            Just("\"clicked\"".to_owned()),
+            Just("\"replied\"".to_owned()),
+            Just("\"teleport\"".to_owned()),
+            Just("\"c\\u0031\"".to_owned()),
+            Just("[1.5,-2,3e2]".to_owned()),
+            Just("[1e39]".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+            Just("true".to_owned()),
+        ]
+    }
+
+    /// A valid object of `base`'s fields, then up to three mutations: a
+    /// field's value replaced, a field dropped, a field repeated. Only the
+    /// parser's own fields (the fast path skips others unread: see the
+    /// parsers).
+    fn message(base: &'static [(&'static str, &'static str)]) -> impl Strategy<Value = Vec<u8>> {
+        let mutation = (0..3u8, 0..8usize, field_value());
+        proptest::collection::vec(mutation, 0..4).prop_map(move |muts| {
+            let mut fields: Vec<(String, String)> = base
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            for (kind, i, v) in muts {
+                if fields.is_empty() {
+                    break;
+                }
+                let i = i % fields.len();
+                match kind {
+                    0 => fields[i].1 = v,
+                    1 => {
+                        fields.remove(i);
+                    }
+                    _ => {
+                        let name = fields[i].0.clone();
+                        fields.push((name, v));
+                    }
+                }
+            }
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            format!("{{{}}}", body.join(",")).into_bytes()
+        })
+    }
+
+    const REACTION: &[(&str, &str)] = &[
+        ("campaign", "\"c1\""),
+        ("batch", "3"),
+        ("user", "7"),
+        ("creative", "1"),
+        ("reaction", "\"clicked\""),
+        ("time_ms", "1700000000000"),
+    ];
+    const PROFILE: &[(&str, &str)] = &[("user", "7"), ("features", "[0.5,-1,2]")];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        /// The fast paths decide exactly like the careful ones.
+        #[test]
+        fn fast_paths_agree_with_the_careful_parse(r in message(REACTION), p in message(PROFILE)) {
+            prop_assert_eq!(parse_reaction(&r), parse_reaction_checked(&r));
+            prop_assert_eq!(parse_profile(&p), parse_profile_checked(&p));
+        }
+    }
+
+    #[test]
+    fn a_valid_message_takes_either_path_to_the_same_value() {
+        let m = br#"{"campaign":"c1","batch":2,"user":7,"creative":1,"reaction":"clicked","time_ms":99,"id":5}"#;
+        assert_eq!(parse_reaction(m), parse_reaction_checked(m));
+        assert!(parse_reaction(m).is_ok());
+        let p = br#"{"user":3,"features":[0.5,-1,2e3]}"#;
+        assert_eq!(parse_profile(p), parse_profile_checked(p));
+        assert!(parse_profile(p).is_ok());
+        // A field the message does not need is skipped unread, even one the
+        // careful parse could not hold.
+        let m = br#"{"campaign":"c1","batch":2,"user":7,"creative":1,"reaction":"clicked","time_ms":99,"x":1e400}"#;
+        assert!(parse_reaction(m).is_ok());
+        assert!(parse_reaction_checked(m).is_err());
+    }
 }

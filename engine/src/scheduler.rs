@@ -293,6 +293,19 @@ impl<A: Aggregate> Scheduler<A> {
         mapped: Result<(StreamId, A::Command), String>,
         now_ms: u64,
     ) -> RunReport {
+        self.process_known(lease, mapped, None, now_ms).await
+    }
+
+    /// Like [`process_mapped`](Self::process_mapped), deciding on `known`
+    /// (the aggregate's state the caller holds) instead of loading it: see
+    /// [`Repository::execute_from`].
+    pub async fn process_known(
+        &self,
+        lease: Lease,
+        mapped: Result<(StreamId, A::Command), String>,
+        known: Option<crate::repository::Loaded<A>>,
+        now_ms: u64,
+    ) -> RunReport {
         let mut report = RunReport::default();
         let id = lease.job.id.clone();
         enum Then {
@@ -309,7 +322,11 @@ impl<A: Aggregate> Scheduler<A> {
             Ok((stream, command)) => {
                 let key = job_idempotency_key(&lease.job, self.repo.log().limits().max_id_len);
                 let options = CommandOptions::default().with_idempotency_key(key);
-                match self.repo.execute(&stream, &command, options).await {
+                let executed = match known {
+                    Some(k) => self.repo.execute_from(&stream, k, &command, options).await,
+                    None => self.repo.execute(&stream, &command, options).await,
+                };
+                match executed {
                     Ok(_) => {
                         report.executed += 1;
                         Then::Ack

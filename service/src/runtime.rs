@@ -896,9 +896,14 @@ impl Runtime {
                             )));
                         }
                     }
+                    let live = self.live(&id)?;
+                    let known = Loaded {
+                        state: live.driver.campaign().clone(),
+                        version: live.campaign_v,
+                    };
                     let r = self
                         .scheduler
-                        .process_mapped(lease, Ok((stream, cmd)), now_ms)
+                        .process_known(lease, Ok((stream, cmd)), Some(known), now_ms)
                         .await;
                     if r.retried > 0 {
                         tracing::warn!(campaign = %id, ?kind, "a job's command failed; the queue retries it");
@@ -975,9 +980,12 @@ impl Runtime {
         let log = Arc::clone(&self.ports.log);
         let hooks = Arc::clone(&self.options.hooks);
         let mut force = force_tick;
+        let mut skip_pump = false;
         for _ in 0..MAX_ROUNDS {
-            self.pump(live, now_ms, force).await?;
-            force = false;
+            if !std::mem::take(&mut skip_pump) {
+                self.pump(live, now_ms, force).await?;
+                force = false;
+            }
             let mut ready = live.driver.ready(now_ms);
             if ready.send.is_some() && now_ms < live.send_retry_at {
                 ready.send = None;
@@ -1037,8 +1045,12 @@ impl Runtime {
                     Err(e) => return Err(e.into()),
                 }
                 live.driver.announced(b);
-                // The pipeline learns the batch's users before it goes out.
-                self.pump(live, now_ms, false).await?;
+                // The announcement is in the pipeline's input before the
+                // batch goes out, so the pipeline reads it before any
+                // reaction to the batch: the batch can go now, and the
+                // pipeline catches up in the next round.
+                skip_pump = true;
+                continue;
             }
             if let Some(b) = ready.send {
                 if hooks.crash(CrashPoint::AfterPlanBeforeSend {

@@ -93,10 +93,10 @@ impl CampaignSpec {
     pub const MAX_CREATIVES: usize = 64;
     /// Most batches in one campaign.
     pub const MAX_BATCHES: u64 = 100_000;
-    /// Most users in one batch. Keeps a planned batch's event (users,
-    /// creatives and propensities in JSON) well under the engine's default
-    /// 1 MiB event limit.
-    pub const MAX_BATCH_USERS: u64 = 20_000;
+    /// Most users in one batch: a planned batch is one event, in the binary
+    /// layout of 10 bytes a decision, under the engine's default 1 MiB
+    /// event limit (a test checks the worst case).
+    pub const MAX_BATCH_USERS: u64 = 100_000;
     /// Longest channel, audience or creative reference, in bytes.
     pub const MAX_REF_LEN: usize = 256;
 
