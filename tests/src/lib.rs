@@ -4,4 +4,5 @@
 
 pub mod crash;
 pub mod effects;
+pub mod runtime_crash;
 pub mod stream_crash;
