@@ -67,5 +67,5 @@ pub fn setup(i: usize, start_ms: u64) -> CampaignSetup {
 /// Whether `user` reacts to the message it got (a fixed share, the same
 /// whatever batch or restart).
 pub fn reacts(user: u32) -> bool {
-    user.wrapping_mul(2_654_435_761) % 4 == 0
+    user.wrapping_mul(2_654_435_761).is_multiple_of(4)
 }
