@@ -40,9 +40,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut rt = Runtime::open_embedded(dir.join("data"), Arc::new(sender), options).await?;
     rt.add_source(Box::new(JsonLinesSource::new("reactions", &args[3])));
-    for i in 0..CAMPAIGNS.len() {
+    for (i, id) in CAMPAIGNS.iter().enumerate() {
         rt.create_campaign(setup(i, start_ms)).await?;
-        rt.start(CAMPAIGNS[i]).await?;
+        rt.start(id).await?;
     }
     let (handle, run) = rt.spawn(shutdown);
     let running = tokio::spawn(run);
