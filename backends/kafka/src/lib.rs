@@ -66,6 +66,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod campaign;
 pub mod chain;
 pub mod checkpoint;
 pub mod config;
@@ -76,6 +77,7 @@ mod reader;
 pub mod stream;
 mod writer;
 
+pub use campaign::{KafkaReactionSource, KafkaSender};
 pub use config::{BeforeCommitHook, KafkaConfig};
 pub use envelope::partition_for;
 pub use error::KafkaLogError;
