@@ -180,7 +180,7 @@ fn a_campaign_runs_on_kafka_and_rabbitmq_and_survives_a_restart() {
                     assert_eq!(prev, &r, "a repeat with other content");
                     continue;
                 }
-                if r.user % 3 == 0 {
+                if r.user.is_multiple_of(3) {
                     reacted.insert(r.user);
                     let body = r.reaction(ReactionKind::Replied, now_ms());
                     producer
