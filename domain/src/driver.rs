@@ -653,7 +653,11 @@ impl<'p> CampaignDriver<'p> {
     }
 
     /// Learns recorded feedback (after recording it, and at recovery).
-    /// Feedback for a batch already learned is ignored.
+    /// Feedback for a batch already learned is ignored. If the policy
+    /// refuses the update ([`FeedbackError::Policy`] or
+    /// [`FeedbackError::Shape`]), the model stays as it was but the
+    /// feedback counts as applied: it is recorded, and the campaign must
+    /// go on (the error is for the caller to report).
     pub fn apply_feedback(&mut self, f: &Feedback) -> Result<(), FeedbackError> {
         if f.batch < self.fed {
             return Ok(());
@@ -668,16 +672,19 @@ impl<'p> CampaignDriver<'p> {
             .plans
             .get(f.batch as usize)
             .ok_or(FeedbackError::NotPlanned { batch: f.batch })?;
-        let mut o = Outcomes::new(self.audience.dim())?;
-        for (user, creative, _) in plan.iter() {
-            let y = u32::from(f.reacted.binary_search(&user).is_ok());
-            if let Some(x) = self.audience.features(user) {
-                o.push(creative, x, 1, y)?;
+        let learned = (|| {
+            let mut o = Outcomes::new(self.audience.dim())?;
+            for (user, creative, _) in plan.iter() {
+                let y = u32::from(f.reacted.binary_search(&user).is_ok());
+                if let Some(x) = self.audience.features(user) {
+                    o.push(creative, x, 1, y)?;
+                }
             }
-        }
-        self.policy.update(&o)?;
+            self.policy.update(&o)?;
+            Ok(())
+        })();
         self.fed = f.batch + 1;
-        Ok(())
+        learned
     }
 
     /// The feedback of batch `batch` at `now_ms`: its users whose reaction
@@ -727,8 +734,19 @@ impl<'p> CampaignDriver<'p> {
             }
         }
         // Reactions are recorded after the batch they answer is recorded
-        // as sent.
-        r.commands.extend(self.commands.iter().cloned());
+        // as sent: while a batch is planned but not recorded sent (being
+        // handed to the sender, or failing to be), its reactions could
+        // exceed the campaign's recorded sends, so they wait.
+        if pending.is_none() {
+            r.commands.extend(self.commands.iter().cloned());
+        } else {
+            r.commands.extend(
+                self.commands
+                    .iter()
+                    .filter(|c| !matches!(c.action, Action::RecordReactions { .. }))
+                    .cloned(),
+            );
+        }
         // Feedback of every earlier batch before the next one is planned.
         if let Some(next) = self.campaign.next_batch() {
             if running && pending.is_none() && next > 0 && spec.due_ms(next) <= now_ms {

@@ -206,6 +206,21 @@ pub enum DeadReason {
         /// The user.
         user: u32,
     },
+    /// The user's profile says which message they got, and the reaction
+    /// names another batch or creative.
+    #[error("user {user} got creative {planned_creative} in batch {planned_batch}, not creative {creative} in batch {batch}")]
+    NotPlanned {
+        /// The user.
+        user: u32,
+        /// The batch the reaction names.
+        batch: u32,
+        /// The creative the reaction names.
+        creative: u16,
+        /// The batch the user was messaged in.
+        planned_batch: u32,
+        /// The creative the user got.
+        planned_creative: u16,
+    },
     /// The user's features do not have the campaign's dimension.
     #[error("user {user} has {got} features; the pipeline expects {dim}")]
     FeatureDimension {
@@ -360,13 +375,22 @@ fn parse_reaction_checked(bytes: &[u8]) -> Result<ReactionMessage, DeadReason> {
 }
 
 /// A user's profile, as the profile stream carries it:
-/// `{"user": 42, "features": [0.5, -1.0, 2.0]}`.
+/// `{"user": 42, "features": [0.5, -1.0, 2.0]}`, optionally with the
+/// message the user got (`"batch": 3, "creative": 1`): then a reaction
+/// naming another batch or creative is a dead letter
+/// ([`DeadReason::NotPlanned`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UserProfile {
     /// The user.
     pub user: u32,
     /// The user's features (the models' dimension).
     pub features: Vec<f32>,
+    /// The batch the user was messaged in, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u32>,
+    /// The creative the user got, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creative: Option<u16>,
 }
 
 /// Parses a user profile message. Never panics.
@@ -376,6 +400,8 @@ pub fn parse_profile(bytes: &[u8]) -> Result<UserProfile, DeadReason> {
     struct Fast {
         user: u32,
         features: Vec<f64>,
+        batch: Option<u32>,
+        creative: Option<u16>,
     }
     if bytes.len() <= MAX_MESSAGE_BYTES {
         if let Ok(f) = serde_json::from_slice::<Fast>(bytes) {
@@ -385,6 +411,8 @@ pub fn parse_profile(bytes: &[u8]) -> Result<UserProfile, DeadReason> {
                     return Ok(UserProfile {
                         user: f.user,
                         features,
+                        batch: f.batch,
+                        creative: f.creative,
                     });
                 }
             }
@@ -422,7 +450,20 @@ fn parse_profile_checked(bytes: &[u8]) -> Result<UserProfile, DeadReason> {
         }
         v => return Err(bad("features", format!("expected an array, got {v}"))),
     };
-    Ok(UserProfile { user, features })
+    let opt = |name: &str, max: u64| -> Result<Option<u64>, DeadReason> {
+        match m.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(_) => uint(&m, name, max).map(Some),
+        }
+    };
+    let batch = opt("batch", u64::from(u32::MAX))?.map(|b| b as u32);
+    let creative = opt("creative", u64::from(u16::MAX))?.map(|c| c as u16);
+    Ok(UserProfile {
+        user,
+        features,
+        batch,
+        creative,
+    })
 }
 
 /// What the pipeline needs to know about a campaign.
@@ -753,6 +794,25 @@ pub fn reaction_topology(config: ReactionConfig) -> Result<Topology, WindowError
         .left_join(
             &users,
             move |(m, raw), p: Option<&Json<UserProfile>>| match p {
+                Some(Json(p))
+                    if p.batch.is_some_and(|b| b != m.batch)
+                        || p.creative.is_some_and(|c| c != m.creative) =>
+                {
+                    Err((
+                        m.campaign.clone(),
+                        Json(DeadLetter::new(
+                            INPUT_REACTIONS,
+                            DeadReason::NotPlanned {
+                                user: m.user,
+                                batch: m.batch,
+                                creative: m.creative,
+                                planned_batch: p.batch.unwrap_or(m.batch),
+                                planned_creative: p.creative.unwrap_or(m.creative),
+                            },
+                            &raw,
+                        )),
+                    ))
+                }
                 Some(Json(p)) => Ok(Enriched {
                     bucket: config.bucket(&p.features),
                     features: Arc::new(p.features.clone()),
@@ -1015,7 +1075,12 @@ mod fast_path_tests {
         ("reaction", "\"clicked\""),
         ("time_ms", "1700000000000"),
     ];
-    const PROFILE: &[(&str, &str)] = &[("user", "7"), ("features", "[0.5,-1,2]")];
+    const PROFILE: &[(&str, &str)] = &[
+        ("user", "7"),
+        ("features", "[0.5,-1,2]"),
+        ("batch", "2"),
+        ("creative", "1"),
+    ];
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]

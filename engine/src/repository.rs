@@ -495,8 +495,9 @@ impl<A: Aggregate> Repository<A> {
     /// already holds (a runtime that folds every event of the stream keeps
     /// it in memory). Nothing is loaded then. If the stream has moved on
     /// (another writer), the append's expected version conflicts and the
-    /// command is executed again as `execute` does, from a fresh load; so a
-    /// stale `known` costs a retry, never a wrong decision.
+    /// command is executed again as `execute` does, from a fresh load; a
+    /// refusal is also decided again on a fresh load before it is returned.
+    /// So a stale `known` costs a retry, never a wrong decision.
     pub async fn execute_from(
         &self,
         stream: &StreamId,
@@ -506,10 +507,15 @@ impl<A: Aggregate> Repository<A> {
     ) -> Result<Executed<A>, RepositoryError<A::Error>> {
         match self
             .attempt_with(stream, command, &options, Some(known), true, 1)
-            .await?
+            .await
         {
-            Attempt::Done(executed) => Ok(executed),
-            Attempt::Conflict { .. } => self.execute(stream, command, options).await,
+            Ok(Attempt::Done(executed)) => Ok(executed),
+            // Moved on, or refused on what may be an old state: decide
+            // again on a fresh load.
+            Ok(Attempt::Conflict { .. }) | Err(RepositoryError::Domain(_)) => {
+                self.execute(stream, command, options).await
+            }
+            Err(e) => Err(e),
         }
     }
 

@@ -101,6 +101,9 @@ pub enum RuntimeError {
         /// Why.
         reason: String,
     },
+    /// A command id of a form the runtime uses itself.
+    #[error("command id {0:?} is reserved for the runtime's own commands")]
+    ReservedCommandId(String),
     /// A campaign's work did not settle (a bug; the step is abandoned).
     #[error("stuck: {0}")]
     Stuck(String),

@@ -200,8 +200,11 @@ impl ReactionInbox {
             }))
     }
 
-    /// Submits many reaction messages atomically (all durable, or none, in
-    /// chunks of [`MAX_POLL`]); returns what became of each, in order.
+    /// Submits many reaction messages; returns what became of each, in
+    /// order, once all are durable. Each chunk of [`MAX_POLL`] messages is
+    /// one atomic append; on an error, the chunks before it are durable and
+    /// the rest are not (submitting them again is safe: the pipeline counts
+    /// each user once).
     pub async fn submit_many(&self, payloads: Vec<Bytes>) -> Result<Vec<Submitted>, RuntimeError> {
         let mut out = Vec::with_capacity(payloads.len());
         let now = self.clock.now_ms();
@@ -299,13 +302,10 @@ pub async fn ingest_once(
     );
     for m in polled.messages {
         let origin = m.offset.map(|o| format!("{name}@{o}"));
-        let _ = add(
-            &mut tx,
-            routes,
-            m.payload,
-            m.arrival_ms.unwrap_or(now_ms),
-            origin,
-        );
+        // A source's own time (a producer's clock) never runs ahead of
+        // ours: it drives the pipeline's stream time.
+        let arrival = m.arrival_ms.map_or(now_ms, |a| a.min(now_ms));
+        let _ = add(&mut tx, routes, m.payload, arrival, origin);
     }
     log.append(tx).await?;
     Ok(n)

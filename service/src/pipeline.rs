@@ -37,7 +37,7 @@ use smartmsg_domain::reactions::{
     CampaignInfo, ReactionConfig, ReactionWindow, UserProfile, UserReaction, INPUT_CAMPAIGNS,
     INPUT_PROFILES, INPUT_REACTIONS,
 };
-use smartmsg_domain::Audience;
+use smartmsg_domain::{Audience, Decisions};
 use smartmsg_engine::stream::{
     envelope, ChangelogEntry, Entries, Json, KeyValueStore, LateReason, LateRecord, Source,
     SourceError, SourceRecord, StateCodec, StoreError, StoreLimits, WriteBatch, PUNCTUATE,
@@ -144,17 +144,18 @@ pub fn origin_offset(origin: &str) -> Option<u64> {
     origin.rsplit_once('@')?.1.parse().ok()
 }
 
-/// Who each planned batch went to, as the source expands announcements.
-pub type BatchUsers = Arc<RwLock<Vec<Option<Arc<[u32]>>>>>;
+/// Each planned batch's decisions (who got which creative), as the source
+/// expands announcements.
+pub type BatchPlans = Arc<RwLock<Vec<Option<Arc<Decisions>>>>>;
 
-/// Records a planned batch's users for the source.
-pub fn set_batch_users(users: &BatchUsers, batch: u32, list: &[u32]) {
-    let mut g = users.write().unwrap_or_else(|e| e.into_inner());
+/// Records a planned batch for the source.
+pub fn set_batch_plan(plans: &BatchPlans, batch: u32, decisions: &Decisions) {
+    let mut g = plans.write().unwrap_or_else(|e| e.into_inner());
     let b = batch as usize;
     if g.len() <= b {
         g.resize(b + 1, None);
     }
-    g[b] = Some(Arc::from(list));
+    g[b] = Some(Arc::new(decisions.clone()));
 }
 
 /// "No reaction in the last read".
@@ -167,7 +168,7 @@ pub struct PipelineSource {
     stream: StreamId,
     campaign: String,
     audience: Arc<Audience>,
-    users: BatchUsers,
+    users: BatchPlans,
     /// The highest source offset of the reactions in the last read.
     through: Arc<AtomicU64>,
 }
@@ -187,7 +188,7 @@ impl PipelineSource {
         stream: StreamId,
         campaign: &str,
         audience: Arc<Audience>,
-        users: BatchUsers,
+        users: BatchPlans,
         through: Arc<AtomicU64>,
     ) -> Self {
         Self {
@@ -236,15 +237,16 @@ impl PipelineSource {
 
 /// The records one event of a pipeline stream stands for (see the
 /// [module docs](self)), from its `from_sub`-th on, at most `room`, each
-/// with its position `(version << 24) | i`. `users[b]` are batch `b`'s
-/// users in plan order; `audience` gives their features. The runtime's
+/// with its position `(version << 24) | i`. `plans[b]` is batch `b`'s
+/// decisions (users in plan order, with their creatives); `audience` gives
+/// the users' features. The runtime's
 /// source and `smartmsg replay` both expand through this function, so a
 /// replay feeds the topology exactly what the runner was fed.
 pub fn expand_event(
     e: &RecordedEvent,
     campaign: &str,
     audience: &Audience,
-    users: &[Option<Arc<[u32]>>],
+    plans: &[Option<Arc<Decisions>>],
     from_sub: u64,
     room: usize,
     out: &mut Vec<SourceRecord>,
@@ -278,14 +280,16 @@ pub fn expand_event(
         BATCH_ANNOUNCED => {
             let a: Announced = serde_json::from_slice(&e.payload)
                 .map_err(|err| format!("unreadable announcement: {err}"))?;
-            let list = users
+            let plan = plans
                 .get(a.batch as usize)
                 .cloned()
                 .flatten()
                 .ok_or_else(|| format!("batch {} is not planned", a.batch))?;
+            let list = &plan.users;
             if list.len() as u64 >= 1 << SUB_BITS {
                 return Err(format!("batch of {} users is too large", list.len()));
             }
+            let creatives = &plan.creatives;
             for (i, &user) in list.iter().enumerate().skip(from_sub as usize).take(room) {
                 let Some(x) = audience.features(user) else {
                     continue;
@@ -293,6 +297,8 @@ pub fn expand_event(
                 let profile = UserProfile {
                     user,
                     features: x.to_vec(),
+                    batch: Some(a.batch),
+                    creative: creatives.get(i).copied(),
                 };
                 out.push(SourceRecord {
                     position: base | i as u64,

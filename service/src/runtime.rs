@@ -64,8 +64,8 @@ use crate::error::RuntimeError;
 use crate::hooks::{CrashPoint, Hooks, NoHooks};
 use crate::ingest::{ingest_once, ReactionInbox, ReactionSource, Routes, MAX_POLL};
 use crate::pipeline::{
-    announce_event, decode_late, decode_outcome, decode_window, info_event, set_batch_users,
-    tick_event, BatchUsers, HookedStore, PipelineSettings, PipelineSource, SimulatedCrash,
+    announce_event, decode_late, decode_outcome, decode_window, info_event, set_batch_plan,
+    tick_event, BatchPlans, HookedStore, PipelineSettings, PipelineSource, SimulatedCrash,
     NO_OFFSET,
 };
 use crate::sender::Sender;
@@ -283,6 +283,11 @@ pub struct StepReport {
     pub jobs_absorbed: usize,
     /// Of which failed and given back to the queue for a retry.
     pub jobs_retried: usize,
+    /// Reaction sources that failed this step (tried again next step).
+    pub source_failures: usize,
+    /// Campaigns whose work failed this step (reported; the others went
+    /// on).
+    pub campaign_failures: usize,
     /// Batches handed to the sender and acknowledged.
     pub batches_sent: usize,
     /// Sends that failed (tried again later).
@@ -291,6 +296,9 @@ pub struct StepReport {
     /// known.
     pub next_wake_ms: Option<u64>,
 }
+
+/// Most polls of one reaction source per step.
+const MAX_INGEST_POLLS: usize = 25;
 
 /// Most rounds of driver work per campaign and step: each round settles
 /// at least one thing (a command, a feedback, an announcement, a send), so
@@ -311,7 +319,7 @@ struct Live {
     streams: CampaignStreams,
     driver: CampaignDriver<'static>,
     runner: Option<StreamRunner<PipelineSource, EventLogSink>>,
-    users: BatchUsers,
+    users: BatchPlans,
     through: Arc<AtomicU64>,
     audience: Arc<Audience>,
     pipeline: PipelineSettings,
@@ -324,6 +332,8 @@ struct Live {
     /// stream's version right after it.
     tick_ms: u64,
     tick_v: u64,
+    /// The pipeline stream has input after the last tick.
+    untickled: bool,
     send_retry_at: u64,
     send_failures: u32,
     send_error: Option<String>,
@@ -420,6 +430,10 @@ impl Runtime {
             rt.registry_v = e.version;
             let reg: Registration =
                 serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
+            if rt.campaigns.contains_key(&reg.id) {
+                tracing::warn!(campaign = %reg.id, version = e.version, "a later registration of a loaded campaign is ignored");
+                continue;
+            }
             rt.load(reg).await?;
         }
         Ok(rt)
@@ -514,6 +528,23 @@ impl Runtime {
         }
         let streams = CampaignStreams::new(&setup.id)?;
         let plan_stream = setup.plan_stream.unwrap_or_else(|| rng::label(&setup.id));
+        // Registered before, but not loaded (its load failed): load that
+        // registration rather than registering again.
+        if !self.campaigns.contains_key(&setup.id) {
+            let registry = StreamId::new(REGISTRY)?;
+            let mut found = None;
+            for e in read_from(&*self.ports.log, &registry, 1).await? {
+                self.registry_v = self.registry_v.max(e.version);
+                let reg: Registration =
+                    serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
+                if reg.id == setup.id && found.is_none() {
+                    found = Some(reg);
+                }
+            }
+            if let Some(reg) = found {
+                self.load(reg).await?;
+            }
+        }
         if let Some(c) = self.campaigns.get(&setup.id) {
             let same = c.driver.campaign().spec() == Some(&setup.spec)
                 && c.driver.config().seed == setup.seed
@@ -606,7 +637,7 @@ impl Runtime {
             reaction_horizon_ms: reg.reaction_horizon_ms,
         };
         let driver = CampaignDriver::new(reg.id.clone(), config, policy, Arc::clone(&aud));
-        let users: BatchUsers = Arc::default();
+        let users: BatchPlans = Arc::default();
         let through = Arc::new(AtomicU64::new(NO_OFFSET));
         let mut live = Live {
             id: reg.id.clone(),
@@ -624,6 +655,7 @@ impl Runtime {
             late_v: 0,
             tick_ms: 0,
             tick_v: 0,
+            untickled: false,
             send_retry_at: 0,
             send_failures: 0,
             send_error: None,
@@ -655,7 +687,7 @@ impl Runtime {
             let f: Feedback =
                 serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
             live.feedback_v = e.version;
-            live.driver.apply_feedback(&f)?;
+            learn(&mut live, &f)?;
         }
         // Every planned batch but the last was announced before it was sent;
         // the last one too if it was sent.
@@ -755,8 +787,18 @@ impl Runtime {
     }
 
     /// Executes a lifecycle command on campaign `id` (`Start`, `Pause`,
-    /// `Resume`, `Cancel`; the command id makes retries harmless).
+    /// `Resume`, `Cancel`; the command id makes retries harmless). Command
+    /// ids of the forms the runtime uses itself (`create`, `start-due`,
+    /// `complete`, `plan-…`, `sent-…`, `reactions:…`, `late-…`) are
+    /// refused, so that a caller cannot take one over.
     pub async fn command(&mut self, id: &str, cmd: CampaignCommand) -> Result<(), RuntimeError> {
+        let reserved = ["create", "start-due", "complete"].contains(&cmd.id.as_str())
+            || ["plan-", "sent-", "reactions:", "late-"]
+                .iter()
+                .any(|p| cmd.id.starts_with(p));
+        if reserved {
+            return Err(RuntimeError::ReservedCommandId(cmd.id));
+        }
         let mut live = self
             .campaigns
             .remove(id)
@@ -810,15 +852,27 @@ impl Runtime {
         let mut report = StepReport::default();
         let log = Arc::clone(&self.ports.log);
         for s in &mut self.sources {
-            loop {
-                let n = ingest_once(
+            // At most MAX_INGEST_POLLS polls per source and step, so that a
+            // backlog does not keep the campaigns waiting.
+            for _ in 0..MAX_INGEST_POLLS {
+                let n = match ingest_once(
                     &log,
                     &self.routes,
                     &mut **s,
                     now_ms,
                     self.options.ingest_batch,
                 )
-                .await?;
+                .await
+                {
+                    Ok(n) => n,
+                    // A source that fails (a broker down) stops only itself.
+                    Err(e @ RuntimeError::Source { .. }) => {
+                        tracing::warn!(error = %e, "reaction source failed; trying again next step");
+                        report.source_failures += 1;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
                 report.ingested += n;
                 if n < self.options.ingest_batch.clamp(1, MAX_POLL) {
                     break;
@@ -827,7 +881,7 @@ impl Runtime {
         }
         let ids: Vec<String> = self.campaigns.keys().cloned().collect();
         for id in &ids {
-            self.drive(id, now_ms, false, &mut report).await?;
+            self.drive_isolated(id, now_ms, false, &mut report).await?;
         }
         let leases = self
             .ports
@@ -933,7 +987,7 @@ impl Runtime {
         let mut report = StepReport::default();
         let ids: Vec<String> = self.campaigns.keys().cloned().collect();
         for id in &ids {
-            self.drive(id, now_ms, true, &mut report).await?;
+            self.drive_isolated(id, now_ms, true, &mut report).await?;
         }
         Ok(report)
     }
@@ -942,14 +996,47 @@ impl Runtime {
         let mut next = self.ports.queue.next_due().await?;
         let mut earlier = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
         for live in self.campaigns.values() {
-            if live.send_error.is_some() {
+            // A send to retry, if one can go (a running campaign with a
+            // batch awaiting it).
+            let sendable = live.driver.campaign().status() == Some(Status::Running)
+                && live.driver.campaign().pending_batch().is_some();
+            if live.send_error.is_some() && sendable {
                 earlier(live.send_retry_at.max(now_ms));
             }
-            if live.tick_ms > 0 || live.tick_v > 0 {
+            // A tick, if the pipeline has input no tick has covered yet.
+            if live.untickled {
                 earlier(live.tick_ms.saturating_add(live.pipeline.window_ms.max(1)));
             }
         }
         Ok(next)
+    }
+
+    /// [`drive`](Self::drive), with a campaign's own trouble (a refused or
+    /// undecodable record, a model that cannot learn, work that does not
+    /// settle) kept to that campaign: it is reported and the other
+    /// campaigns go on. Failures of the shared backends (the log, the
+    /// queue, the store) and crashes stop the step.
+    async fn drive_isolated(
+        &mut self,
+        id: &str,
+        now_ms: u64,
+        force_tick: bool,
+        report: &mut StepReport,
+    ) -> Result<(), RuntimeError> {
+        match self.drive(id, now_ms, force_tick, report).await {
+            Err(
+                e @ (RuntimeError::Decode { .. }
+                | RuntimeError::Feedback(_)
+                | RuntimeError::Stuck(_)
+                | RuntimeError::Refused { .. }
+                | RuntimeError::Policy(_)),
+            ) => {
+                tracing::error!(campaign = %id, error = %e, "campaign step failed; the other campaigns go on");
+                report.campaign_failures += 1;
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Runs campaign `id`'s pipeline and performs what its driver asks,
@@ -1012,13 +1099,23 @@ impl Runtime {
             }
             for f in ready.feedback {
                 let body = serde_json::to_vec(&f).unwrap_or_default();
-                log.append(AppendTx::single(
-                    live.streams.feedback.clone(),
-                    ExpectedVersion::Exact(live.feedback_v),
-                    vec![NewEvent::new(FEEDBACK_KIND, FEEDBACK_SCHEMA, now_ms, body)],
-                ))
-                .await?;
-                live.feedback_v += 1;
+                let appended = log
+                    .append(AppendTx::single(
+                        live.streams.feedback.clone(),
+                        ExpectedVersion::Exact(live.feedback_v),
+                        vec![NewEvent::new(FEEDBACK_KIND, FEEDBACK_SCHEMA, now_ms, body)],
+                    ))
+                    .await;
+                match appended {
+                    Ok(_) => live.feedback_v += 1,
+                    // The stream moved on (an append whose answer was lost
+                    // took effect): learn what is there, ask again.
+                    Err(smartmsg_engine::AppendError::WrongExpectedVersion { .. }) => {
+                        catch_up_feedback(&*log, live).await?;
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 if hooks.crash(CrashPoint::AfterFeedbackBeforeUpdate {
                     campaign: &live.id,
                     batch: f.batch,
@@ -1028,7 +1125,7 @@ impl Runtime {
                         live.id, f.batch
                     )));
                 }
-                live.driver.apply_feedback(&f)?;
+                learn(live, &f)?;
             }
             if let Some(b) = ready.announce {
                 let key = format!("announce:{}:{b}", live.id);
@@ -1126,6 +1223,9 @@ impl Runtime {
                 .await?;
             live.tick_ms = now_ms;
             live.tick_v = r.versions.first().map_or(v + 1, |(_, v)| *v);
+            live.untickled = false;
+        } else {
+            live.untickled = dirty;
         }
         if live.runner.is_none() {
             self.open_runner(live)?;
@@ -1168,6 +1268,33 @@ impl Runtime {
     }
 }
 
+/// Applies recorded feedback; a policy that refuses the update is reported
+/// and the campaign goes on with its model as it was.
+fn learn(live: &mut Live, f: &Feedback) -> Result<(), RuntimeError> {
+    use smartmsg_domain::driver::FeedbackError;
+    match live.driver.apply_feedback(f) {
+        Ok(()) => Ok(()),
+        Err(e @ (FeedbackError::Policy(_) | FeedbackError::Shape(_))) => {
+            tracing::error!(campaign = %live.id, batch = f.batch, error = %e, "the model could not learn a batch's feedback; it goes on without it");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies the recorded feedback not applied yet.
+async fn catch_up_feedback(log: &dyn EventLog, live: &mut Live) -> Result<(), RuntimeError> {
+    for e in read_from(log, &live.streams.feedback, live.feedback_v + 1).await? {
+        live.feedback_v = e.version;
+        if e.kind != FEEDBACK_KIND {
+            continue;
+        }
+        let f: Feedback = serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
+        learn(live, &f)?;
+    }
+    Ok(())
+}
+
 /// Applies the campaign events not applied yet.
 async fn catch_up(log: &dyn EventLog, live: &mut Live) -> Result<(), RuntimeError> {
     for e in read_from(log, &live.streams.campaign, live.campaign_v + 1).await? {
@@ -1177,7 +1304,7 @@ async fn catch_up(log: &dyn EventLog, live: &mut Live) -> Result<(), RuntimeErro
             batch, decisions, ..
         } = &ev
         {
-            set_batch_users(&live.users, *batch, &decisions.users);
+            set_batch_plan(&live.users, *batch, decisions);
         }
         live.driver.apply(&ev, e.timestamp_ms);
         live.campaign_v = e.version;

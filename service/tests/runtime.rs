@@ -467,3 +467,106 @@ async fn crashes_at_every_point_with_time_passing_in_between() {
         v.reactions
     );
 }
+
+/// Reactions to a batch whose sending failed half-way (its users got some
+/// of it) are held until the batch is recorded as sent, then counted: none
+/// is refused or lost. A reaction naming another creative than the user
+/// got is a dead letter with that reason.
+#[tokio::test]
+async fn reactions_to_a_batch_still_being_sent_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = population();
+    let clock = ManualClock::new(START);
+    let sender = Arc::new(Recording::default());
+    let mut rt = Runtime::open(
+        ports(dir.path(), &clock, sender.clone()),
+        RuntimeOptions::default(),
+    )
+    .await
+    .unwrap();
+    rt.create_campaign(setup("c1", pop.candidates.clone()))
+        .await
+        .unwrap();
+    rt.start("c1").await.unwrap();
+    rt.step(START).await.unwrap();
+    // Batch 1 fails to go (the receiver took part of it, say).
+    *sender.fail.lock().unwrap() = 3;
+    let t1 = START + HOUR;
+    clock.set(t1);
+    let r = rt.step(t1).await.unwrap();
+    assert_eq!(r.send_failures, 1);
+    let plan = rt.driver("c1").unwrap().plans()[1].clone();
+    // Every user of batch 1 clicks on what they got; one names another
+    // creative.
+    let mut msgs: Vec<bytes::Bytes> = plan
+        .iter()
+        .map(|(u, c, _)| {
+            format!(
+                r#"{{"campaign":"c1","batch":1,"user":{u},"creative":{c},"reaction":"clicked","time_ms":{}}}"#,
+                t1 + 1_000
+            )
+            .into()
+        })
+        .collect();
+    let (u0, c0, _) = plan.iter().next().unwrap();
+    msgs[0] = format!(
+        r#"{{"campaign":"c1","batch":1,"user":{u0},"creative":{},"reaction":"clicked","time_ms":{}}}"#,
+        1 - c0,
+        t1 + 1_000
+    )
+    .into();
+    rt.inbox().submit_many(msgs).await.unwrap();
+    // Windows close while the batch still fails to go.
+    for t in [t1 + 120_000, t1 + 240_000] {
+        clock.set(t);
+        rt.step(t).await.unwrap();
+        assert_eq!(
+            rt.view("c1").unwrap().sent,
+            200,
+            "batch 1 not recorded sent"
+        );
+    }
+    let v = rt.view("c1").unwrap();
+    assert_eq!(v.reactions, 0, "held, not refused");
+    // The batch goes; the held reactions are recorded.
+    let t = t1 + 3_600_000 - 1;
+    clock.set(t);
+    rt.step(t).await.unwrap();
+    let v = rt.view("c1").unwrap();
+    assert_eq!(v.sent, 400, "{v:?}");
+    assert_eq!(v.reactions, 199, "{v:?}");
+    let dead = rt
+        .ports()
+        .log
+        .read_stream(&StreamId::new("reaction-dead-letters-c1").unwrap(), 1, 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let text = String::from_utf8_lossy(&dead[0].payload);
+    assert!(text.contains("not_planned"), "{text}");
+    // Reserved command ids are refused.
+    let e = rt
+        .command("c1", CampaignCommand::new("sent-3", Action::Pause))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("reserved"), "{e}");
+}
+
+/// Once the campaign is over and nothing new comes in, the runtime has
+/// nothing to wake up for.
+#[tokio::test]
+async fn a_finished_runtime_sleeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, v) = run(dir.path(), false).await;
+    assert_eq!(v.status, Some(Status::Completed));
+    let clock = ManualClock::new(START + 5 * HOUR);
+    let mut rt = Runtime::open(
+        ports(dir.path(), &clock, Arc::new(Recording::default())),
+        RuntimeOptions::default(),
+    )
+    .await
+    .unwrap();
+    rt.flush(START + 5 * HOUR).await.unwrap();
+    let r = rt.step(START + 5 * HOUR + 1).await.unwrap();
+    assert_eq!(r.next_wake_ms, None, "{r:?}");
+}

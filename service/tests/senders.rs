@@ -463,10 +463,10 @@ async fn webhook_passes_the_conformance_check() {
     assert_eq!(
         keys(&seen),
         [
-            "conf-c1/batch-0/part-0",
-            "conf-c1/batch-1/part-0",
-            "conf-c1/batch-0/part-0",
-            "conf-c1/batch-2/part-0"
+            "conf-c1/batch-0/part-0/0-4",
+            "conf-c1/batch-1/part-0/0-2",
+            "conf-c1/batch-0/part-0/0-4",
+            "conf-c1/batch-2/part-0/0-0"
         ]
     );
     assert_eq!(seen[0].body, seen[2].body);
@@ -492,9 +492,9 @@ async fn webhook_splits_a_large_batch_into_keyed_parts() {
     assert_eq!(
         keys(&seen),
         [
-            "big/batch-5/part-0",
-            "big/batch-5/part-1",
-            "big/batch-5/part-2"
+            "big/batch-5/part-0/0-3",
+            "big/batch-5/part-1/3-6",
+            "big/batch-5/part-2/6-7"
         ]
     );
     let reqs: Vec<WebhookRequest> = seen.iter().map(Seen::request).collect();
@@ -518,7 +518,7 @@ async fn webhook_splits_a_large_batch_into_keyed_parts() {
     let seen = rx.seen();
     assert_eq!(
         keys(&seen[3..]),
-        ["big/batch-6/part-0", "big/batch-6/part-1"]
+        ["big/batch-6/part-0/0-3", "big/batch-6/part-1/3-6"]
     );
     assert!(seen[3..].iter().all(|s| s.request().parts == 2));
 }
@@ -550,7 +550,11 @@ async fn webhook_resend_after_a_failed_part_uses_the_same_keys_and_bodies() {
     // Part 0 once, part 1 twice, part 2 never.
     assert_eq!(
         keys(&first),
-        ["c/batch-0/part-0", "c/batch-0/part-1", "c/batch-0/part-1"]
+        [
+            "c/batch-0/part-0/0-2",
+            "c/batch-0/part-1/2-4",
+            "c/batch-0/part-1/2-4"
+        ]
     );
 
     *fixed.lock().unwrap() = true;
@@ -558,7 +562,11 @@ async fn webhook_resend_after_a_failed_part_uses_the_same_keys_and_bodies() {
     let second = &rx.seen()[first.len()..];
     assert_eq!(
         keys(second),
-        ["c/batch-0/part-0", "c/batch-0/part-1", "c/batch-0/part-2"]
+        [
+            "c/batch-0/part-0/0-2",
+            "c/batch-0/part-1/2-4",
+            "c/batch-0/part-2/4-5"
+        ]
     );
     assert_eq!(second[0].body, first[0].body);
     assert_eq!(second[1].body, first[1].body);
@@ -575,7 +583,7 @@ async fn webhook_retries_server_errors_with_the_same_key() {
     sender.send(&b).await.unwrap();
     let seen = rx.seen();
     assert_eq!(seen.len(), 3, "two failures, then the success");
-    assert_eq!(keys(&seen), ["c/batch-2/part-0"; 3]);
+    assert_eq!(keys(&seen), ["c/batch-2/part-0/0-2"; 3]);
     assert!(seen.iter().all(|s| s.body == seen[0].body));
     assert_eq!(seen[0].request().messages, records(&b).collect::<Vec<_>>());
 }
@@ -606,7 +614,7 @@ async fn webhook_failing_forever_is_unavailable_after_max_attempts() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
     assert_eq!(rx.seen().len(), 4);
-    assert_eq!(keys(&rx.seen()), ["c/batch-9/part-0"; 4]);
+    assert_eq!(keys(&rx.seen()), ["c/batch-9/part-0/0-1"; 4]);
 }
 
 #[tokio::test]

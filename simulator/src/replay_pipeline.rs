@@ -122,10 +122,10 @@ impl PipelineLog {
                 return r;
             }
         };
-        let users: Vec<Option<Arc<[u32]>>> = self
+        let users: Vec<Option<Arc<Decisions>>> = self
             .plans
             .iter()
-            .map(|p| p.as_ref().map(|d| Arc::from(d.users.as_slice())))
+            .map(|p| p.as_ref().map(|d| Arc::new(d.clone())))
             .collect();
         let config = reg.pipeline.reaction_config(aud.dim());
         let mut task = match reaction_topology(config)

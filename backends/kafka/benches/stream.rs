@@ -110,7 +110,13 @@ fn tables(rng: &mut ChaCha8Rng) -> Vec<In> {
         v.push(In {
             input: INPUT_PROFILES,
             key: Vec::new(),
-            value: serde_json::to_vec(&UserProfile { user, features }).expect("json"),
+            value: serde_json::to_vec(&UserProfile {
+                user,
+                features,
+                batch: None,
+                creative: None,
+            })
+            .expect("json"),
             ts: T0 - 60_000,
         });
     }

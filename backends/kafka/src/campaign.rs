@@ -158,6 +158,9 @@ impl KafkaReactionSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
+            // A cursor below the topic's start (retention removed the
+            // records): read from the first record still there.
+            .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("max.poll.interval.ms", "7000")
             .create()?;
@@ -209,7 +212,15 @@ fn poll_blocking(
         let w = if out.is_empty() { wait } else { Duration::ZERO };
         match consumer.poll(w) {
             None => break,
-            Some(Err(e)) => return Err(e.to_string()),
+            Some(Err(e)) => {
+                // Keep what was read (the cursor covers exactly it); the
+                // next poll seeks again from the cursor.
+                *assigned = None;
+                if out.is_empty() {
+                    return Err(e.to_string());
+                }
+                return Ok((out, cursor));
+            }
             Some(Ok(m)) => {
                 cursor.insert(m.partition(), m.offset() + 1);
                 out.push(Incoming {

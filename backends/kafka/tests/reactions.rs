@@ -131,7 +131,13 @@ fn table_inputs(rng: &mut ChaCha8Rng) -> Vec<In> {
         let features: Vec<f32> = (0..DIM)
             .map(|_| (rng.random_range(-150i32..=150) as f32) / 100.0)
             .collect();
-        serde_json::to_vec(&UserProfile { user, features }).unwrap()
+        serde_json::to_vec(&UserProfile {
+            user,
+            features,
+            batch: None,
+            creative: None,
+        })
+        .unwrap()
     };
     for user in 0..PROFILED {
         v.push(In {

@@ -29,13 +29,30 @@ impl SentBatch {
 #[derive(Debug, Clone)]
 pub struct ChannelSender {
     tx: mpsc::Sender<SentBatch>,
+    timeout: std::time::Duration,
 }
 
 impl ChannelSender {
-    /// A sender and the receiving end; at most `capacity` batches wait.
+    /// A sender and the receiving end; at most `capacity` batches wait. A
+    /// batch not taken and acknowledged within a minute fails the send
+    /// (the runtime tries again later), so a stuck consumer cannot stall
+    /// the runtime.
     pub fn new(capacity: usize) -> (Self, mpsc::Receiver<SentBatch>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Self { tx }, rx)
+        (
+            Self {
+                tx,
+                timeout: std::time::Duration::from_secs(60),
+            },
+            rx,
+        )
+    }
+
+    /// Sets how long a send waits for the batch to be taken and
+    /// acknowledged.
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 }
 
@@ -51,15 +68,20 @@ impl Sender for ChannelSender {
             batch: batch.key(),
             reason: what.to_owned(),
         };
-        self.tx
-            .send(SentBatch {
-                batch: batch.clone(),
-                ack,
-            })
+        let handed = async {
+            self.tx
+                .send(SentBatch {
+                    batch: batch.clone(),
+                    ack,
+                })
+                .await
+                .map_err(|_| gone("the receiver is gone"))?;
+            acked
+                .await
+                .map_err(|_| gone("the batch was dropped without an acknowledgement"))
+        };
+        tokio::time::timeout(self.timeout, handed)
             .await
-            .map_err(|_| gone("the receiver is gone"))?;
-        acked
-            .await
-            .map_err(|_| gone("the batch was dropped without an acknowledgement"))
+            .map_err(|_| gone("not acknowledged in time"))?
     }
 }

@@ -63,8 +63,9 @@ pub struct WebhookRequest {
 
 /// POSTs each batch as JSON ([`WebhookRequest`]) in parts of at most
 /// [`WebhookConfig::max_messages_per_request`] messages. Every request
-/// carries `Idempotency-Key: <campaign>/batch-<n>/part-<i>` (the same on a
-/// retry and after a restart) and every message its stable id, so the
+/// carries `Idempotency-Key: <campaign>/batch-<n>/part-<i>/<from>-<to>`
+/// (the messages it holds, by index; the same on a retry and after a
+/// restart) and every message its stable id, so the
 /// receiver can drop repeats. A 2xx acknowledges the part. Connection
 /// failures, timeouts, 408, 429 and 5xx are retried with exponential
 /// backoff; other answers, redirects included (they are not followed),
@@ -192,7 +193,12 @@ impl Sender for WebhookSender {
                 batch: batch.key(),
                 reason: e.to_string(),
             })?;
-            let key = format!("{}/part-{part}", batch.key());
+            // The key names the messages the part holds, not only its
+            // number: a batch re-sent with another part size after a
+            // restart never reuses a key for other content.
+            let from = part * per;
+            let to = ((part + 1) * per).min(all.len());
+            let key = format!("{}/part-{part}/{from}-{to}", batch.key());
             let mut attempt = 0;
             loop {
                 attempt += 1;
