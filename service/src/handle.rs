@@ -160,9 +160,12 @@ impl Runtime {
                 }
             };
             let poll = self.options().poll_interval_ms.max(1);
-            let wait = next.map_or(poll, |t| {
-                t.saturating_sub(self.ports().clock.now_ms()).min(poll)
-            });
+            // At least 1 ms: nothing can make the loop spin.
+            let wait = next
+                .map_or(poll, |t| {
+                    t.saturating_sub(self.ports().clock.now_ms()).min(poll)
+                })
+                .max(1);
             let wake = self.wake_handle();
             tokio::select! {
                 biased;
