@@ -16,7 +16,7 @@ if [[ ! -d "$WORK/before" ]]; then
     git -C "$ROOT" worktree add --detach "$WORK/before" "$BASE" >/dev/null
 fi
 (cd "$WORK/before" && CARGO_TARGET_DIR="$WORK/target" cargo build --release -q -p smartmsg-simulator)
-(cd "$ROOT" && cargo build --release -q -p smartmsg-simulator)
+(cd "$ROOT" && cargo build --release -q -p smartmsg-cli)
 before="$WORK/target/release/smartmsg"
 after="$ROOT/target/release/smartmsg"
 declare -a tb ta

@@ -212,7 +212,37 @@ fn parse_policy(s: &str) -> Result<PolicyChoice, String> {
         .map_err(|e| format!("{e}, or all"))
 }
 
+/// Warnings and errors of the libraries (a torn tail cut at recovery, a
+/// refused job, a failing sender) go to stderr; `RUST_LOG` selects more
+/// (`RUST_LOG=info`, `RUST_LOG=smartmsg_service=debug`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// An error and its causes, each said once: a cause whose text the message
+/// before it already contains is left out (many errors embed their source's
+/// message in their own).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !last.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+        last = c;
+    }
+    out
+}
+
 fn main() -> std::process::ExitCode {
+    init_tracing();
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Simulate(a) => simulate(a),
@@ -229,7 +259,7 @@ fn main() -> std::process::ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::from(1)
         }
     }
