@@ -421,6 +421,10 @@ pub struct CampaignDriver<'p> {
     sent_ms: Vec<Option<u64>>,
     /// Per batch: reacting users → the start of their reaction's window.
     reacted: Vec<HashMap<u32, u64>>,
+    /// Per batch: reacting users per creative (of the plan).
+    reacted_per_creative: Vec<Vec<u32>>,
+    /// Per batch: user → creative, built at the batch's first reaction.
+    plan_index: Vec<HashMap<u32, u16>>,
     fed: u32,
     announced: u32,
     acked: BTreeSet<u32>,
@@ -469,6 +473,8 @@ impl<'p> CampaignDriver<'p> {
             plans: Vec::new(),
             sent_ms: Vec::new(),
             reacted: Vec::new(),
+            reacted_per_creative: Vec::new(),
+            plan_index: Vec::new(),
             fed: 0,
             announced: 0,
             acked: BTreeSet::new(),
@@ -589,7 +595,38 @@ impl<'p> CampaignDriver<'p> {
             self.reacted.resize_with(b + 1, HashMap::new);
         }
         let w = self.config.window_ms.max(1);
-        self.reacted[b].entry(user).or_insert(time_ms - time_ms % w);
+        let std::collections::hash_map::Entry::Vacant(slot) = self.reacted[b].entry(user) else {
+            return;
+        };
+        slot.insert(time_ms - time_ms % w);
+        if self.plan_index.len() <= b {
+            self.plan_index.resize_with(b + 1, HashMap::new);
+            self.reacted_per_creative.resize_with(b + 1, Vec::new);
+        }
+        if self.plan_index[b].is_empty() {
+            if let Some(plan) = self.plans.get(b) {
+                self.plan_index[b] = plan.iter().map(|(u, c, _)| (u, c)).collect();
+            }
+        }
+        if let Some(&c) = self.plan_index[b].get(&user) {
+            let per = &mut self.reacted_per_creative[b];
+            if per.len() <= usize::from(c) {
+                per.resize(usize::from(c) + 1, 0);
+            }
+            per[usize::from(c)] += 1;
+        }
+    }
+
+    /// Users of batch `batch` counted as reacting so far, per creative they
+    /// got.
+    pub fn reacted_per_creative(&self, batch: u32) -> Vec<u32> {
+        let mut v = self
+            .reacted_per_creative
+            .get(batch as usize)
+            .cloned()
+            .unwrap_or_default();
+        v.resize(self.creatives.len(), 0);
+        v
     }
 
     /// A closed window of the reaction pipeline: records its reactions on

@@ -28,6 +28,8 @@ enum Request {
 pub struct RuntimeHandle {
     tx: mpsc::Sender<Request>,
     inbox: ReactionInbox,
+    views: crate::runtime::Views,
+    log: std::sync::Arc<dyn smartmsg_engine::EventLog>,
 }
 
 impl std::fmt::Debug for RuntimeHandle {
@@ -78,6 +80,29 @@ impl RuntimeHandle {
     /// The way in for reactions (usable without the loop).
     pub fn inbox(&self) -> &ReactionInbox {
         &self.inbox
+    }
+
+    /// The campaigns' views as of the runtime's last step or command,
+    /// without waiting for it.
+    pub fn views(&self) -> std::collections::BTreeMap<String, CampaignView> {
+        self.views
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// One campaign's view as of the runtime's last step or command.
+    pub fn published(&self, id: &str) -> Option<CampaignView> {
+        self.views
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// The event log (for reads that need not wait for the runtime).
+    pub fn log(&self) -> &std::sync::Arc<dyn smartmsg_engine::EventLog> {
+        &self.log
     }
 }
 
@@ -130,9 +155,12 @@ impl Runtime {
         impl Future<Output = Result<(), RuntimeError>> + Send,
     ) {
         let (tx, rx) = mpsc::channel(MAX_PENDING_REQUESTS);
+        self.publish_views();
         let handle = RuntimeHandle {
             tx,
             inbox: self.inbox(),
+            views: self.views(),
+            log: std::sync::Arc::clone(&self.ports().log),
         };
         (handle, self.run(rx, shutdown))
     }

@@ -243,6 +243,8 @@ pub struct BatchView {
     pub sent_ms: Option<u64>,
     /// Users counted as reacting so far.
     pub reacted: u64,
+    /// Of which, per creative they got.
+    pub reacted_per_creative: Vec<u32>,
 }
 
 /// What a campaign looks like now.
@@ -250,6 +252,9 @@ pub struct BatchView {
 pub struct CampaignView {
     /// Its id.
     pub id: String,
+    /// The version of its campaign stream (changes with every event: an
+    /// ETag for optimistic concurrency).
+    pub version: u64,
     /// Its state.
     pub status: Option<Status>,
     /// Its budget.
@@ -350,7 +355,13 @@ pub struct Runtime {
     sources: Vec<Box<dyn ReactionSource>>,
     campaigns: BTreeMap<String, Live>,
     registry_v: u64,
+    views: Views,
 }
+
+/// The campaigns' views as of the end of the runtime's last step or
+/// command: readers (an HTTP service) read them without waiting for the
+/// runtime.
+pub type Views = Arc<std::sync::RwLock<BTreeMap<String, CampaignView>>>;
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -424,6 +435,7 @@ impl Runtime {
             sources: Vec::new(),
             campaigns: BTreeMap::new(),
             registry_v: 0,
+            views: Views::default(),
         };
         let registry = StreamId::new(REGISTRY)?;
         for e in read_from(&*rt.ports.log, &registry, 1).await? {
@@ -437,6 +449,21 @@ impl Runtime {
             rt.load(reg).await?;
         }
         Ok(rt)
+    }
+
+    /// The published views (see [`Views`]).
+    pub fn views(&self) -> Views {
+        Arc::clone(&self.views)
+    }
+
+    /// Publishes every campaign's view.
+    pub fn publish_views(&self) {
+        let all: BTreeMap<String, CampaignView> = self
+            .campaigns
+            .keys()
+            .filter_map(|id| self.view(id).map(|v| (id.clone(), v)))
+            .collect();
+        *self.views.write().unwrap_or_else(|e| e.into_inner()) = all;
     }
 
     /// The ports.
@@ -605,7 +632,9 @@ impl Runtime {
             ))
             .await?;
         self.registry_v += 1;
-        self.load(reg).await
+        self.load(reg).await?;
+        self.publish_views();
+        Ok(())
     }
 
     /// Loads a registered campaign and brings it up to date from the log.
@@ -805,6 +834,7 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::UnknownCampaign(id.to_owned()))?;
         let r = self.execute_on(&mut live, cmd).await;
         self.campaigns.insert(id.to_owned(), live);
+        self.publish_views();
         self.wake.notify_one();
         r
     }
@@ -831,10 +861,12 @@ impl Runtime {
                 per_creative: r.per_creative.clone(),
                 sent_ms: d.sent_ms().get(b).copied().flatten(),
                 reacted: d.reacted(b as u32) as u64,
+                reacted_per_creative: d.reacted_per_creative(b as u32),
             })
             .collect();
         Some(CampaignView {
             id: id.to_owned(),
+            version: live.campaign_v,
             status: c.status(),
             budget: c.spec().map_or(0, |s| s.budget),
             budget_left: c.remaining_budget(),
@@ -977,6 +1009,7 @@ impl Runtime {
             self.drive(&id, now_ms, false, &mut report).await?;
         }
         report.next_wake_ms = self.next_wake(now_ms).await?;
+        self.publish_views();
         Ok(report)
     }
 
