@@ -28,6 +28,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the campaign service over HTTP: the runtime on the wall clock
+    /// behind a JSON API (`/v1/`, OpenAPI at `/openapi.json`, metrics at
+    /// `/metrics`), on the embedded backend in the data directory. Stops
+    /// cleanly on SIGTERM or ctrl-c.
+    Serve {
+        /// A TOML configuration file (`--print-config` shows every option).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The data directory (overrides the configuration's `data_dir`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Where to listen (overrides `listen`; default 127.0.0.1:8080).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Print the configuration in effect (file, environment, flags) as
+        /// TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
     /// Run a campaign simulation comparing policies (or many seeds with
     /// random faults) on the real engine under a virtual clock.
     Simulate(SimulateArgs),
@@ -221,6 +240,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -241,10 +261,52 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+fn serve_cmd(
+    config: Option<&Path>,
+    data_dir: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    print_config: bool,
+) -> Result<std::process::ExitCode> {
+    use smartmsg_service::http::{serve, ServeConfig};
+    let mut c = ServeConfig::load(config)?;
+    if let Some(d) = data_dir {
+        c.data_dir = d;
+    }
+    if let Some(l) = listen {
+        c.listen = l;
+    }
+    if print_config {
+        let mut shown = c.clone();
+        for t in &mut shown.tokens {
+            t.token = "<redacted>".into();
+        }
+        print!("{}", shown.to_toml());
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        eprintln!(
+            "smartmsg serve: listening on http://{} (data in {})",
+            c.listen,
+            c.data_dir.display()
+        );
+        serve(c, smartmsg_service::shutdown_signal()).await
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 fn main() -> std::process::ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let r = match cli.command {
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            print_config,
+        } => serve_cmd(config.as_deref(), data_dir, listen, print_config),
         Command::Simulate(a) => simulate(a),
         Command::Inspect { dir } => inspect_cmd(&dir),
         Command::Export { dir, out } => export_cmd(&dir, &out),

@@ -101,6 +101,16 @@ pub enum RuntimeError {
         /// Why.
         reason: String,
     },
+    /// The campaign is not at the version the caller expected.
+    #[error("campaign {campaign} is at version {actual}, not {expected}")]
+    VersionMismatch {
+        /// The campaign.
+        campaign: String,
+        /// The version expected.
+        expected: u64,
+        /// The version it is at.
+        actual: u64,
+    },
     /// A command id of a form the runtime uses itself.
     #[error("command id {0:?} is reserved for the runtime's own commands")]
     ReservedCommandId(String),

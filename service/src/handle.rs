@@ -17,7 +17,7 @@ type Reply<T> = oneshot::Sender<Result<T, RuntimeError>>;
 
 enum Request {
     Create(Box<CampaignSetup>, Reply<()>),
-    Command(String, CampaignCommand, Reply<()>),
+    Command(String, CampaignCommand, Option<u64>, Reply<()>),
     View(String, Reply<Option<CampaignView>>),
     List(Reply<Vec<CampaignView>>),
 }
@@ -55,7 +55,20 @@ impl RuntimeHandle {
 
     /// Executes a lifecycle command (see [`Runtime::command`]).
     pub async fn command(&self, id: &str, cmd: CampaignCommand) -> Result<(), RuntimeError> {
-        self.ask(|r| Request::Command(id.to_owned(), cmd, r)).await
+        self.ask(|r| Request::Command(id.to_owned(), cmd, None, r))
+            .await
+    }
+
+    /// Executes a lifecycle command if the campaign is at version
+    /// `expected` (see [`Runtime::command_if`]).
+    pub async fn command_if(
+        &self,
+        id: &str,
+        cmd: CampaignCommand,
+        expected: Option<u64>,
+    ) -> Result<(), RuntimeError> {
+        self.ask(|r| Request::Command(id.to_owned(), cmd, expected, r))
+            .await
     }
 
     /// Starts a campaign (command id `start`).
@@ -85,10 +98,7 @@ impl RuntimeHandle {
     /// The campaigns' views as of the runtime's last step or command,
     /// without waiting for it.
     pub fn views(&self) -> std::collections::BTreeMap<String, CampaignView> {
-        self.views
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.views.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// One campaign's view as of the runtime's last step or command.
@@ -222,8 +232,8 @@ impl Runtime {
             Request::Create(setup, r) => {
                 let _ = r.send(self.create_campaign(*setup).await);
             }
-            Request::Command(id, cmd, r) => {
-                let _ = r.send(self.command(&id, cmd).await);
+            Request::Command(id, cmd, expected, r) => {
+                let _ = r.send(self.command_if(&id, cmd, expected).await);
             }
             Request::View(id, r) => {
                 let _ = r.send(Ok(self.view(&id)));

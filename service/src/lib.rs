@@ -41,6 +41,8 @@ mod embedded;
 pub mod error;
 mod handle;
 pub mod hooks;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod ingest;
 pub mod pipeline;
 pub mod runtime;

@@ -337,8 +337,11 @@ struct Live {
     /// stream's version right after it.
     tick_ms: u64,
     tick_v: u64,
-    /// The pipeline stream has input after the last tick.
+    /// The pipeline stream has input after the last tick, or open windows:
+    /// a tick is wanted.
     untickled: bool,
+    /// The pipeline has windows not yet closed.
+    open_windows: bool,
     send_retry_at: u64,
     send_failures: u32,
     send_error: Option<String>,
@@ -685,6 +688,7 @@ impl Runtime {
             tick_ms: 0,
             tick_v: 0,
             untickled: false,
+            open_windows: false,
             send_retry_at: 0,
             send_failures: 0,
             send_error: None,
@@ -821,6 +825,27 @@ impl Runtime {
     /// `complete`, `plan-…`, `sent-…`, `reactions:…`, `late-…`) are
     /// refused, so that a caller cannot take one over.
     pub async fn command(&mut self, id: &str, cmd: CampaignCommand) -> Result<(), RuntimeError> {
+        self.command_if(id, cmd, None).await
+    }
+
+    /// [`command`](Self::command), only if the campaign's stream is at
+    /// `expected` version (optimistic concurrency: an HTTP `If-Match`);
+    /// otherwise [`RuntimeError::VersionMismatch`] and nothing happens.
+    pub async fn command_if(
+        &mut self,
+        id: &str,
+        cmd: CampaignCommand,
+        expected: Option<u64>,
+    ) -> Result<(), RuntimeError> {
+        if let (Some(want), Some(live)) = (expected, self.campaigns.get(id)) {
+            if live.campaign_v != want {
+                return Err(RuntimeError::VersionMismatch {
+                    campaign: id.to_owned(),
+                    expected: want,
+                    actual: live.campaign_v,
+                });
+            }
+        }
         let reserved = ["create", "start-due", "complete"].contains(&cmd.id.as_str())
             || ["plan-", "sent-", "reactions:", "late-"]
                 .iter()
@@ -1244,7 +1269,9 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         let log = &*self.ports.log;
         let v = log.stream_version(&live.streams.pipeline).await?;
-        let dirty = v > live.tick_v;
+        // A tick is wanted when there is input no tick has covered, or
+        // windows are still open (they close only as stream time moves).
+        let dirty = v > live.tick_v || live.open_windows;
         let due = now_ms >= live.tick_ms.saturating_add(live.pipeline.window_ms.max(1));
         if (force && now_ms > live.tick_ms) || (dirty && due) {
             let r = log
@@ -1269,6 +1296,14 @@ impl Runtime {
         let before = runner.next_commit();
         let r = runner.run_until_idle().await;
         let after = runner.next_commit();
+        live.open_windows = runner
+            .task()
+            .store_len(smartmsg_domain::reactions::STORE_WINDOWS)
+            .unwrap_or(0)
+            > 0;
+        if live.open_windows {
+            live.untickled = true;
+        }
         if let Err(e) = r {
             live.runner = None;
             if let RunnerError::Store(StoreError::Backend(b)) = &e {

@@ -1,0 +1,201 @@
+//! The server's configuration: a TOML file, then environment variables
+//! (`SMARTMSG_` + the key, `__` between levels: `SMARTMSG_LISTEN`,
+//! `SMARTMSG_SENDER__URL`), then command-line flags. Unknown keys are
+//! refused, naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::sender::WebhookConfig;
+
+/// Everything `smartmsg serve` is configured with. Every field has a
+/// default; see `docs/serve.md` for each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Where to listen. Default `127.0.0.1:8080` (loopback only).
+    pub listen: SocketAddr,
+    /// The data directory (event log, snapshots, delay queue, state).
+    /// Default `smartmsg-data`.
+    pub data_dir: PathBuf,
+    /// Where planned messages go.
+    pub sender: SenderConfig,
+    /// Bearer tokens and their scopes. None: every request is allowed
+    /// (fit for a loopback address only; the server warns).
+    pub tokens: Vec<TokenConfig>,
+    /// Request limits.
+    pub limits: HttpLimits,
+    /// The runtime's longest sleep between steps (ms). Default 200.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("smartmsg-data"),
+            sender: SenderConfig::default(),
+            tokens: Vec::new(),
+            limits: HttpLimits::default(),
+            poll_interval_ms: 200,
+        }
+    }
+}
+
+/// Where planned messages go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SenderConfig {
+    /// One JSON Lines file per batch in `dir` (default `outbox`, relative
+    /// to the working directory).
+    Outbox {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// POST each batch to a URL (see [`WebhookConfig`]).
+    Webhook(WebhookConfig),
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig::Outbox {
+            dir: PathBuf::from("outbox"),
+        }
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Read campaigns, batches, dead letters, metrics.
+    Read,
+    /// Also create and command campaigns, upload audiences, post
+    /// reactions.
+    Write,
+    /// Also remove users' data.
+    Admin,
+}
+
+/// A bearer token and its scope.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The token (sent as `Authorization: Bearer <token>`).
+    pub token: String,
+    /// What it may do.
+    pub scope: Scope,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens never appear in logs.
+        f.debug_struct("TokenConfig")
+            .field("token", &"<redacted>")
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// Largest JSON body (commands, one reaction). Default 1 MiB.
+    pub max_json_bytes: usize,
+    /// Largest JSON Lines body of reactions. Default 16 MiB.
+    pub max_reactions_bytes: usize,
+    /// Most reactions in one request. Default 20,000.
+    pub max_reactions_per_request: usize,
+    /// Largest audience upload. Default 2 GiB (streamed to disk).
+    pub max_audience_bytes: u64,
+    /// Most users in an audience. Default 50,000,000.
+    pub max_audience_rows: u64,
+    /// Most messages per page of a batch. Default 1,000.
+    pub max_page: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_json_bytes: 1 << 20,
+            max_reactions_bytes: 16 << 20,
+            max_reactions_per_request: 20_000,
+            max_audience_bytes: 2 << 30,
+            max_audience_rows: 50_000_000,
+            max_page: 1_000,
+        }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl ServeConfig {
+    /// The defaults, then `file` (if given), then the environment's
+    /// `SMARTMSG_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, Env::prefixed("SMARTMSG_").split("__"))
+    }
+
+    fn load_with(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        // Defaults come from `#[serde(default)]` (a merged default would
+        // mix the fields of two sender kinds).
+        let mut f = Figment::new();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!("{}: no such file", path.display())));
+            }
+            f = f.merge(Toml::file(path));
+        }
+        // Variables the server does not own (the tests' and scripts') are
+        // not configuration.
+        let env = env.ignore(&["KAFKA_BOOTSTRAP", "RABBITMQ_URL", "CRASH_KILLS"]);
+        f.merge(env).extract().map_err(|e| {
+            let msg: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            ConfigError(msg.join("; "))
+        })
+    }
+
+    /// The configuration as TOML: every option with its value (what
+    /// `smartmsg serve --print-config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_and_environment_override_the_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:9000\"\n[sender]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/x\"\n[[tokens]]\ntoken = \"t1\"\nscope = \"write\"\n",
+        )
+        .unwrap();
+        let c = ServeConfig::load_with(Some(&f), Env::prefixed("SMARTMSG_TEST_NONE_")).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert!(matches!(c.sender, SenderConfig::Webhook(ref w) if w.url.ends_with("/x")));
+        assert_eq!(c.tokens[0].scope, Scope::Write);
+        assert!(
+            !format!("{:?}", c.tokens[0]).contains("t1"),
+            "tokens never printed"
+        );
+        std::fs::write(&f, "[limits]\nmax_page = 5\nmax_pages = 6\n").unwrap();
+        let e = ServeConfig::load_with(Some(&f), Env::prefixed("SMARTMSG_TEST_NONE_")).unwrap_err();
+        assert!(e.to_string().contains("max_pages"), "{e}");
+        let e = ServeConfig::load_with(Some(&dir.path().join("nope.toml")), Env::prefixed("X_"))
+            .unwrap_err();
+        assert!(e.to_string().contains("no such file"), "{e}");
+    }
+}
