@@ -224,6 +224,10 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
+        .route("/", get(routes::dashboard))
+        .route("/dashboard", get(routes::dashboard))
+        .route("/assets/uPlot.iife.min.js", get(routes::uplot_js))
+        .route("/assets/uPlot.min.css", get(routes::uplot_css))
         .layer(DefaultBodyLimit::max(limits.max_json_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

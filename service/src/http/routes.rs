@@ -1136,3 +1136,36 @@ pub(crate) async fn openapi() -> Response {
     let doc = ApiDoc::openapi();
     json(StatusCode::OK, &doc)
 }
+
+/// The dashboard page.
+pub(crate) async fn dashboard() -> Response {
+    asset(
+        "text/html; charset=utf-8",
+        include_str!("assets/dashboard.html"),
+    )
+}
+
+/// The vendored charting library (uPlot, MIT).
+pub(crate) async fn uplot_js() -> Response {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("assets/uPlot.iife.min.js"),
+    )
+}
+
+/// Its stylesheet.
+pub(crate) async fn uplot_css() -> Response {
+    asset(
+        "text/css; charset=utf-8",
+        include_str!("assets/uPlot.min.css"),
+    )
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
