@@ -49,7 +49,7 @@ pub use delay_memory::InMemoryDelayQueue;
 pub use error::{AppendError, BackendError, LimitError, ReadError, SnapshotError};
 pub use event::{Metadata, NewEvent, RecordedEvent};
 pub use limits::Limits;
-pub use log::{EventLog, HeadWatch};
+pub use log::{EventLog, HeadWatch, LogCounters};
 pub use projection::{
     CaughtUp, Checkpoint, InMemoryProjection, InMemoryReadModel, Projection, ProjectionError,
     ProjectionRunner,

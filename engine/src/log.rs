@@ -61,6 +61,25 @@ pub trait EventLog: Send + Sync {
 
     /// The limits this log enforces.
     fn limits(&self) -> Limits;
+
+    /// What the log has written since it was opened, for a backend that
+    /// counts (`None` by default: a broker keeps its own figures).
+    fn counters(&self) -> Option<LogCounters> {
+        None
+    }
+}
+
+/// What a log has written since it was opened; see [`EventLog::counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogCounters {
+    /// Transactions appended.
+    pub appends: u64,
+    /// Events appended.
+    pub events: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Durable syncs (`fdatasync`): one per group commit of many appends.
+    pub syncs: u64,
 }
 
 /// Follows a log's head; see [`EventLog::watch_head`].

@@ -30,6 +30,8 @@ pub struct RuntimeHandle {
     inbox: ReactionInbox,
     views: crate::runtime::Views,
     log: std::sync::Arc<dyn smartmsg_engine::EventLog>,
+    queue: std::sync::Arc<dyn smartmsg_engine::DelayQueue>,
+    stats: std::sync::Arc<crate::runtime::RuntimeStats>,
 }
 
 impl std::fmt::Debug for RuntimeHandle {
@@ -114,6 +116,16 @@ impl RuntimeHandle {
     pub fn log(&self) -> &std::sync::Arc<dyn smartmsg_engine::EventLog> {
         &self.log
     }
+
+    /// The delay queue (its depth, for metrics).
+    pub fn queue(&self) -> &std::sync::Arc<dyn smartmsg_engine::DelayQueue> {
+        &self.queue
+    }
+
+    /// The runtime's counters.
+    pub fn stats(&self) -> &crate::runtime::RuntimeStats {
+        &self.stats
+    }
 }
 
 /// A future that resolves on SIGTERM or ctrl-c (SIGINT). The handlers are
@@ -171,6 +183,8 @@ impl Runtime {
             inbox: self.inbox(),
             views: self.views(),
             log: std::sync::Arc::clone(&self.ports().log),
+            queue: std::sync::Arc::clone(&self.ports().queue),
+            stats: self.stats(),
         };
         (handle, self.run(rx, shutdown))
     }
@@ -182,7 +196,32 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         tokio::pin!(shutdown);
         let mut failures = 0u32;
+        // When the last step started (the wall clock: this is pacing, not
+        // campaign time).
+        let mut last_step = std::time::Instant::now();
+        let mut woken = false;
         loop {
+            if woken {
+                // Woken by the inbox: let submissions gather for up to
+                // `wake_coalesce_ms` after the previous step.
+                let gap = std::time::Duration::from_millis(self.options().wake_coalesce_ms);
+                let wait = gap.saturating_sub(last_step.elapsed());
+                if !wait.is_zero() {
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => {
+                            tracing::info!("shutting down");
+                            return Ok(());
+                        }
+                        req = requests.recv() => if let Some(req) = req {
+                            self.serve(req).await;
+                        },
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+                woken = false;
+            }
+            last_step = std::time::Instant::now();
             let now = self.ports().clock.now_ms();
             let next = match self.step(now).await {
                 Ok(r) => {
@@ -221,7 +260,7 @@ impl Runtime {
                         }
                     }
                 },
-                () = wake.notified() => {}
+                () = wake.notified() => woken = true,
                 () = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
             }
         }

@@ -57,7 +57,7 @@ pub use ingest::{JsonLinesSource, Polled, ReactionInbox, ReactionSource, Submitt
 pub use pipeline::PipelineSettings;
 pub use runtime::{
     BatchView, CampaignSetup, CampaignView, PolicyFactory, Ports, Runtime, RuntimeOptions,
-    StepReport,
+    RuntimeStats, StepReport,
 };
 pub use sender::{
     ChannelSender, OutboxSender, SendError, Sender, SentBatch, WebhookConfig, WebhookSender,

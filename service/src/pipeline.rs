@@ -56,7 +56,7 @@ pub const REACTION: &str = "Reaction";
 pub const TICK: &str = "Tick";
 
 /// Bits of a record position that count records within one event.
-const SUB_BITS: u32 = 24;
+pub(crate) const SUB_BITS: u32 = 24;
 
 /// The pipeline's settings for one campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -238,6 +238,11 @@ async fn a_campaign_through_the_api() {
         dl["dead_letters"][0]["reason"]["reason"], "not_planned",
         "{dl}"
     );
+    // The pipeline's progress: everything processed, the dead letter counted.
+    let v = wait_for(&s, "spring", |v| v["pipeline"]["lag"] == 0).await;
+    assert_eq!(v["pipeline"]["dead_letters"], 1, "{v}");
+    assert!(v["pipeline"]["input"].as_u64().unwrap() >= 31, "{v}");
+    assert_eq!(v["pipeline"]["processed"], v["pipeline"]["input"], "{v}");
     // Pause with a stale If-Match: 412; with the current ETag: paused.
     let (_, h, _) = s
         .call(Method::GET, "/v1/campaigns/spring", Some(READ), None, &[])
@@ -312,6 +317,21 @@ async fn a_campaign_through_the_api() {
         text.contains("smartmsg_campaign_sent{campaign=\"spring\"}"),
         "{text}"
     );
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert!(metric("smartmsg_log_appends_total") >= 1.0);
+    assert!(metric("smartmsg_log_fsyncs_total") >= 1.0);
+    assert!(metric("smartmsg_log_fsyncs_total") <= metric("smartmsg_log_appends_total") + 64.0);
+    assert!(metric("smartmsg_jobs_fired_total") >= 1.0, "batch 0 fired");
+    assert!(metric("smartmsg_queue_depth") >= 1.0, "batch 1 still pending");
+    assert!(metric("smartmsg_firing_lag_ms") >= 0.0);
+    assert!(metric("smartmsg_pipeline_lag_events") >= 0.0);
+    assert!(metric("smartmsg_reactions_dead_lettered_total") >= 0.0);
     let (st, _, v) = s.call(Method::GET, "/openapi.json", None, None, &[]).await;
     assert_eq!(st, StatusCode::OK);
     for p in [

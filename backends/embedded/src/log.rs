@@ -451,4 +451,14 @@ impl EventLog for EmbeddedLog {
     fn limits(&self) -> Limits {
         self.shared.limits
     }
+
+    fn counters(&self) -> Option<smartmsg_engine::LogCounters> {
+        let s = self.stats();
+        Some(smartmsg_engine::LogCounters {
+            appends: s.transactions,
+            events: s.events,
+            bytes: s.bytes,
+            syncs: s.batches,
+        })
+    }
 }

@@ -109,9 +109,20 @@ pub(crate) struct Drafts {
     pub(crate) audiences: BTreeMap<String, (u64, u64, u64)>,
 }
 
-/// The server's shared state.
+/// The server's shared state: one allocation, cloned (an `Arc`) into
+/// every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     pub(crate) handle: RuntimeHandle,
     pub(crate) log: Arc<dyn EventLog>,
     pub(crate) drafts: Arc<RwLock<Drafts>>,
@@ -186,7 +197,7 @@ impl AppState {
             .await
             .map_err(|e| ServeError::Records(e.to_string()))?;
         std::fs::create_dir_all(&uploads).map_err(|e| ServeError::Records(e.to_string()))?;
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             handle,
             log,
             drafts: Arc::new(RwLock::new(drafts)),
@@ -196,7 +207,7 @@ impl AppState {
             metrics,
             uploads,
             admin: Arc::default(),
-        })
+        })))
     }
 }
 

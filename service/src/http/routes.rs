@@ -75,6 +75,35 @@ pub struct CampaignResource {
     /// reactions per creative, the model's progress).
     #[schema(value_type = Option<Object>)]
     pub live: Option<CampaignView>,
+    /// The reaction pipeline's progress (once started).
+    pub pipeline: Option<PipelineStatus>,
+}
+
+/// Where a campaign's reaction pipeline is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PipelineStatus {
+    /// Events in its input stream (reactions, ticks, batch announcements).
+    pub input: u64,
+    /// Events it has processed and committed.
+    pub processed: u64,
+    /// `input - processed`.
+    pub lag: u64,
+    /// Reactions it refused (dead letters, with reasons at
+    /// `/v1/campaigns/{id}/dead-letters`).
+    pub dead_letters: u64,
+}
+
+/// The pipeline status of a started campaign (two index look-ups).
+pub(crate) async fn pipeline_status(state: &AppState, v: &CampaignView) -> Option<PipelineStatus> {
+    let streams = CampaignStreams::new(&v.id).ok()?;
+    let input = state.log.stream_version(&streams.pipeline).await.ok()?;
+    let dead_letters = state.log.stream_version(&streams.dead_letters).await.ok()?;
+    Some(PipelineStatus {
+        input,
+        processed: v.pipeline_processed.min(input),
+        lag: input.saturating_sub(v.pipeline_processed),
+        dead_letters,
+    })
 }
 
 fn etag(version: u64) -> HeaderValue {
@@ -122,9 +151,13 @@ pub(crate) async fn load_drafts(log: &dyn EventLog) -> Result<Drafts, String> {
     Ok(d)
 }
 
-fn resource(state: &AppState, id: &str) -> Option<CampaignResource> {
-    let drafts = state.drafts.read().unwrap_or_else(|e| e.into_inner());
+async fn resource(state: &AppState, id: &str) -> Option<CampaignResource> {
     let live = state.handle.published(id);
+    let pipeline = match &live {
+        Some(v) => pipeline_status(state, v).await,
+        None => None,
+    };
+    let drafts = state.drafts.read().unwrap_or_else(|e| e.into_inner());
     let def = drafts.defs.get(id).cloned();
     if live.is_none() && def.is_none() {
         return None;
@@ -141,6 +174,7 @@ fn resource(state: &AppState, id: &str) -> Option<CampaignResource> {
         audience_users: users.or(live.as_ref().map(|_| 0)).filter(|&n| n > 0),
         definition: def,
         live,
+        pipeline,
     })
 }
 
@@ -329,19 +363,23 @@ async fn define_inner(state: &AppState, body: &[u8]) -> Result<Response, Problem
         )
         .map_err(|e| Problem::unprocessable("invalid-policy", e.to_string()).field("policy"))?;
     let _guard = state.admin.lock().await;
-    {
-        let drafts = state.drafts.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = drafts.defs.get(&def.id) {
-            return if existing == &def {
-                Ok(json(StatusCode::OK, &resource(state, &def.id)))
-            } else {
-                Err(Problem::conflict(format!(
-                    "campaign {:?} is already defined otherwise",
-                    def.id
-                ))
-                .field("id"))
-            };
+    let existing = state
+        .drafts
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .defs
+        .get(&def.id)
+        .map(|existing| existing == &def);
+    match existing {
+        Some(true) => return Ok(json(StatusCode::OK, &resource(state, &def.id).await)),
+        Some(false) => {
+            return Err(Problem::conflict(format!(
+                "campaign {:?} is already defined otherwise",
+                def.id
+            ))
+            .field("id"))
         }
+        None => {}
     }
     if state.handle.published(&def.id).is_some() {
         return Err(Problem::conflict(format!("campaign {:?} exists", def.id)).field("id"));
@@ -364,7 +402,7 @@ async fn define_inner(state: &AppState, body: &[u8]) -> Result<Response, Problem
         .defs
         .insert(def.id.clone(), def.clone());
     metrics::counter!("smartmsg_campaigns_defined_total").increment(1);
-    let mut r = json(StatusCode::CREATED, &resource(state, &def.id));
+    let mut r = json(StatusCode::CREATED, &resource(state, &def.id).await);
     if let Ok(loc) = HeaderValue::from_str(&format!("/v1/campaigns/{}", def.id)) {
         r.headers_mut().insert(header::LOCATION, loc);
     }
@@ -385,7 +423,10 @@ pub(crate) async fn list(State(state): State<AppState>) -> Response {
             .keys()
             .cloned(),
     );
-    let all: Vec<CampaignResource> = ids.iter().filter_map(|id| resource(&state, id)).collect();
+    let mut all: Vec<CampaignResource> = Vec::with_capacity(ids.len());
+    for id in &ids {
+        all.extend(resource(&state, id).await);
+    }
     json(StatusCode::OK, &all)
 }
 
@@ -398,7 +439,7 @@ pub(crate) async fn get_campaign(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Response {
-    match resource(&state, &id) {
+    match resource(&state, &id).await {
         None => Problem::not_found(format!("no campaign {id:?}")).into_response(),
         Some(r) => {
             let v = r.live.as_ref().map_or(0, |l| l.version);
@@ -670,7 +711,7 @@ async fn command_inner(
         register(state, id).await?;
     }
     if state.handle.published(id).is_none() {
-        return Err(match resource(state, id) {
+        return Err(match resource(state, id).await {
             None => Problem::not_found(format!("no campaign {id:?}")),
             Some(_) => Problem::conflict("the campaign has not started: start it first"),
         });
@@ -687,7 +728,7 @@ async fn command_inner(
         .command_if(id, CampaignCommand::new(cmd_id, action), expected)
         .await
         .map_err(Problem::from)?;
-    let r = resource(state, id);
+    let r = resource(state, id).await;
     let v = r
         .as_ref()
         .and_then(|r| r.live.as_ref())
@@ -1114,9 +1155,32 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         metrics::gauge!("smartmsg_campaign_send_failing", &labels)
             .set(f64::from(u8::from(v.send_error.is_some())));
     }
+    for v in views.values() {
+        if let Some(p) = pipeline_status(&state, v).await {
+            let labels = [("campaign", v.id.clone())];
+            metrics::gauge!("smartmsg_pipeline_lag_events", &labels).set(p.lag as f64);
+            metrics::counter!("smartmsg_reactions_dead_lettered_total", &labels)
+                .absolute(p.dead_letters);
+        }
+    }
     if let Ok(h) = state.log.head().await {
         metrics::gauge!("smartmsg_log_head").set(h as f64);
     }
+    if let Some(c) = state.log.counters() {
+        metrics::counter!("smartmsg_log_appends_total").absolute(c.appends);
+        metrics::counter!("smartmsg_log_events_total").absolute(c.events);
+        metrics::counter!("smartmsg_log_bytes_total").absolute(c.bytes);
+        metrics::counter!("smartmsg_log_fsyncs_total").absolute(c.syncs);
+    }
+    if let Ok(n) = state.handle.queue().len().await {
+        metrics::gauge!("smartmsg_queue_depth").set(n as f64);
+    }
+    let st = state.handle.stats();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!("smartmsg_runtime_steps_total").absolute(load(&st.steps));
+    metrics::counter!("smartmsg_jobs_fired_total").absolute(load(&st.jobs_fired));
+    metrics::gauge!("smartmsg_firing_lag_ms").set(load(&st.firing_lag_ms_last) as f64);
+    metrics::gauge!("smartmsg_firing_lag_ms_max").set(load(&st.firing_lag_ms_max) as f64);
     let text = state
         .metrics
         .as_ref()
