@@ -264,7 +264,9 @@ async fn drain(url: &str) -> Result<(u64, Duration)> {
     let mut backlog = None;
     loop {
         let v = get(&c, &format!("{url}/v1/campaigns/load")).await?;
-        let lag = v["pipeline"]["lag"].as_u64().context("no pipeline status")?;
+        let lag = v["pipeline"]["lag"]
+            .as_u64()
+            .context("no pipeline status")?;
         let first = *backlog.get_or_insert(lag);
         if lag == 0 {
             return Ok((first, started.elapsed()));
@@ -534,8 +536,7 @@ pub fn run(args: LoadtestArgs) -> Result<std::process::ExitCode> {
             )?);
         }
         if args.phases.contains(&PhaseName::Single) {
-            let single =
-                phase(&url, &[(Kind::Single, args.connections)], &messages, secs).await?;
+            let single = phase(&url, &[(Kind::Single, args.connections)], &messages, secs).await?;
             phases.push(summarise(
                 "single reaction (POST /v1/reactions)",
                 single.into_iter().flatten().collect(),

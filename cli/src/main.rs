@@ -2,6 +2,8 @@
 //! directories.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "distributed")]
+mod distributed;
 mod loadtest;
 
 /// mimalloc instead of the system allocator: under single-reaction HTTP
@@ -280,7 +282,7 @@ fn serve_cmd(
     listen: Option<std::net::SocketAddr>,
     print_config: bool,
 ) -> Result<std::process::ExitCode> {
-    use smartmsg_service::http::{serve, ServeConfig};
+    use smartmsg_service::http::{serve_with, ServeConfig};
     let mut c = ServeConfig::load(config)?;
     if let Some(d) = data_dir {
         c.data_dir = d;
@@ -300,12 +302,23 @@ fn serve_cmd(
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Signal handlers first: a SIGTERM while the backends open stops
+        // the server cleanly.
+        let shutdown = smartmsg_service::shutdown_signal();
+        #[cfg(feature = "distributed")]
+        let (ports, sources) = distributed::backend(&c).await?;
+        #[cfg(not(feature = "distributed"))]
+        let (ports, sources) = smartmsg_service::http::embedded_backend(&c)?;
+        let listener = tokio::net::TcpListener::bind(c.listen)
+            .await
+            .with_context(|| format!("listening on {}", c.listen))?;
         eprintln!(
             "smartmsg serve: listening on http://{} (data in {})",
             c.listen,
             c.data_dir.display()
         );
-        serve(c, smartmsg_service::shutdown_signal()).await
+        serve_with(c, listener, shutdown, ports, sources).await?;
+        anyhow::Ok(())
     })?;
     Ok(std::process::ExitCode::SUCCESS)
 }

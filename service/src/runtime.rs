@@ -991,7 +991,9 @@ impl Runtime {
             let lag = now_ms.saturating_sub(lease.job.due_ms);
             self.stats.jobs_fired.fetch_add(1, Ordering::Relaxed);
             self.stats.firing_lag_ms_last.store(lag, Ordering::Relaxed);
-            self.stats.firing_lag_ms_max.fetch_max(lag, Ordering::Relaxed);
+            self.stats
+                .firing_lag_ms_max
+                .fetch_max(lag, Ordering::Relaxed);
         }
         for lease in leases {
             let (id, kind) = match parse_job(&lease.job) {

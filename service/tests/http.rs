@@ -328,7 +328,10 @@ async fn a_campaign_through_the_api() {
     assert!(metric("smartmsg_log_fsyncs_total") >= 1.0);
     assert!(metric("smartmsg_log_fsyncs_total") <= metric("smartmsg_log_appends_total") + 64.0);
     assert!(metric("smartmsg_jobs_fired_total") >= 1.0, "batch 0 fired");
-    assert!(metric("smartmsg_queue_depth") >= 1.0, "batch 1 still pending");
+    assert!(
+        metric("smartmsg_queue_depth") >= 1.0,
+        "batch 1 still pending"
+    );
     assert!(metric("smartmsg_firing_lag_ms") >= 0.0);
     assert!(metric("smartmsg_pipeline_lag_events") >= 0.0);
     assert!(metric("smartmsg_reactions_dead_lettered_total") >= 0.0);

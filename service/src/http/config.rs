@@ -22,8 +22,14 @@ pub struct ServeConfig {
     /// The data directory (event log, snapshots, delay queue, state).
     /// Default `smartmsg-data`.
     pub data_dir: PathBuf,
+    /// Where the event log and the delay queue live. Default: embedded,
+    /// in `data_dir`.
+    pub backend: BackendConfig,
     /// Where planned messages go.
     pub sender: SenderConfig,
+    /// Reaction sources the runtime polls, besides `POST /v1/reactions`.
+    /// Default none.
+    pub sources: Vec<SourceConfig>,
     /// Bearer tokens and their scopes. None: every request is allowed
     /// (fit for a loopback address only; the server warns).
     pub tokens: Vec<TokenConfig>,
@@ -38,7 +44,9 @@ impl Default for ServeConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("smartmsg-data"),
+            backend: BackendConfig::Embedded,
             sender: SenderConfig::default(),
+            sources: Vec::new(),
             tokens: Vec::new(),
             limits: HttpLimits::default(),
             poll_interval_ms: 200,
@@ -58,6 +66,84 @@ pub enum SenderConfig {
     },
     /// POST each batch to a URL (see [`WebhookConfig`]).
     Webhook(WebhookConfig),
+    /// One Kafka record per message on `topic` (key: the message id).
+    /// Needs a `smartmsg` built with the `distributed` feature.
+    Kafka {
+        /// `bootstrap.servers`.
+        bootstrap: String,
+        /// The topic.
+        topic: String,
+    },
+}
+
+/// Where the event log and the delay queue live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// Everything in `data_dir`: the segment-file log, the redb timer
+    /// wheel, redb snapshots and pipeline state.
+    Embedded,
+    /// The event log on Kafka and the delay queue on RabbitMQ; the
+    /// pipelines' state store stays in `data_dir` (redb), snapshots are
+    /// off. Needs a `smartmsg` built with the `distributed` feature.
+    Distributed(DistributedConfig),
+}
+
+/// The Kafka log and RabbitMQ queue of [`BackendConfig::Distributed`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Kafka `bootstrap.servers`. Default `127.0.0.1:9092`.
+    pub kafka_bootstrap: String,
+    /// The log's name (its topic and transactional id derive from it).
+    /// Default `smartmsg`.
+    pub log_name: String,
+    /// Partitions of the log's topic when it is created. Default 4.
+    pub partitions: u32,
+    /// Replication factor when the topic is created. Default 1 (a single
+    /// broker; use 3 in production).
+    pub replication_factor: i32,
+    /// The AMQP URL. Default `amqp://127.0.0.1:5672/%2f`.
+    pub rabbitmq_url: String,
+    /// The prefix of the queue's exchanges and queues. Default `smartmsg`.
+    pub queue_prefix: String,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            kafka_bootstrap: "127.0.0.1:9092".into(),
+            log_name: "smartmsg".into(),
+            partitions: 4,
+            replication_factor: 1,
+            rabbitmq_url: "amqp://127.0.0.1:5672/%2f".into(),
+            queue_prefix: "smartmsg".into(),
+        }
+    }
+}
+
+/// A reaction source the runtime polls (its cursor is kept in the log, so
+/// keep `name` stable across restarts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// JSON Lines files appearing in `dir` (see `JsonLinesSource`).
+    JsonLines {
+        /// The source's name.
+        name: String,
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// A Kafka topic of reaction messages. Needs a `smartmsg` built with
+    /// the `distributed` feature.
+    Kafka {
+        /// The source's name.
+        name: String,
+        /// `bootstrap.servers`.
+        bootstrap: String,
+        /// The topic.
+        topic: String,
+    },
 }
 
 impl Default for SenderConfig {
@@ -156,7 +242,16 @@ impl ServeConfig {
         }
         // Variables the server does not own (the tests' and scripts') are
         // not configuration.
-        let env = env.ignore(&["KAFKA_BOOTSTRAP", "RABBITMQ_URL", "CRASH_KILLS"]);
+        let env = env.ignore(&[
+            "KAFKA_BOOTSTRAP",
+            "RABBITMQ_URL",
+            "CRASH_KILLS",
+            "SERVE_KILLS",
+            "SKIP_SERVICES",
+            "SKIP_LINT",
+            "SKIP_BROWSER",
+            "KEEP_SERVICES",
+        ]);
         f.merge(env).extract().map_err(|e| {
             let msg: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
             ConfigError(msg.join("; "))
@@ -173,6 +268,38 @@ impl ServeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_embedded_build_refuses_brokers_naming_the_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.toml");
+        std::fs::write(
+            &f,
+            "[backend]\nkind = \"distributed\"\nkafka_bootstrap = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let c = ServeConfig::load_with(Some(&f), Env::prefixed("SMARTMSG_TEST_NONE_")).unwrap();
+        assert!(matches!(c.backend, BackendConfig::Distributed(ref d) if d.partitions == 4));
+        let Err(e) = crate::http::embedded_backend(&c) else {
+            panic!("opened a distributed backend without the feature");
+        };
+        assert!(e.to_string().contains("--features distributed"), "{e}");
+        let c = ServeConfig {
+            sender: SenderConfig::Kafka {
+                bootstrap: "127.0.0.1:1".into(),
+                topic: "t".into(),
+            },
+            data_dir: dir.path().join("d"),
+            ..ServeConfig::default()
+        };
+        let Err(e) = crate::http::embedded_backend(&c) else {
+            panic!("a Kafka sender without the feature");
+        };
+        assert!(e.to_string().contains("sender.kind"), "{e}");
+        std::fs::write(&f, "[backend]\nkind = \"distributed\"\nkafka = 1\n").unwrap();
+        let e = ServeConfig::load_with(Some(&f), Env::prefixed("SMARTMSG_TEST_NONE_")).unwrap_err();
+        assert!(e.to_string().contains("kafka"), "{e}");
+    }
 
     #[test]
     fn files_and_environment_override_the_defaults_and_unknown_keys_are_refused() {

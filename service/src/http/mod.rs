@@ -42,9 +42,12 @@ use crate::error::RuntimeError;
 use crate::pipeline::PipelineSettings;
 use crate::runtime::{Runtime, RuntimeOptions};
 use crate::sender::{OutboxSender, Sender, WebhookSender};
-use crate::RuntimeHandle;
+use crate::{Ports, ReactionSource, RuntimeHandle};
 
-pub use config::{HttpLimits, Scope, SenderConfig, ServeConfig, TokenConfig};
+pub use config::{
+    BackendConfig, DistributedConfig, HttpLimits, Scope, SenderConfig, ServeConfig, SourceConfig,
+    TokenConfig,
+};
 pub use problem::Problem;
 
 /// A campaign's definition, as `POST /v1/campaigns` takes it.
@@ -288,33 +291,91 @@ pub async fn serve(
     serve_on(config, listener, shutdown).await
 }
 
-/// [`serve`] on a listener already bound (tests bind port 0).
+/// [`serve`] on a listener already bound (tests bind port 0), on the
+/// embedded backend (see [`embedded_backend`]).
 pub async fn serve_on(
     config: ServeConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    if config.tokens.is_empty() {
-        tracing::warn!("no tokens configured: every request is allowed");
-    }
-    let sender: Arc<dyn Sender> = match &config.sender {
+    let (ports, sources) = embedded_backend(&config)?;
+    serve_with(config, listener, shutdown, ports, sources).await
+}
+
+/// The sender of `config` when it needs no broker (outbox, webhook).
+pub fn plain_sender(config: &SenderConfig) -> Result<Arc<dyn Sender>, ServeError> {
+    Ok(match config {
         SenderConfig::Outbox { dir } => Arc::new(OutboxSender::new(dir.clone())),
         SenderConfig::Webhook(w) => Arc::new(
             WebhookSender::new(w.clone())
                 .map_err(|e| config::ConfigError(format!("sender: {e}")))?,
         ),
-    };
+        SenderConfig::Kafka { .. } => return Err(needs_distributed("sender.kind = \"kafka\"")),
+    })
+}
+
+/// The source of `config` when it needs no broker (JSON Lines).
+pub fn plain_source(config: &SourceConfig) -> Result<Box<dyn ReactionSource>, ServeError> {
+    match config {
+        SourceConfig::JsonLines { name, dir } => Ok(Box::new(crate::JsonLinesSource::new(
+            name.clone(),
+            dir.clone(),
+        ))),
+        SourceConfig::Kafka { .. } => Err(needs_distributed("sources.kind = \"kafka\"")),
+    }
+}
+
+fn needs_distributed(what: &str) -> ServeError {
+    ServeError::Config(config::ConfigError(format!(
+        "{what} needs a smartmsg built with Kafka and RabbitMQ: cargo build --release -p smartmsg-cli --features distributed"
+    )))
+}
+
+/// The ports and sources of an embedded configuration: the log, snapshots,
+/// delay queue and state store in `config.data_dir`, the configured
+/// sender and sources. A configuration naming Kafka or RabbitMQ is
+/// refused here (the `distributed` build of `smartmsg` opens those).
+pub fn embedded_backend(
+    config: &ServeConfig,
+) -> Result<(Ports, Vec<Box<dyn ReactionSource>>), ServeError> {
+    if let BackendConfig::Distributed(_) = config.backend {
+        return Err(needs_distributed("backend.kind = \"distributed\""));
+    }
+    let sender = plain_sender(&config.sender)?;
+    let sources = config
+        .sources
+        .iter()
+        .map(plain_source)
+        .collect::<Result<Vec<_>, _>>()?;
     let ports = crate::embedded_ports(
         &config.data_dir,
         smartmsg_embedded::EmbeddedConfig::default(),
         Arc::new(SystemClock),
         sender,
     )?;
+    Ok((ports, sources))
+}
+
+/// [`serve_on`] with ports and sources opened by the caller (the
+/// `distributed` build of `smartmsg` passes Kafka and RabbitMQ ones).
+pub async fn serve_with(
+    config: ServeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ports: Ports,
+    sources: Vec<Box<dyn ReactionSource>>,
+) -> Result<(), ServeError> {
+    if config.tokens.is_empty() {
+        tracing::warn!("no tokens configured: every request is allowed");
+    }
     let options = RuntimeOptions {
         poll_interval_ms: config.poll_interval_ms.max(1),
         ..RuntimeOptions::default()
     };
-    let runtime = Runtime::open(ports, options).await?;
+    let mut runtime = Runtime::open(ports, options).await?;
+    for s in sources {
+        runtime.add_source(s);
+    }
     let (stop_runtime, runtime_stopped) = tokio::sync::oneshot::channel::<()>();
     let (handle, run) = runtime.spawn(async move {
         let _ = runtime_stopped.await;
