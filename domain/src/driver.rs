@@ -69,6 +69,7 @@ use crate::data::{Candidates, Decisions, Outcomes, ShapeError};
 use crate::policy::{Policy, PolicyError};
 use crate::reactions::ReactionWindow;
 use crate::rng;
+use crate::UserSet;
 
 /// The event kind of recorded model feedback ([`Feedback`], JSON).
 pub const FEEDBACK_KIND: &str = "ModelFed";
@@ -441,6 +442,9 @@ pub struct CampaignDriver<'p> {
     audience: Arc<Audience>,
     remaining: Candidates,
     remaining_synced: usize,
+    /// Users whose data was removed: never planned again, left out of
+    /// what is handed to the sender.
+    removed: UserSet,
 }
 
 impl std::fmt::Debug for CampaignDriver<'_> {
@@ -485,6 +489,7 @@ impl<'p> CampaignDriver<'p> {
             complete_scheduled: false,
             remaining: audience.candidates().clone(),
             remaining_synced: 0,
+            removed: UserSet::new(),
             policy,
             audience,
         }
@@ -836,16 +841,56 @@ impl<'p> CampaignDriver<'p> {
         }
     }
 
-    /// The batch to hand to the sender.
+    /// The batch to hand to the sender: its plan, less the users removed
+    /// since (see [`CampaignDriver::remove_users`]).
     pub fn outgoing(&self, batch: u32) -> Option<OutgoingBatch> {
         let spec = self.campaign.spec()?;
+        let plan = self.plans.get(batch as usize)?;
+        let decisions =
+            if self.removed.is_empty() || !plan.iter().any(|(u, _, _)| self.removed.contains(u)) {
+                plan.clone()
+            } else {
+                let mut kept = Decisions::with_capacity(plan.len());
+                for (u, c, p) in plan.iter().filter(|(u, _, _)| !self.removed.contains(*u)) {
+                    kept.push(u, c, p);
+                }
+                kept
+            };
         Some(OutgoingBatch {
             campaign: self.id.clone(),
             channel: spec.channel.clone(),
             batch,
             creatives: Arc::clone(&self.creatives),
-            decisions: self.plans.get(batch as usize)?.clone(),
+            decisions,
         })
+    }
+
+    /// Removes users' data from what the campaign does next: they are no
+    /// longer candidates for any batch, and a batch already planned but
+    /// not yet handed to the sender goes without them. What was decided
+    /// and sent before stays in the campaign's history.
+    pub fn remove_users(&mut self, users: &[u32]) {
+        self.removed.extend_from(users);
+        let removed = &self.removed;
+        self.remaining.retain(|u| !removed.contains(u));
+    }
+
+    /// Users removed with [`CampaignDriver::remove_users`].
+    pub fn removed(&self) -> &UserSet {
+        &self.removed
+    }
+
+    /// The removed users planned in batch `batch`.
+    pub fn removed_in_plan(&self, batch: u32) -> Vec<u32> {
+        self.plans
+            .get(batch as usize)
+            .map(|p| {
+                p.iter()
+                    .map(|(u, _, _)| u)
+                    .filter(|&u| self.removed.contains(u))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The command a fired job stands for, at `now_ms`: planning a batch

@@ -393,6 +393,42 @@ pub struct UserProfile {
     pub creative: Option<u16>,
 }
 
+/// A message of the profile input: a profile to set, or a user whose
+/// profile is removed (`{"user": 7, "removed": true}`: the user's data was
+/// deleted; later reactions of theirs find no profile).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProfileChange {
+    /// Set (or replace) the user's profile.
+    Set(UserProfile),
+    /// Remove the user's profile.
+    Remove(u32),
+}
+
+/// The profile-input message removing `user`'s profile.
+pub fn profile_removal(user: u32) -> Bytes {
+    Bytes::from(format!("{{\"user\":{user},\"removed\":true}}"))
+}
+
+/// Parses a message of the profile input: a profile, or a removal (see
+/// [`ProfileChange`]). Never panics.
+pub fn parse_profile_change(bytes: &[u8]) -> Result<ProfileChange, DeadReason> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Removal {
+        user: u32,
+        removed: bool,
+    }
+    if bytes.len() <= MAX_MESSAGE_BYTES {
+        if let Ok(r) = serde_json::from_slice::<Removal>(bytes) {
+            if r.removed {
+                return Ok(ProfileChange::Remove(r.user));
+            }
+            return Err(bad("removed", "false: a removal says true".to_owned()));
+        }
+    }
+    parse_profile(bytes).map(ProfileChange::Set)
+}
+
 /// Parses a user profile message. Never panics.
 pub fn parse_profile(bytes: &[u8]) -> Result<UserProfile, DeadReason> {
     // The common case straight into a struct (see `parse_reaction`).
@@ -718,19 +754,19 @@ pub fn reaction_topology(config: ReactionConfig) -> Result<Topology, WindowError
     let (profiles, bad_profiles) = t
         .stream::<Bytes, Bytes>(INPUT_PROFILES)
         .map(move |_, raw| {
-            let r = parse_profile(&raw).and_then(|p| {
-                if p.features.len() == config.dim {
-                    Ok(p)
-                } else {
+            let r = parse_profile_change(&raw).and_then(|c| match c {
+                ProfileChange::Set(p) if p.features.len() != config.dim => {
                     Err(DeadReason::FeatureDimension {
                         user: p.user,
                         got: p.features.len(),
                         dim: config.dim,
                     })
                 }
+                ProfileChange::Set(p) => Ok((p.user, Some(Json(p)))),
+                ProfileChange::Remove(user) => Ok((user, None)),
             });
             match r {
-                Ok(p) => (String::new(), Ok((p.user, p))),
+                Ok(change) => (String::new(), Ok(change)),
                 Err(reason) => (
                     String::new(),
                     Err(Json(DeadLetter::new(INPUT_PROFILES, reason, &raw))),
@@ -739,9 +775,10 @@ pub fn reaction_topology(config: ReactionConfig) -> Result<Topology, WindowError
         })
         .split_result();
     bad_profiles.to(DEAD_LETTERS);
+    // A removal is a tombstone: the user's profile leaves the table.
     let users = profiles
-        .map(|_, (user, p)| (user, Json(p)))
-        .to_table(STORE_USERS);
+        .map(|_, (user, p)| (user, p))
+        .to_table_with_deletes(STORE_USERS);
 
     // Reactions: parse.
     let (parsed, unparsable) = t

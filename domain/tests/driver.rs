@@ -347,3 +347,40 @@ fn a_rebuilt_driver_decides_the_same() {
     assert_eq!(j.id.as_str(), "c1/batch-4");
     assert_eq!(parse_job(&j).unwrap(), ("c1".into(), JobKind::Batch(4)));
 }
+
+#[test]
+fn removed_users_are_neither_planned_nor_sent() {
+    let mut g = Given::created_and_started(PolicySpec::Random {});
+    let r = g.d.ready(START);
+    g.d.scheduled(&r.schedule);
+    g.plan(0, START);
+    let plan: Vec<u32> = g.d.outgoing(0).unwrap().decisions.users.clone();
+    // Removed after planning, before sending: left out of what is sent.
+    let gone = plan[3];
+    let never: u32 = (0..audience().len() as u32)
+        .find(|u| !plan.contains(u))
+        .unwrap();
+    g.d.remove_users(&[gone, never]);
+    assert_eq!(g.d.removed_in_plan(0), vec![gone]);
+    let out = g.d.outgoing(0).unwrap();
+    assert_eq!(out.len(), 99);
+    assert!(!out.decisions.users.contains(&gone));
+    g.d.announced(0);
+    g.d.sender_acked(0);
+    let r = g.d.ready(START);
+    g.exec(r.commands[0].clone(), START);
+    // Never planned again.
+    for b in 1..3u32 {
+        let due = START + u64::from(b) * HOUR;
+        let r = g.d.ready(due);
+        for f in &r.feedback {
+            g.d.apply_feedback(f).unwrap();
+        }
+        g.plan(b, due);
+        let d = g.d.outgoing(b).unwrap().decisions;
+        assert!(!d.users.contains(&gone) && !d.users.contains(&never));
+        assert_eq!(d.len(), 100);
+        g.send(b, due);
+    }
+    assert!(g.d.removed().contains(gone) && g.d.removed().contains(never));
+}

@@ -381,6 +381,7 @@ proptest! {
     fn the_parser_never_panics_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = parse_reaction(&bytes);
         let _ = parse_profile(&bytes);
+        let _ = smartmsg_domain::reactions::parse_profile_change(&bytes);
     }
 
     #[test]
@@ -498,4 +499,52 @@ fn a_closed_window_becomes_a_command_the_campaign_accepts_once() {
     assert_eq!(c.execute(&cmd.id, cmd.action, T0 + 200_000).unwrap(), 0);
     let stats = c.state.creative_stats();
     assert_eq!((stats[0].reactions, stats[1].reactions), (1, 2));
+}
+
+#[test]
+fn a_removed_profile_leaves_the_user_table() {
+    use smartmsg_domain::reactions::{parse_profile_change, profile_removal, ProfileChange};
+    assert_eq!(
+        parse_profile_change(&profile_removal(3)).unwrap(),
+        ProfileChange::Remove(3)
+    );
+    assert!(matches!(
+        parse_profile_change(&profile(3, [0.0, 1.0])).unwrap(),
+        ProfileChange::Set(p) if p.user == 3
+    ));
+    let mut d = driver();
+    d.pipe(INPUT_PROFILES, Bytes::new(), profile_removal(3), T0)
+        .unwrap();
+    d.pipe(
+        INPUT_PROFILES,
+        Bytes::from_static(b""),
+        Bytes::from_static(br#"{"user":4,"removed":false}"#),
+        T0,
+    )
+    .unwrap();
+    pipe(&mut d, reaction("c1", 3, 0, "clicked", T0), T0);
+    pipe(&mut d, reaction("c1", 4, 1, "clicked", T0), T0);
+    let dead = d
+        .read_key_values::<String, Json<DeadLetter>>(DEAD_LETTERS)
+        .unwrap();
+    let reasons: Vec<&DeadReason> = dead.iter().map(|(_, Json(d))| &d.reason).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        matches!(reasons[0], DeadReason::BadField { field, .. } if field == "removed"),
+        "{reasons:?}"
+    );
+    assert!(
+        matches!(reasons[1], DeadReason::UnknownUser { user: 3 }),
+        "{reasons:?}"
+    );
+    // User 4 (not removed) still counts.
+    d.advance_time(T0 + 10 * 60_000).unwrap();
+    let windows = d
+        .read_key_values::<Windowed<String>, Json<ReactionWindow>>(REACTION_WINDOWS)
+        .unwrap();
+    let total: u64 = windows
+        .iter()
+        .map(|(_, Json(w))| w.cells.iter().map(|c| u64::from(c.reacted)).sum::<u64>())
+        .sum();
+    assert_eq!(total, 1);
 }

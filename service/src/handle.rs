@@ -20,6 +20,7 @@ enum Request {
     Command(String, CampaignCommand, Option<u64>, Reply<()>),
     View(String, Reply<Option<CampaignView>>),
     List(Reply<Vec<CampaignView>>),
+    RemoveUser(u32, String, Reply<crate::runtime::RemovalReport>),
 }
 
 /// Talks to a running [`Runtime`] (see [`Runtime::spawn`]). Cheap to clone;
@@ -32,6 +33,7 @@ pub struct RuntimeHandle {
     log: std::sync::Arc<dyn smartmsg_engine::EventLog>,
     queue: std::sync::Arc<dyn smartmsg_engine::DelayQueue>,
     stats: std::sync::Arc<crate::runtime::RuntimeStats>,
+    removed: crate::runtime::Removed,
 }
 
 impl std::fmt::Debug for RuntimeHandle {
@@ -82,6 +84,16 @@ impl RuntimeHandle {
         .await
     }
 
+    /// Removes a user's data (see [`Runtime::remove_user`]).
+    pub async fn remove_user(
+        &self,
+        user: u32,
+        reason: &str,
+    ) -> Result<crate::runtime::RemovalReport, RuntimeError> {
+        self.ask(|r| Request::RemoveUser(user, reason.to_owned(), r))
+            .await
+    }
+
     /// A campaign as it is now.
     pub async fn view(&self, id: &str) -> Result<Option<CampaignView>, RuntimeError> {
         self.ask(|r| Request::View(id.to_owned(), r)).await
@@ -125,6 +137,14 @@ impl RuntimeHandle {
     /// The runtime's counters.
     pub fn stats(&self) -> &crate::runtime::RuntimeStats {
         &self.stats
+    }
+
+    /// Whether `user`'s data was removed (without waiting for the runtime).
+    pub fn is_removed(&self, user: u32) -> bool {
+        self.removed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&user)
     }
 }
 
@@ -185,6 +205,7 @@ impl Runtime {
             log: std::sync::Arc::clone(&self.ports().log),
             queue: std::sync::Arc::clone(&self.ports().queue),
             stats: self.stats(),
+            removed: self.removed_users(),
         };
         (handle, self.run(rx, shutdown))
     }
@@ -284,6 +305,9 @@ impl Runtime {
                     .filter_map(|id| self.view(id))
                     .collect();
                 let _ = r.send(Ok(all));
+            }
+            Request::RemoveUser(user, reason, r) => {
+                let _ = r.send(self.remove_user(user, &reason).await);
             }
         }
     }

@@ -56,8 +56,8 @@ pub use hooks::{CrashPoint, Hooks, NoHooks};
 pub use ingest::{JsonLinesSource, Polled, ReactionInbox, ReactionSource, Submitted, Unrouted};
 pub use pipeline::PipelineSettings;
 pub use runtime::{
-    BatchView, CampaignSetup, CampaignView, PolicyFactory, Ports, Runtime, RuntimeOptions,
-    RuntimeStats, StepReport,
+    BatchView, CampaignSetup, CampaignView, PolicyFactory, Ports, RemovalReport, Runtime,
+    RuntimeOptions, RuntimeStats, StepReport, REMOVALS, USER_REMOVED_KIND,
 };
 pub use sender::{
     ChannelSender, OutboxSender, SendError, Sender, SentBatch, WebhookConfig, WebhookSender,

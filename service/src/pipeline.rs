@@ -54,6 +54,9 @@ pub const BATCH_ANNOUNCED: &str = "BatchAnnounced";
 pub const REACTION: &str = "Reaction";
 /// Kind of a tick (punctuation).
 pub const TICK: &str = "Tick";
+/// Kind of a removal: the user's profile leaves the pipeline's user table
+/// (payload `{"user": 7}`).
+pub const USER_REMOVED: &str = "UserRemoved";
 
 /// Bits of a record position that count records within one event.
 pub(crate) const SUB_BITS: u32 = 24;
@@ -122,6 +125,21 @@ pub fn announce_event(batch: u32, now_ms: u64) -> NewEvent {
         1,
         now_ms,
         serde_json::to_vec(&Announced { batch }).unwrap_or_default(),
+    )
+}
+
+#[derive(Serialize, Deserialize)]
+struct Removed {
+    user: u32,
+}
+
+/// The removal of `user`'s profile from the pipeline.
+pub fn removal_event(user: u32, now_ms: u64) -> NewEvent {
+    NewEvent::new(
+        USER_REMOVED,
+        1,
+        now_ms,
+        serde_json::to_vec(&Removed { user }).unwrap_or_default(),
     )
 }
 
@@ -308,6 +326,16 @@ pub fn expand_event(
                     timestamp_ms: 0,
                 });
             }
+        }
+        USER_REMOVED => {
+            let r: Removed = serde_json::from_slice(&e.payload)
+                .map_err(|err| format!("unreadable removal: {err}"))?;
+            out.push(one(
+                INPUT_PROFILES,
+                Bytes::new(),
+                smartmsg_domain::reactions::profile_removal(r.user),
+                0,
+            ));
         }
         // Unknown kinds: a record of no input (skipped, position kept).
         other => out.push(one(other, Bytes::new(), Bytes::new(), 0)),

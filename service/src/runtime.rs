@@ -64,9 +64,9 @@ use crate::error::RuntimeError;
 use crate::hooks::{CrashPoint, Hooks, NoHooks};
 use crate::ingest::{ingest_once, ReactionInbox, ReactionSource, Routes, MAX_POLL};
 use crate::pipeline::{
-    announce_event, decode_late, decode_outcome, decode_window, info_event, set_batch_plan,
-    tick_event, BatchPlans, HookedStore, PipelineSettings, PipelineSource, SimulatedCrash,
-    NO_OFFSET,
+    announce_event, decode_late, decode_outcome, decode_window, info_event, removal_event,
+    set_batch_plan, tick_event, BatchPlans, HookedStore, PipelineSettings, PipelineSource,
+    SimulatedCrash, NO_OFFSET,
 };
 use crate::sender::Sender;
 use crate::streams::{check_campaign_id, CampaignStreams, REGISTRY};
@@ -76,6 +76,36 @@ use crate::streams::{check_campaign_id, CampaignStreams, REGISTRY};
 pub type PolicyFactory = dyn Fn(&PolicySpec, &CampaignSpec, &Audience) -> Result<Box<dyn Policy>, PolicyError>
     + Send
     + Sync;
+
+/// The stream of removed users: one [`USER_REMOVED_KIND`] event (JSON
+/// `{"user": 7, "reason": "…"}`) per user whose data was removed, the
+/// tombstone the log keeps. Read when a runtime opens.
+pub const REMOVALS: &str = "removed-users";
+/// Kind of a removal tombstone in [`REMOVALS`].
+pub const USER_REMOVED_KIND: &str = "UserRemoved";
+
+#[derive(Serialize, Deserialize)]
+struct Removal {
+    user: u32,
+    #[serde(default)]
+    reason: String,
+}
+
+/// What [`Runtime::remove_user`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovalReport {
+    /// The user.
+    pub user: u32,
+    /// When the removal was recorded (the runtime's clock); the first
+    /// time's, when the user had been removed before.
+    pub removed_ms: u64,
+    /// `false` when the user had been removed before (nothing was done).
+    pub recorded: bool,
+    /// The started campaigns whose audience held the user: they will not
+    /// plan nor send to the user again, and their pipelines dropped the
+    /// user's profile.
+    pub campaigns: Vec<String>,
+}
 
 /// The systems a runtime runs on.
 #[derive(Clone)]
@@ -376,7 +406,15 @@ pub struct Runtime {
     registry_v: u64,
     views: Views,
     stats: Arc<RuntimeStats>,
+    /// Removed users and when they were removed.
+    removed: BTreeMap<u32, u64>,
+    /// The removed users, shared with readers (the HTTP service filters
+    /// them out of what it shows).
+    removed_shared: Removed,
 }
+
+/// The removed users, readable without waiting for the runtime.
+pub type Removed = Arc<std::sync::RwLock<std::collections::BTreeSet<u32>>>;
 
 /// Counters of a runtime, shared with readers (`/metrics`) without
 /// waiting for it. Updated as it steps.
@@ -472,7 +510,20 @@ impl Runtime {
             registry_v: 0,
             views: Views::default(),
             stats: Arc::default(),
+            removed: BTreeMap::new(),
+            removed_shared: Removed::default(),
         };
+        for e in read_from(&*rt.ports.log, &StreamId::new(REMOVALS)?, 1).await? {
+            if e.kind == USER_REMOVED_KIND {
+                let r: Removal =
+                    serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
+                rt.removed.entry(r.user).or_insert(e.timestamp_ms);
+            }
+        }
+        rt.removed_shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(rt.removed.keys().copied());
         let registry = StreamId::new(REGISTRY)?;
         for e in read_from(&*rt.ports.log, &registry, 1).await? {
             rt.registry_v = e.version;
@@ -706,7 +757,11 @@ impl Runtime {
             grace_ms: reg.pipeline.grace_ms,
             reaction_horizon_ms: reg.reaction_horizon_ms,
         };
-        let driver = CampaignDriver::new(reg.id.clone(), config, policy, Arc::clone(&aud));
+        let mut driver = CampaignDriver::new(reg.id.clone(), config, policy, Arc::clone(&aud));
+        if !self.removed.is_empty() {
+            let removed: Vec<u32> = self.removed.keys().copied().collect();
+            driver.remove_users(&removed);
+        }
         let users: BatchPlans = Arc::default();
         let through = Arc::new(AtomicU64::new(NO_OFFSET));
         let mut live = Live {
@@ -907,6 +962,82 @@ impl Runtime {
     pub async fn start(&mut self, id: &str) -> Result<(), RuntimeError> {
         self.command(id, CampaignCommand::new("start", Action::Start))
             .await
+    }
+
+    /// Removes `user`'s data from what every campaign does next (see
+    /// [`CampaignDriver::remove_users`]) and from their reaction pipelines'
+    /// user tables, recording a tombstone in [`REMOVALS`] (in one atomic
+    /// append with the pipelines' removal events). Campaigns registered
+    /// later never plan the user. Removing a user again does nothing.
+    /// What stays in the log is listed in `docs/serve.md`.
+    pub async fn remove_user(
+        &mut self,
+        user: u32,
+        reason: &str,
+    ) -> Result<RemovalReport, RuntimeError> {
+        let holding: Vec<String> = self
+            .campaigns
+            .iter()
+            .filter(|(_, l)| l.audience.contains(user))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if let Some(&at) = self.removed.get(&user) {
+            return Ok(RemovalReport {
+                user,
+                removed_ms: at,
+                recorded: false,
+                campaigns: holding,
+            });
+        }
+        let now = self.ports.clock.now_ms();
+        let body = serde_json::to_vec(&Removal {
+            user,
+            reason: reason.chars().take(500).collect(),
+        })
+        .unwrap_or_default();
+        let mut tx = AppendTx::single(
+            StreamId::new(REMOVALS)?,
+            ExpectedVersion::Any,
+            vec![NewEvent::new(USER_REMOVED_KIND, 1, now, body)],
+        );
+        for id in &holding {
+            if let Some(l) = self.campaigns.get(id) {
+                tx.streams.push(smartmsg_engine::StreamAppend {
+                    stream: l.streams.pipeline.clone(),
+                    expected: ExpectedVersion::Any,
+                    events: vec![removal_event(user, now)],
+                });
+            }
+        }
+        self.ports.log.append(tx).await?;
+        self.removed.insert(user, now);
+        self.removed_shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(user);
+        for id in &holding {
+            if let Some(l) = self.campaigns.get_mut(id) {
+                l.driver.remove_users(&[user]);
+            }
+        }
+        self.publish_views();
+        self.wake.notify_one();
+        Ok(RemovalReport {
+            user,
+            removed_ms: now,
+            recorded: true,
+            campaigns: holding,
+        })
+    }
+
+    /// Whether `user`'s data was removed.
+    pub fn is_removed(&self, user: u32) -> bool {
+        self.removed.contains_key(&user)
+    }
+
+    /// The removed users, shared (they change as users are removed).
+    pub fn removed_users(&self) -> Removed {
+        Arc::clone(&self.removed_shared)
     }
 
     /// What campaign `id` looks like now.
@@ -1236,12 +1367,18 @@ impl Runtime {
             }
             if let Some(b) = ready.announce {
                 let key = format!("announce:{}:{b}", live.id);
-                let tx = AppendTx::single(
-                    live.streams.pipeline.clone(),
-                    ExpectedVersion::Any,
-                    vec![announce_event(b, now_ms)],
-                )
-                .with_idempotency_key(key);
+                // Users of the batch removed since it was planned: their
+                // profiles leave the pipeline right after it learns them.
+                let mut events = vec![announce_event(b, now_ms)];
+                events.extend(
+                    live.driver
+                        .removed_in_plan(b)
+                        .into_iter()
+                        .map(|u| removal_event(u, now_ms)),
+                );
+                let tx =
+                    AppendTx::single(live.streams.pipeline.clone(), ExpectedVersion::Any, events)
+                        .with_idempotency_key(key);
                 match log.append(tx).await {
                     // Announced before a restart (at another time, so
                     // with other content): the key says it is done.

@@ -243,6 +243,57 @@ async fn a_campaign_through_the_api() {
     assert_eq!(v["pipeline"]["dead_letters"], 1, "{v}");
     assert!(v["pipeline"]["input"].as_u64().unwrap() >= 31, "{v}");
     assert_eq!(v["pipeline"]["processed"], v["pipeline"]["input"], "{v}");
+    // Removing a user's data: admin only; gone from the batch's page.
+    let (_, page) = s
+        .get("/v1/campaigns/spring/batches/0/messages?limit=1000")
+        .await;
+    let user = page["messages"][0]["user"].as_u64().unwrap();
+    let path = format!("/v1/users/{user}");
+    let reason = || Some(("application/json", br#"{"reason":"asked"}"#.to_vec()));
+    let (st, _, v) = s
+        .call(Method::DELETE, &path, Some(WRITE), reason(), &[])
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    let (st, _, v) = s
+        .call(Method::DELETE, &path, Some(ADMIN), reason(), &[])
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["recorded"], true, "{v}");
+    assert_eq!(v["campaigns"], serde_json::json!(["spring"]), "{v}");
+    assert!(v["remains"].as_array().unwrap().len() >= 3, "{v}");
+    let (st, _, v) = s.call(Method::DELETE, &path, Some(ADMIN), None, &[]).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["recorded"], false, "a repeat changes nothing: {v}");
+    let (_, page) = s
+        .get("/v1/campaigns/spring/batches/0/messages?limit=1000")
+        .await;
+    assert_eq!(page["total"], 99, "{page}");
+    assert!(page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["user"].as_u64() != Some(user)));
+    let (st, _, v) = s
+        .call(
+            Method::DELETE,
+            "/v1/users/not-a-user",
+            Some(ADMIN),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["field"], "user");
+    let (st, _, v) = s
+        .call(
+            Method::DELETE,
+            "/v1/users/1",
+            Some(ADMIN),
+            Some(("application/json", br#"{"why":"x"}"#.to_vec())),
+            &[],
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "unknown field: {v}");
     // Pause with a stale If-Match: 412; with the current ETag: paused.
     let (_, h, _) = s
         .call(Method::GET, "/v1/campaigns/spring", Some(READ), None, &[])

@@ -570,3 +570,94 @@ async fn a_finished_runtime_sleeps() {
     let r = rt.step(START + 5 * HOUR + 1).await.unwrap();
     assert_eq!(r.next_wake_ms, None, "{r:?}");
 }
+
+/// A removed user is never planned nor sent again, their profile leaves
+/// the pipeline (a later reaction of theirs is a dead letter), and the
+/// removal survives a reopen.
+#[tokio::test]
+async fn a_removed_user_is_never_messaged_again_and_leaves_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pop = population();
+    let clock = ManualClock::new(START);
+    let sender = Arc::new(Recording::default());
+    let open = || async {
+        Runtime::open(
+            ports(dir.path(), &clock, sender.clone()),
+            RuntimeOptions::default(),
+        )
+        .await
+        .unwrap()
+    };
+    let mut rt = open().await;
+    rt.create_campaign(setup("c1", pop.candidates.clone()))
+        .await
+        .unwrap();
+    rt.start("c1").await.unwrap();
+    rt.step(START).await.unwrap();
+    let b0 = sender.batches.lock().unwrap()[0].clone();
+    let (sent_user, sent_creative, _) = b0.decisions.iter().next().unwrap();
+    let (other_user, other_creative, _) = b0.decisions.iter().nth(1).unwrap();
+    let future_user = pop
+        .candidates
+        .users()
+        .iter()
+        .copied()
+        .find(|u| !b0.decisions.users.contains(u))
+        .unwrap();
+    let r = rt
+        .remove_user(sent_user, "asked to be forgotten")
+        .await
+        .unwrap();
+    assert!(r.recorded);
+    assert_eq!(r.campaigns, vec!["c1".to_owned()]);
+    assert!(rt.remove_user(future_user, "").await.unwrap().recorded);
+    let again = rt.remove_user(sent_user, "again").await.unwrap();
+    assert!(!again.recorded, "a second removal does nothing");
+    assert_eq!(again.removed_ms, r.removed_ms);
+    // Reactions of the removed user and of another after the removal.
+    let reaction = |u: u32, c: u16| {
+        format!(
+            r#"{{"campaign":"c1","batch":0,"user":{u},"creative":{c},"reaction":"clicked","time_ms":{}}}"#,
+            START + 60_000
+        )
+        .into_bytes()
+    };
+    for (u, c) in [(sent_user, sent_creative), (other_user, other_creative)] {
+        assert!(matches!(
+            rt.inbox().submit(reaction(u, c)).await.unwrap(),
+            Submitted::Accepted { .. }
+        ));
+    }
+    clock.set(START + 10 * 60_000);
+    rt.step(START + 10 * 60_000).await.unwrap();
+    rt.flush(START + 10 * 60_000).await.unwrap();
+    assert_eq!(
+        rt.view("c1").unwrap().reactions,
+        1,
+        "only the other user counts"
+    );
+    let dead = rt
+        .ports()
+        .log
+        .read_stream(&StreamId::new("reaction-dead-letters-c1").unwrap(), 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let text = String::from_utf8_lossy(&dead[0].payload);
+    assert!(text.contains("unknown_user"), "{text}");
+    // Reopened: still removed; the next batches never hold them.
+    drop(rt);
+    let mut rt = open().await;
+    assert!(rt.is_removed(sent_user) && rt.is_removed(future_user));
+    for t in [START + HOUR, START + 2 * HOUR] {
+        clock.set(t);
+        rt.step(t).await.unwrap();
+    }
+    let batches = sender.batches.lock().unwrap().clone();
+    assert_eq!(batches.len(), 3);
+    for b in &batches[1..] {
+        assert!(!b.decisions.users.contains(&sent_user));
+        assert!(!b.decisions.users.contains(&future_user));
+        assert_eq!(b.len(), 200, "the budget still goes out");
+    }
+}

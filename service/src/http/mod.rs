@@ -234,6 +234,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/reactions",
             post(routes::reactions).layer(DefaultBodyLimit::max(limits.max_reactions_bytes)),
         )
+        .route(
+            "/v1/users/{user}",
+            axum::routing::delete(routes::remove_user),
+        )
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))

@@ -30,10 +30,10 @@ use crate::streams::{check_campaign_id, CampaignStreams};
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "smartmsg", description = "Budgeted smart-message campaigns that learn from reactions, batch by batch."),
-    paths(define, list, get_campaign, upload, command, messages, dead_letters, reactions, health, ready, metrics),
-    components(schemas(CampaignDefinition, CampaignResource, Problem, RowError, MessagePage, PlannedMessage, DeadLetterPage, ReactionsAnswer, ReactionResult, UploadAnswer)),
+    paths(define, list, get_campaign, upload, command, messages, dead_letters, reactions, remove_user, health, ready, metrics),
+    components(schemas(CampaignDefinition, CampaignResource, Problem, RowError, MessagePage, PlannedMessage, DeadLetterPage, ReactionsAnswer, ReactionResult, UploadAnswer, RemovalRequest, RemovalAnswer, PipelineStatus)),
     modifiers(&Bearer),
-    tags((name = "campaigns"), (name = "reactions"), (name = "operations"))
+    tags((name = "campaigns"), (name = "reactions"), (name = "users"), (name = "operations"))
 )]
 pub(crate) struct ApiDoc;
 
@@ -911,8 +911,14 @@ async fn messages_inner(
         .map(|def| def.creatives.clone())
         .unwrap_or_default();
     let limit = page.limit.min(state.limits.max_page as u64) as usize;
-    let messages = d
+    // Removed users are not shown (the log still holds the plan).
+    let shown: Vec<(u32, u16, f32)> = d
         .iter()
+        .filter(|(u, _, _)| !state.handle.is_removed(*u))
+        .collect();
+    let total = shown.len() as u64;
+    let messages = shown
+        .into_iter()
         .skip(page.offset as usize)
         .take(limit)
         .map(|(u, c, p)| PlannedMessage {
@@ -927,7 +933,7 @@ async fn messages_inner(
         StatusCode::OK,
         &MessagePage {
             batch,
-            total: d.len() as u64,
+            total,
             sent_ms: b.sent_ms,
             send_error: if b.sent_ms.is_none() {
                 view.send_error.clone()
@@ -1118,6 +1124,88 @@ pub(crate) async fn reactions(
             metrics::counter!("smartmsg_reactions_accepted_total").increment(a.accepted);
             metrics::counter!("smartmsg_reactions_unrouted_total").increment(a.unrouted);
             json(StatusCode::OK, &a)
+        }
+    }
+}
+
+/// Why a user's data is removed (optional body of `DELETE /v1/users/{user}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemovalRequest {
+    /// Why (kept in the tombstone; at most 500 characters).
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// The answer to a removal.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RemovalAnswer {
+    /// What the runtime did.
+    #[schema(value_type = Object)]
+    #[serde(flatten)]
+    pub report: crate::RemovalReport,
+    /// What still holds the user's id or data, and why.
+    pub remains: Vec<String>,
+}
+
+/// What a removal leaves behind (docs/serve.md says the same).
+pub(crate) const REMAINS: [&str; 4] = [
+    "the event log (append-only): the tombstone in `removed-users`, and the history before it: planned batches with the user's id, creative and propensity, the raw reactions, the uploaded audience's chunks with the user's features, the pipeline's per-user outcomes",
+    "messages sent before the removal, at the channel",
+    "the campaign's counts (messages and reactions per creative and batch), which name nobody",
+    "the pipeline's per-(campaign, user) deduplication entry in the state store (the user's id and whether they reacted)",
+];
+
+/// Removes a user's data from every campaign's future batches, from what
+/// is not yet sent, from the pipelines' user tables and from the API's
+/// views; the log keeps a tombstone. Repeating it changes nothing.
+#[utoipa::path(delete, path = "/v1/users/{user}", tag = "users",
+    params(("user" = u32, Path, description = "The user")),
+    request_body(content = Option<RemovalRequest>, content_type = "application/json"),
+    responses((status = 200, body = RemovalAnswer), (status = 400, body = Problem), (status = 403, body = Problem)),
+    security(("bearer" = [])))]
+pub(crate) async fn remove_user(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    body: Bytes,
+) -> Response {
+    let user: u32 = match user.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return Problem::bad_request(format!(
+                "user {user:?} is not a number from 0 to {}",
+                u32::MAX
+            ))
+            .field("user")
+            .into_response()
+        }
+    };
+    let req: RemovalRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RemovalRequest::default()
+    } else {
+        match parse_json(&body) {
+            Ok(r) => r,
+            Err(p) => return p.into_response(),
+        }
+    };
+    match state.handle.remove_user(user, &req.reason).await {
+        Err(e) => Problem::from(e).into_response(),
+        Ok(report) => {
+            if report.recorded {
+                metrics::counter!("smartmsg_users_removed_total").increment(1);
+                tracing::info!(
+                    user,
+                    campaigns = report.campaigns.len(),
+                    "user data removed"
+                );
+            }
+            json(
+                StatusCode::OK,
+                &RemovalAnswer {
+                    report,
+                    remains: REMAINS.iter().map(|s| (*s).to_owned()).collect(),
+                },
+            )
         }
     }
 }
