@@ -4,6 +4,7 @@
 
 #[cfg(feature = "distributed")]
 mod distributed;
+mod evaluator;
 mod loadtest;
 
 /// mimalloc instead of the system allocator: under single-reaction HTTP
@@ -317,7 +318,8 @@ fn serve_cmd(
             c.listen,
             c.data_dir.display()
         );
-        serve_with(c, listener, shutdown, ports, sources).await?;
+        let evaluator = std::sync::Arc::new(evaluator::SlateEvaluator);
+        serve_with(c, listener, shutdown, ports, sources, Some(evaluator)).await?;
         anyhow::Ok(())
     })?;
     Ok(std::process::ExitCode::SUCCESS)

@@ -56,8 +56,9 @@ pub use hooks::{CrashPoint, Hooks, NoHooks};
 pub use ingest::{JsonLinesSource, Polled, ReactionInbox, ReactionSource, Submitted, Unrouted};
 pub use pipeline::PipelineSettings;
 pub use runtime::{
-    BatchView, CampaignSetup, CampaignView, PolicyFactory, Ports, RemovalReport, Runtime,
-    RuntimeOptions, RuntimeStats, StepReport, REMOVALS, USER_REMOVED_KIND,
+    read_registered, read_stream_all, BatchView, CampaignSetup, CampaignView, PolicyFactory, Ports,
+    Registration, RemovalReport, Runtime, RuntimeOptions, RuntimeStats, StepReport, REMOVALS,
+    USER_REMOVED_KIND,
 };
 pub use sender::{
     ChannelSender, OutboxSender, SendError, Sender, SentBatch, WebhookConfig, WebhookSender,

@@ -453,6 +453,57 @@ fn decode_err(e: &RecordedEvent, reason: impl std::fmt::Display) -> RuntimeError
 }
 
 /// Reads `stream` from version `from` to its end.
+/// The audience a registration names, read from the log.
+async fn read_audience(log: &dyn EventLog, reg: &Registration) -> Result<Audience, RuntimeError> {
+    let streams = CampaignStreams::new(&reg.id)?;
+    let mut cands = None;
+    let mut events = read_from(log, &streams.audience, reg.audience_from.max(1)).await?;
+    events.truncate(usize::try_from(reg.audience_chunks).unwrap_or(usize::MAX));
+    if (events.len() as u64) < reg.audience_chunks {
+        return Err(RuntimeError::Audience(format!(
+            "campaign {}: {} of {} audience chunks found",
+            reg.id,
+            events.len(),
+            reg.audience_chunks
+        )));
+    }
+    for e in &events {
+        audience::decode_into(e, &mut cands).map_err(|r| decode_err(e, r))?;
+    }
+    let cands = cands.ok_or_else(|| RuntimeError::Audience("no audience".into()))?;
+    Ok(Audience::new(cands)?)
+}
+
+/// A registered campaign as the log holds it: its registration, its
+/// audience, and every event of `streams` (of [`CampaignStreams`]) the
+/// caller asks for, in order. `None` if no campaign `id` was registered.
+/// For readers beside a running runtime (an evaluation job): nothing is
+/// locked, the log is read as it is.
+pub async fn read_registered(
+    log: &dyn EventLog,
+    id: &str,
+) -> Result<Option<(Registration, Audience)>, RuntimeError> {
+    let registry = StreamId::new(REGISTRY)?;
+    for e in read_from(log, &registry, 1).await? {
+        let reg: Registration =
+            serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
+        // The first registration of an id is the one the runtime loads.
+        if reg.id == id {
+            let aud = read_audience(log, &reg).await?;
+            return Ok(Some((reg, aud)));
+        }
+    }
+    Ok(None)
+}
+
+/// Every event of `stream`, in order.
+pub async fn read_stream_all(
+    log: &dyn EventLog,
+    stream: &StreamId,
+) -> Result<Vec<RecordedEvent>, RuntimeError> {
+    read_from(log, stream, 1).await
+}
+
 async fn read_from(
     log: &dyn EventLog,
     stream: &StreamId,
@@ -733,22 +784,7 @@ impl Runtime {
     async fn load(&mut self, reg: Registration) -> Result<(), RuntimeError> {
         let streams = CampaignStreams::new(&reg.id)?;
         let log = Arc::clone(&self.ports.log);
-        let mut cands = None;
-        let mut events = read_from(&*log, &streams.audience, reg.audience_from.max(1)).await?;
-        events.truncate(usize::try_from(reg.audience_chunks).unwrap_or(usize::MAX));
-        if (events.len() as u64) < reg.audience_chunks {
-            return Err(RuntimeError::Audience(format!(
-                "campaign {}: {} of {} audience chunks found",
-                reg.id,
-                events.len(),
-                reg.audience_chunks
-            )));
-        }
-        for e in &events {
-            audience::decode_into(e, &mut cands).map_err(|r| decode_err(e, r))?;
-        }
-        let cands = cands.ok_or_else(|| RuntimeError::Audience("no audience".into()))?;
-        let aud = Arc::new(Audience::new(cands)?);
+        let aud = Arc::new(read_audience(&*log, &reg).await?);
         let policy = self.build_policy(&reg, &aud)?;
         let config = DriverConfig {
             seed: reg.seed,

@@ -294,6 +294,18 @@ async fn a_campaign_through_the_api() {
         )
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "unknown field: {v}");
+    // Evaluation jobs need an evaluator; this server has none.
+    let ev = serde_json::json!({"campaign": "spring", "policies": {"r": {"kind": "random"}}});
+    let (st, _, v) = s
+        .call(
+            Method::POST,
+            "/v1/evaluations",
+            Some(READ),
+            Some(("application/json", ev.to_string().into_bytes())),
+            &[],
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_IMPLEMENTED, "{v}");
     // Pause with a stale If-Match: 412; with the current ETag: paused.
     let (_, h, _) = s
         .call(Method::GET, "/v1/campaigns/spring", Some(READ), None, &[])

@@ -22,6 +22,7 @@
 pub mod audience;
 pub mod auth;
 pub mod config;
+pub mod evaluation;
 pub mod idempotency;
 pub mod problem;
 mod routes;
@@ -136,6 +137,10 @@ pub struct Shared {
     pub(crate) uploads: PathBuf,
     /// Serialises definitions, uploads and registrations (cheap, rare).
     pub(crate) admin: Arc<tokio::sync::Mutex<()>>,
+    /// Estimates policies off-policy for evaluation jobs, if given.
+    pub(crate) evaluator: Option<Arc<dyn evaluation::Evaluator>>,
+    /// Evaluation jobs.
+    pub(crate) jobs: evaluation::Jobs,
 }
 
 /// The stream of campaign definitions and uploaded audiences.
@@ -191,6 +196,7 @@ impl AppState {
         limits: HttpLimits,
         uploads: PathBuf,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+        evaluator: Option<Arc<dyn evaluation::Evaluator>>,
     ) -> Result<Self, ServeError> {
         let log = Arc::clone(handle.log());
         let idem = idempotency::Store::load(&*log)
@@ -200,7 +206,10 @@ impl AppState {
             .await
             .map_err(|e| ServeError::Records(e.to_string()))?;
         std::fs::create_dir_all(&uploads).map_err(|e| ServeError::Records(e.to_string()))?;
-        Ok(Self(Arc::new(Shared {
+        let (jobs, unfinished) = evaluation::Jobs::load(&*log)
+            .await
+            .map_err(ServeError::Records)?;
+        let state = Self(Arc::new(Shared {
             handle,
             log,
             drafts: Arc::new(RwLock::new(drafts)),
@@ -210,7 +219,14 @@ impl AppState {
             metrics,
             uploads,
             admin: Arc::default(),
-        })))
+            evaluator,
+            jobs,
+        }));
+        // Jobs a restart interrupted run again.
+        for n in unfinished {
+            evaluation::spawn(state.clone(), n);
+        }
+        Ok(state)
     }
 }
 
@@ -238,6 +254,11 @@ pub fn router(state: AppState) -> Router {
             "/v1/users/{user}",
             axum::routing::delete(routes::remove_user),
         )
+        .route(
+            "/v1/evaluations",
+            post(evaluation::post).get(evaluation::list),
+        )
+        .route("/v1/evaluations/{job}", get(evaluation::get))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
@@ -303,7 +324,7 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (ports, sources) = embedded_backend(&config)?;
-    serve_with(config, listener, shutdown, ports, sources).await
+    serve_with(config, listener, shutdown, ports, sources, None).await
 }
 
 /// The sender of `config` when it needs no broker (outbox, webhook).
@@ -361,13 +382,16 @@ pub fn embedded_backend(
 }
 
 /// [`serve_on`] with ports and sources opened by the caller (the
-/// `distributed` build of `smartmsg` passes Kafka and RabbitMQ ones).
+/// `distributed` build of `smartmsg` passes Kafka and RabbitMQ ones) and
+/// an [`evaluation::Evaluator`] for evaluation jobs (without one they get
+/// a 501).
 pub async fn serve_with(
     config: ServeConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
     ports: Ports,
     sources: Vec<Box<dyn ReactionSource>>,
+    evaluator: Option<Arc<dyn evaluation::Evaluator>>,
 ) -> Result<(), ServeError> {
     if config.tokens.is_empty() {
         tracing::warn!("no tokens configured: every request is allowed");
@@ -392,6 +416,7 @@ pub async fn serve_with(
         config.limits,
         config.data_dir.join("uploads"),
         metrics,
+        evaluator,
     )
     .await?;
     let addr = listener.local_addr().ok();

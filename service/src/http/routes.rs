@@ -30,10 +30,10 @@ use crate::streams::{check_campaign_id, CampaignStreams};
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "smartmsg", description = "Budgeted smart-message campaigns that learn from reactions, batch by batch."),
-    paths(define, list, get_campaign, upload, command, messages, dead_letters, reactions, remove_user, health, ready, metrics),
-    components(schemas(CampaignDefinition, CampaignResource, Problem, RowError, MessagePage, PlannedMessage, DeadLetterPage, ReactionsAnswer, ReactionResult, UploadAnswer, RemovalRequest, RemovalAnswer, PipelineStatus)),
+    paths(define, list, get_campaign, upload, command, messages, dead_letters, reactions, remove_user, super::evaluation::post, super::evaluation::get, super::evaluation::list, health, ready, metrics),
+    components(schemas(CampaignDefinition, CampaignResource, Problem, RowError, MessagePage, PlannedMessage, DeadLetterPage, ReactionsAnswer, ReactionResult, UploadAnswer, RemovalRequest, RemovalAnswer, PipelineStatus, super::evaluation::EvaluationRequest, super::evaluation::EvaluationJob, super::evaluation::JobStatus)),
     modifiers(&Bearer),
-    tags((name = "campaigns"), (name = "reactions"), (name = "users"), (name = "operations"))
+    tags((name = "campaigns"), (name = "reactions"), (name = "users"), (name = "evaluations"), (name = "operations"))
 )]
 pub(crate) struct ApiDoc;
 
@@ -180,7 +180,7 @@ async fn resource(state: &AppState, id: &str) -> Option<CampaignResource> {
 
 /// Runs `f` once per `Idempotency-Key`: a repeat with the same request gets
 /// the first answer; with another request, a 422.
-async fn idempotent<F, Fut>(
+pub(crate) async fn idempotent<F, Fut>(
     state: &AppState,
     headers: &HeaderMap,
     method: &str,
@@ -285,7 +285,7 @@ pub(crate) async fn define(
     .await
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error_like(de)
 }

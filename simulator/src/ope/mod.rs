@@ -15,6 +15,7 @@
 pub mod estimate;
 pub mod load;
 pub mod policy_target;
+pub mod served;
 pub mod slate;
 
 use std::path::PathBuf;

@@ -98,7 +98,17 @@ pub fn policy_probs(
                 };
             }
         }
-        learn_from_batch(&mut *p, pop, data, rows, idx, &mut planned_per_creative).map_err(err)?;
+        let features = |u: u32| pop.features(u);
+        learn_from_batch(
+            &mut *p,
+            &features,
+            pop.dim(),
+            data,
+            rows,
+            idx,
+            &mut planned_per_creative,
+        )
+        .map_err(err)?;
         reserved += idx.len() as u64;
     }
     TargetProbs::new(rows.len(), k, probs)
@@ -107,17 +117,18 @@ pub fn policy_probs(
 /// Feeds the logged outcomes of one batch (rows `idx`) to the target, as
 /// the real policy learns from the feedback of the batches it planned, and
 /// counts them in `planned_per_creative`.
-pub(crate) fn learn_from_batch(
+pub(crate) fn learn_from_batch<'a>(
     p: &mut dyn smartmsg_domain::Policy,
-    pop: &SimPopulation,
+    features: &(dyn Fn(u32) -> Option<&'a [f32]> + Sync),
+    dim: usize,
     data: &LoggedData,
     rows: &[CampaignRow],
     idx: &[usize],
     planned_per_creative: &mut [u64],
 ) -> Result<(), String> {
-    let mut o = Outcomes::new(pop.dim()).map_err(|e| e.to_string())?;
+    let mut o = Outcomes::new(dim).map_err(|e| e.to_string())?;
     for &i in idx {
-        if let Some(x) = pop.features(rows[i].user) {
+        if let Some(x) = features(rows[i].user) {
             let a = data.action[i];
             o.push(a as u16, x, 1, u32::from(data.reward[i] > 0.0))
                 .map_err(|e| e.to_string())?;

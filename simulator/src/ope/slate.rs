@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use smartmsg_domain::{PlanContext, UserSet};
+use smartmsg_domain::{Candidates, PlanContext, UserSet};
 
 use super::estimate::{RewardModel, Row};
 use super::load::CampaignRow;
@@ -53,7 +53,8 @@ use crate::scenario::Scenario;
 pub struct SlateTarget {
     /// One per logged row, in the data's order.
     pub rows: Vec<Row>,
-    /// The target's true value per message on these batches.
+    /// The target's true value per message on these batches (NaN when
+    /// the world's truth is unknown).
     pub true_value: f64,
 }
 
@@ -78,6 +79,23 @@ pub fn estimate(
     Ok(super::estimate::estimate_rows(&target.rows, opts))
 }
 
+/// What the batch-level evaluation needs of a campaign's world: its
+/// audience (every candidate with features), its batch count and budget,
+/// and the users' true reaction probabilities when they are known (the
+/// simulator's; a real campaign's are not).
+pub struct SlateWorld<'a> {
+    /// The campaign's audience.
+    pub candidates: &'a Candidates,
+    /// A user's features.
+    pub features: &'a (dyn Fn(u32) -> Option<&'a [f32]> + Sync),
+    /// The campaign's number of batches.
+    pub batches: u32,
+    /// The campaign's budget.
+    pub budget: u64,
+    /// `P(user reacts to creative)`, when known.
+    pub truth: Option<&'a (dyn Fn(u32, u16) -> f64 + Sync)>,
+}
+
 /// Prepares the batch-level evaluation of `policy` on a campaign log (see
 /// the module docs). `data` and `rows` come from [`super::load::from_events`];
 /// `model` is the reward model fitted on `data`.
@@ -92,21 +110,64 @@ pub fn slate_target(
     draws: usize,
     seed: u64,
 ) -> Result<SlateTarget, OpeError> {
-    let k = data.actions.len();
     let err = |e: String| OpeError::Target(format!("{policy}: {e}"));
-    if k != pop.creatives() || rows.len() != data.len() {
+    if data.actions.len() != pop.creatives() {
         return Err(err(format!(
-            "the log has {k} creatives and {} rows, the population {} creatives and the rows {}",
-            data.len(),
-            pop.creatives(),
-            rows.len()
+            "the log has {} creatives, the population {}",
+            data.actions.len(),
+            pop.creatives()
         )));
     }
     // The target's own propensity estimate is not needed: only its choices
     // are counted.
     let mut quiet = scenario.clone();
     quiet.policies.propensity_draws = 1;
-    let mut p = policies::build(policy, &quiet, pop).map_err(|e| err(e.to_string()))?;
+    let p = policies::build(policy, &quiet, pop).map_err(|e| err(e.to_string()))?;
+    let features = |u: u32| pop.features(u);
+    let truth = |u: u32, c: u16| pop.probability(u, c);
+    let world = SlateWorld {
+        candidates: pop.candidates(),
+        features: &features,
+        batches: scenario.campaign.batches,
+        budget: scenario.campaign.budget,
+        truth: Some(&truth),
+    };
+    slate_target_in(
+        &policy.to_string(),
+        p,
+        &world,
+        data,
+        rows,
+        model,
+        draws,
+        seed,
+    )
+}
+
+/// [`slate_target`] for any campaign: the target `p` (a fresh policy; its
+/// own propensity estimate is not used), named `label` in errors, planning
+/// in `world`. The true value is NaN when `world.truth` is `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn slate_target_in(
+    label: &str,
+    mut p: Box<dyn smartmsg_domain::Policy>,
+    world: &SlateWorld<'_>,
+    data: &LoggedData,
+    rows: &[CampaignRow],
+    model: &RewardModel,
+    draws: usize,
+    seed: u64,
+) -> Result<SlateTarget, OpeError> {
+    let policy = label;
+    let k = data.actions.len();
+    let err = |e: String| OpeError::Target(format!("{policy}: {e}"));
+    if rows.len() != data.len() {
+        return Err(err(format!(
+            "the log has {} rows, the campaign rows {}",
+            data.len(),
+            rows.len()
+        )));
+    }
     let mut by_batch: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
         by_batch.entry(r.batch).or_default().push(i);
@@ -125,15 +186,15 @@ pub fn slate_target(
     let mut planned_per_creative = vec![0u64; k];
     let mut reserved = 0u64;
     let mut true_total = 0.0;
-    let mut x64 = vec![0.0f64; pop.dim()];
+    let mut x64 = vec![0.0f64; world.candidates.dim()];
     for (&batch, idx) in &by_batch {
-        let mut cands = pop.candidates().clone();
+        let mut cands = world.candidates.clone();
         cands.retain_unmessaged(&messaged);
         let ctx = PlanContext {
             batch,
-            batch_count: scenario.campaign.batches,
+            batch_count: world.batches,
             creatives: k,
-            remaining_budget: scenario.campaign.budget.saturating_sub(reserved),
+            remaining_budget: world.budget.saturating_sub(reserved),
             planned_per_creative: planned_per_creative.clone(),
         };
         // Logged (user, creative) → row; counts of the target choosing it.
@@ -164,14 +225,15 @@ pub fn slate_target(
                 if !logged_creatives[a] {
                     unlogged[a] += 1;
                 }
-                let x = pop
-                    .features(u)
-                    .ok_or_else(|| err(format!("planned user {u}, not in the population")))?;
+                let x = (world.features)(u)
+                    .ok_or_else(|| err(format!("planned user {u}, not in the audience")))?;
                 for (t, &v) in x64.iter_mut().zip(x) {
                     *t = f64::from(v);
                 }
                 dm_sum += model.predict(&x64, a);
-                true_sum += pop.probability(u, c);
+                if let Some(t) = world.truth {
+                    true_sum += t(u, c);
+                }
                 if let Some(&i) = logged.get(&(u, c)) {
                     hits[pos[&i]] += 1;
                 }
@@ -206,13 +268,24 @@ pub fn slate_target(
         }
         // Learn from the batch's logged outcomes; the logged users are gone
         // from the next batch's candidates.
-        learn_from_batch(&mut *p, pop, data, rows, idx, &mut planned_per_creative).map_err(err)?;
+        learn_from_batch(
+            &mut *p,
+            world.features,
+            world.candidates.dim(),
+            data,
+            rows,
+            idx,
+            &mut planned_per_creative,
+        )
+        .map_err(err)?;
         messaged.extend_from(&idx.iter().map(|&i| rows[i].user).collect::<Vec<_>>());
         reserved += idx.len() as u64;
     }
     Ok(SlateTarget {
         rows: out,
-        true_value: if rows.is_empty() {
+        true_value: if world.truth.is_none() {
+            f64::NAN
+        } else if rows.is_empty() {
             0.0
         } else {
             true_total / rows.len() as f64
