@@ -4,5 +4,6 @@
 
 pub mod crash;
 pub mod effects;
+pub mod plan;
 pub mod runtime_crash;
 pub mod stream_crash;

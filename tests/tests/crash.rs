@@ -14,10 +14,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use smartmsg_embedded::{EmbeddedConfig, EmbeddedLog};
 use smartmsg_engine::{EventLog, RecordedEvent};
 use smartmsg_tests::crash::parse_payload;
+use smartmsg_tests::plan::CrashPlan;
 
 const SEGMENT_BYTES: u64 = 256 << 10;
 
@@ -36,16 +37,14 @@ fn read_everything(log: &EmbeddedLog, rt: &tokio::runtime::Runtime) -> Vec<Recor
 
 #[test]
 fn sigkill_never_loses_an_acknowledged_append() {
-    let kills: u32 = std::env::var("SMARTMSG_CRASH_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+    let mut plan = CrashPlan::from_env("event log", 0x5eed, 200);
+    let kills = plan.kills;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed);
+    let rng = &mut plan.rng;
     // position -> event count of every acknowledged transaction so far.
     let mut acked: HashMap<u64, u32> = HashMap::new();
     let mut torn_recoveries = 0u32;
@@ -74,8 +73,10 @@ fn sigkill_never_loses_an_acknowledged_append() {
             acks
         });
         // Let it run a random while (it needs a few ms to open the log).
-        std::thread::sleep(Duration::from_micros(rng.random_range(2_000..40_000)));
+        let after = Duration::from_micros(rng.random_range(2_000..40_000));
+        std::thread::sleep(after);
         child.kill().expect("SIGKILL");
+        eprintln!("kill {} of {kills} after {after:?}", round + 1);
         let status = child.wait().unwrap();
         assert!(!status.success(), "child exited by itself: {status}");
         for (pos, n) in reader.join().unwrap() {

@@ -20,13 +20,14 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use smartmsg_embedded::{EmbeddedConfig, EmbeddedDelayQueue, EmbeddedLog, EmbeddedQueueConfig};
 use smartmsg_engine::{
     Clock, DelayQueue, EventLog, JobId, ManualClock, QueueLimits, Repository, Scheduler,
     SystemClock,
 };
 use smartmsg_tests::effects::{effects, mapper, Effects};
+use smartmsg_tests::plan::CrashPlan;
 
 fn queue_config() -> EmbeddedQueueConfig {
     // Must match the child's.
@@ -56,10 +57,8 @@ fn open(dir: &Path) -> (Arc<EmbeddedDelayQueue>, Arc<dyn EventLog>) {
 
 #[test]
 fn sigkill_never_loses_a_scheduled_job_nor_doubles_an_effect() {
-    let kills: u32 = std::env::var("SMARTMSG_CRASH_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(90);
+    let mut plan = CrashPlan::from_env("delay queue", 0xde1a7, 90);
+    let kills = plan.kills;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -67,7 +66,7 @@ fn sigkill_never_loses_a_scheduled_job_nor_doubles_an_effect() {
         .enable_all()
         .build()
         .unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xde1a7);
+    let rng = &mut plan.rng;
     let mut acked: BTreeSet<String> = BTreeSet::new();
     let mut fired_during_runs = 0usize;
     for round in 0..kills {
@@ -92,8 +91,10 @@ fn sigkill_never_loses_a_scheduled_job_nor_doubles_an_effect() {
             }
             ids
         });
-        std::thread::sleep(Duration::from_micros(rng.random_range(20_000..200_000)));
+        let after = Duration::from_micros(rng.random_range(20_000..200_000));
+        std::thread::sleep(after);
         child.kill().expect("SIGKILL");
+        eprintln!("kill {} of {kills} ({mode}) after {after:?}", round + 1);
         let status = child.wait().unwrap();
         assert!(!status.success(), "child exited by itself: {status}");
         acked.extend(reader.join().unwrap());

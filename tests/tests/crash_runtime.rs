@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::{extract::State, http::HeaderMap, http::StatusCode, routing::post, Json, Router};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use smartmsg_domain::reactions::ReactionKind;
 use smartmsg_domain::{CampaignEvent, Status};
 use smartmsg_embedded::EmbeddedLog;
 use smartmsg_engine::{EventCodec, EventLog, StreamId};
 use smartmsg_service::sender::{MessageRecord, WebhookRequest};
 use smartmsg_service::CampaignView;
+use smartmsg_tests::plan::CrashPlan;
 use smartmsg_tests::runtime_crash::{reacts, BATCHES, BUDGET, CAMPAIGNS, STATUS};
 
 #[derive(Default)]
@@ -106,10 +107,8 @@ fn read_status(dir: &std::path::Path) -> Vec<CampaignView> {
 
 #[test]
 fn a_runtime_killed_again_and_again_completes_every_campaign_exactly() {
-    let kills: u32 = std::env::var("SMARTMSG_CRASH_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
+    let mut plan = CrashPlan::from_env("campaign runtime", 0xc0ffee, 100);
+    let kills = plan.kills;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("child");
     let reactions = tmp.path().join("reactions");
@@ -155,12 +154,14 @@ fn a_runtime_killed_again_and_again_completes_every_campaign_exactly() {
             .spawn()
             .unwrap()
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xc0ffee);
+    let rng = &mut plan.rng;
     let started = Instant::now();
-    for _ in 0..kills {
+    for round in 0..kills {
         let mut child = spawn();
-        std::thread::sleep(Duration::from_millis(rng.random_range(30..300)));
+        let after = Duration::from_millis(rng.random_range(30..300));
+        std::thread::sleep(after);
         child.kill().unwrap(); // SIGKILL
+        eprintln!("kill {} of {kills} after {after:?}", round + 1);
         child.wait().unwrap();
     }
     let killed_for = started.elapsed();

@@ -29,6 +29,7 @@ use smartmsg_engine::stream::{
     envelope, EventLogSink, EventLogSource, LateRecord, RunnerConfig, StateCodec, StreamRunner,
 };
 use smartmsg_engine::{AppendTx, EventLog, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+use smartmsg_tests::plan::CrashPlan;
 use smartmsg_tests::stream_crash::{topology, Echo, Reference, WindowKey, RUNNER};
 
 const SEGMENT_BYTES: u64 = 1 << 20;
@@ -109,18 +110,15 @@ impl Inputs {
 
 #[test]
 fn sigkill_never_duplicates_or_loses_a_stream_effect() {
-    let kills: u32 = std::env::var("SMARTMSG_CRASH_KILLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
+    let mut plan = CrashPlan::from_env("stream runner", 0x57ea_0001, 100);
+    let kills = plan.kills;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x57ea_0001);
     let mut inputs = Inputs {
-        rng: rand_chacha::ChaCha8Rng::seed_from_u64(0x57ea_0002),
+        rng: rand_chacha::ChaCha8Rng::seed_from_u64(plan.seed.wrapping_add(1)),
         next_id: 0,
         clock: 10_000,
     };
@@ -134,8 +132,9 @@ fn sigkill_never_duplicates_or_loses_a_stream_effect() {
             .spawn()
             .expect("spawn stream_child")
     };
+    let rng = &mut plan.rng;
     let mut exited_early = 0;
-    for _ in 0..kills {
+    for round in 0..kills {
         {
             let log = open_log(&dir);
             let n = rng.random_range(50..600);
@@ -143,8 +142,13 @@ fn sigkill_never_duplicates_or_loses_a_stream_effect() {
         }
         let batch = rng.random_range(1..=400usize);
         let mut c = child(&[batch.to_string()]);
-        std::thread::sleep(Duration::from_micros(rng.random_range(3_000..60_000)));
+        let after = Duration::from_micros(rng.random_range(3_000..60_000));
+        std::thread::sleep(after);
         c.kill().expect("SIGKILL");
+        eprintln!(
+            "kill {} of {kills} (batch {batch}) after {after:?}",
+            round + 1
+        );
         let status = c.wait().unwrap();
         if status.success() {
             exited_early += 1;

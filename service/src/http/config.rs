@@ -246,6 +246,7 @@ impl ServeConfig {
             "KAFKA_BOOTSTRAP",
             "RABBITMQ_URL",
             "CRASH_KILLS",
+            "CRASH_SEED",
             "SERVE_KILLS",
             "SKIP_SERVICES",
             "SKIP_LINT",
