@@ -80,6 +80,8 @@ struct Inner {
     ready: BTreeSet<(u64, JobId)>,
     next_delivery: u64,
     dead: VecDeque<DeadLetter>,
+    /// Dead letters kept (the oldest dropped beyond it).
+    max_dead: usize,
     expired: Vec<Expired<JobId>>,
 }
 
@@ -93,6 +95,19 @@ struct Inner {
 pub struct InMemoryDelayQueue {
     inner: Mutex<Inner>,
     limits: QueueLimits,
+}
+
+impl InMemoryDelayQueue {
+    /// Dead letters kept by default; beyond it the oldest are dropped as new
+    /// ones arrive, so a queue that keeps failing does not grow without
+    /// bound.
+    pub const DEFAULT_MAX_DEAD_LETTERS: usize = 100_000;
+
+    /// Keeps at most `max` dead letters (the newest); 0 keeps none.
+    pub fn with_max_dead_letters(self, max: usize) -> Self {
+        self.lock().max_dead = max;
+        self
+    }
 }
 
 impl Default for InMemoryDelayQueue {
@@ -112,6 +127,7 @@ impl InMemoryDelayQueue {
         Self {
             inner: Mutex::new(Inner {
                 next_delivery: 1,
+                max_dead: Self::DEFAULT_MAX_DEAD_LETTERS,
                 ..Inner::default()
             }),
             limits,
@@ -156,6 +172,9 @@ impl Inner {
                     entry.attempts
                 ),
             });
+            while self.dead.len() > self.max_dead {
+                self.dead.pop_front();
+            }
             return;
         }
         entry.state = State::Pending;
@@ -442,6 +461,22 @@ mod tests {
         assert_eq!(dead[0].attempts, 2);
         assert_eq!(dead[0].id.as_ref().unwrap().as_str(), "a");
         assert!(dead[0].reason.contains("expired"), "{}", dead[0].reason);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_keep_the_newest_up_to_the_limit() {
+        let q = q(100, 1).with_max_dead_letters(2);
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            q.schedule(job(id, i as u64)).await.unwrap();
+            let l = q.poll_due(i as u64, 1).await.unwrap();
+            q.nack(&l[0].token, None).await.unwrap();
+        }
+        let dead = q.dead_letters(10).await.unwrap();
+        let ids: Vec<_> = dead
+            .iter()
+            .map(|d| d.id.as_ref().unwrap().as_str())
+            .collect();
+        assert_eq!(ids, ["b", "c"]);
     }
 
     #[tokio::test]

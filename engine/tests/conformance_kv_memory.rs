@@ -1,7 +1,9 @@
 //! The KeyValueStore conformance suite on the in-memory store.
 
 use smartmsg_engine::stream::{InMemoryStore, StoreLimits};
-use smartmsg_engine::testkit::{kv_store_conformance, KvHarness, SuiteConfig};
+use smartmsg_engine::testkit::{
+    kv_changelog_retention, kv_store_conformance, KvHarness, SuiteConfig,
+};
 
 struct Memory(StoreLimits);
 
@@ -24,6 +26,15 @@ fn in_memory_store_with_small_limits_conforms() {
         max_value_bytes: 64,
         max_batch_ops: 30_000,
         max_read: 5_000,
+        ..StoreLimits::default()
     };
     kv_store_conformance(Memory(limits), SuiteConfig::default());
+}
+
+#[test]
+fn in_memory_store_keeps_the_newest_changelog_entries() {
+    kv_changelog_retention(Memory(StoreLimits {
+        max_changelog_entries: 500,
+        ..StoreLimits::default()
+    }));
 }

@@ -63,7 +63,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::mpsc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -77,6 +79,7 @@ use smartmsg_engine::{
 
 use crate::error::EmbeddedError;
 use crate::lock::DirLock;
+use crate::storage::{contained, off_thread, open_db};
 
 /// Name of the database file inside the queue's directory.
 pub const QUEUE_FILE: &str = "queue.redb";
@@ -113,6 +116,11 @@ pub struct EmbeddedQueueConfig {
     /// Dead letters kept: beyond it the oldest are deleted as new ones
     /// arrive (default 100,000; 0 keeps none).
     pub max_dead_letters: u64,
+    /// Most `schedule` calls waiting for the committer thread. Default 8,192
+    /// (two group commits). When it is full, `schedule` waits
+    /// (asynchronously) for room: back-pressure instead of a queue that grows
+    /// with load.
+    pub queue_capacity: usize,
 }
 
 impl Default for EmbeddedQueueConfig {
@@ -125,6 +133,7 @@ impl Default for EmbeddedQueueConfig {
             durable_polls: true,
             durable_settles: false,
             max_dead_letters: 100_000,
+            queue_capacity: 8_192,
         }
     }
 }
@@ -134,6 +143,11 @@ impl EmbeddedQueueConfig {
         if self.load_batch == 0 {
             return Err(EmbeddedError::Config(
                 "load_batch must be at least 1".into(),
+            ));
+        }
+        if self.queue_capacity == 0 {
+            return Err(EmbeddedError::Config(
+                "queue_capacity must be at least 1".into(),
             ));
         }
         if self.limits.max_attempts == 0 {
@@ -354,8 +368,9 @@ type Waiting = (
     tokio::sync::oneshot::Sender<Result<Scheduled, QueueError>>,
 );
 
-/// The embedded, durable [`DelayQueue`] (see the [module docs](self)).
-pub struct EmbeddedDelayQueue {
+/// The queue behind an [`EmbeddedDelayQueue`] handle, shared with the
+/// blocking tasks that do its redb work.
+struct Queue {
     core: Arc<Core>,
     dir: PathBuf,
     /// To the committer thread: single `schedule` calls, group-committed.
@@ -379,7 +394,7 @@ impl Core {
     /// The committer thread: takes every `schedule` call waiting (up to
     /// [`MAX_GROUP`]), commits them in one transaction, answers each; runs
     /// until the queue is dropped.
-    fn run_committer(self: Arc<Self>, rx: mpsc::Receiver<Waiting>) {
+    fn run_committer(self: Arc<Self>, mut rx: mpsc::Receiver<Waiting>) {
         /// If the committer panics, the queue refuses everything (as after
         /// a failed commit) instead of failing only `schedule`.
         struct PoisonOnPanic<'a>(&'a Core);
@@ -391,7 +406,7 @@ impl Core {
             }
         }
         let _guard = PoisonOnPanic(&self);
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_GROUP {
                 match rx.try_recv() {
@@ -522,7 +537,7 @@ impl Core {
 impl std::fmt::Debug for EmbeddedDelayQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedDelayQueue")
-            .field("path", &self.core.path)
+            .field("path", &self.q.core.path)
             .finish_non_exhaustive()
     }
 }
@@ -544,12 +559,7 @@ pub struct QueueStats {
 
 type Res<T> = Result<T, EmbeddedError>;
 
-impl EmbeddedDelayQueue {
-    /// Opens (or creates) the queue in `dir` with the default configuration.
-    pub fn open(dir: impl AsRef<Path>) -> Res<Self> {
-        Self::open_with(dir, EmbeddedQueueConfig::default())
-    }
-
+impl Queue {
     /// Opens (or creates) the queue in `dir`, taking the directory's lock and
     /// ending every lease left by the previous owner (see the module docs).
     /// Reads no pending job.
@@ -559,10 +569,9 @@ impl EmbeddedDelayQueue {
         std::fs::create_dir_all(&dir).map_err(|e| EmbeddedError::io("create", &dir, e))?;
         let lock = DirLock::acquire(&dir)?;
         let path = dir.join(QUEUE_FILE);
-        let db = redb::Database::builder()
-            .set_cache_size(config.cache_bytes)
-            .create(&path)
-            .map_err(|e| redb_err(&path, e))?;
+        // The file holds pending jobs only: small enough to verify every
+        // page at each open.
+        let db = open_db(&path, config.cache_bytes, true)?;
         let core = Arc::new(Core {
             db,
             mem: Mutex::new(Mem {
@@ -581,7 +590,7 @@ impl EmbeddedDelayQueue {
             config,
             path,
         });
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel(core.config.queue_capacity);
         let mut q = Self {
             core: core.clone(),
             dir: dir.clone(),
@@ -597,11 +606,6 @@ impl EmbeddedDelayQueue {
                 .map_err(|e| EmbeddedError::io("spawn the committer thread for", &dir, e))?,
         );
         Ok(q)
-    }
-
-    /// The queue's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Ends the previous owner's leases and reads the counters.
@@ -678,7 +682,7 @@ impl EmbeddedDelayQueue {
     /// with the outcome [`DelayQueue::schedule`] would give it (in order: a
     /// repeat of an earlier job of the batch is `AlreadyPending`). Fails as a
     /// whole only when the store fails.
-    pub async fn schedule_many(
+    fn schedule_many_now(
         &self,
         jobs: Vec<Job>,
     ) -> Result<Vec<Result<Scheduled, QueueError>>, QueueError> {
@@ -1091,7 +1095,7 @@ impl EmbeddedDelayQueue {
     }
 }
 
-impl Drop for EmbeddedDelayQueue {
+impl Drop for Queue {
     fn drop(&mut self) {
         // Stop the committer once it has answered every call already sent.
         self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -1115,25 +1119,28 @@ fn redb_err(path: &Path, e: impl std::fmt::Display) -> EmbeddedError {
     }
 }
 
-#[async_trait]
-impl DelayQueue for EmbeddedDelayQueue {
+impl Queue {
+    /// Hands the job to the committer thread (waiting for room when its
+    /// channel is full) and waits for the group commit.
     async fn schedule(&self, job: Job) -> Result<Scheduled, QueueError> {
         check_job(&job, &self.core.config.limits)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self
+        let sender = self
             .sender
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|s| s.send((job, tx)).is_ok());
+            .clone();
         let gone = || QueueError::Backend(BackendError::new(EmbeddedError::Poisoned));
-        if sent != Some(true) {
+        let Some(sender) = sender else {
+            return Err(gone());
+        };
+        if sender.send((job, tx)).await.is_err() {
             return Err(gone());
         }
         rx.await.unwrap_or_else(|_| Err(gone()))
     }
 
-    async fn cancel(&self, id: &JobId) -> Result<bool, QueueError> {
+    fn cancel_now(&self, id: &JobId) -> Result<bool, QueueError> {
         let mut mem = self.lock_live()?;
         let tx = self.core.db.begin_write().map_err(|e| self.qerr(e))?;
         {
@@ -1168,7 +1175,7 @@ impl DelayQueue for EmbeddedDelayQueue {
         Ok(true)
     }
 
-    async fn poll_due(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>, QueueError> {
+    fn poll_due_now(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>, QueueError> {
         if max > self.core.config.limits.max_poll {
             return Err(QueueError::PollTooLarge {
                 requested: max,
@@ -1186,19 +1193,19 @@ impl DelayQueue for EmbeddedDelayQueue {
         }
     }
 
-    async fn ack(&self, token: &LeaseToken) -> Result<(), QueueError> {
+    fn ack_now(&self, token: &LeaseToken) -> Result<(), QueueError> {
         self.settle(token, None)
     }
 
-    async fn nack(&self, token: &LeaseToken, retry_at_ms: Option<u64>) -> Result<(), QueueError> {
+    fn nack_now(&self, token: &LeaseToken, retry_at_ms: Option<u64>) -> Result<(), QueueError> {
         self.settle(token, Some(retry_at_ms))
     }
 
-    async fn len(&self) -> Result<u64, QueueError> {
+    fn len_now(&self) -> Result<u64, QueueError> {
         Ok(self.lock_live()?.len)
     }
 
-    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+    fn dead_letters_now(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         let _mem = self.lock_live()?;
         let tx = self.core.db.begin_read().map_err(|e| self.qerr(e))?;
         let dead = tx.open_table(DEAD).map_err(|e| self.qerr(e))?;
@@ -1210,7 +1217,7 @@ impl DelayQueue for EmbeddedDelayQueue {
         Ok(out)
     }
 
-    async fn next_due(&self) -> Result<Option<u64>, QueueError> {
+    fn next_due_now(&self) -> Result<Option<u64>, QueueError> {
         let mem = self.lock_live()?;
         let mut best = mem.ready.first().map(|(at, _)| *at);
         if let Some(w) = mem.wheel.next_due() {
@@ -1229,9 +1236,124 @@ impl DelayQueue for EmbeddedDelayQueue {
         }
         Ok(best)
     }
+}
+
+/// The embedded, durable [`DelayQueue`] (see the [module docs](self)).
+///
+/// Every call that reads or commits the redb file runs on tokio's blocking
+/// pool (in place outside a runtime), so its `fsync` never holds an async
+/// worker thread; a panic inside redb is contained and reported as
+/// [`EmbeddedError::StoragePanicked`], after which the queue refuses
+/// everything until it is reopened.
+pub struct EmbeddedDelayQueue {
+    q: Arc<Queue>,
+}
+
+impl EmbeddedDelayQueue {
+    /// Opens (or creates) the queue in `dir` with the default configuration.
+    pub fn open(dir: impl AsRef<Path>) -> Res<Self> {
+        Self::open_with(dir, EmbeddedQueueConfig::default())
+    }
+
+    /// Opens (or creates) the queue in `dir`, taking the directory's lock,
+    /// verifying the redb file and ending every lease left by the previous
+    /// owner (see the module docs). Reads no pending job.
+    pub fn open_with(dir: impl AsRef<Path>, config: EmbeddedQueueConfig) -> Res<Self> {
+        let dir = dir.as_ref().to_owned();
+        let path = dir.join(QUEUE_FILE);
+        let q = contained(&path, move || Queue::open_with(&dir, config))??;
+        Ok(Self { q: Arc::new(q) })
+    }
+
+    /// The queue's directory.
+    pub fn dir(&self) -> &Path {
+        &self.q.dir
+    }
+
+    /// Counters for tests and benchmarks.
+    pub fn stats(&self) -> QueueStats {
+        self.q.stats()
+    }
+
+    /// Whether a job with this id is pending or leased (inspection; reads
+    /// the disk on the calling thread).
+    pub fn contains(&self, id: &JobId) -> Result<bool, QueueError> {
+        let q = &self.q;
+        contained(&q.core.path, || q.contains(id)).unwrap_or_else(|e| Err(q.poison(e)))
+    }
+
+    /// Schedules many jobs in one durable transaction (one `fsync`), each
+    /// with the outcome [`DelayQueue::schedule`] would give it (in order: a
+    /// repeat of an earlier job of the batch is `AlreadyPending`). Fails as a
+    /// whole only when the store fails.
+    pub async fn schedule_many(
+        &self,
+        jobs: Vec<Job>,
+    ) -> Result<Vec<Result<Scheduled, QueueError>>, QueueError> {
+        self.off_thread(move |q| q.schedule_many_now(jobs)).await
+    }
+
+    /// Runs `f` on the blocking pool with panics contained.
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Queue) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let q = self.q.clone();
+        match off_thread(self.q.core.path.clone(), move || f(&q)).await {
+            Ok(r) => r,
+            Err(e) => Err(self.q.poison(e)),
+        }
+    }
+}
+
+impl Queue {
+    /// After a contained panic: refuse everything until reopened.
+    fn poison(&self, e: EmbeddedError) -> QueueError {
+        self.lock_mem().poisoned = true;
+        QueueError::Backend(BackendError::new(e))
+    }
+}
+
+#[async_trait]
+impl DelayQueue for EmbeddedDelayQueue {
+    async fn schedule(&self, job: Job) -> Result<Scheduled, QueueError> {
+        self.q.schedule(job).await
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<bool, QueueError> {
+        let id = id.clone();
+        self.off_thread(move |q| q.cancel_now(&id)).await
+    }
+
+    async fn poll_due(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>, QueueError> {
+        self.off_thread(move |q| q.poll_due_now(now_ms, max)).await
+    }
+
+    async fn ack(&self, token: &LeaseToken) -> Result<(), QueueError> {
+        let token = token.clone();
+        self.off_thread(move |q| q.ack_now(&token)).await
+    }
+
+    async fn nack(&self, token: &LeaseToken, retry_at_ms: Option<u64>) -> Result<(), QueueError> {
+        let token = token.clone();
+        self.off_thread(move |q| q.nack_now(&token, retry_at_ms))
+            .await
+    }
+
+    async fn len(&self) -> Result<u64, QueueError> {
+        self.q.len_now()
+    }
+
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        self.off_thread(move |q| q.dead_letters_now(max)).await
+    }
+
+    async fn next_due(&self) -> Result<Option<u64>, QueueError> {
+        self.off_thread(|q| q.next_due_now()).await
+    }
 
     fn limits(&self) -> QueueLimits {
-        self.core.config.limits
+        self.q.core.config.limits
     }
 }
 

@@ -55,6 +55,16 @@ pub enum EmbeddedError {
         /// redb's error, as text.
         reason: String,
     },
+    /// The storage library (redb) panicked while using a file: the file is
+    /// most likely damaged. The panic was contained; the handle that hit it
+    /// refuses further work.
+    #[error("redb {path}: the storage library failed ({message}); the file may be damaged")]
+    StoragePanicked {
+        /// The database file.
+        path: PathBuf,
+        /// The panic's message.
+        message: String,
+    },
     /// A configuration value is out of range.
     #[error("bad configuration: {0}")]
     Config(String),

@@ -31,6 +31,7 @@ pub mod recovery;
 pub mod segment;
 pub mod snapshots;
 pub mod state;
+mod storage;
 mod writer;
 
 pub use delay::{EmbeddedDelayQueue, EmbeddedQueueConfig, QueueStats};

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
+use tokio::sync::mpsc::{self, Sender};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -35,6 +35,10 @@ pub struct EmbeddedConfig {
     pub max_batch_txs: usize,
     /// Stop gathering a group commit past this many event bytes. Default 16 MiB.
     pub max_batch_bytes: usize,
+    /// Most appends waiting for the writer thread. Default 8,192 (two group
+    /// commits). When it is full, `append` waits (asynchronously) for room:
+    /// back-pressure instead of a queue that grows with load.
+    pub queue_capacity: usize,
 }
 
 impl Default for EmbeddedConfig {
@@ -44,6 +48,7 @@ impl Default for EmbeddedConfig {
             limits: Limits::default(),
             max_batch_txs: 4096,
             max_batch_bytes: 16 << 20,
+            queue_capacity: 8_192,
         }
     }
 }
@@ -59,6 +64,11 @@ impl EmbeddedConfig {
         if self.max_batch_txs == 0 {
             return Err(EmbeddedError::Config(
                 "max_batch_txs must be at least 1".into(),
+            ));
+        }
+        if self.queue_capacity == 0 {
+            return Err(EmbeddedError::Config(
+                "queue_capacity must be at least 1".into(),
             ));
         }
         Ok(())
@@ -199,7 +209,7 @@ impl EmbeddedLog {
         );
         writer.max_batch_txs = config.max_batch_txs;
         writer.max_batch_bytes = config.max_batch_bytes;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel(config.queue_capacity);
         let handle = std::thread::Builder::new()
             .name("smartmsg-log-writer".into())
             .spawn(move || writer.run(rx))
@@ -357,6 +367,7 @@ impl EventLog for EmbeddedLog {
         let (reply, rx) = oneshot::channel();
         sender
             .send(Request { tx, reply })
+            .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }

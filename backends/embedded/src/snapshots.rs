@@ -9,6 +9,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use smartmsg_engine::{BackendError, Snapshot, SnapshotError, SnapshotStore, StreamId};
 
 use crate::error::EmbeddedError;
+use crate::storage::{contained, off_thread, open_db, redb_error};
 
 /// stream id → (version, schema, state).
 const SNAPSHOTS: TableDefinition<&str, (u64, u16, &[u8])> = TableDefinition::new("snapshots");
@@ -34,7 +35,8 @@ impl RedbSnapshots {
     /// Largest snapshot accepted by default: 64 MiB.
     pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
 
-    /// Opens (or creates) the database file at `path`.
+    /// Opens (or creates) the database file at `path`, verifying every page
+    /// (the file is small: the latest snapshot of each stream).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, EmbeddedError> {
         let path = path.as_ref().to_owned();
         if let Some(parent) = path.parent() {
@@ -43,11 +45,13 @@ impl RedbSnapshots {
                     .map_err(|e| EmbeddedError::io("create", parent, e))?;
             }
         }
-        let db = redb::Database::create(&path).map_err(|e| redb_err(&path, e))?;
+        let db = open_db(&path, 16 << 20, true)?;
         // Create the table so reads of an empty store need no special case.
-        let tx = db.begin_write().map_err(|e| redb_err(&path, e))?;
-        tx.open_table(SNAPSHOTS).map_err(|e| redb_err(&path, e))?;
-        tx.commit().map_err(|e| redb_err(&path, e))?;
+        contained(&path, || -> Result<(), EmbeddedError> {
+            let tx = db.begin_write().map_err(|e| redb_error(&path, e))?;
+            tx.open_table(SNAPSHOTS).map_err(|e| redb_error(&path, e))?;
+            tx.commit().map_err(|e| redb_error(&path, e))
+        })??;
         Ok(Self {
             db: Arc::new(db),
             path,
@@ -56,26 +60,12 @@ impl RedbSnapshots {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> SnapshotError {
-        SnapshotError::Backend(BackendError::new(redb_err(&self.path, e)))
+        SnapshotError::Backend(BackendError::new(redb_error(&self.path, e)))
     }
 }
 
-fn redb_err(path: &Path, e: impl std::fmt::Display) -> EmbeddedError {
-    EmbeddedError::Redb {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    }
-}
-
-#[async_trait]
-impl SnapshotStore for RedbSnapshots {
-    async fn save(&self, snapshot: Snapshot) -> Result<(), SnapshotError> {
-        if snapshot.state.len() > self.max_bytes {
-            return Err(SnapshotError::TooLarge {
-                size: snapshot.state.len(),
-                max: self.max_bytes,
-            });
-        }
+impl RedbSnapshots {
+    fn save_now(&self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut table = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
@@ -92,11 +82,10 @@ impl SnapshotStore for RedbSnapshots {
                     .map_err(|e| self.err(e))?;
             }
         }
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(())
+        tx.commit().map_err(|e| self.err(e))
     }
 
-    async fn load(&self, stream: &StreamId) -> Result<Option<Snapshot>, SnapshotError> {
+    fn load_now(&self, stream: &StreamId) -> Result<Option<Snapshot>, SnapshotError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
         let found = table.get(stream.as_str()).map_err(|e| self.err(e))?;
@@ -111,13 +100,47 @@ impl SnapshotStore for RedbSnapshots {
         }))
     }
 
-    async fn delete(&self, stream: &StreamId) -> Result<(), SnapshotError> {
+    fn delete_now(&self, stream: &StreamId) -> Result<(), SnapshotError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut table = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
             table.remove(stream.as_str()).map_err(|e| self.err(e))?;
         }
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(())
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Runs `f` on a clone of this handle off the async threads, with the
+    /// storage library's panics contained.
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Self) -> Result<T, SnapshotError> + Send + 'static,
+    ) -> Result<T, SnapshotError> {
+        let me = self.clone();
+        off_thread(self.path.clone(), move || f(&me))
+            .await
+            .map_err(|e| SnapshotError::Backend(BackendError::new(e)))?
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for RedbSnapshots {
+    async fn save(&self, snapshot: Snapshot) -> Result<(), SnapshotError> {
+        if snapshot.state.len() > self.max_bytes {
+            return Err(SnapshotError::TooLarge {
+                size: snapshot.state.len(),
+                max: self.max_bytes,
+            });
+        }
+        self.off_thread(move |me| me.save_now(&snapshot)).await
+    }
+
+    async fn load(&self, stream: &StreamId) -> Result<Option<Snapshot>, SnapshotError> {
+        let stream = stream.clone();
+        self.off_thread(move |me| me.load_now(&stream)).await
+    }
+
+    async fn delete(&self, stream: &StreamId) -> Result<(), SnapshotError> {
+        let stream = stream.clone();
+        self.off_thread(move |me| me.delete_now(&stream)).await
     }
 }

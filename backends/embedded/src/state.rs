@@ -21,6 +21,7 @@ use smartmsg_engine::stream::{
 use smartmsg_engine::BackendError;
 
 use crate::error::EmbeddedError;
+use crate::storage::{contained, open_db, redb_error};
 
 const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("stream_kv");
 /// First sequence number of a batch → its changes ([`changelog_blob`]).
@@ -37,6 +38,13 @@ pub struct RedbStoreConfig {
     /// a crash may lose the latest batches (never part of one): for
     /// benchmarks and rebuildable state only.
     pub durable: bool,
+    /// Verify every page when opening (redb's integrity check; slow on a
+    /// large file). Off by default: after an unclean shutdown redb repairs
+    /// and so verifies the file anyway; turn it on to find damage made while
+    /// the file was closed (`smartmsg inspect` does).
+    pub verify_on_open: bool,
+    /// redb's page cache, in bytes. Default 64 MiB.
+    pub cache_bytes: usize,
 }
 
 impl Default for RedbStoreConfig {
@@ -44,6 +52,8 @@ impl Default for RedbStoreConfig {
         Self {
             limits: StoreLimits::default(),
             durable: true,
+            verify_on_open: false,
+            cache_bytes: 64 << 20,
         }
     }
 }
@@ -91,18 +101,17 @@ impl RedbStore {
                     .map_err(|e| EmbeddedError::io("create", parent, e))?;
             }
         }
-        let redb = |e: &dyn std::fmt::Display| EmbeddedError::Redb {
-            path: path.clone(),
-            reason: e.to_string(),
-        };
-        let db = redb::Database::create(&path).map_err(|e| redb(&e))?;
-        let tx = db.begin_write().map_err(|e| redb(&e))?;
-        {
-            tx.open_table(DATA).map_err(|e| redb(&e))?;
-            tx.open_table(CHANGELOG).map_err(|e| redb(&e))?;
-            tx.open_table(BOUNDS).map_err(|e| redb(&e))?;
-        }
-        tx.commit().map_err(|e| redb(&e))?;
+        let redb = |e: &dyn std::fmt::Display| redb_error(&path, e);
+        let db = open_db(&path, config.cache_bytes, config.verify_on_open)?;
+        contained(&path, || -> Result<(), EmbeddedError> {
+            let tx = db.begin_write().map_err(|e| redb(&e))?;
+            {
+                tx.open_table(DATA).map_err(|e| redb(&e))?;
+                tx.open_table(CHANGELOG).map_err(|e| redb(&e))?;
+                tx.open_table(BOUNDS).map_err(|e| redb(&e))?;
+            }
+            tx.commit().map_err(|e| redb(&e))
+        })??;
         Ok(Self {
             db: Arc::new(db),
             path,
@@ -138,8 +147,8 @@ impl RedbStore {
     }
 }
 
-impl KeyValueStore for RedbStore {
-    fn get(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+impl RedbStore {
+    fn get_now(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         check_keyspace(space)?;
         self.config.limits.check_key(key)?;
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
@@ -150,7 +159,7 @@ impl KeyValueStore for RedbStore {
             .map(|v| v.value().to_vec()))
     }
 
-    fn range(
+    fn range_now(
         &self,
         space: &str,
         start: Bound<&[u8]>,
@@ -182,7 +191,7 @@ impl KeyValueStore for RedbStore {
         Ok(out)
     }
 
-    fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+    fn write_now(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         self.config.limits.check_batch(batch)?;
         if batch.is_empty() {
             return Ok(());
@@ -196,7 +205,7 @@ impl KeyValueStore for RedbStore {
             let mut data = tx.open_table(DATA).map_err(|e| self.err(e))?;
             let mut log = tx.open_table(CHANGELOG).map_err(|e| self.err(e))?;
             let mut bounds = tx.open_table(BOUNDS).map_err(|e| self.err(e))?;
-            let (_, mut head) = self.bounds_in(&bounds)?;
+            let (first, mut head) = self.bounds_in(&bounds)?;
             let mut k = Vec::with_capacity(64);
             for (space, key, value) in batch.iter() {
                 k.clear();
@@ -216,11 +225,16 @@ impl KeyValueStore for RedbStore {
                 .map_err(|e| self.err(e))?;
             head += batch.len() as u64;
             bounds.insert("head", head).map_err(|e| self.err(e))?;
+            // Retention: keep the newest `max_changelog_entries`.
+            let keep = self.config.limits.max_changelog_entries;
+            if head.saturating_sub(first) > keep {
+                self.drop_below(&mut log, &mut bounds, head - keep)?;
+            }
         }
         tx.commit().map_err(|e| self.err(e))
     }
 
-    fn changelog(&self, from: u64, max: usize) -> Result<Vec<ChangelogEntry>, StoreError> {
+    fn changelog_now(&self, from: u64, max: usize) -> Result<Vec<ChangelogEntry>, StoreError> {
         self.config.limits.check_read(max)?;
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let bounds = tx.open_table(BOUNDS).map_err(|e| self.err(e))?;
@@ -249,13 +263,13 @@ impl KeyValueStore for RedbStore {
         Ok(out)
     }
 
-    fn changelog_bounds(&self) -> Result<(u64, u64), StoreError> {
+    fn changelog_bounds_now(&self) -> Result<(u64, u64), StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let bounds = tx.open_table(BOUNDS).map_err(|e| self.err(e))?;
         self.bounds_in(&bounds)
     }
 
-    fn truncate_changelog(&self, before: u64) -> Result<(), StoreError> {
+    fn truncate_changelog_now(&self, before: u64) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut bounds = tx.open_table(BOUNDS).map_err(|e| self.err(e))?;
@@ -271,21 +285,72 @@ impl KeyValueStore for RedbStore {
                 return Ok(());
             }
             let mut log = tx.open_table(CHANGELOG).map_err(|e| self.err(e))?;
-            // Drop the batches wholly below `before`; one that straddles it
-            // stays (reads skip its entries below `first`).
-            let mut whole = Vec::new();
-            for item in log.range(..before).map_err(|e| self.err(e))? {
-                let (seq, v) = item.map_err(|e| self.err(e))?;
-                if seq.value() + changelog_blob::count(v.value())? <= before {
-                    whole.push(seq.value());
-                }
-            }
-            for seq in whole {
-                log.remove(seq).map_err(|e| self.err(e))?;
-            }
-            bounds.insert("first", before).map_err(|e| self.err(e))?;
+            self.drop_below(&mut log, &mut bounds, before)?;
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Drops the changelog batches wholly below `before` and moves `first`
+    /// to it; a batch that straddles it stays (reads skip its entries below
+    /// `first`).
+    fn drop_below(
+        &self,
+        log: &mut redb::Table<'_, u64, &'static [u8]>,
+        bounds: &mut redb::Table<'_, &'static str, u64>,
+        before: u64,
+    ) -> Result<(), StoreError> {
+        let mut whole = Vec::new();
+        for item in log.range(..before).map_err(|e| self.err(e))? {
+            let (seq, v) = item.map_err(|e| self.err(e))?;
+            if seq.value() + changelog_blob::count(v.value())? <= before {
+                whole.push(seq.value());
+            }
+        }
+        for seq in whole {
+            log.remove(seq).map_err(|e| self.err(e))?;
+        }
+        bounds.insert("first", before).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Runs `f` with the storage library's panics contained.
+    fn contained<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        contained(&self.path, f).unwrap_or_else(|e| Err(StoreError::Backend(BackendError::new(e))))
+    }
+}
+
+/// Every call runs on the calling thread (the trait is synchronous: the
+/// stream runner calls it from its own task) with the storage library's
+/// panics contained and reported as [`EmbeddedError::StoragePanicked`].
+impl KeyValueStore for RedbStore {
+    fn get(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.contained(|| self.get_now(space, key))
+    }
+
+    fn range(
+        &self,
+        space: &str,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        max: usize,
+    ) -> Result<Entries, StoreError> {
+        self.contained(|| self.range_now(space, start, end, max))
+    }
+
+    fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        self.contained(|| self.write_now(batch))
+    }
+
+    fn changelog(&self, from: u64, max: usize) -> Result<Vec<ChangelogEntry>, StoreError> {
+        self.contained(|| self.changelog_now(from, max))
+    }
+
+    fn changelog_bounds(&self) -> Result<(u64, u64), StoreError> {
+        self.contained(|| self.changelog_bounds_now())
+    }
+
+    fn truncate_changelog(&self, before: u64) -> Result<(), StoreError> {
+        self.contained(|| self.truncate_changelog_now(before))
     }
 
     fn limits(&self) -> StoreLimits {

@@ -10,8 +10,8 @@
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
+use tokio::sync::mpsc::{error::TryRecvError, Receiver};
 
 use smartmsg_engine::index::Verdict;
 use smartmsg_engine::{AppendError, AppendResult, AppendTx, BackendError, LimitError};
@@ -71,9 +71,9 @@ impl Writer {
     }
 
     /// Runs until every sender is gone.
-    pub fn run(mut self, rx: Receiver<Request>) {
+    pub fn run(mut self, mut rx: Receiver<Request>) {
         let mut batch = Vec::new();
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = rx.blocking_recv() {
             batch.push(first);
             let mut bytes = 0usize;
             while batch.len() < self.max_batch_txs && bytes < self.max_batch_bytes {

@@ -3,7 +3,9 @@
 
 use smartmsg_embedded::{RedbStore, RedbStoreConfig};
 use smartmsg_engine::stream::StoreLimits;
-use smartmsg_engine::testkit::{kv_store_conformance, KvHarness, SuiteConfig};
+use smartmsg_engine::testkit::{
+    kv_changelog_retention, kv_store_conformance, KvHarness, SuiteConfig,
+};
 use tempfile::TempDir;
 
 struct Redb {
@@ -53,8 +55,10 @@ fn redb_store_with_small_limits_conforms() {
             max_value_bytes: 64,
             max_batch_ops: 30_000,
             max_read: 5_000,
+            ..StoreLimits::default()
         },
         durable: false,
+        ..RedbStoreConfig::default()
     };
     kv_store_conformance(
         Redb {
@@ -66,4 +70,18 @@ fn redb_store_with_small_limits_conforms() {
             ..SuiteConfig::default()
         },
     );
+}
+
+#[test]
+fn redb_store_keeps_the_newest_changelog_entries() {
+    kv_changelog_retention(Redb {
+        config: RedbStoreConfig {
+            limits: StoreLimits {
+                max_changelog_entries: 500,
+                ..StoreLimits::default()
+            },
+            ..RedbStoreConfig::default()
+        },
+        dirs: Vec::new(),
+    });
 }

@@ -74,6 +74,11 @@ pub struct RabbitConfig {
     pub open_timeout: Duration,
     /// First and largest wait between reconnect attempts.
     pub reconnect_backoff: (Duration, Duration),
+    /// Dead letters kept in the dead-letter queue (`x-max-length`, the
+    /// oldest dropped first); default 100,000. Part of the queue's
+    /// declaration: changing it for an existing prefix makes `open` fail
+    /// with the broker's `PRECONDITION_FAILED` until the queue is deleted.
+    pub max_dead_letters: u32,
 }
 
 impl RabbitConfig {
@@ -97,6 +102,7 @@ impl RabbitConfig {
             broker_consumer_timeout_ms: 30 * 60 * 1000,
             open_timeout: Duration::from_secs(60),
             reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            max_dead_letters: 100_000,
         }
     }
 

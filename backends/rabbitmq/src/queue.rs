@@ -1480,9 +1480,19 @@ async fn declare(
         );
         declare_one(name.clone(), args).await?;
     }
-    for name in [&names.hop, &names.due, &names.dead] {
+    for name in [&names.hop, &names.due] {
         declare_one(name.clone(), classic_args()).await?;
     }
+    let mut dead = classic_args();
+    dead.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(i64::from(cfg.max_dead_letters)),
+    );
+    dead.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("drop-head".into()),
+    );
+    declare_one(names.dead.clone(), dead).await?;
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),

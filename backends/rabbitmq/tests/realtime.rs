@@ -340,6 +340,34 @@ async fn leases_expire_by_the_wall_clock_and_dead_letter_after_max_attempts() {
     q.destroy().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_keep_the_newest_up_to_the_limit() {
+    let Some(url) = url() else { return };
+    let mut cfg = config(&url, "deadcap");
+    cfg.limits.max_attempts = 1;
+    cfg.max_dead_letters = 2;
+    let q = RabbitDelayQueue::open(cfg).await.unwrap();
+    let _cleanup = common::Cleanup::new(&url, &q);
+    let t0 = wall_ms();
+    for id in ["a", "b", "c"] {
+        q.schedule(job(id, t0, id)).await.unwrap();
+        let mut leased = Vec::new();
+        let start = std::time::Instant::now();
+        while leased.is_empty() && start.elapsed() < Duration::from_secs(10) {
+            leased = q.poll_due(wall_ms(), 1).await.unwrap();
+        }
+        assert_eq!(leased.len(), 1, "job {id} was not delivered");
+        q.nack(&leased[0].token, None).await.unwrap();
+    }
+    let dead = q.dead_letters(10).await.unwrap();
+    let ids: Vec<_> = dead
+        .iter()
+        .map(|d| d.id.as_ref().unwrap().as_str().to_owned())
+        .collect();
+    assert_eq!(ids, ["b", "c"], "the oldest dead letter is dropped first");
+    q.destroy().await.unwrap();
+}
+
 /// A process that dies (the queue dropped, no graceful close) and opens
 /// again knows every pending job and every cancellation from the journal;
 /// a second process on the same prefix sees the first one's schedules,

@@ -244,7 +244,7 @@ impl KeyValueStore for SledStore {
         }
         // Serialise writers: sequence numbers come from the head read here.
         let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let (_, mut head) = self.bounds()?;
+        let (first, mut head) = self.bounds()?;
         let mut b = sled::Batch::default();
         for (space, key, value) in batch.iter() {
             let k = data_key(space, key);
@@ -256,6 +256,19 @@ impl KeyValueStore for SledStore {
         b.insert(&log_key(head)[..], changelog_blob::encode(batch));
         head += batch.len() as u64;
         b.insert(HEAD, &head.to_be_bytes()[..]);
+        // Retention: keep the newest `max_changelog_entries`, dropping whole
+        // older batches in the same atomic batch.
+        let keep = self.config.limits.max_changelog_entries;
+        if head.saturating_sub(first) > keep {
+            let before = head - keep;
+            for item in self.db.range(log_key(0)..log_key(before)) {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                if seq_of(&k)? + changelog_blob::count(&v)? <= before {
+                    b.remove(k);
+                }
+            }
+            b.insert(FIRST, &before.to_be_bytes()[..]);
+        }
         self.db.apply_batch(b).map_err(|e| self.err(e))?;
         self.finish()
     }

@@ -2,7 +2,9 @@
 //! from disk at random points.
 
 use smartmsg_engine::stream::StoreLimits;
-use smartmsg_engine::testkit::{kv_store_conformance, KvHarness, SuiteConfig};
+use smartmsg_engine::testkit::{
+    kv_changelog_retention, kv_store_conformance, KvHarness, SuiteConfig,
+};
 use smartmsg_sled::{SledStore, SledStoreConfig};
 use tempfile::TempDir;
 
@@ -83,6 +85,7 @@ fn sled_store_durable_with_small_limits_conforms() {
             max_value_bytes: 64,
             max_batch_ops: 30_000,
             max_read: 5_000,
+            ..StoreLimits::default()
         },
         durable: true,
     };
@@ -97,4 +100,18 @@ fn sled_store_durable_with_small_limits_conforms() {
             ..SuiteConfig::default()
         },
     );
+}
+
+#[test]
+fn sled_store_keeps_the_newest_changelog_entries() {
+    kv_changelog_retention(Sled {
+        config: SledStoreConfig {
+            limits: StoreLimits {
+                max_changelog_entries: 500,
+                ..StoreLimits::default()
+            },
+            durable: false,
+        },
+        dirs: Vec::new(),
+    });
 }

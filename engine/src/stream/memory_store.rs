@@ -157,6 +157,11 @@ impl KeyValueStore for InMemoryStore {
                 inner.first = seq + 1;
             }
         }
+        // Retention (see `StoreLimits::max_changelog_entries`).
+        while inner.changelog.len() as u64 > self.limits.max_changelog_entries {
+            inner.changelog.pop_front();
+            inner.first += 1;
+        }
         Ok(())
     }
 

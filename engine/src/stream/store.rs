@@ -96,6 +96,11 @@ pub struct StoreLimits {
     pub max_batch_ops: usize,
     /// Most entries one `range` or `changelog` call may ask for.
     pub max_read: usize,
+    /// Changelog retention: a store keeps at least the newest this many
+    /// changelog entries and drops older whole batches as it writes (as if
+    /// [`KeyValueStore::truncate_changelog`] were called), so the changelog
+    /// does not grow with the store's lifetime. Default 1,000,000.
+    pub max_changelog_entries: u64,
 }
 
 impl Default for StoreLimits {
@@ -105,6 +110,7 @@ impl Default for StoreLimits {
             max_value_bytes: 4 << 20,
             max_batch_ops: 1_000_000,
             max_read: 100_000,
+            max_changelog_entries: 1_000_000,
         }
     }
 }

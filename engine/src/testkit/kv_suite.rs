@@ -531,6 +531,87 @@ fn check_limits<H: KvHarness>(harness: &mut H) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks changelog retention on the stores `harness` makes, whose
+/// [`StoreLimits::max_changelog_entries`](crate::stream::StoreLimits) must
+/// be between 10 and 10,000: after writes of many batches (1 to 7 changes
+/// each) the changelog keeps at least the newest that many entries and at
+/// most one batch more, is gap-free from its first entry to its head, and
+/// keeps both across a reopen; the data itself is whole. Panics with a
+/// report if a check fails.
+pub fn kv_changelog_retention<H: KvHarness>(mut harness: H) {
+    if let Err(e) = check_retention(&mut harness) {
+        panic!("KeyValueStore changelog retention: {e}");
+    }
+}
+
+fn check_retention<H: KvHarness>(harness: &mut H) -> Result<(), String> {
+    let store = harness.create();
+    let keep = store.limits().max_changelog_entries;
+    ensure!(
+        (10..=10_000).contains(&keep),
+        "the harness must set max_changelog_entries between 10 and 10,000 (it is {keep})"
+    );
+    let mut written = 0u64;
+    let mut i = 0u64;
+    while written < 3 * keep + 5 {
+        let n = 1 + i % 7;
+        let mut b = WriteBatch::new();
+        for j in 0..n {
+            b.put("r", (written + j).to_be_bytes().to_vec(), vec![i as u8]);
+        }
+        store
+            .write(&b)
+            .map_err(|e| format!("write failed: {e:?}"))?;
+        written += n;
+        i += 1;
+        let (first, head) = store.changelog_bounds().map_err(|e| format!("{e:?}"))?;
+        ensure!(head == written, "head {head} after {written} changes");
+        ensure!(
+            head - first >= keep.min(head) && head - first < keep + 7,
+            "after {written} changes the changelog holds {first}..{head}; retention is {keep}"
+        );
+    }
+    let store = harness.reopen(store);
+    let (first, head) = store.changelog_bounds().map_err(|e| format!("{e:?}"))?;
+    ensure!(
+        head == written,
+        "head {head} after reopen; {written} written"
+    );
+    ensure!(
+        first > 0,
+        "nothing was dropped: the changelog still starts at 0"
+    );
+    let page = store
+        .changelog(first, (head - first) as usize)
+        .map_err(|e| format!("changelog({first}) failed: {e:?}"))?;
+    ensure!(
+        page.len() as u64 == head - first,
+        "{} entries read from {first}..{head}",
+        page.len()
+    );
+    for (k, e) in page.iter().enumerate() {
+        ensure!(
+            e.seq == first + k as u64,
+            "seq {} at position {k} from {first}",
+            e.seq
+        );
+    }
+    ensure!(
+        matches!(
+            store.changelog(first - 1, 1),
+            Err(StoreError::ChangelogRange { .. })
+        ),
+        "a read below the first kept entry was not refused"
+    );
+    let all = crate::stream::scan_all(&store, "r").map_err(|e| format!("{e:?}"))?;
+    ensure!(
+        all.len() as u64 == written,
+        "{} keys of {written}",
+        all.len()
+    );
+    Ok(())
+}
+
 fn check_large_batch<H: KvHarness>(harness: &mut H) -> Result<(), String> {
     let store = harness.create();
     let n = 20_000u64.min(store.limits().max_batch_ops as u64);

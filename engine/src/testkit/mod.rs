@@ -72,7 +72,7 @@ mod snapshot_suite;
 
 pub use delay_suite::{delay_queue_conformance, QueueHarness};
 pub use given::{given, Given, When};
-pub use kv_suite::{kv_store_conformance, KvHarness};
+pub use kv_suite::{kv_changelog_retention, kv_store_conformance, KvHarness};
 pub use log_suite::{event_log_conformance, LogHarness};
 pub use snapshot_suite::{snapshot_store_conformance, SnapshotHarness};
 

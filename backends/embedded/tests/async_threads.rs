@@ -1,0 +1,88 @@
+//! The redb commits behind the async traits (delay queue, snapshots) run off
+//! the async threads: on a current-thread runtime, another task keeps
+//! running while each commit and its fsync are under way.
+//!
+//! The check: a task that counts its own turns runs beside the calls; the
+//! counter must move during every call. Were a commit done in place, the
+//! only thread of the runtime would be busy with it and the counter could
+//! not move between the call's start and its end.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use smartmsg_embedded::{EmbeddedDelayQueue, RedbSnapshots};
+use smartmsg_engine::{DelayQueue, Job, JobId, Snapshot, SnapshotStore, StreamId};
+
+/// Runs `call` and reports whether the counter moved while it ran.
+async fn moved_during<T>(turns: &AtomicU64, call: impl std::future::Future<Output = T>) -> bool {
+    let before = turns.load(Ordering::SeqCst);
+    call.await;
+    turns.load(Ordering::SeqCst) > before
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn another_task_runs_while_commits_are_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = EmbeddedDelayQueue::open(dir.path().join("queue")).unwrap();
+    let snaps = RedbSnapshots::open(dir.path().join("snapshots.redb")).unwrap();
+
+    let turns = Arc::new(AtomicU64::new(0));
+    let counter = {
+        let turns = turns.clone();
+        tokio::spawn(async move {
+            loop {
+                turns.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    tokio::task::yield_now().await;
+
+    let mut calls = 0;
+    let mut stalled = Vec::new();
+    for i in 0..20u64 {
+        let jobs = vec![Job {
+            id: JobId::new(format!("j{i}")).unwrap(),
+            due_ms: i,
+            payload: Bytes::from_static(b"p"),
+        }];
+        let mut check = |name: &str, moved: bool| {
+            calls += 1;
+            if !moved {
+                stalled.push(format!("{name} #{i}"));
+            }
+        };
+        check(
+            "schedule_many",
+            moved_during(&turns, async { q.schedule_many(jobs).await.unwrap() }).await,
+        );
+        let mut leases = Vec::new();
+        check(
+            "poll_due",
+            moved_during(&turns, async { leases = q.poll_due(i, 10).await.unwrap() }).await,
+        );
+        assert_eq!(leases.len(), 1, "job j{i} was not leased");
+        check(
+            "ack",
+            moved_during(&turns, async { q.ack(&leases[0].token).await.unwrap() }).await,
+        );
+        let snapshot = Snapshot {
+            stream: StreamId::new(format!("s-{i}")).unwrap(),
+            version: i,
+            schema: 1,
+            state: Bytes::from(vec![i as u8; 1024]),
+        };
+        check(
+            "snapshot save",
+            moved_during(&turns, async { snaps.save(snapshot).await.unwrap() }).await,
+        );
+    }
+    counter.abort();
+    assert_eq!(calls, 80);
+    assert!(
+        stalled.is_empty(),
+        "these calls held the runtime's only thread: {stalled:?}"
+    );
+    assert_eq!(q.len().await.unwrap(), 0);
+}
