@@ -17,6 +17,34 @@ fn text(o: &Output) -> String {
     )
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()? {
+        let p = e.ok()?.path();
+        if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+        if p.is_dir() {
+            if let Some(f) = find(&p, name) {
+                return Some(f);
+            }
+        }
+    }
+    None
+}
+
 #[test]
 fn bad_arguments_get_clear_errors() {
     let o = smartmsg(&["simulate", "--policy", "greedy"]);
@@ -84,6 +112,26 @@ fn simulate_writes_a_report_and_inspect_shows_the_stores() {
         "reaction dead letters: 0",
     ] {
         assert!(out.contains(want), "{want}: {out}");
+    }
+    // Damaged redb files: a non-zero exit with a message naming the file,
+    // never a panic.
+    for file in ["snapshots.redb", "queue.redb"] {
+        let copy = dir.path().join(format!("damaged-{file}"));
+        copy_dir(&data, &copy);
+        let target = find(&copy, file).unwrap_or_else(|| panic!("no {file} under {copy:?}"));
+        let mut bytes = std::fs::read(&target).unwrap();
+        for b in bytes.iter_mut().skip(512) {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&target, bytes).unwrap();
+        let o = smartmsg(&["inspect", copy.to_str().unwrap()]);
+        let out = text(&o);
+        assert!(
+            !o.status.success(),
+            "damaged {file} inspected without error: {out}"
+        );
+        assert!(out.contains(file), "the error does not name {file}: {out}");
+        assert!(!out.contains("panicked"), "{out}");
     }
     // The same population, read back from the CSV, gives the same run.
     let report2 = dir.path().join("report2");

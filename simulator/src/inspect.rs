@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use smartmsg_domain::Campaign;
-use smartmsg_embedded::{EmbeddedDelayQueue, EmbeddedLog};
+use smartmsg_embedded::{
+    EmbeddedDelayQueue, EmbeddedLog, RedbSnapshots, RedbStore, RedbStoreConfig,
+};
 use smartmsg_engine::{Aggregate, DelayQueue, EventLog, StreamId};
 
 use smartmsg_domain::reactions::DeadLetter;
@@ -37,6 +39,9 @@ pub struct RunInspection {
     pub reaction_dead_letters: u64,
     /// The first few (where and why).
     pub reaction_dead_letter_samples: Vec<String>,
+    /// The redb files found and verified page by page (snapshots, state
+    /// store; the queue's is verified when it is opened).
+    pub verified_files: Vec<String>,
 }
 
 fn runs_in(dir: &Path) -> Result<Vec<PathBuf>, SimError> {
@@ -153,6 +158,22 @@ async fn inspect_run(dir: &Path) -> Result<RunInspection, SimError> {
             }
         }
     }
+    // Verify every page of the other redb files: damage is a typed error
+    // naming the file (and a non-zero exit), never a panic.
+    let snapshots = dir.join("snapshots.redb");
+    if snapshots.is_file() {
+        drop(RedbSnapshots::open(&snapshots)?);
+        r.verified_files.push("snapshots.redb".into());
+    }
+    let state = dir.join("state.redb");
+    if state.is_file() {
+        let verified = RedbStoreConfig {
+            verify_on_open: true,
+            ..RedbStoreConfig::default()
+        };
+        drop(RedbStore::open_with(&state, verified)?);
+        r.verified_files.push("state.redb".into());
+    }
     let qdir = dir.join("queue");
     if qdir.is_dir() {
         let q = EmbeddedDelayQueue::open(&qdir)?;
@@ -205,6 +226,9 @@ pub fn render(runs: &[RunInspection]) -> String {
         );
         for d in &r.queue_dead_letters {
             let _ = writeln!(s, "    {d}");
+        }
+        if !r.verified_files.is_empty() {
+            let _ = writeln!(s, "  verified: {}", r.verified_files.join(", "));
         }
         let _ = writeln!(s, "  reaction dead letters: {}", r.reaction_dead_letters);
         for d in &r.reaction_dead_letter_samples {
