@@ -18,12 +18,18 @@
 //!   [`smartmsg_engine::stream::KeyValueStore`] in redb, with its changelog;
 //!   with the engine's `EventLogSource`/`EventLogSink` over an
 //!   [`EmbeddedLog`] it gives exactly-once stream processing.
+//!
+//! Features: `fault-injection` makes [`faults`] and
+//! [`EmbeddedLog::open_with_faults`] public (short writes, failed syncs and
+//! power loss for tests).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod clean;
 pub mod delay;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod frame;
 pub mod lock;
 pub mod log;

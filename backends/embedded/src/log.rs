@@ -181,6 +181,26 @@ impl EmbeddedLog {
     /// Opens the log in `dir`, creating the directory if needed, recovering
     /// from a crash if one happened.
     pub fn open_with(dir: impl AsRef<Path>, config: EmbeddedConfig) -> Result<Self> {
+        Self::open_inner(dir, config, |_| {})
+    }
+
+    /// Opens the log like [`EmbeddedLog::open_with`], its segment writes and
+    /// syncs going through `faults` (see [`crate::faults`]). Only with the
+    /// `fault-injection` feature, for tests.
+    #[cfg(feature = "fault-injection")]
+    pub fn open_with_faults(
+        dir: impl AsRef<Path>,
+        config: EmbeddedConfig,
+        faults: Arc<crate::faults::FaultyDisk>,
+    ) -> Result<Self> {
+        Self::open_inner(dir, config, move |w| w.faults = Some(faults))
+    }
+
+    fn open_inner(
+        dir: impl AsRef<Path>,
+        config: EmbeddedConfig,
+        adjust: impl FnOnce(&mut Writer),
+    ) -> Result<Self> {
         config.validate()?;
         let dir = dir.as_ref().to_owned();
         std::fs::create_dir_all(&dir).map_err(|e| EmbeddedError::io("create", &dir, e))?;
@@ -209,6 +229,7 @@ impl EmbeddedLog {
         );
         writer.max_batch_txs = config.max_batch_txs;
         writer.max_batch_bytes = config.max_batch_bytes;
+        adjust(&mut writer);
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let handle = std::thread::Builder::new()
             .name("smartmsg-log-writer".into())

@@ -44,6 +44,9 @@ pub struct Writer {
     /// before the first write; see [`crate::clean`]).
     pub(crate) clean_mark: bool,
     buf: Vec<u8>,
+    /// The fault-injecting layer under the segment files, in tests.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) faults: Option<Arc<crate::faults::FaultyDisk>>,
 }
 
 type Reply = (
@@ -67,6 +70,8 @@ impl Writer {
             segment_bytes,
             clean_mark: true,
             buf: Vec::with_capacity(1 << 20),
+            #[cfg(feature = "fault-injection")]
+            faults: None,
         }
     }
 
@@ -103,6 +108,10 @@ impl Writer {
     /// written, so the next open may skip the tail check.
     fn leave_clean_mark(&mut self) {
         if self.shared.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        #[cfg(feature = "fault-injection")]
+        if self.faults.as_ref().is_some_and(|f| f.is_off()) {
             return;
         }
         // Written even when nothing was (the open may have checked the whole
@@ -263,12 +272,26 @@ impl Writer {
     fn write_and_sync(&self, offset: u64) -> Result<(), EmbeddedError> {
         let layout = self.shared.layout_read();
         let seg = layout.segments.last().expect("a log always has a segment");
-        seg.file
-            .write_all_at(&self.buf, offset)
+        self.write_at(seg, offset)
             .map_err(|e| EmbeddedError::io("write", &seg.path, e))?;
-        seg.file
-            .sync_data()
+        self.sync(seg)
             .map_err(|e| EmbeddedError::io("fdatasync", &seg.path, e))
+    }
+
+    fn write_at(&self, seg: &segment::Segment, offset: u64) -> std::io::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = &self.faults {
+            return f.write_at(&seg.file, &seg.path, &self.buf, offset);
+        }
+        seg.file.write_all_at(&self.buf, offset)
+    }
+
+    fn sync(&self, seg: &segment::Segment) -> std::io::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = &self.faults {
+            return f.sync_data(&seg.file, &seg.path);
+        }
+        seg.file.sync_data()
     }
 
     /// Writes `buf[..split]` to the current segment and syncs it, creates the
