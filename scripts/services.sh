@@ -191,8 +191,12 @@ $(listeners_on "$RMQ_PORT")"
 $(listeners_on "$RMQ_DIST_PORT")"
     rmq_check_epmd
 
-    # Start from an empty broker every time: no queues left over from earlier runs.
-    rm -rf "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
+    # Start from an empty broker every time: no queues left over from earlier
+    # runs (unless SMARTMSG_RABBITMQ_KEEP_STATE=1: the crash test restarts the
+    # node on the data it left).
+    if [[ "${SMARTMSG_RABBITMQ_KEEP_STATE:-}" != 1 ]]; then
+        rm -rf "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
+    fi
     mkdir -p "$RMQ_DIR/log"
     local logf="$RMQ_DIR/server.log"
     : >"$logf"

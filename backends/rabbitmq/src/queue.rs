@@ -189,8 +189,6 @@ struct State {
     /// of one of them is a duplicate).
     local: HashSet<(JobId, u64)>,
     barriers: HashMap<u64, oneshot::Sender<()>>,
-    /// Next journal offset to read after a reconnect.
-    journal_next_offset: Option<i64>,
 }
 
 impl State {
@@ -581,18 +579,19 @@ impl Inner {
         let get = conn.create_channel().await?;
         let dlq = conn.create_channel().await?;
 
-        // The journal follower, from where we stopped (or the start).
+        // The journal follower, from the start, after a reconnect too: a
+        // broker that crashed may have lost the stream's unsynced tail (a
+        // single node's stream is not fsynced per record), so an offset
+        // remembered from before may lie past the new end, and the barrier
+        // that ends the open would then never be seen. Replaying records
+        // already applied is harmless (the registry converges).
         let jch = conn.create_channel().await?;
         jch.basic_qos(JOURNAL_PREFETCH, BasicQosOptions::default())
             .await?;
-        let offset = self.lock_state().journal_next_offset;
         let mut args = FieldTable::default();
         args.insert(
             "x-stream-offset".into(),
-            match offset {
-                Some(o) => AMQPValue::LongLongInt(o),
-                None => AMQPValue::LongString("first".into()),
-            },
+            AMQPValue::LongString("first".into()),
         );
         let consumer = jch
             .basic_consume(
@@ -765,9 +764,6 @@ impl Inner {
                         // journal, so each would file the same record again.
                         tracing::warn!(offset = ?offset, error = %e, "skipping an unreadable journal record");
                     }
-                }
-                if let Some(o) = offset {
-                    st.journal_next_offset = Some(o + 1);
                 }
             }
             // Stream acks are credit: one ack of many every
@@ -1465,7 +1461,24 @@ async fn declare(
         r.map(|_| ())
     };
     for (k, name) in names.levels.iter().enumerate() {
-        let mut args = classic_args();
+        // Quorum queues with at-least-once dead-lettering: the broker moves
+        // an expired job to the hop queue and removes it from its level only
+        // once the hop queue has it, so a broker crash at that instant leaves
+        // a duplicate (which the journal and the job id absorb), never a
+        // loss. (A classic queue's dead-lettering is at-most-once.)
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(cfg.level_ttl_ms(k as u8) as i64),

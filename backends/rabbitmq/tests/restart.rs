@@ -1,7 +1,9 @@
-//! RabbitMQ restarts (`rabbitmqctl stop_app` / `start_app`) while jobs are
-//! pending: every job still fires, and the queue object reconnects by
-//! itself. A test binary of its own, so no other test of this crate runs
-//! while the broker is down.
+//! RabbitMQ restarts (`rabbitmqctl stop_app` / `start_app`) and crashes
+//! (the Erlang VM halted at once, then started again by
+//! `scripts/services.sh start`) while jobs are pending in the delay levels:
+//! every job still fires, and the queue object reconnects by itself. A test
+//! binary of its own, so no other test of this crate runs while the broker
+//! is down; its two tests take turns.
 //!
 //! Needs `rabbitmqctl` (`/usr/lib/rabbitmq/bin/rabbitmqctl`, or
 //! `SMARTMSG_RABBITMQCTL`) and the `HOME` holding the node's Erlang cookie
@@ -84,9 +86,128 @@ impl Drop for Restart<'_> {
     }
 }
 
+/// The two tests of this binary take turns: each takes the broker down.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Starts the whole server again (after a crash) if the test stops half
+/// way.
+struct Revive(Option<PathBuf>);
+
+impl Revive {
+    fn start(script: &PathBuf) -> Result<(), String> {
+        let out = Command::new(script)
+            .arg("start")
+            .env("SMARTMSG_RABBITMQ_KEEP_STATE", "1")
+            .output()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} start failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
+impl Drop for Revive {
+    fn drop(&mut self) {
+        if let Some(script) = self.0.take() {
+            let _ = Self::start(&script);
+        }
+    }
+}
+
+/// A broker crash while 150 jobs wait in the delay levels (due 1 to 12 s
+/// out): the levels are quorum queues with at-least-once dead-lettering and
+/// every other message is persistent and confirmed, so every job fires
+/// after the broker is back (some may fire twice; none is lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_fires_across_a_broker_crash() {
+    let Some(url) = url() else { return };
+    let _turn = TURN.lock().await;
+    let ctl = match Ctl::find() {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipping: cannot crash RabbitMQ here: {why}");
+            return;
+        }
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/services.sh");
+    if !script.exists() {
+        eprintln!(
+            "skipping: {} is needed to start the broker again",
+            script.display()
+        );
+        return;
+    }
+    let q = RabbitDelayQueue::open(config(&url, "crash")).await.unwrap();
+    let _cleanup = common::Cleanup::new(&url, &q);
+    let t0 = wall_ms();
+    let mut rng = Rng(4242);
+    let n = 150;
+    let mut due = HashMap::new();
+    for i in 0..n {
+        let d = 1_000 + rng.below(11_000);
+        let id = format!("c{i}");
+        q.schedule(job(&id, t0 + d, "x")).await.unwrap();
+        due.insert(id, t0 + d);
+    }
+    let mut fired = collect(
+        &q,
+        n,
+        Duration::from_millis(5),
+        Duration::from_millis(1_800),
+    )
+    .await;
+    eprintln!("{} jobs fired before the crash", fired.len());
+
+    let mut revive = Revive(Some(script.clone()));
+    // Halt the VM at once: no graceful shutdown, whatever is in flight.
+    let _ = tokio::task::block_in_place(|| ctl.run(&["eval", "erlang:halt(137)."]));
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| Revive::start(&script)).unwrap();
+    revive.0 = None;
+    eprintln!("broker crashed and back after {:?}", down.elapsed());
+
+    let back = Instant::now();
+    while !q.is_connected() {
+        assert!(back.elapsed() < Duration::from_secs(150), "no reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "queue reconnected {:?} after the broker was back",
+        back.elapsed()
+    );
+    let rest = collect(
+        &q,
+        n - fired.len(),
+        Duration::from_millis(5),
+        Duration::from_secs(60),
+    )
+    .await;
+    fired.extend(rest);
+    let mut count: HashMap<String, u32> = HashMap::new();
+    for f in &fired {
+        *count.entry(f.lease.job.id.to_string()).or_default() += 1;
+    }
+    let lost: Vec<_> = due.keys().filter(|id| !count.contains_key(*id)).collect();
+    assert!(lost.is_empty(), "lost across the crash: {lost:?}");
+    let twice = count.values().filter(|c| **c > 1).count();
+    eprintln!(
+        "all {n} jobs fired after the crash ({} deliveries, {twice} jobs twice)",
+        fired.len()
+    );
+    q.destroy().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_job_fires_across_a_broker_restart() {
     let Some(url) = url() else { return };
+    let _turn = TURN.lock().await;
     let ctl = match Ctl::find() {
         Ok(c) => c,
         Err(why) => {
