@@ -292,7 +292,7 @@ fn serve_cmd(
         c.listen = l;
     }
     if print_config {
-        let mut shown = c.clone();
+        let mut shown = c;
         for t in &mut shown.tokens {
             t.token = "<redacted>".into();
         }
@@ -318,7 +318,7 @@ fn serve_cmd(
             c.listen,
             c.data_dir.display()
         );
-        let evaluator = std::sync::Arc::new(evaluator::SlateEvaluator);
+        let evaluator = Arc::new(evaluator::SlateEvaluator);
         serve_with(c, listener, shutdown, ports, sources, Some(evaluator)).await?;
         anyhow::Ok(())
     })?;

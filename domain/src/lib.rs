@@ -30,7 +30,6 @@
 //! Everything random takes a seeded generator (`&mut dyn RngCore`; use
 //! [`rand_chacha::ChaCha8Rng`]), so the same seed gives the same campaign.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod campaign;
 pub mod data;

@@ -354,7 +354,7 @@ fn removed_users_are_neither_planned_nor_sent() {
     let r = g.d.ready(START);
     g.d.scheduled(&r.schedule);
     g.plan(0, START);
-    let plan: Vec<u32> = g.d.outgoing(0).unwrap().decisions.users.clone();
+    let plan: Vec<u32> = g.d.outgoing(0).unwrap().decisions.users;
     // Removed after planning, before sending: left out of what is sent.
     let gone = plan[3];
     let never: u32 = (0..audience().len() as u32)

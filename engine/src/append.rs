@@ -210,6 +210,6 @@ mod tests {
             NewEvent::new("k", 1, 0, &b""[..]).with_metadata(Metadata::correlated("\u{0}"))
         ]);
         assert_ne!(none.fingerprint(), nul.fingerprint());
-        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+        assert_eq!(a.fingerprint(), a.fingerprint());
     }
 }

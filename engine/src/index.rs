@@ -774,7 +774,7 @@ mod tests {
             LogIndex::decode(&bytes[..bytes.len() - 1]),
             Err(IndexDecodeError::Truncated(_))
         ));
-        let mut long = bytes.clone();
+        let mut long = bytes;
         long.push(0);
         assert_eq!(
             LogIndex::decode(&long),

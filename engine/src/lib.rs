@@ -14,7 +14,6 @@
 //! (`smartmsg-embedded`, …). With the `testkit` feature, [`testkit`] offers a
 //! model-based conformance suite any backend can run with one call.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod aggregate;
 pub mod append;

@@ -732,7 +732,7 @@ mod tests {
         let a = job("a", 1, "x");
         let k = job_idempotency_key(&a, 64);
         assert!(k.starts_with("job:a#") && k.len() <= 64, "{k}");
-        assert_eq!(k, job_idempotency_key(&a.clone(), 64), "stable");
+        assert_eq!(k, job_idempotency_key(&a, 64), "stable");
         assert_ne!(k, job_idempotency_key(&job("a", 2, "x"), 64));
         assert_ne!(k, job_idempotency_key(&job("a", 1, "y"), 64));
         let long = job(&"l".repeat(128), 1, "x");

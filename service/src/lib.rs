@@ -34,7 +34,6 @@
 //!   topology on the engine's exactly-once runner).
 //! - [`hooks`]: crash points for tests and the simulator.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod audience;
 mod embedded;

@@ -1,5 +1,5 @@
 //! A campaign's reaction pipeline: the domain's reaction topology on the
-//! engine's exactly-once [`StreamRunner`], fed from one log stream.
+//! engine's exactly-once [`StreamRunner`](smartmsg_engine::stream::StreamRunner), fed from one log stream.
 //!
 //! # Input
 //!
@@ -21,7 +21,9 @@
 //!
 //! The runner commits its state, its input position and its outputs in one
 //! batch of the state store, then appends the outputs to the campaign's
-//! output streams through an [`EventLogSink`] (idempotent by output id).
+//! output streams through an
+//! [`EventLogSink`](smartmsg_engine::stream::EventLogSink) (idempotent by
+//! output id).
 //! The runtime reads those streams: windows and late reactions become
 //! `RecordReactions` commands, first reactions become the model's
 //! feedback. Replaying the pipeline stream through the topology gives the

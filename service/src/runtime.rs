@@ -20,8 +20,8 @@
 //!    job's idempotency key, acknowledging the job only once the command's
 //!    events are durable), then lets the new batch go out.
 //!
-//! [`Runtime::run`] loops `step` on the clock until shutdown, taking
-//! requests from [`RuntimeHandle`]s in between. The simulator calls `step`
+//! [`Runtime::spawn`] runs a loop of `step` on the clock until shutdown,
+//! taking requests from [`RuntimeHandle`](crate::RuntimeHandle)s in between. The simulator calls `step`
 //! itself at virtual times; it is the same code.
 //!
 //! # Resume
@@ -149,9 +149,10 @@ pub struct RuntimeOptions {
     pub send_retry_ms: u64,
     /// Longest delay between send attempts. Default 5 minutes.
     pub send_retry_max_ms: u64,
-    /// Longest sleep of [`Runtime::run`] between steps. Default 200 ms.
+    /// Longest sleep of the spawned loop ([`Runtime::spawn`]) between
+    /// steps. Default 200 ms.
     pub poll_interval_ms: u64,
-    /// Shortest time between two steps of [`Runtime::run`] that reactions
+    /// Shortest time between two steps of the spawned loop that reactions
     /// submitted through the inbox wake: under a stream of submissions,
     /// the pipeline then runs on batches of at least this many
     /// milliseconds' worth instead of one step per request (measured by

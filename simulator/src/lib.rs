@@ -22,7 +22,6 @@
 //!
 //! The same scenario and seed give a byte-identical event log and report.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod error;
 pub mod events;

@@ -628,7 +628,7 @@ fn check_file(
 /// Imports the portable log `file` into a new data directory `dir` (the
 /// log lands in `dir/log`, as a simulator run's does). Refuses a non-empty
 /// `dir`; checks the whole file first (a first pass that keeps nothing),
-/// then writes it (a second pass, [`IMPORT_CHUNK`] events at a time, so
+/// then writes it (a second pass, 20,000 events at a time, so
 /// memory does not grow with the file) into a temporary directory beside
 /// `dir` and renames it into place. Returns the number of events.
 pub fn import(file: &Path, dir: &Path) -> Result<u64, PortableError> {

@@ -74,7 +74,7 @@ malformed_reactions = 12
         }
     }
     // Another seed gives another run.
-    let mut t = s.clone();
+    let mut t = s;
     t.seed += 1;
     let c = tempfile::tempdir().unwrap();
     assert_ne!(run(&t, c.path()), ra);

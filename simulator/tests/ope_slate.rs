@@ -70,7 +70,7 @@ fn intervals_cover_the_true_value_of_user_selecting_targets() {
     let seeds = 1..=20u64;
     let mut covered = [[0u32; 6]; 2];
     let mut lifts = Vec::new();
-    for seed in seeds.clone() {
+    for seed in seeds {
         let l = random_log(seed);
         let model = RewardModel::fit(&l.data, 1.0);
         let logged_mean = l.data.reward.iter().sum::<f64>() / l.data.len() as f64;

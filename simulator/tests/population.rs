@@ -24,7 +24,7 @@ fn generation_is_seeded_and_has_dormant_users() {
         "{}",
         a.non_reacting()
     );
-    let mut t = s.clone();
+    let mut t = s;
     t.seed += 1;
     assert_ne!(
         SimPopulation::generate(&t).unwrap().candidates(),

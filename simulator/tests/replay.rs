@@ -102,7 +102,7 @@ fn tampered_logs_break_the_checks() {
     let v = r.violations().join("\n");
     assert!(v.contains("users once: user"), "{v}");
     // A batch sent twice (the event repeated at the end of the stream).
-    let mut t = events.clone();
+    let mut t = events;
     let sent = t.iter().find(|e| e.kind == "BatchSent").unwrap().clone();
     let last = t
         .iter()
@@ -110,7 +110,7 @@ fn tampered_logs_break_the_checks() {
         .map(|e| e.version)
         .max()
         .unwrap();
-    let mut again = sent.clone();
+    let mut again = sent;
     again.version = last + 1;
     again.position = t.len() as u64;
     t.push(again);

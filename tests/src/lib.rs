@@ -1,6 +1,5 @@
 //! Shared helpers for smartmsg's cross-crate tests.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod crash;
 pub mod effects;

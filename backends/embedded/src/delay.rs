@@ -1372,7 +1372,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_schedules_share_commits_and_keep_their_outcomes() {
         let dir = tempfile::tempdir().unwrap();
-        let q = std::sync::Arc::new(EmbeddedDelayQueue::open(dir.path()).unwrap());
+        let q = Arc::new(EmbeddedDelayQueue::open(dir.path()).unwrap());
         let mut tasks = Vec::new();
         // 64 distinct jobs, each scheduled twice (identical: one New, one
         // AlreadyPending), and 8 of them again with another due time
@@ -1391,7 +1391,7 @@ mod tests {
                 }));
             }
         }
-        let mut new = std::collections::HashMap::new();
+        let mut new = HashMap::new();
         let mut calls = 0;
         for t in tasks {
             calls += 1;

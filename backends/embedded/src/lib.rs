@@ -23,7 +23,6 @@
 //! [`EmbeddedLog::open_with_faults`] public (short writes, failed syncs and
 //! power loss for tests).
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod clean;
 pub mod delay;

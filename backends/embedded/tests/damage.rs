@@ -381,7 +381,7 @@ fn idempotency_keys_expire_alike_live_and_after_reopen() {
     drop(log);
     // Position 0 is now more than 10 behind the head: forgotten, after a
     // reopen as it would be live, so the retry is written again.
-    let log = EmbeddedLog::open_with(tmp.path(), config.clone()).unwrap();
+    let log = EmbeddedLog::open_with(tmp.path(), config).unwrap();
     let again = rt().block_on(log.append(keyed("k0"))).unwrap();
     assert_eq!(again.first_position, 16);
 }

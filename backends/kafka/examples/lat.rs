@@ -1,3 +1,6 @@
+//! Append latency of the Kafka event log: 300 sequential single-event
+//! appends over N streams (a diagnostic probe; `cargo run -p smartmsg-kafka
+//! --example lat -- N` with `SMARTMSG_KAFKA_BOOTSTRAP` set).
 use smartmsg_engine::{AppendTx, EventLog, ExpectedVersion, NewEvent, StreamId};
 use smartmsg_kafka::{KafkaConfig, KafkaEventLog};
 use std::time::Instant;

@@ -1,3 +1,7 @@
+//! Transaction latency of a raw transactional rdkafka producer on the test
+//! broker, with three sets of client settings (a diagnostic probe for the
+//! event log's figures; `cargo run -p smartmsg-kafka --example raw --
+//! VARIANT rotate|fixed` with `SMARTMSG_KAFKA_BOOTSTRAP` set).
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::DeliveryResult;

@@ -1134,7 +1134,7 @@ mod tests {
         let mut tip = c.clone();
         tip.header.tip = tip.header.next_seq;
         assert!(decode(&tip.encode()).is_err());
-        let mut fewer = c.clone();
+        let mut fewer = c;
         fewer.locations.pop();
         assert!(decode(&fewer.encode()).unwrap_err().contains("locations"));
     }

@@ -396,7 +396,7 @@ mod tests {
                 assert!(decode(Some(b"s"), Some(&v[..cut])).is_err(), "cut at {cut}");
             }
         }
-        let mut other = v.clone();
+        let mut other = v;
         other[2] = 2;
         assert!(decode(Some(b"s"), Some(&other)).is_err());
         let mut bad = framing();

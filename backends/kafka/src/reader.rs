@@ -277,7 +277,7 @@ pub(crate) fn fetch_framing(
     topic: &str,
     partition: i32,
     offset: i64,
-) -> Result<Option<crate::envelope::Framing>, KafkaLogError> {
+) -> Result<Option<envelope::Framing>, KafkaLogError> {
     let consumer = consumer(config, "rebuild", true)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(offset))

@@ -142,7 +142,7 @@ fn processor_restart_resumes_from_committed_offsets_with_restored_state() {
 
     produce(&bootstrap, &input, &["c", "a", "b"]);
     let mut p = rt
-        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .block_on(KafkaStreamProcessor::open(topology(), cfg))
         .unwrap();
     // State restored from the changelog: a=2, b=1 (and the meta record).
     assert!(p.restored().records >= 3, "{:?}", p.restored());
@@ -235,7 +235,7 @@ fn processor_aborted_step_is_invisible() {
     drop(zombie);
 
     let p = rt
-        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .block_on(KafkaStreamProcessor::open(topology(), cfg))
         .unwrap();
     let restored = p
         .task()
@@ -404,7 +404,7 @@ fn processor_aborted_step_is_redone_once() {
     // The aborted step's offsets were not committed: the reopened
     // processor does those two records again.
     let mut p = rt
-        .block_on(KafkaStreamProcessor::open(topology(), cfg.clone()))
+        .block_on(KafkaStreamProcessor::open(topology(), cfg))
         .unwrap();
     if hides_aborted {
         assert_eq!(p.task().metrics().processed, 2, "aborted meta restored");

@@ -12,7 +12,6 @@
 //! so changelog sequence numbers stay gap-free), followed by a `flush`
 //! (fsync) when the store is durable.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};

@@ -204,7 +204,7 @@ impl AppState {
             .map_err(|e| ServeError::Records(e.to_string()))?;
         let drafts = routes::load_drafts(&*log)
             .await
-            .map_err(|e| ServeError::Records(e.to_string()))?;
+            .map_err(ServeError::Records)?;
         std::fs::create_dir_all(&uploads).map_err(|e| ServeError::Records(e.to_string()))?;
         let (jobs, unfinished) = evaluation::Jobs::load(&*log)
             .await

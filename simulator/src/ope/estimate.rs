@@ -482,7 +482,7 @@ mod tests {
             .to_string();
         assert!(e.contains("3 rows; at least 20"), "{e}");
         let only_b = TargetProbs::deterministic(2, &[1, 1, 1]).unwrap();
-        let mut d2 = data.clone();
+        let mut d2 = data;
         d2.action = vec![0, 1, 0];
         d2.reward = vec![1.0, 0.0, 1.0];
         let ok = check_support(&d2, &only_b, &opts);
