@@ -22,9 +22,10 @@ async fn a_campaign_runs_through_the_repository_and_replays() {
     let clock = ManualClock::new(0);
     let repo = Repository::<Campaign>::new(log.clone(), Arc::new(clock.clone()))
         .with_snapshots(snapshots)
-        .with_config(RepositoryConfig {
-            snapshot_every: 3,
-            ..RepositoryConfig::default()
+        .with_config({
+            let mut built = RepositoryConfig::default();
+            built.snapshot_every = 3;
+            built
         })
         .unwrap();
     let stream = StreamId::new("campaign-7").unwrap();

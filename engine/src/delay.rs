@@ -119,6 +119,7 @@ pub struct DeadLetter {
 
 /// The maxima a queue enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueLimits {
     /// Longest job id, in bytes.
     pub max_id_len: usize,

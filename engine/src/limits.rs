@@ -8,6 +8,7 @@ use crate::stream_id::StreamId;
 /// [`Limits::check_tx`] before writing and returns [`LimitError`] when one is
 /// exceeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest event (payload + kind + metadata ids), in bytes.
     pub max_event_bytes: usize,

@@ -56,6 +56,7 @@ use crate::upcast::{UpcastError, Upcasters};
 
 /// How a [`Repository`] reads, retries and snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RepositoryConfig {
     /// Save a snapshot each time a stream's version crosses a multiple of
     /// this many events; 0 = never.
@@ -109,6 +110,7 @@ pub enum ConfigError {
 
 /// Per-command options for [`Repository::execute`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommandOptions {
     /// Passed to the log as the transaction's idempotency key (see the
     /// module docs for what it does and does not protect against).

@@ -52,6 +52,7 @@ pub type JobMapper<A> =
 
 /// How a [`Scheduler`] polls and retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SchedulerConfig {
     /// Most leases per poll (at most the queue's `max_poll`). Default 64.
     pub batch: usize,

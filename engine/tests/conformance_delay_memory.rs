@@ -15,9 +15,10 @@ use smartmsg_engine::{
 };
 
 fn config_from_env() -> SuiteConfig {
-    let mut config = SuiteConfig {
-        cases: 256,
-        ..SuiteConfig::default()
+    let mut config = {
+        let mut built = SuiteConfig::default();
+        built.cases = 256;
+        built
     };
     if let Ok(seed) = std::env::var("SMARTMSG_TESTKIT_SEED") {
         config.seed = match seed.as_str() {
@@ -135,10 +136,11 @@ fn the_suite_catches_broken_queues() {
         Bug::AckAnything,
         Bug::IdOrder,
     ] {
-        let config = SuiteConfig {
-            cases: 64,
-            max_shrink_iters: 64,
-            ..SuiteConfig::default()
+        let config = {
+            let mut built = SuiteConfig::default();
+            built.cases = 64;
+            built.max_shrink_iters = 64;
+            built
         };
         let r = catch_unwind(AssertUnwindSafe(|| {
             delay_queue_conformance(BuggyHarness(bug), config)

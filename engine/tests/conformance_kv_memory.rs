@@ -21,20 +21,22 @@ fn in_memory_store_conforms() {
 
 #[test]
 fn in_memory_store_with_small_limits_conforms() {
-    let limits = StoreLimits {
-        max_key_bytes: 16,
-        max_value_bytes: 64,
-        max_batch_ops: 30_000,
-        max_read: 5_000,
-        ..StoreLimits::default()
+    let limits = {
+        let mut built = StoreLimits::default();
+        built.max_key_bytes = 16;
+        built.max_value_bytes = 64;
+        built.max_batch_ops = 30_000;
+        built.max_read = 5_000;
+        built
     };
     kv_store_conformance(Memory(limits), SuiteConfig::default());
 }
 
 #[test]
 fn in_memory_store_keeps_the_newest_changelog_entries() {
-    kv_changelog_retention(Memory(StoreLimits {
-        max_changelog_entries: 500,
-        ..StoreLimits::default()
+    kv_changelog_retention(Memory({
+        let mut built = StoreLimits::default();
+        built.max_changelog_entries = 500;
+        built
     }));
 }

@@ -75,26 +75,24 @@ fn in_memory_log_with_small_limits_conforms() {
     impl LogHarness for Small {
         type Log = InMemoryLog;
         async fn create(&mut self) -> InMemoryLog {
-            InMemoryLog::with_limits(Limits {
-                max_event_bytes: 40,
-                max_tx_events: 6,
-                max_tx_bytes: 120,
-                max_tx_streams: 2,
-                max_read_events: 16,
-                max_kind_len: 8,
-                max_id_len: 6,
-                // The suite's keyed retries cross it.
-                idempotency_window: 10,
-            })
+            let mut limits = Limits::default();
+            limits.max_event_bytes = 40;
+            limits.max_tx_events = 6;
+            limits.max_tx_bytes = 120;
+            limits.max_tx_streams = 2;
+            limits.max_read_events = 16;
+            limits.max_kind_len = 8;
+            limits.max_id_len = 6;
+            // The suite's keyed retries cross it.
+            limits.idempotency_window = 10;
+            InMemoryLog::with_limits(limits)
         }
     }
-    event_log_conformance(
-        Small,
-        SuiteConfig {
-            cases: 32,
-            ..config_from_env()
-        },
-    );
+    event_log_conformance(Small, {
+        let mut built = config_from_env();
+        built.cases = 32;
+        built
+    });
 }
 
 #[test]
@@ -202,10 +200,11 @@ impl LogHarness for BrokenLogs {
 
 /// A quick configuration for the self-tests.
 fn quick() -> SuiteConfig {
-    SuiteConfig {
-        cases: 32,
-        max_shrink_iters: 128,
-        ..SuiteConfig::default()
+    {
+        let mut built = SuiteConfig::default();
+        built.cases = 32;
+        built.max_shrink_iters = 128;
+        built
     }
 }
 
@@ -253,10 +252,11 @@ fn suite_rejects_a_log_whose_stream_reads_skip_an_event() {
 
 #[test]
 fn suite_rejects_a_log_whose_head_watch_never_moves() {
-    let config = SuiteConfig {
-        timeout: std::time::Duration::from_millis(300),
-        max_shrink_iters: 16,
-        ..quick()
+    let config = {
+        let mut built = quick();
+        built.timeout = std::time::Duration::from_millis(300);
+        built.max_shrink_iters = 16;
+        built
     };
     let report = failure_of(|| event_log_conformance(BrokenLogs(Fault::FrozenWatch), config));
     assert!(report.contains("check `head watch` failed"), "{report}");
@@ -286,9 +286,10 @@ fn suite_rejects_a_log_that_forgets_on_reopen() {
 
 #[test]
 fn suite_reports_the_seed_it_ran_with() {
-    let config = SuiteConfig {
-        seed: Some(42),
-        ..quick()
+    let config = {
+        let mut built = quick();
+        built.seed = Some(42);
+        built
     };
     let report =
         failure_of(|| event_log_conformance(BrokenLogs(Fault::IgnoreExpectedVersion), config));
@@ -299,13 +300,11 @@ fn suite_reports_the_seed_it_ran_with() {
 fn same_seed_gives_the_same_minimal_case() {
     let run = || {
         let report = failure_of(|| {
-            event_log_conformance(
-                BrokenLogs(Fault::SkipInStreamRead),
-                SuiteConfig {
-                    seed: Some(7),
-                    ..quick()
-                },
-            )
+            event_log_conformance(BrokenLogs(Fault::SkipInStreamRead), {
+                let mut built = quick();
+                built.seed = Some(7);
+                built
+            })
         });
         let at = report
             .find("minimal failing sequence")

@@ -371,9 +371,11 @@ fn build_errors_and_type_errors_are_typed() {
 
 #[test]
 fn state_limits_are_enforced() {
-    let t = Topology::with_limits(smartmsg_engine::stream::TaskLimits {
-        max_state_entries: 2,
-        max_pending_outputs: 3,
+    let t = Topology::with_limits({
+        let mut built = smartmsg_engine::stream::TaskLimits::default();
+        built.max_state_entries = 2;
+        built.max_pending_outputs = 3;
+        built
     });
     t.stream::<u32, u32>("a").group_by_key().count("c").to("o");
     let mut d = TestDriver::new(t).unwrap();

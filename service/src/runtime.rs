@@ -134,6 +134,7 @@ impl std::fmt::Debug for Ports {
 
 /// How a runtime works.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct RuntimeOptions {
     /// Snapshot a campaign every this many events. Default 16.
     pub snapshot_every: u64,
@@ -536,9 +537,10 @@ impl Runtime {
             repo = repo.with_snapshots(Arc::clone(s));
         }
         let repo = repo
-            .with_config(RepositoryConfig {
-                snapshot_every: options.snapshot_every,
-                ..RepositoryConfig::default()
+            .with_config({
+                let mut built = RepositoryConfig::default();
+                built.snapshot_every = options.snapshot_every;
+                built
             })
             .map_err(|e| RuntimeError::Open {
                 what: "repository",

@@ -67,13 +67,14 @@ async fn the_dashboard_shows_what_the_api_reports() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig {
-        data_dir: dir.path().join("data"),
-        sender: SenderConfig::Outbox {
+    let config = {
+        let mut built = ServeConfig::default();
+        built.data_dir = dir.path().join("data");
+        built.sender = SenderConfig::Outbox {
             dir: dir.path().join("outbox"),
-        },
-        poll_interval_ms: 20,
-        ..ServeConfig::default()
+        };
+        built.poll_interval_ms = 20;
+        built
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -23,28 +23,20 @@ const ADMIN: &str = "admin-token-3";
 impl Server {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = ServeConfig {
-            data_dir: dir.path().join("data"),
-            sender: SenderConfig::Outbox {
+        let mut config = {
+            let mut built = ServeConfig::default();
+            built.data_dir = dir.path().join("data");
+            built.sender = SenderConfig::Outbox {
                 dir: dir.path().join("outbox"),
-            },
-            poll_interval_ms: 20,
-            ..ServeConfig::default()
+            };
+            built.poll_interval_ms = 20;
+            built
         };
         config.limits.max_json_bytes = 64 << 10;
         config.tokens = vec![
-            TokenConfig {
-                token: READ.into(),
-                scope: Scope::Read,
-            },
-            TokenConfig {
-                token: WRITE.into(),
-                scope: Scope::Write,
-            },
-            TokenConfig {
-                token: ADMIN.into(),
-                scope: Scope::Admin,
-            },
+            TokenConfig::new(READ, Scope::Read),
+            TokenConfig::new(WRITE, Scope::Write),
+            TokenConfig::new(ADMIN, Scope::Admin),
         ];
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -86,9 +86,10 @@ fn setup(id: &str, audience: Candidates) -> CampaignSetup {
 }
 
 fn ports(dir: &std::path::Path, clock: &ManualClock, sender: Arc<Recording>) -> Ports {
-    let c = EmbeddedConfig {
-        segment_bytes: 4 << 20,
-        ..Default::default()
+    let c = {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = 4 << 20;
+        built
     };
     embedded_ports(dir, c, Arc::new(clock.clone()), sender).unwrap()
 }
@@ -402,9 +403,10 @@ async fn crashes_at_every_point_with_time_passing_in_between() {
         "after-feedback-before-update",
         "after-commit-before-record",
     ])));
-    let options = || RuntimeOptions {
-        hooks: hooks.clone(),
-        ..RuntimeOptions::default()
+    let options = || {
+        let mut built = RuntimeOptions::default();
+        built.hooks = hooks.clone();
+        built
     };
     let open = || async {
         Runtime::open(ports(dir.path(), &clock, sender.clone()), options())

@@ -418,13 +418,14 @@ impl Receiver {
     }
 
     fn config(&self) -> WebhookConfig {
-        WebhookConfig {
-            url: self.url(),
-            timeout_ms: 1_000,
-            max_attempts: 3,
-            retry_base_ms: 5,
-            retry_max_ms: 20,
-            ..WebhookConfig::default()
+        {
+            let mut built = WebhookConfig::default();
+            built.url = self.url();
+            built.timeout_ms = 1_000;
+            built.max_attempts = 3;
+            built.retry_base_ms = 5;
+            built.retry_max_ms = 20;
+            built
         }
     }
 }
@@ -482,9 +483,10 @@ async fn webhook_passes_the_conformance_check() {
 #[tokio::test]
 async fn webhook_splits_a_large_batch_into_keyed_parts() {
     let rx = Receiver::answering(&[]).await;
-    let sender = webhook(WebhookConfig {
-        max_messages_per_request: 3,
-        ..rx.config()
+    let sender = webhook({
+        let mut built = rx.config();
+        built.max_messages_per_request = 3;
+        built
     });
     let b = batch("big", 5, &[10, 11, 12, 13, 14, 15, 16]);
     sender.send(&b).await.unwrap();
@@ -538,10 +540,11 @@ async fn webhook_resend_after_a_failed_part_uses_the_same_keys_and_bodies() {
         }
     })
     .await;
-    let sender = webhook(WebhookConfig {
-        max_messages_per_request: 2,
-        max_attempts: 2,
-        ..rx.config()
+    let sender = webhook({
+        let mut built = rx.config();
+        built.max_messages_per_request = 2;
+        built.max_attempts = 2;
+        built
     });
     let b = batch("c", 0, &[1, 2, 3, 4, 5]);
     let err = sender.send(&b).await.unwrap_err();
@@ -575,9 +578,10 @@ async fn webhook_resend_after_a_failed_part_uses_the_same_keys_and_bodies() {
 #[tokio::test]
 async fn webhook_retries_server_errors_with_the_same_key() {
     let rx = Receiver::answering(&[Answer::Status(500), Answer::Status(503)]).await;
-    let sender = webhook(WebhookConfig {
-        max_attempts: 5,
-        ..rx.config()
+    let sender = webhook({
+        let mut built = rx.config();
+        built.max_attempts = 5;
+        built
     });
     let b = batch("c", 2, &[3, 4]);
     sender.send(&b).await.unwrap();
@@ -601,9 +605,10 @@ async fn webhook_retries_408_and_429() {
 #[tokio::test]
 async fn webhook_failing_forever_is_unavailable_after_max_attempts() {
     let rx = Receiver::start(|_, _| Answer::Status(500)).await;
-    let sender = webhook(WebhookConfig {
-        max_attempts: 4,
-        ..rx.config()
+    let sender = webhook({
+        let mut built = rx.config();
+        built.max_attempts = 4;
+        built
     });
     let err = sender.send(&batch("c", 9, &[1])).await.unwrap_err();
     match &err {
@@ -621,9 +626,10 @@ async fn webhook_failing_forever_is_unavailable_after_max_attempts() {
 async fn webhook_client_errors_are_rejected_without_retry() {
     for code in [400, 401, 404, 422] {
         let rx = Receiver::start(move |_, _| Answer::Status(code)).await;
-        let sender = webhook(WebhookConfig {
-            max_attempts: 5,
-            ..rx.config()
+        let sender = webhook({
+            let mut built = rx.config();
+            built.max_attempts = 5;
+            built
         });
         let err = sender.send(&batch("c", 1, &[1])).await.unwrap_err();
         match &err {
@@ -640,10 +646,11 @@ async fn webhook_client_errors_are_rejected_without_retry() {
 #[tokio::test]
 async fn webhook_receiver_that_never_answers_times_out() {
     let rx = Receiver::start(|_, _| Answer::Stall(Duration::from_secs(30))).await;
-    let sender = webhook(WebhookConfig {
-        timeout_ms: 50,
-        max_attempts: 2,
-        ..rx.config()
+    let sender = webhook({
+        let mut built = rx.config();
+        built.timeout_ms = 50;
+        built.max_attempts = 2;
+        built
     });
     let t = Instant::now();
     let err = sender.send(&batch("c", 0, &[1])).await.unwrap_err();
@@ -663,13 +670,14 @@ async fn webhook_with_nothing_listening_is_unavailable() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let sender = webhook(WebhookConfig {
-        url: format!("http://{addr}/hook"),
-        timeout_ms: 500,
-        max_attempts: 3,
-        retry_base_ms: 5,
-        retry_max_ms: 20,
-        ..WebhookConfig::default()
+    let sender = webhook({
+        let mut built = WebhookConfig::default();
+        built.url = format!("http://{addr}/hook");
+        built.timeout_ms = 500;
+        built.max_attempts = 3;
+        built.retry_base_ms = 5;
+        built.retry_max_ms = 20;
+        built
     });
     let t = Instant::now();
     let err = sender.send(&batch("c", 0, &[1])).await.unwrap_err();
@@ -685,11 +693,12 @@ async fn webhook_with_nothing_listening_is_unavailable() {
 
 #[tokio::test]
 async fn webhook_with_a_bad_url_is_rejected() {
-    let sender = webhook(WebhookConfig {
-        url: "not a url".into(),
-        max_attempts: 3,
-        retry_base_ms: 5,
-        ..WebhookConfig::default()
+    let sender = webhook({
+        let mut built = WebhookConfig::default();
+        built.url = "not a url".into();
+        built.max_attempts = 3;
+        built.retry_base_ms = 5;
+        built
     });
     let err = sender.send(&batch("c", 0, &[1])).await.unwrap_err();
     assert!(matches!(err, SendError::Rejected { .. }), "{err:?}");
@@ -698,9 +707,10 @@ async fn webhook_with_a_bad_url_is_rejected() {
 #[tokio::test]
 async fn webhook_sends_the_bearer_token() {
     let rx = Receiver::answering(&[Answer::Status(503)]).await;
-    let sender = webhook(WebhookConfig {
-        bearer_token: Some("s3cret-t0ken".into()),
-        ..rx.config()
+    let sender = webhook({
+        let mut built = rx.config();
+        built.bearer_token = Some("s3cret-t0ken".into());
+        built
     });
     sender.send(&batch("c", 0, &[1])).await.unwrap();
     let seen = rx.seen();
@@ -717,13 +727,11 @@ async fn webhook_sends_the_bearer_token() {
 #[test]
 fn webhook_config_defaults_and_strict_parsing() {
     let c: WebhookConfig = serde_json::from_str(r#"{"url":"http://x/y"}"#).unwrap();
-    assert_eq!(
-        c,
-        WebhookConfig {
-            url: "http://x/y".into(),
-            ..WebhookConfig::default()
-        }
-    );
+    assert_eq!(c, {
+        let mut built = WebhookConfig::default();
+        built.url = "http://x/y".into();
+        built
+    });
     assert_eq!(c.max_messages_per_request, 1_000);
     assert_eq!(c.timeout_ms, 10_000);
     assert_eq!(c.max_attempts, 5);
@@ -736,9 +744,10 @@ fn webhook_config_defaults_and_strict_parsing() {
 #[tokio::test]
 async fn webhook_https_without_tls_support_is_rejected() {
     let rx = Receiver::answering(&[]).await;
-    let sender = webhook(WebhookConfig {
-        url: format!("https://{}/hook", rx.addr),
-        ..rx.config()
+    let sender = webhook({
+        let mut built = rx.config();
+        built.url = format!("https://{}/hook", rx.addr);
+        built
     });
     let err = sender.send(&batch("c", 0, &[1])).await.unwrap_err();
     match &err {

@@ -167,9 +167,10 @@ async fn inspect_run(dir: &Path) -> Result<RunInspection, SimError> {
     }
     let state = dir.join("state.redb");
     if state.is_file() {
-        let verified = RedbStoreConfig {
-            verify_on_open: true,
-            ..RedbStoreConfig::default()
+        let verified = {
+            let mut built = RedbStoreConfig::default();
+            built.verify_on_open = true;
+            built
         };
         drop(RedbStore::open_with(&state, verified)?);
         r.verified_files.push("state.redb".into());

@@ -371,11 +371,12 @@ fn options(scenario: &Scenario, pop: &Arc<SimPopulation>, h: &Harness) -> Runtim
             other => other.build(k, dim, largest),
         }
     };
-    RuntimeOptions {
-        snapshot_every: SNAPSHOT_EVERY,
-        hooks: Arc::clone(&h.hooks) as Arc<dyn Hooks>,
-        policies: Some(Arc::new(factory)),
-        ..RuntimeOptions::default()
+    {
+        let mut built = RuntimeOptions::default();
+        built.snapshot_every = SNAPSHOT_EVERY;
+        built.hooks = Arc::clone(&h.hooks) as Arc<dyn Hooks>;
+        built.policies = Some(Arc::new(factory));
+        built
     }
 }
 

@@ -32,9 +32,10 @@ impl QueueHarness for Embedded {
             self.dirs.remove(0);
         }
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = EmbeddedQueueConfig {
-            limits,
-            ..self.config.clone()
+        let config = {
+            let mut built = self.config.clone();
+            built.limits = limits;
+            built
         };
         let q = EmbeddedDelayQueue::open_with(dir.path(), config).expect("open");
         self.dirs.push(dir);
@@ -43,9 +44,10 @@ impl QueueHarness for Embedded {
 
     async fn reopen(&mut self, queue: EmbeddedDelayQueue) -> EmbeddedDelayQueue {
         let dir = queue.dir().to_owned();
-        let config = EmbeddedQueueConfig {
-            limits: smartmsg_engine::DelayQueue::limits(&queue),
-            ..self.config.clone()
+        let config = {
+            let mut built = self.config.clone();
+            built.limits = smartmsg_engine::DelayQueue::limits(&queue);
+            built
         };
         drop(queue);
         EmbeddedDelayQueue::open_with(&dir, config).expect("reopen")
@@ -57,12 +59,13 @@ impl QueueHarness for Embedded {
 }
 
 fn cases(default: u32) -> SuiteConfig {
-    SuiteConfig {
-        cases: std::env::var("SMARTMSG_TESTKIT_CASES")
+    {
+        let mut built = SuiteConfig::default();
+        built.cases = std::env::var("SMARTMSG_TESTKIT_CASES")
             .ok()
             .and_then(|c| c.parse().ok())
-            .unwrap_or(default),
-        ..SuiteConfig::default()
+            .unwrap_or(default);
+        built
     }
 }
 
@@ -73,12 +76,13 @@ fn embedded_delay_queue_conforms() {
 
 #[test]
 fn embedded_delay_queue_with_a_tiny_window_conforms() {
-    let config = EmbeddedQueueConfig {
-        lookahead_ms: 1,
-        load_batch: 1,
-        durable_polls: false,
-        durable_settles: true,
-        ..EmbeddedQueueConfig::default()
+    let config = {
+        let mut built = EmbeddedQueueConfig::default();
+        built.lookahead_ms = 1;
+        built.load_batch = 1;
+        built.durable_polls = false;
+        built.durable_settles = true;
+        built
     };
     delay_queue_conformance(Embedded::new(config), cases(64));
 }

@@ -55,20 +55,23 @@ fn embedded_log_conforms() {
 
 #[test]
 fn embedded_log_with_tiny_segments_and_limits_conforms() {
-    let config = EmbeddedConfig {
-        segment_bytes: 4096,
-        limits: Limits {
-            max_event_bytes: 512,
-            max_tx_events: 8,
-            max_tx_bytes: 2048,
-            max_tx_streams: 3,
-            max_read_events: 16,
-            max_kind_len: 16,
-            max_id_len: 16,
+    let config = {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = 4096;
+        built.limits = {
+            let mut limits = Limits::default();
+            limits.max_event_bytes = 512;
+            limits.max_tx_events = 8;
+            limits.max_tx_bytes = 2048;
+            limits.max_tx_streams = 3;
+            limits.max_read_events = 16;
+            limits.max_kind_len = 16;
+            limits.max_id_len = 16;
             // Small enough that the suite's retries cross it.
-            idempotency_window: 12,
-        },
-        ..EmbeddedConfig::default()
+            limits.idempotency_window = 12;
+            limits
+        };
+        built
     };
     event_log_conformance(Embedded::new(config), SuiteConfig::default());
 }

@@ -83,13 +83,11 @@ fn sigkill_never_loses_an_acknowledged_append() {
             acked.insert(pos, n);
         }
 
-        let log = EmbeddedLog::open_with(
-            &dir,
-            EmbeddedConfig {
-                segment_bytes: SEGMENT_BYTES,
-                ..Default::default()
-            },
-        )
+        let log = EmbeddedLog::open_with(&dir, {
+            let mut built = EmbeddedConfig::default();
+            built.segment_bytes = SEGMENT_BYTES;
+            built
+        })
         .unwrap_or_else(|e| panic!("round {round}: reopen failed: {e}"));
         if log.torn_bytes_recovered() > 0 {
             torn_recoveries += 1;

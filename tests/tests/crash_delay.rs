@@ -31,26 +31,26 @@ use smartmsg_tests::plan::CrashPlan;
 
 fn queue_config() -> EmbeddedQueueConfig {
     // Must match the child's.
-    EmbeddedQueueConfig {
-        limits: QueueLimits {
-            lease_ms: 200,
-            max_attempts: 1_000_000,
-            ..QueueLimits::default()
-        },
-        ..EmbeddedQueueConfig::default()
+    {
+        let mut built = EmbeddedQueueConfig::default();
+        built.limits = {
+            let mut built = QueueLimits::default();
+            built.lease_ms = 200;
+            built.max_attempts = 1_000_000;
+            built
+        };
+        built
     }
 }
 
 fn open(dir: &Path) -> (Arc<EmbeddedDelayQueue>, Arc<dyn EventLog>) {
     let q = EmbeddedDelayQueue::open_with(dir.join("queue"), queue_config())
         .unwrap_or_else(|e| panic!("reopen queue: {e}"));
-    let log = EmbeddedLog::open_with(
-        dir.join("log"),
-        EmbeddedConfig {
-            segment_bytes: 1 << 20, // as the child's
-            ..EmbeddedConfig::default()
-        },
-    )
+    let log = EmbeddedLog::open_with(dir.join("log"), {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = 1 << 20; // as the child's
+        built
+    })
     .unwrap_or_else(|e| panic!("reopen log: {e}"));
     (Arc::new(q), Arc::new(log))
 }

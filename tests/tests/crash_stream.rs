@@ -35,13 +35,11 @@ use smartmsg_tests::stream_crash::{topology, Echo, Reference, WindowKey, RUNNER}
 const SEGMENT_BYTES: u64 = 1 << 20;
 
 fn open_log(dir: &std::path::Path) -> EmbeddedLog {
-    EmbeddedLog::open_with(
-        dir.join("log"),
-        EmbeddedConfig {
-            segment_bytes: SEGMENT_BYTES,
-            ..EmbeddedConfig::default()
-        },
-    )
+    EmbeddedLog::open_with(dir.join("log"), {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = SEGMENT_BYTES;
+        built
+    })
     .expect("open log")
 }
 

@@ -28,13 +28,15 @@ fn job(id: &str, due: u64) -> Job {
 }
 
 fn config(lease_ms: u64) -> EmbeddedQueueConfig {
-    EmbeddedQueueConfig {
-        limits: QueueLimits {
-            lease_ms,
-            max_attempts: 10_000,
-            ..QueueLimits::default()
-        },
-        ..EmbeddedQueueConfig::default()
+    {
+        let mut built = EmbeddedQueueConfig::default();
+        built.limits = {
+            let mut built = QueueLimits::default();
+            built.lease_ms = lease_ms;
+            built.max_attempts = 10_000;
+            built
+        };
+        built
     }
 }
 

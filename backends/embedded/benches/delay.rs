@@ -243,17 +243,16 @@ fn firing_lag(
     durable_polls: bool,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Vec<u64>> {
-    let q = EmbeddedDelayQueue::open_with(
-        dir,
-        EmbeddedQueueConfig {
-            limits: QueueLimits {
-                max_poll: 100,
-                ..QueueLimits::default()
-            },
-            durable_polls,
-            ..EmbeddedQueueConfig::default()
-        },
-    )?;
+    let q = EmbeddedDelayQueue::open_with(dir, {
+        let mut built = EmbeddedQueueConfig::default();
+        built.limits = {
+            let mut built = QueueLimits::default();
+            built.max_poll = 100;
+            built
+        };
+        built.durable_polls = durable_polls;
+        built
+    })?;
     rt.block_on(async {
         let start = SystemClock.now_ms() + 100;
         let tag = start;

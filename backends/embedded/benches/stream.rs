@@ -183,13 +183,11 @@ fn exactly_once(
 ) -> Result<(f64, u64)> {
     // Small segments: the outputs are few, and a fresh 64 MiB segment per
     // run would leave its write-back competing with the timed fsyncs.
-    let out: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open_with(
-        out_dir,
-        EmbeddedConfig {
-            segment_bytes: 1 << 20,
-            ..EmbeddedConfig::default()
-        },
-    )?);
+    let out: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open_with(out_dir, {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = 1 << 20;
+        built
+    })?);
     settle();
     rt.block_on(async {
         let mut runner = StreamRunner::open(

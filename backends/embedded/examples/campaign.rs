@@ -145,9 +145,10 @@ fn repository(
     let snapshots = Arc::new(RedbSnapshots::open(dir.join("snapshots.redb"))?);
     let repo = Repository::<Campaign>::new(log.clone(), Arc::new(clock.clone()))
         .with_snapshots(snapshots)
-        .with_config(RepositoryConfig {
-            snapshot_every: 4,
-            ..RepositoryConfig::default()
+        .with_config({
+            let mut built = RepositoryConfig::default();
+            built.snapshot_every = 4;
+            built
         })?;
     Ok((log, repo))
 }

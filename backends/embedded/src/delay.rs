@@ -97,6 +97,7 @@ const SYNC_EVERY: u32 = 256;
 
 /// How an [`EmbeddedDelayQueue`] is limited and tuned.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EmbeddedQueueConfig {
     /// The limits the queue enforces.
     pub limits: QueueLimits,
@@ -1423,9 +1424,10 @@ mod tests {
     async fn dead_letters_keep_the_newest_up_to_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let config = EmbeddedQueueConfig {
-            limits: QueueLimits {
-                max_attempts: 1,
-                ..QueueLimits::default()
+            limits: {
+                let mut built = QueueLimits::default();
+                built.max_attempts = 1;
+                built
             },
             max_dead_letters: 3,
             ..EmbeddedQueueConfig::default()
@@ -1452,10 +1454,11 @@ mod tests {
     async fn survives_reopen_and_ends_leases() {
         let dir = tempfile::tempdir().unwrap();
         let config = EmbeddedQueueConfig {
-            limits: QueueLimits {
-                lease_ms: 1000,
-                max_attempts: 2,
-                ..QueueLimits::default()
+            limits: {
+                let mut built = QueueLimits::default();
+                built.lease_ms = 1000;
+                built.max_attempts = 2;
+                built
             },
             ..EmbeddedQueueConfig::default()
         };

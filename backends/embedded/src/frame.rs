@@ -46,6 +46,7 @@ pub struct Header {
 
 /// Why a frame failed to parse.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FrameError {
     /// The bytes end before the frame does.
     Truncated,

@@ -24,6 +24,7 @@ use crate::writer::{Request, Writer};
 
 /// How an [`EmbeddedLog`] is laid out and limited.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EmbeddedConfig {
     /// Size of each segment file (preallocated). Default 64 MiB. A
     /// transaction whose frame does not fit in one segment is refused with

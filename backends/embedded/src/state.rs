@@ -31,6 +31,7 @@ const BOUNDS: TableDefinition<&str, u64> = TableDefinition::new("stream_changelo
 
 /// How a [`RedbStore`] is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RedbStoreConfig {
     /// Limits checked before every write and read.
     pub limits: StoreLimits,

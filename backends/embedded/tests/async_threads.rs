@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use smartmsg_embedded::{EmbeddedDelayQueue, RedbSnapshots};
+use smartmsg_embedded::{EmbeddedDelayQueue, EmbeddedQueueConfig, RedbSnapshots};
 use smartmsg_engine::{DelayQueue, Job, JobId, Snapshot, SnapshotStore, StreamId};
 
 /// Runs `call` and reports whether the counter moved while it ran.
@@ -24,7 +24,12 @@ async fn moved_during<T>(turns: &AtomicU64, call: impl std::future::Future<Outpu
 #[tokio::test(flavor = "current_thread")]
 async fn another_task_runs_while_commits_are_under_way() {
     let dir = tempfile::tempdir().unwrap();
-    let q = EmbeddedDelayQueue::open(dir.path().join("queue")).unwrap();
+    // Durable acks too, so that every call below commits with an fsync (a
+    // call that finishes in microseconds may be done before its first poll,
+    // and then nothing else needs to run meanwhile).
+    let mut config = EmbeddedQueueConfig::default();
+    config.durable_settles = true;
+    let q = EmbeddedDelayQueue::open_with(dir.path().join("queue"), config).unwrap();
     let snaps = RedbSnapshots::open(dir.path().join("snapshots.redb")).unwrap();
 
     let turns = Arc::new(AtomicU64::new(0));

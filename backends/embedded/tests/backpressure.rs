@@ -15,10 +15,11 @@ const CALLS: usize = 400;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_wait_for_room_and_all_land() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EmbeddedConfig {
-        queue_capacity: 2,
-        max_batch_txs: 3,
-        ..EmbeddedConfig::default()
+    let config = {
+        let mut built = EmbeddedConfig::default();
+        built.queue_capacity = 2;
+        built.max_batch_txs = 3;
+        built
     };
     let log = Arc::new(EmbeddedLog::open_with(dir.path(), config).unwrap());
     let mut tasks = Vec::new();
@@ -49,9 +50,10 @@ async fn appends_wait_for_room_and_all_land() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedules_wait_for_room_and_all_land() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EmbeddedQueueConfig {
-        queue_capacity: 2,
-        ..EmbeddedQueueConfig::default()
+    let config = {
+        let mut built = EmbeddedQueueConfig::default();
+        built.queue_capacity = 2;
+        built
     };
     let q = Arc::new(EmbeddedDelayQueue::open_with(dir.path(), config).unwrap());
     let mut tasks = Vec::new();

@@ -40,34 +40,38 @@ fn redb_store_conforms() {
             config: RedbStoreConfig::default(),
             dirs: Vec::new(),
         },
-        SuiteConfig {
-            cases: 32,
-            ..SuiteConfig::default()
+        {
+            let mut built = SuiteConfig::default();
+            built.cases = 32;
+            built
         },
     );
 }
 
 #[test]
 fn redb_store_with_small_limits_conforms() {
-    let config = RedbStoreConfig {
-        limits: StoreLimits {
-            max_key_bytes: 16,
-            max_value_bytes: 64,
-            max_batch_ops: 30_000,
-            max_read: 5_000,
-            ..StoreLimits::default()
-        },
-        durable: false,
-        ..RedbStoreConfig::default()
+    let config = {
+        let mut built = RedbStoreConfig::default();
+        built.limits = {
+            let mut built = StoreLimits::default();
+            built.max_key_bytes = 16;
+            built.max_value_bytes = 64;
+            built.max_batch_ops = 30_000;
+            built.max_read = 5_000;
+            built
+        };
+        built.durable = false;
+        built
     };
     kv_store_conformance(
         Redb {
             config,
             dirs: Vec::new(),
         },
-        SuiteConfig {
-            cases: 16,
-            ..SuiteConfig::default()
+        {
+            let mut built = SuiteConfig::default();
+            built.cases = 16;
+            built
         },
     );
 }
@@ -75,12 +79,14 @@ fn redb_store_with_small_limits_conforms() {
 #[test]
 fn redb_store_keeps_the_newest_changelog_entries() {
     kv_changelog_retention(Redb {
-        config: RedbStoreConfig {
-            limits: StoreLimits {
-                max_changelog_entries: 500,
-                ..StoreLimits::default()
-            },
-            ..RedbStoreConfig::default()
+        config: {
+            let mut built = RedbStoreConfig::default();
+            built.limits = {
+                let mut built = StoreLimits::default();
+                built.max_changelog_entries = 500;
+                built
+            };
+            built
         },
         dirs: Vec::new(),
     });

@@ -16,9 +16,10 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn small() -> EmbeddedConfig {
-    EmbeddedConfig {
-        segment_bytes: 64 << 10,
-        ..EmbeddedConfig::default()
+    {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = 64 << 10;
+        built
     }
 }
 
@@ -219,13 +220,11 @@ fn a_file_that_is_not_a_segment_is_refused() {
 #[test]
 fn segments_roll_and_everything_reads_back_after_reopen() {
     let tmp = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open_with(
-        tmp.path(),
-        EmbeddedConfig {
-            segment_bytes: 8 << 10,
-            ..small()
-        },
-    )
+    let log = EmbeddedLog::open_with(tmp.path(), {
+        let mut built = small();
+        built.segment_bytes = 8 << 10;
+        built
+    })
     .unwrap();
     fill(&log, 300);
     assert!(
@@ -238,13 +237,11 @@ fn segments_roll_and_everything_reads_back_after_reopen() {
         .block_on(log.read_stream(&StreamId::new("s-1").unwrap(), 1, 1000))
         .unwrap();
     drop(log);
-    let log = EmbeddedLog::open_with(
-        tmp.path(),
-        EmbeddedConfig {
-            segment_bytes: 8 << 10,
-            ..small()
-        },
-    )
+    let log = EmbeddedLog::open_with(tmp.path(), {
+        let mut built = small();
+        built.segment_bytes = 8 << 10;
+        built
+    })
     .unwrap();
     assert_eq!(all_payloads(&log), before);
     let s1b = rt()
@@ -261,9 +258,10 @@ fn segments_roll_and_everything_reads_back_after_reopen() {
 #[test]
 fn damage_in_an_earlier_segment_is_an_error_even_at_its_end() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = EmbeddedConfig {
-        segment_bytes: 8 << 10,
-        ..small()
+    let cfg = {
+        let mut built = small();
+        built.segment_bytes = 8 << 10;
+        built
     };
     let log = EmbeddedLog::open_with(tmp.path(), cfg.clone()).unwrap();
     fill(&log, 300);
@@ -354,12 +352,14 @@ fn a_stale_or_damaged_mark_falls_back_to_the_full_check() {
 #[test]
 fn idempotency_keys_expire_alike_live_and_after_reopen() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = EmbeddedConfig {
-        limits: smartmsg_engine::Limits {
-            idempotency_window: 10,
-            ..smartmsg_engine::Limits::default()
-        },
-        ..small()
+    let config = {
+        let mut built = small();
+        built.limits = {
+            let mut built = smartmsg_engine::Limits::default();
+            built.idempotency_window = 10;
+            built
+        };
+        built
     };
     let keyed = |key: &str| {
         AppendTx::single(

@@ -25,9 +25,10 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn small() -> EmbeddedConfig {
-    EmbeddedConfig {
-        segment_bytes: 64 << 10,
-        ..EmbeddedConfig::default()
+    {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = 64 << 10;
+        built
     }
 }
 

@@ -204,9 +204,10 @@ fn a_damaged_state_store_is_an_error_not_a_panic_when_verified() {
             store.write(&b).unwrap();
         }
     }
-    let verified = RedbStoreConfig {
-        verify_on_open: true,
-        ..RedbStoreConfig::default()
+    let verified = {
+        let mut built = RedbStoreConfig::default();
+        built.verify_on_open = true;
+        built
     };
     let outcomes = damage_and_use(dir.path(), "state.redb", 13, |copy| {
         let run = || -> Result<(), Outcome> {

@@ -324,13 +324,11 @@ fn embedded_round(
         .prefix("smartmsg-kafka-stream-bench")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
     let input = Arc::new(EmbeddedLog::open(dir.path().join("input"))?);
-    let out: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open_with(
-        dir.path().join("out"),
-        EmbeddedConfig {
-            segment_bytes: 4 << 20,
-            ..EmbeddedConfig::default()
-        },
-    )?);
+    let out: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open_with(dir.path().join("out"), {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = 4 << 20;
+        built
+    })?);
     let store: Arc<dyn KeyValueStore> = Arc::new(RedbStore::open(dir.path().join("state.redb"))?);
     let r = rt.block_on(async {
         append(&input, "tables", tables).await?;

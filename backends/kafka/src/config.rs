@@ -22,6 +22,7 @@ pub type BeforeCommitHook = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 /// writer whose `transactional.id` is `smartmsg.<log_name>.writer`; see the
 /// crate documentation for what that means for deployment.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct KafkaConfig {
     /// `bootstrap.servers`: comma-separated `host:port` list.
     pub bootstrap: String,

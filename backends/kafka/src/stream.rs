@@ -124,6 +124,7 @@ impl KafkaStreamError {
 
 /// Configuration of a [`KafkaStreamProcessor`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ProcessorConfig {
     /// `bootstrap.servers`.
     pub bootstrap: String,

@@ -74,11 +74,12 @@ impl LogHarness for Harness {
 }
 
 fn suite() -> SuiteConfig {
-    SuiteConfig {
-        cases: 24,
-        max_ops: 48,
-        max_shrink_iters: 64,
-        ..SuiteConfig::default()
+    {
+        let mut built = SuiteConfig::default();
+        built.cases = 24;
+        built.max_ops = 48;
+        built.max_shrink_iters = 64;
+        built
     }
 }
 
@@ -97,11 +98,9 @@ fn conformance_one_partition_short_runs() {
     let Some(bootstrap) = common::bootstrap() else {
         return;
     };
-    run(
-        Harness::new(bootstrap, 1, 1, 5),
-        SuiteConfig {
-            cases: 8,
-            ..suite()
-        },
-    );
+    run(Harness::new(bootstrap, 1, 1, 5), {
+        let mut built = suite();
+        built.cases = 8;
+        built
+    });
 }

@@ -18,6 +18,7 @@ pub const MAX_PAYLOAD_CAP: usize = 64 << 20;
 /// How a [`RabbitDelayQueue`](crate::RabbitDelayQueue) connects and what it
 /// enforces. Build it with [`RabbitConfig::new`] and adjust fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RabbitConfig {
     /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub url: String,

@@ -84,16 +84,14 @@ fn conformance_suite_in_virtual_time() {
         ),
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        delay_queue_conformance(
-            harness,
-            SuiteConfig {
-                cases,
-                max_ops: 48,
-                max_shrink_iters: 64,
-                seed,
-                ..SuiteConfig::default()
-            },
-        )
+        delay_queue_conformance(harness, {
+            let mut built = SuiteConfig::default();
+            built.cases = cases;
+            built.max_ops = 48;
+            built.max_shrink_iters = 64;
+            built.seed = seed;
+            built
+        })
     }));
     // Delete every queue the suite made, pass or fail.
     let rt = tokio::runtime::Builder::new_current_thread()

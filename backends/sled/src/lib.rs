@@ -40,6 +40,7 @@ pub enum SledError {
 
 /// How a [`SledStore`] is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SledStoreConfig {
     /// Limits checked before every write and read.
     pub limits: StoreLimits,

@@ -61,43 +61,49 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 fn sled_store_conforms() {
     kv_store_conformance(
         Sled {
-            config: SledStoreConfig {
-                // Each case reopens a fresh database; fsync per batch would
-                // only slow the suite (durability across a clean reopen is
-                // what it checks, and drop flushes).
-                durable: false,
-                ..SledStoreConfig::default()
+            // Each case reopens a fresh database; fsync per batch would only
+            // slow the suite (durability across a clean reopen is what it
+            // checks, and drop flushes).
+            config: {
+                let mut built = SledStoreConfig::default();
+                built.durable = false;
+                built
             },
             dirs: Vec::new(),
         },
-        SuiteConfig {
-            cases: 24,
-            ..SuiteConfig::default()
+        {
+            let mut built = SuiteConfig::default();
+            built.cases = 24;
+            built
         },
     );
 }
 
 #[test]
 fn sled_store_durable_with_small_limits_conforms() {
-    let config = SledStoreConfig {
-        limits: StoreLimits {
-            max_key_bytes: 16,
-            max_value_bytes: 64,
-            max_batch_ops: 30_000,
-            max_read: 5_000,
-            ..StoreLimits::default()
-        },
-        durable: true,
+    let config = {
+        let mut built = SledStoreConfig::default();
+        built.limits = {
+            let mut built = StoreLimits::default();
+            built.max_key_bytes = 16;
+            built.max_value_bytes = 64;
+            built.max_batch_ops = 30_000;
+            built.max_read = 5_000;
+            built
+        };
+        built.durable = true;
+        built
     };
     kv_store_conformance(
         Sled {
             config,
             dirs: Vec::new(),
         },
-        SuiteConfig {
-            cases: 8,
-            max_ops: 32,
-            ..SuiteConfig::default()
+        {
+            let mut built = SuiteConfig::default();
+            built.cases = 8;
+            built.max_ops = 32;
+            built
         },
     );
 }
@@ -105,12 +111,15 @@ fn sled_store_durable_with_small_limits_conforms() {
 #[test]
 fn sled_store_keeps_the_newest_changelog_entries() {
     kv_changelog_retention(Sled {
-        config: SledStoreConfig {
-            limits: StoreLimits {
-                max_changelog_entries: 500,
-                ..StoreLimits::default()
-            },
-            durable: false,
+        config: {
+            let mut built = SledStoreConfig::default();
+            built.limits = {
+                let mut built = StoreLimits::default();
+                built.max_changelog_entries = 500;
+                built
+            };
+            built.durable = false;
+            built
         },
         dirs: Vec::new(),
     });

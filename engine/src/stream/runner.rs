@@ -149,6 +149,7 @@ pub enum RunnerError {
 
 /// How a [`StreamRunner`] works.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RunnerConfig {
     /// The runner's name: keys its checkpoint and outbox in the store, and
     /// the idempotency of its outputs (1 to 64 bytes of ASCII letters,

@@ -87,6 +87,7 @@ pub enum StoreError {
 
 /// The maxima a store enforces; checked before anything is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoreLimits {
     /// Longest key, in bytes.
     pub max_key_bytes: usize,

@@ -81,6 +81,7 @@ pub enum StreamError {
 
 /// The maxima a task enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TaskLimits {
     /// Most entries in one state store (open window × key pairs for a
     /// window store).

@@ -84,6 +84,7 @@ pub use snapshot_suite::{snapshot_store_conformance, SnapshotHarness};
 /// `max_ops` for a longer soak, and set `seed: None` to explore new cases on
 /// every run.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SuiteConfig {
     /// Random operation sequences to run (each on a fresh instance).
     pub cases: u32,

@@ -16,6 +16,7 @@ use crate::sender::WebhookConfig;
 /// default; see `docs/serve.md` for each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct ServeConfig {
     /// Where to listen. Default `127.0.0.1:8080` (loopback only).
     pub listen: SocketAddr,
@@ -92,6 +93,7 @@ pub enum BackendConfig {
 /// The Kafka log and RabbitMQ queue of [`BackendConfig::Distributed`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct DistributedConfig {
     /// Kafka `bootstrap.servers`. Default `127.0.0.1:9092`.
     pub kafka_bootstrap: String,
@@ -170,11 +172,22 @@ pub enum Scope {
 /// A bearer token and its scope.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct TokenConfig {
     /// The token (sent as `Authorization: Bearer <token>`).
     pub token: String,
     /// What it may do.
     pub scope: Scope,
+}
+
+impl TokenConfig {
+    /// A token with its scope.
+    pub fn new(token: impl Into<String>, scope: Scope) -> Self {
+        Self {
+            token: token.into(),
+            scope,
+        }
+    }
 }
 
 impl std::fmt::Debug for TokenConfig {
@@ -190,6 +203,7 @@ impl std::fmt::Debug for TokenConfig {
 /// Request limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct HttpLimits {
     /// Largest JSON body (commands, one reaction). Default 1 MiB.
     pub max_json_bytes: usize,

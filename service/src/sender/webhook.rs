@@ -11,6 +11,7 @@ use super::{records, MessageRecord, SendError, Sender};
 /// How a [`WebhookSender`] talks to its endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct WebhookConfig {
     /// The endpoint (`http://…`; `https://…` with the `rustls` feature).
     pub url: String,

@@ -22,13 +22,11 @@ fn main() -> anyhow::Result<()> {
     let writers: u32 = args[2].parse()?;
     let seed: u64 = args[3].parse()?;
     let segment_bytes: u64 = args[4].parse()?;
-    let log = Arc::new(EmbeddedLog::open_with(
-        dir,
-        EmbeddedConfig {
-            segment_bytes,
-            ..EmbeddedConfig::default()
-        },
-    )?);
+    let log = Arc::new(EmbeddedLog::open_with(dir, {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = segment_bytes;
+        built
+    })?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()?;

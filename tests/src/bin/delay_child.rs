@@ -30,13 +30,15 @@ use smartmsg_tests::effects::{mapper, Effects};
 
 /// The queue configuration of the child and the parent.
 pub fn queue_config() -> EmbeddedQueueConfig {
-    EmbeddedQueueConfig {
-        limits: QueueLimits {
-            lease_ms: 200,
-            max_attempts: 1_000_000,
-            ..QueueLimits::default()
-        },
-        ..EmbeddedQueueConfig::default()
+    {
+        let mut built = EmbeddedQueueConfig::default();
+        built.limits = {
+            let mut built = QueueLimits::default();
+            built.lease_ms = 200;
+            built.max_attempts = 1_000_000;
+            built
+        };
+        built
     }
 }
 
@@ -50,13 +52,11 @@ fn main() -> anyhow::Result<()> {
         dir.join("queue"),
         queue_config(),
     )?);
-    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open_with(
-        dir.join("log"),
-        EmbeddedConfig {
-            segment_bytes: SEGMENT_BYTES,
-            ..EmbeddedConfig::default()
-        },
-    )?);
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open_with(dir.join("log"), {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = SEGMENT_BYTES;
+        built
+    })?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,9 +112,10 @@ fn main() -> anyhow::Result<()> {
         if mode == "fire" || mode == "both" {
             let repo = Repository::<Effects>::new(log.clone(), Arc::new(SystemClock));
             let s = Scheduler::new(queue.clone(), repo, Arc::new(SystemClock), mapper)
-                .with_config(SchedulerConfig {
-                    batch: 16,
-                    ..SchedulerConfig::default()
+                .with_config({
+                    let mut built = SchedulerConfig::default();
+                    built.batch = 16;
+                    built
                 })
                 .expect("config");
             tasks.push(tokio::spawn(async move {

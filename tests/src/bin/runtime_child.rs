@@ -25,18 +25,20 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let dir = std::path::PathBuf::from(&args[1]);
     let start_ms: u64 = args[4].parse()?;
-    let sender = WebhookSender::new(WebhookConfig {
-        url: args[2].clone(),
-        max_attempts: 2,
-        retry_base_ms: 10,
-        timeout_ms: 2_000,
-        ..WebhookConfig::default()
+    let sender = WebhookSender::new({
+        let mut built = WebhookConfig::default();
+        built.url = args[2].clone();
+        built.max_attempts = 2;
+        built.retry_base_ms = 10;
+        built.timeout_ms = 2_000;
+        built
     })?;
-    let options = RuntimeOptions {
-        poll_interval_ms: 20,
-        send_retry_ms: 20,
-        send_retry_max_ms: 200,
-        ..RuntimeOptions::default()
+    let options = {
+        let mut built = RuntimeOptions::default();
+        built.poll_interval_ms = 20;
+        built.send_retry_ms = 20;
+        built.send_retry_max_ms = 200;
+        built
     };
     let mut rt = Runtime::open_embedded(dir.join("data"), Arc::new(sender), options).await?;
     rt.add_source(Box::new(JsonLinesSource::new("reactions", &args[3])));

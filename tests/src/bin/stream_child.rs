@@ -25,13 +25,11 @@ fn main() -> anyhow::Result<()> {
     let dir = std::path::PathBuf::from(&args[1]);
     let batch: usize = args[2].parse()?;
     let until_idle = args.get(3).is_some_and(|a| a == "idle");
-    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open_with(
-        dir.join("log"),
-        EmbeddedConfig {
-            segment_bytes: SEGMENT_BYTES,
-            ..EmbeddedConfig::default()
-        },
-    )?);
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open_with(dir.join("log"), {
+        let mut built = EmbeddedConfig::default();
+        built.segment_bytes = SEGMENT_BYTES;
+        built
+    })?);
     let store = Arc::new(RedbStore::open(dir.join("state.redb"))?);
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     rt.block_on(async move {
