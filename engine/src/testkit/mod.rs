@@ -39,7 +39,9 @@
 //!     }
 //! }
 //!
-//! event_log_conformance(Memory, SuiteConfig { cases: 4, ..SuiteConfig::default() });
+//! let mut config = SuiteConfig::default();
+//! config.cases = 4;
+//! event_log_conformance(Memory, config);
 //! ```
 //!
 //! The suites are synchronous: they build their own multi-thread tokio
