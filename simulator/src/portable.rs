@@ -419,7 +419,7 @@ pub fn find_logs(dir: &Path) -> Result<Vec<PathBuf>, PortableError> {
     for e in std::fs::read_dir(dir).map_err(io)? {
         let p = e.map_err(io)?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if smartmsg_embedded::segment::parse_segment_name(name).is_some() {
+        if EmbeddedLog::is_segment_file_name(name) {
             return Ok(vec![dir.to_owned()]);
         }
         if p.join("log").is_dir() {

@@ -24,16 +24,28 @@
 //! power loss for tests).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "internals")]
 pub mod clean;
+#[cfg(not(feature = "internals"))]
+mod clean;
 pub mod delay;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+#[cfg(feature = "internals")]
 pub mod frame;
+#[cfg(not(feature = "internals"))]
+mod frame;
 pub mod lock;
 pub mod log;
+#[cfg(feature = "internals")]
 pub mod recovery;
+#[cfg(not(feature = "internals"))]
+mod recovery;
+#[cfg(feature = "internals")]
 pub mod segment;
+#[cfg(not(feature = "internals"))]
+mod segment;
 pub mod snapshots;
 pub mod state;
 mod storage;

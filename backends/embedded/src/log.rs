@@ -246,6 +246,12 @@ impl EmbeddedLog {
         })
     }
 
+    /// Whether `name` is the name of one of the log's segment files (a
+    /// directory holding such files holds a log).
+    pub fn is_segment_file_name(name: &str) -> bool {
+        crate::segment::parse_segment_name(name).is_some()
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
@@ -258,7 +264,7 @@ impl EmbeddedLog {
     }
 
     /// Whether the open trusted a clean-shutdown mark and so did not read
-    /// the unused end of the last segment (see [`crate::clean`]).
+    /// the unused end of the last segment (see `clean.rs`).
     pub fn opened_clean(&self) -> bool {
         self.clean_open
     }

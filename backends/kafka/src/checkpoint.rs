@@ -148,6 +148,7 @@ impl Checkpoint {
     }
 
     /// Encodes the checkpoint (see [`encode`]).
+    #[cfg(any(test, feature = "internals"))]
     pub fn encode(&self) -> Vec<u8> {
         encode(&self.header, &self.locations, &self.index)
     }

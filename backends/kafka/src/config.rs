@@ -64,7 +64,7 @@ pub struct KafkaConfig {
     /// `smartmsg.<log_name>.checkpoints` each time this many events were
     /// committed since its last checkpoint, so that `open` reads only the
     /// events after the newest checkpoint instead of the whole events topic
-    /// (see [`crate::checkpoint`]). `0` disables checkpoints: none is
+    /// (see `checkpoint.rs`). `0` disables checkpoints: none is
     /// written and `open` ignores existing ones (a full rebuild).
     pub checkpoint_every_events: u64,
     /// Largest piece of a checkpoint in one Kafka record (a checkpoint of a

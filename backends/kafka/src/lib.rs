@@ -10,7 +10,7 @@
 //!   Each event is one record whose key is its stream id; the stream's
 //!   partition is [`partition_for`] (FNV-1a 64 of the id, modulo `P`), so a
 //!   stream's events stay in order in one partition. The value is a
-//!   versioned binary envelope ([`envelope`]): position, stream version,
+//!   versioned binary envelope (`envelope.rs`): position, stream version,
 //!   kind, schema, timestamp, correlation and causation ids, payload, and
 //!   the framing that tells whole transactions from parts.
 //! - **One writer, fenced.** [`KafkaEventLog::open`] creates a
@@ -40,7 +40,7 @@
 //!   as one run, wider gaps start a new fetch position).
 //! - **Rebuild.** On open, after fencing, the topic is read to its end
 //!   (`read_committed`) and the index rebuilt from the committed chain
-//!   ([`chain`]): each Kafka transaction names its predecessor, so records
+//!   (`chain.rs`): each Kafka transaction names its predecessor, so records
 //!   of aborted or cut-short transactions are ignored even on brokers that
 //!   show them to `read_committed` consumers (tansu).
 //! - **Checkpoints.** Every
@@ -49,7 +49,7 @@
 //!   the position → (partition, offset) map, the chain's tip and the
 //!   offsets of the events topic they cover, and a thread of its own writes
 //!   it in CRC-checked chunks to `smartmsg.<log_name>.checkpoints`
-//!   ([`checkpoint`]). `open` loads the newest complete checkpoint that
+//!   (`checkpoint.rs`). `open` loads the newest complete checkpoint that
 //!   fits the topic and reads only the records after it, continuing the
 //!   chain from its tip, which gives exactly the full rebuild's index; with
 //!   no usable checkpoint it reads the whole topic (and logs why).
@@ -66,10 +66,19 @@
 #![forbid(unsafe_code)]
 
 pub mod campaign;
+#[cfg(feature = "internals")]
 pub mod chain;
+#[cfg(not(feature = "internals"))]
+mod chain;
+#[cfg(feature = "internals")]
 pub mod checkpoint;
+#[cfg(not(feature = "internals"))]
+mod checkpoint;
 pub mod config;
+#[cfg(feature = "internals")]
 pub mod envelope;
+#[cfg(not(feature = "internals"))]
+mod envelope;
 pub mod error;
 pub mod log;
 mod reader;

@@ -64,7 +64,7 @@
 //! ### Message format
 //!
 //! The body is a small versioned binary envelope (magic `SMDQ`, version 1,
-//! kind, big-endian fields; see [`codec`]): a job carries its id, its
+//! kind, big-endian fields; see `codec.rs`): a job carries its id, its
 //! `due_ms`, when it is due now (`at_ms`: later after an expired lease or a
 //! nack), `seq` (its incarnation: one per successful `schedule`), the number
 //! of deliveries already made and the payload. Anything on the hop or due queue
@@ -251,7 +251,10 @@
 //! callers share the channel and pipeline their confirms.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "internals")]
 pub mod codec;
+#[cfg(not(feature = "internals"))]
+mod codec;
 pub mod config;
 pub mod error;
 mod queue;
