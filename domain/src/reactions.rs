@@ -663,11 +663,7 @@ impl ReactionWindow {
     /// is derived from the campaign and the window, so delivering the
     /// window twice records it once (the campaign's command idempotency).
     pub fn record_reactions(&self, creatives: usize) -> CampaignCommand {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.campaign.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = smartmsg_engine::fnv::fnv1a(self.campaign.as_bytes());
         CampaignCommand::new(
             format!("reactions:{h:016x}:{}", self.start_ms),
             Action::RecordReactions {

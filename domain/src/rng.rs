@@ -15,12 +15,7 @@ pub fn splitmix(mut z: u64) -> u64 {
 
 /// FNV-1a of a label, for mixing names into seeds.
 pub fn label(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    smartmsg_engine::fnv::fnv1a(s.as_bytes())
 }
 
 /// Mixes `parts` into one well-spread 64-bit value.

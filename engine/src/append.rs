@@ -129,12 +129,9 @@ impl AppendTx {
         // FNV-1a over a self-delimiting encoding: every variable field is
         // length-prefixed and every option tagged, so two different
         // transactions never feed the hash the same bytes.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut h = crate::fnv::Fnv1a::new();
         let mut eat = |bytes: &[u8]| {
-            for b in bytes {
-                h ^= u64::from(*b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
+            h.write(bytes);
         };
         fn field(eat: &mut impl FnMut(&[u8]), bytes: &[u8]) {
             eat(&(bytes.len() as u64).to_le_bytes());
@@ -170,7 +167,7 @@ impl AppendTx {
                 field(&mut eat, &e.payload);
             }
         }
-        h
+        h.finish()
     }
 }
 

@@ -22,6 +22,7 @@ pub mod delay;
 pub mod delay_memory;
 pub mod error;
 pub mod event;
+pub mod fnv;
 pub mod index;
 pub mod limits;
 pub mod log;

@@ -314,11 +314,7 @@ pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Decoded, Strin
 /// platforms and versions of this crate; it is part of the on-topic format
 /// (other writers or tools that produce to the topic must use the same).
 pub fn partition_for(stream: &StreamId, partitions: u32) -> i32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in stream.as_str().as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = smartmsg_engine::fnv::fnv1a(stream.as_str().as_bytes());
     (h % u64::from(partitions.max(1))) as i32
 }
 

@@ -121,17 +121,11 @@ pub enum JournalRecord {
 /// FNV-1a, 64 bits: a stable hash (the same in every process and Rust
 /// version) of a job's content, for "same content" checks across processes.
 pub fn content_hash(due_ms: u64, payload: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in due_ms
-        .to_be_bytes()
-        .iter()
-        .chain((payload.len() as u64).to_be_bytes().iter())
-        .chain(payload.iter())
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    smartmsg_engine::fnv::Fnv1a::new()
+        .write(&due_ms.to_be_bytes())
+        .write(&(payload.len() as u64).to_be_bytes())
+        .write(payload)
+        .finish()
 }
 
 fn header(buf: &mut BytesMut, kind: u8) {

@@ -316,22 +316,9 @@ pub struct CommandStamp {
 
 /// FNV-1a 64 of `action`'s JSON, computed while serialising (no buffer).
 pub(crate) fn fingerprint(action: &Action) -> u64 {
-    struct Fnv(u64);
-    impl std::io::Write for Fnv {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            for &b in buf {
-                self.0 ^= u64::from(b);
-                self.0 = self.0.wrapping_mul(0x0000_0100_0000_01B3);
-            }
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut h = smartmsg_engine::fnv::Fnv1a::new();
     // Serialising plain data into a writer that cannot fail cannot fail; a
     // failure would only weaken the fingerprint, never panic.
     let _ = serde_json::to_writer(&mut h, action);
-    h.0
+    h.finish()
 }

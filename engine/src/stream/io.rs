@@ -171,11 +171,7 @@ impl EventLogSink {
     pub fn idempotency_key(runner: &str, first: super::runner::OutputId) -> String {
         // FNV-1a of the runner name keeps the key within the 64-byte id
         // limit whatever the name's length.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in runner.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = crate::fnv::fnv1a(runner.as_bytes());
         format!("so:{h:016x}:{}:{}", first.commit, first.index)
     }
 }

@@ -46,14 +46,11 @@ pub struct Store {
 
 /// FNV-1a 64 of the request.
 pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = smartmsg_engine::fnv::Fnv1a::new();
     for part in [method.as_bytes(), b"\0", path.as_bytes(), b"\0", body] {
-        for &b in part {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        h.write(part);
     }
-    h
+    h.finish()
 }
 
 impl Store {
