@@ -43,6 +43,7 @@ pub mod hooks;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod ingest;
+pub mod kinds;
 pub mod pipeline;
 pub mod runtime;
 pub mod sender;

@@ -45,8 +45,6 @@ use smartmsg_engine::{
 
 use smartmsg_domain::campaign::planned;
 
-use crate::events;
-
 /// Why an export or import failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -145,27 +143,10 @@ struct EnvelopeIn {
     payload_b64: Option<String>,
 }
 
-/// Whether events of `kind` carry JSON payloads.
+/// Whether events of `kind` carry JSON payloads (from the one list of
+/// kinds, [`smartmsg_service::kinds::EVENT_KINDS`]).
 pub fn is_json_kind(kind: &str) -> bool {
-    matches!(
-        kind,
-        "CampaignCreated"
-            | "CampaignScheduled"
-            | "CampaignStarted"
-            | "CampaignPaused"
-            | "CampaignResumed"
-            | "CampaignCancelled"
-            | "CampaignCompleted"
-            | "BatchPlanned"
-            | "BatchSent"
-            | "ReactionsRecorded"
-            | events::MODEL_FED
-            | smartmsg_service::runtime::REGISTERED
-            | smartmsg_service::pipeline::CAMPAIGN_INFO
-            | smartmsg_service::pipeline::BATCH_ANNOUNCED
-            | smartmsg_service::pipeline::REACTION
-            | smartmsg_service::ingest::UNROUTED_KIND
-    )
+    smartmsg_service::kinds::payload_of(kind) == Some(smartmsg_service::kinds::Payload::Json)
 }
 
 /// The payload as a raw JSON value if it can be embedded verbatim: valid

@@ -68,6 +68,17 @@ fn a_simulated_log_replays_to_the_recorded_state() {
     assert!(f.violations().is_empty(), "{}", f.render());
     assert_eq!(f.campaigns[0].state, c.state);
     assert_eq!(f.events, r.events);
+    // Every kind the run wrote is in the one list of kinds (which the
+    // exporter reads): a new kind must be added there.
+    let unlisted: std::collections::BTreeSet<String> = events_of(&run_dir)
+        .into_iter()
+        .filter(|e| smartmsg_service::kinds::payload_of(&e.kind).is_none())
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "kinds missing from smartmsg_service::kinds::EVENT_KINDS: {unlisted:?}"
+    );
 }
 
 fn reencode(e: &mut RecordedEvent, ev: &CampaignEvent) {

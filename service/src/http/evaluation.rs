@@ -30,8 +30,8 @@ use crate::streams::CampaignStreams;
 
 /// The stream of evaluation requests and results.
 pub const EVALUATIONS: &str = "http-evaluations";
-const REQUESTED: &str = "EvaluationRequested";
-const FINISHED: &str = "EvaluationFinished";
+const REQUESTED: &str = crate::kinds::EVALUATION_REQUESTED;
+const FINISHED: &str = crate::kinds::EVALUATION_FINISHED;
 
 /// Most target policies in one request.
 pub const MAX_POLICIES: usize = 8;

@@ -20,7 +20,7 @@ pub const WINDOW: usize = 100_000;
 /// Longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 128;
 const STREAM: &str = "http-idempotency";
-const KIND: &str = "IdempotentAnswer";
+const KIND: &str = crate::kinds::IDEMPOTENT_ANSWER;
 
 /// A remembered answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

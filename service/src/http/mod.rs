@@ -146,9 +146,9 @@ pub struct Shared {
 /// The stream of campaign definitions and uploaded audiences.
 pub(crate) const DRAFTS: &str = "http-campaigns";
 /// Kind of a definition event.
-pub(crate) const DEFINED: &str = "CampaignDefined";
+pub(crate) const DEFINED: &str = crate::kinds::CAMPAIGN_DEFINED;
 /// Kind of an uploaded-audience event.
-pub(crate) const UPLOADED: &str = "AudienceUploaded";
+pub(crate) const UPLOADED: &str = crate::kinds::AUDIENCE_UPLOADED;
 
 #[derive(Serialize, Deserialize)]
 pub(crate) struct UploadedEvent {
