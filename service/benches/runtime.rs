@@ -60,11 +60,6 @@ fn model() -> ModelConfig {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Reactions of every tenth user of `b`, an hour after it was sent.
 fn reactions(b: &OutgoingBatch, sent: u64) -> Vec<bytes::Bytes> {
     b.decisions
@@ -272,7 +267,11 @@ async fn resume(dir: &std::path::Path) -> (u64, f64, f64) {
         rt.step(end).await.unwrap();
         steps.push(t.elapsed().as_secs_f64());
     }
-    (head, median(opens), median(steps))
+    (
+        head,
+        smartmsg_engine::testkit::stats::median(&opens),
+        smartmsg_engine::testkit::stats::median(&steps),
+    )
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -283,7 +282,9 @@ async fn main() {
     for _ in 0..repeats {
         runs.push(big_batch().await);
     }
-    let col = |f: fn(&(f64, f64, f64, f64, f64)) -> f64| median(runs.iter().map(f).collect());
+    let col = |f: fn(&(f64, f64, f64, f64, f64)) -> f64| {
+        smartmsg_engine::testkit::stats::median(&runs.iter().map(f).collect::<Vec<_>>())
+    };
     let (a, b, pa, pb, w) = (
         col(|r| r.0),
         col(|r| r.1),

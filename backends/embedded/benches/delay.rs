@@ -286,8 +286,7 @@ fn firing_lag(
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    smartmsg_engine::testkit::stats::percentile(sorted, p).unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------

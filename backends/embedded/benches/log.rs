@@ -114,16 +114,7 @@ struct Rates(Vec<f64>);
 
 impl Rates {
     fn median(&self) -> f64 {
-        let mut v = self.0.clone();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n == 0 {
-            0.0
-        } else if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
+        smartmsg_engine::testkit::stats::median(&self.0)
     }
 
     fn range(&self) -> String {

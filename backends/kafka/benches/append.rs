@@ -63,9 +63,8 @@ struct Mode {
     reps: usize,
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (v[v.len() / 2], v[0], v[v.len() - 1])
+fn median(v: Vec<f64>) -> (f64, f64, f64) {
+    smartmsg_engine::testkit::stats::median_min_max(&v)
 }
 
 fn fmt_rate(r: (f64, f64, f64)) -> String {

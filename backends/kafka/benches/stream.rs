@@ -364,9 +364,8 @@ fn embedded_round(
 
 // ------------------------------------------------------------------- main
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
+fn median(v: Vec<f64>) -> (f64, f64, f64) {
+    smartmsg_engine::testkit::stats::median_min_max(&v)
 }
 
 fn main() -> Result<()> {

@@ -106,8 +106,7 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    smartmsg_engine::testkit::stats::percentile(sorted, p).unwrap_or(0)
 }
 
 fn fmt_rate(x: f64) -> String {

@@ -71,6 +71,7 @@ mod kv_suite;
 mod log_suite;
 pub mod model;
 mod snapshot_suite;
+pub mod stats;
 
 pub use delay_suite::{delay_queue_conformance, QueueHarness};
 pub use given::{given, Given, When};

@@ -91,12 +91,7 @@ pub async fn collect(
 
 /// The p-th percentile (0..=100) of `v` (sorted in place).
 pub fn percentile(v: &mut [i64], p: f64) -> i64 {
-    v.sort_unstable();
-    if v.is_empty() {
-        return 0;
-    }
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i.min(v.len() - 1)]
+    smartmsg_engine::testkit::stats::percentile(v, p / 100.0).unwrap_or(0)
 }
 
 /// A tiny deterministic generator (splitmix64) for shuffles and delays.
