@@ -446,6 +446,7 @@ impl<A: Aggregate> Repository<A> {
     ///
     /// A command that produces no events appends nothing. See the module
     /// docs for idempotency and snapshots.
+    #[tracing::instrument(level = "debug", name = "command", skip_all, fields(stream = %stream))]
     pub async fn execute(
         &self,
         stream: &StreamId,

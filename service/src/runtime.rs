@@ -39,6 +39,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tracing::Instrument;
 
 use serde::{Deserialize, Serialize};
 use smartmsg_domain::driver::{parse_job, FEEDBACK_KIND, FEEDBACK_SCHEMA};
@@ -1318,6 +1319,7 @@ impl Runtime {
 
     /// Runs campaign `id`'s pipeline and performs what its driver asks,
     /// until nothing is left to do at `now_ms`.
+    #[tracing::instrument(level = "debug", name = "campaign", skip(self, report))]
     async fn drive(
         &mut self,
         id: &str,
@@ -1445,7 +1447,8 @@ impl Runtime {
                 let Some(out) = live.driver.outgoing(b) else {
                     continue;
                 };
-                match self.ports.sender.send(&out).await {
+                let span = tracing::info_span!("send_batch", campaign = %live.id, batch = b);
+                match self.ports.sender.send(&out).instrument(span).await {
                     Ok(()) => {
                         report.batches_sent += 1;
                         live.send_failures = 0;

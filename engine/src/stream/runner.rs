@@ -428,6 +428,7 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "stream_commit", skip(self))]
     async fn commit(&mut self, next_position: u64) -> Result<usize, RunnerError> {
         let mut batch = WriteBatch::new();
         for k in self.delivered.drain(..) {
