@@ -26,6 +26,7 @@
 
 pub mod error;
 pub mod events;
+pub mod families;
 pub mod faults;
 pub mod inspect;
 pub mod invariants;

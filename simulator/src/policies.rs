@@ -89,6 +89,8 @@ pub fn model_config(scenario: &Scenario) -> ModelConfig {
         },
         propensity_draws: scenario.policies.propensity_draws,
         random_first_batch: scenario.policies.random_first_batch,
+        scoring: scenario.policies.scoring,
+        expansion: scenario.policies.expansion,
     }
 }
 

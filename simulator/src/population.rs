@@ -14,8 +14,36 @@ use rand_distr::{Distribution, StandardNormal};
 use smartmsg_domain::Candidates;
 
 use crate::error::PopulationError;
+use crate::families::{self, Family};
 use crate::rng;
 use crate::scenario::{Scenario, TruthSpec};
+
+/// Makes the scenario's share of users dormant (probability 0 for every
+/// creative, `non_reacting_shift` added to their last column); returns
+/// how many.
+fn mark_dormant(
+    scenario: &Scenario,
+    features: &mut [f32],
+    probs: &mut [f64],
+    d: usize,
+    k: usize,
+) -> u32 {
+    let share = scenario.population.non_reacting_share;
+    if share <= 0.0 {
+        return 0;
+    }
+    let shift = scenario.population.non_reacting_shift as f32;
+    let mut dr = rng::stream(scenario.seed, &[rng::label("dormant")]);
+    let mut count = 0;
+    for u in 0..features.len() / d {
+        if dr.random_bool(share) {
+            count += 1;
+            features[u * d + d - 1] += shift;
+            probs[u * k..(u + 1) * k].fill(0.0);
+        }
+    }
+    count
+}
 
 /// The logistic truth a generated population was drawn from.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +85,9 @@ impl SimPopulation {
         let d = scenario.population.features;
         let k = scenario.campaign.creatives;
         let seed = scenario.seed;
+        if let Some(gen) = Self::generate_family(scenario)? {
+            return Ok(gen);
+        }
         let truth = match &scenario.truth {
             TruthSpec::Explicit {
                 intercepts,
@@ -130,6 +161,47 @@ impl SimPopulation {
             truth: Some(truth),
             non_reacting,
         })
+    }
+
+    /// The population of a non-gaussian [`Family`] (`None` for the
+    /// gaussian one), with the scenario's dormant users.
+    fn generate_family(scenario: &Scenario) -> Result<Option<Self>, PopulationError> {
+        let family = scenario.population.family;
+        if family == Family::Gaussian {
+            return Ok(None);
+        }
+        let n = scenario.population.subscribers as usize;
+        let k = scenario.campaign.creatives;
+        let (base_rate, spread) = match scenario.truth {
+            TruthSpec::Generated {
+                base_rate,
+                creative_spread,
+                ..
+            } => (base_rate, creative_spread),
+            TruthSpec::Explicit { .. } => {
+                return Err(PopulationError::Shape(format!(
+                    "the {} family generates its own truth",
+                    family.as_str()
+                )))
+            }
+        };
+        let g = match family {
+            Family::Crm => families::crm(n, k, scenario.seed, base_rate, spread),
+            _ => families::nonlinear(n, k, scenario.seed, base_rate, spread),
+        };
+        let d = family.columns().unwrap_or(scenario.population.features);
+        let (mut features, mut probs) = (g.features, g.probs);
+        let non_reacting = mark_dormant(scenario, &mut features, &mut probs, d, k);
+        let candidates = Candidates::from_parts(d, (0..n as u32).collect(), features)
+            .map_err(|e| PopulationError::Shape(e.to_string()))?;
+        Ok(Some(Self {
+            candidates,
+            probs,
+            creatives: k,
+            index: None,
+            truth: None,
+            non_reacting,
+        }))
     }
 
     /// A population from parts: candidates and `len × creatives` true
