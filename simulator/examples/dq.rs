@@ -163,7 +163,7 @@ fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> f64 {
         let mut o = Outcomes::new(pop.dim()).unwrap();
         let mut chosen = std::collections::HashSet::new();
         for (u, c, _) in d.iter() {
-            let prob = pop.probability(u, c);
+            let prob = pop.probability_at(u, c, b);
             expected += prob;
             let y = unit(mix(&[s.seed, label("react"), u64::from(u)])) < prob;
             o.push(c, pop.features(u).unwrap(), 1, u32::from(y))

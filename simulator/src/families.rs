@@ -154,7 +154,8 @@ fn combine(
     calibrate(&logits, base_rate)
 }
 
-/// A CRM-like population of `n` users and `creatives` creatives, with
+/// A CRM-like population of `n` users and `creatives` creatives (columns
+/// drawn from `seed`, the truth from `truth_seed`), with
 /// [`CRM_COLUMNS`] columns as a CRM export gives them (nothing
 /// standardised):
 ///
@@ -184,6 +185,7 @@ pub fn crm(
     n: usize,
     creatives: usize,
     seed: u64,
+    truth_seed: u64,
     base_rate: f64,
     creative_spread: f64,
 ) -> Generated {
@@ -238,7 +240,7 @@ pub fn crm(
         tu[10] = tenure / 35.0;
         tu[11] = basket.ln();
     }
-    let mut w = rng::stream(seed, &[rng::label("crm-truth")]);
+    let mut w = rng::stream(truth_seed, &[rng::label("crm-truth")]);
     let mut shared_w: Vec<f64> = (0..T).map(|_| z(&mut w)).collect();
     // Recency: the longer since the last visit, the less responsive.
     shared_w[8] = -(1.0 + 0.3 * shared_w[8].abs());
@@ -271,7 +273,8 @@ pub fn crm(
     }
 }
 
-/// A population with a non-linear truth, [`NONLINEAR_COLUMNS`] columns:
+/// A population with a non-linear truth (columns drawn from `seed`, the
+/// truth from `truth_seed`), [`NONLINEAR_COLUMNS`] columns:
 /// `x0 … x3` and `x6` standard normal, `x4` uniform in `[0, 1)` (a time of
 /// day), `x5` an ordinal code `0 … 6`, `x7` a 0/1 flag (40 %).
 ///
@@ -287,6 +290,7 @@ pub fn nonlinear(
     n: usize,
     creatives: usize,
     seed: u64,
+    truth_seed: u64,
     base_rate: f64,
     creative_spread: f64,
 ) -> Generated {
@@ -302,7 +306,7 @@ pub fn nonlinear(
         x[6] = z(&mut r) as f32;
         x[7] = f32::from(u8::from(r.random_bool(0.4)));
     }
-    let mut w = rng::stream(seed, &[rng::label("nonlinear-truth")]);
+    let mut w = rng::stream(truth_seed, &[rng::label("nonlinear-truth")]);
     let a: Vec<f64> = (0..7).map(|_| 0.5 + z(&mut w).abs()).collect();
     let signs: Vec<f64> = (0..7)
         .map(|_| if w.random_bool(0.5) { 1.0 } else { -1.0 })
@@ -393,8 +397,8 @@ mod tests {
     fn families_are_deterministic_and_calibrated() {
         for fam in [Family::Crm, Family::Nonlinear] {
             let g = |seed| match fam {
-                Family::Crm => crm(20_000, 4, seed, 0.03, 0.25),
-                _ => nonlinear(20_000, 4, seed, 0.03, 0.25),
+                Family::Crm => crm(20_000, 4, seed, seed, 0.03, 0.25),
+                _ => nonlinear(20_000, 4, seed, seed, 0.03, 0.25),
             };
             let (a, b, c) = (g(1), g(1), g(2));
             assert_eq!(a.features, b.features);

@@ -40,6 +40,22 @@ pub struct Scenario {
     pub policies: PolicySettings,
     /// Faults to inject.
     pub faults: FaultPlan,
+    /// How the true response changes during the campaign (none by
+    /// default).
+    pub drift: Option<DriftSpec>,
+}
+
+/// A true response that changes during the campaign: by batch `b` of `T`
+/// it has moved a share `amount · b / (T − 1)` of the way from the
+/// starting truth to a second truth of the same family, drawn
+/// independently from the seed (same users, same columns). Each user's
+/// probability is the mix `(1 − t)·p_start + t·p_end`. A population file
+/// holds only the starting probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftSpec {
+    /// How far the truth has moved by the last batch, 0 to 1.
+    pub amount: f64,
 }
 
 /// The synthetic channel's subscribers.
@@ -368,6 +384,7 @@ impl Scenario {
             pipeline: PipelineSpec::default(),
             policies: PolicySettings::default(),
             faults: FaultPlan::default(),
+            drift: None,
         }
     }
 
@@ -412,6 +429,7 @@ impl Scenario {
                 ..PolicySettings::default()
             },
             faults: FaultPlan::default(),
+            drift: None,
         }
     }
 
@@ -472,19 +490,33 @@ impl Scenario {
         s
     }
 
+    /// The drifting family: the classic world whose truth moves, batch
+    /// by batch, 60 % of the way to a second, independent classic truth
+    /// by the last batch ([`DriftSpec`]): what worked in the first batches
+    /// works less later, and old outcomes mislead a model that weighs
+    /// them like new ones.
+    pub fn drifting() -> Self {
+        let mut s = Self::classic();
+        s.name = "drifting".into();
+        s.drift = Some(DriftSpec { amount: 0.6 });
+        s
+    }
+
     /// The built-in names, for help texts.
-    pub const BUILTINS: [&'static str; 7] = [
+    pub const BUILTINS: [&'static str; 8] = [
         "classic",
         "linear",
         "crm",
         "nonlinear",
         "sparse",
         "delayed",
+        "drifting",
         "small",
     ];
 
     /// A built-in scenario by name: `classic` (also `linear` and
-    /// `default`), `crm`, `nonlinear`, `sparse`, `delayed` or `small`.
+    /// `default`), `crm`, `nonlinear`, `sparse`, `delayed`, `drifting` or
+    /// `small`.
     pub fn builtin(name: &str) -> Option<Self> {
         match name {
             "classic" | "default" => Some(Self::classic()),
@@ -497,6 +529,7 @@ impl Scenario {
             "nonlinear" => Some(Self::nonlinear()),
             "sparse" => Some(Self::sparse()),
             "delayed" => Some(Self::delayed()),
+            "drifting" => Some(Self::drifting()),
             "small" => Some(Self::small()),
             _ => None,
         }
@@ -817,6 +850,15 @@ impl Scenario {
             finite(f, v)?;
             if v <= 0.0 {
                 return Err(invalid(f, format!("{v} must be above 0")));
+            }
+        }
+        if let Some(d) = &self.drift {
+            finite("drift.amount", d.amount)?;
+            if !(0.0..=1.0).contains(&d.amount) {
+                return Err(invalid(
+                    "drift.amount",
+                    format!("{} must be 0 to 1", d.amount),
+                ));
             }
         }
         self.faults.validate(c.batches)?;
