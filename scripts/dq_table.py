@@ -19,7 +19,7 @@ ORDER = [
     "integrated", "integrated (old: shared draw)", "targeting", "explore-then-commit",
     "creative-thompson", "random", "oracle",
     "cb_logisticucb", "cb_logisticts", "mabwiser_linucb(a=0.2)", "mabwiser_linucb(a=1)",
-    "mabwiser_lints(a=0.2)", "explore_then_commit", "random (peers)", "oracle+warmup",
+    "mabwiser_lints(a=0.2)", "vw_squarecb", "vw_squarecb_coin", "explore_then_commit", "random (peers)", "oracle+warmup",
     "oracle after a random first batch",
 ]
 
@@ -59,8 +59,7 @@ for fam in families:
                     rows.setdefault("integrated (old: shared draw)", {})[s] = lift(
                         p["responses_expected"]
                     )
-        peers = out / "peers" / f"{fam}-{s}.jsonl"
-        if peers.exists():
+        for peers in sorted((out / "peers").glob(f"{fam}-{s}*.jsonl")):
             for line in peers.read_text().splitlines():
                 d = json.loads(line)
                 if d.get("kind") != "run":
