@@ -620,3 +620,40 @@ fn bad_scoring_and_expansion_settings_are_refused() {
     assert_eq!(model.scoring, smartmsg_domain::Scoring::default());
     assert_eq!(model.expansion, smartmsg_domain::Expansion::default());
 }
+
+#[test]
+fn evidence_picks_the_hinge_expansion_only_where_it_helps() {
+    // Reactions with a threshold and a curve in x0, x1 versus reactions
+    // linear in them: the expanded model plans for the first only.
+    for (bent, want) in [(true, true), (false, false)] {
+        let mut p = Integrated::new(2, 3, ModelConfig::default()).unwrap();
+        let mut r = rng(9);
+        for _batch in 0..3 {
+            let mut o = Outcomes::new(3).unwrap();
+            for _ in 0..6_000 {
+                let x: [f32; 3] = [
+                    r.random_range(-2.0..2.0),
+                    r.random_range(-2.0..2.0),
+                    r.random_range(-2.0..2.0),
+                ];
+                let (a, b) = (f64::from(x[0]), f64::from(x[1]));
+                let z = if bent {
+                    -3.0 + 2.0 * f64::from(u8::from(a > 0.5)) + 0.8 * b * b
+                } else {
+                    -2.5 + 0.6 * a + 0.4 * b
+                };
+                let c = r.random_range(0..2u16);
+                o.push(c, &x, 1, u32::from(r.random_bool(sigmoid(z))))
+                    .unwrap();
+            }
+            p.update(&o).unwrap();
+        }
+        assert_eq!(p.uses_expansion(), want, "bent truth: {bent}");
+        // Either way the plan is valid and its propensities in (0, 1].
+        let c = candidates(500, 3, 4);
+        let d = p
+            .plan(&PlanContext::fresh(2, 5, 1_000), &c, 50, &mut rng(2))
+            .unwrap();
+        check_decisions(&d, &c, 50, 2);
+    }
+}

@@ -239,12 +239,17 @@ fn check_dim(expected: usize, got: usize) -> Result<(), PolicyError> {
 ///
 /// Each creative `c` has response weights `w_c` (intercept first) with a
 /// Gaussian posterior; together they are one block-diagonal posterior over
-/// all `C × (dim+1)` weights. A plan draws once from it, scores every
-/// remaining user by their best creative (`max_c w_c·x̃`), and sends the top
-/// `k` that creative. Propensities: the fraction of
-/// [`ModelConfig::propensity_draws`] posterior draws (the decision's
-/// included) in which the user is in the top `k` with the same creative.
-/// Updates take aggregated outcomes of every creative.
+/// all `C × (dim+1)` weights. A plan scores every remaining user by their
+/// best creative under [`ModelConfig::scoring`] (by default
+/// `mean + sd·(bonus + noise·ε)` of `w_c·x̃` with independent noise per
+/// user and creative; [`Scoring::SharedDraw`]: one posterior draw for the
+/// whole batch), and sends the top `k` that creative. Propensities: the
+/// fraction of [`ModelConfig::propensity_draws`] fresh noises (or
+/// posterior draws), the decision's included, in which the user is in the
+/// top `k` with the same creative. With [`ModelConfig::expansion`], a
+/// second model over hinge columns learns next to this one and plans
+/// while its evidence is higher ([`Integrated::uses_expansion`]). Updates
+/// take aggregated outcomes of every creative.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Integrated {
     config: ModelConfig,
@@ -583,9 +588,10 @@ impl Policy for Integrated {
 }
 
 /// User targeting for one fixed creative: a posterior over that creative's
-/// response weights; each plan draws once, scores every remaining user and
-/// sends the top `k` the creative. Propensities as for [`Integrated`].
-/// Outcomes of other creatives are ignored.
+/// response weights; each plan scores every remaining user under
+/// [`ModelConfig::scoring`] and sends the top `k` the creative.
+/// Propensities as for [`Integrated`]; no expansion. Outcomes of other
+/// creatives are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Targeting {
     config: ModelConfig,
