@@ -189,7 +189,8 @@ struct EvaluateArgs {
 #[derive(clap::Args, Debug)]
 struct SimulateArgs {
     /// Scenario file (.toml or .json), or a built-in: classic (the
-    /// default) or small (the default with --seeds).
+    /// default; also linear), crm, nonlinear, sparse, delayed, or small
+    /// (the default with --seeds).
     #[arg(long, value_name = "FILE")]
     scenario: Option<String>,
     /// Load the population (features and true probabilities) from a CSV
@@ -656,7 +657,10 @@ fn load_scenario(arg: Option<&str>, default: fn() -> Scenario) -> Result<Scenari
         if let Some(s) = Scenario::builtin(name) {
             return Ok(s);
         }
-        bail!("scenario {name}: no such file (built-ins are classic and small)");
+        bail!(
+            "scenario {name}: no such file (built-ins are {})",
+            Scenario::BUILTINS.join(", ")
+        );
     }
     Ok(Scenario::load(path)?)
 }

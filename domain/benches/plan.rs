@@ -177,6 +177,63 @@ fn main() {
         &integrated_100,
         100,
     );
+    // The scoring before issue 14 (one shared posterior draw, no
+    // expansion), for comparison.
+    let old = |draws| ModelConfig {
+        propensity_draws: draws,
+        scoring: smartmsg_domain::Scoring::SharedDraw,
+        expansion: smartmsg_domain::Expansion::None,
+        ..ModelConfig::default()
+    };
+    let mut old_1 = Integrated::new(CREATIVES, DIM, old(1)).unwrap();
+    old_1.update(&per_user).unwrap();
+    let mut old_100 = old_1.clone();
+    old_100.set_propensity_draws(100).unwrap();
+    plan_row(
+        "plan integrated, shared draw (old), 1 draw",
+        reps(15),
+        &old_1,
+        1,
+    );
+    plan_row(
+        "plan integrated, shared draw (old), 100 draws",
+        reps(3),
+        &old_100,
+        100,
+    );
+    // The expanded model planning: responses with a threshold and a
+    // curve, which the hinge columns fit better (checked by evidence).
+    let mut bent = Outcomes::new(DIM).unwrap();
+    for u in 0..BATCH {
+        let c = rng.random_range(0..CREATIVES);
+        let x = candidates.row(u);
+        let z = -3.0
+            + 1.5 * f64::from(u8::from(x[0] > 0.5))
+            + 0.8 * f64::from(x[1]).abs()
+            + 0.3 * f64::from(x[2 + c]);
+        let y = rng.random_bool(sigmoid(z));
+        bent.push(c as u16, x, 1, u32::from(y)).unwrap();
+    }
+    let mut expanded_1 = Integrated::new(CREATIVES, DIM, cfg(1)).unwrap();
+    expanded_1.update(&bent).unwrap();
+    assert!(
+        expanded_1.uses_expansion(),
+        "the bench's bent responses should select the expansion"
+    );
+    let mut expanded_100 = expanded_1.clone();
+    expanded_100.set_propensity_draws(100).unwrap();
+    plan_row(
+        "plan integrated, expanded model (32 columns), 1 draw",
+        reps(9),
+        &expanded_1,
+        1,
+    );
+    plan_row(
+        "plan integrated, expanded model (32 columns), 100 draws",
+        reps(3),
+        &expanded_100,
+        100,
+    );
     plan_row("plan targeting, 1 draw", reps(15), &targeting_1, 1);
     plan_row("plan targeting, 100 draws", reps(3), &targeting_100, 100);
     plan_row(

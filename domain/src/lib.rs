@@ -52,7 +52,7 @@ pub use driver::{
 };
 pub use model::{BetaArm, GaussianWeights, Link, ModelError, Prior};
 pub use policy::{
-    CreativeThompson, ExploreThenCommit, Integrated, ModelConfig, PlanContext, Policy, PolicyError,
-    PolicySpec, Random, Targeting,
+    CreativeThompson, Expansion, ExploreThenCommit, Integrated, ModelConfig, PlanContext, Policy,
+    PolicyError, PolicySpec, Random, Scoring, Targeting,
 };
 pub use users::UserSet;

@@ -283,6 +283,12 @@ pub struct UpdateReport {
     pub rows: usize,
     /// Newton iterations (0 for a linear update or no rows).
     pub iterations: u32,
+    /// The log marginal likelihood of the rows given the model before the
+    /// update (`ln p(new | old)`), by the Laplace approximation (exact for
+    /// the linear link up to the constant of its Gaussian noise). Summed
+    /// over updates it is the model's evidence, which compares models of
+    /// the same data (0 without rows).
+    pub log_evidence: f64,
 }
 
 impl GaussianWeights {
@@ -346,6 +352,51 @@ impl GaussianWeights {
         cov
     }
 
+    /// The inverse `L⁻¹` of the precision's lower Cholesky factor
+    /// (`precision = L Lᵀ`), row-major and lower triangular: the posterior
+    /// variance of the linear score at `x̃ = [1, x]` is `‖L⁻¹ x̃‖²`.
+    pub fn inverse_cholesky(&self) -> Vec<f64> {
+        let n = self.n;
+        let mut inv = vec![0.0; n * n];
+        let mut col = vec![0.0; n];
+        for j in 0..n {
+            col.fill(0.0);
+            col[j] = 1.0;
+            for i in j..n {
+                let s = col[i]
+                    - self.chol[i * n + j..i * n + i]
+                        .iter()
+                        .zip(&col[j..i])
+                        .map(|(l, c)| l * c)
+                        .sum::<f64>();
+                col[i] = s / self.chol[i * n + i];
+            }
+            for i in j..n {
+                inv[i * n + j] = col[i];
+            }
+        }
+        inv
+    }
+
+    /// The posterior standard deviation of the linear score `w₀ + w·x`.
+    pub fn score_sd(&self, x: &[f32]) -> f64 {
+        let n = self.n;
+        let inv = self.inverse_cholesky();
+        (0..n)
+            .map(|i| {
+                let row = &inv[i * n..i * n + i + 1];
+                let v = row[0]
+                    + row[1..]
+                        .iter()
+                        .zip(x)
+                        .map(|(a, &b)| a * f64::from(b))
+                        .sum::<f64>();
+                v * v
+            })
+            .sum::<f64>()
+            .sqrt()
+    }
+
     /// The posterior mean's linear score `w₀ + w·x`.
     pub fn mean_score(&self, x: &[f32]) -> f64 {
         linear(&self.mean, x)
@@ -387,6 +438,7 @@ impl GaussianWeights {
             return Ok(UpdateReport {
                 rows: 0,
                 iterations: 0,
+                log_evidence: 0.0,
             });
         }
         let (mean, precision, chol, iterations) = match link {
@@ -402,13 +454,47 @@ impl GaussianWeights {
         if mean.iter().any(|v| !v.is_finite()) {
             return Err(ModelError::NotFinite);
         }
+        let log_evidence = self.log_evidence(link, &mean, &chol, rows);
         self.mean = mean;
         self.precision = precision;
         self.chol = chol;
         Ok(UpdateReport {
             rows: rows_used,
             iterations,
+            log_evidence,
         })
+    }
+
+    /// `ln p(rows | self)` by the Laplace approximation at the new mode
+    /// `w` with the new precision's factor `chol`: the log likelihood at
+    /// `w`, minus the prior's quadratic term, plus half the log
+    /// determinant ratio of old to new precision.
+    fn log_evidence(&self, link: Link, w: &[f64], chol: &[f64], rows: &[OutcomeRow<'_>]) -> f64 {
+        let n = self.n;
+        let mut scratch = vec![0.0; n];
+        let fit = match link {
+            Link::Logistic => self.log_posterior(w, rows, &mut scratch),
+            Link::Linear { noise_variance } => {
+                for (d, (a, m)) in scratch.iter_mut().zip(w.iter().zip(&self.mean)) {
+                    *d = a - m;
+                }
+                let mut quad = 0.0;
+                for i in 0..n {
+                    let pi = &self.precision[i * n..(i + 1) * n];
+                    quad += scratch[i] * pi.iter().zip(&scratch).map(|(a, b)| a * b).sum::<f64>();
+                }
+                let mut ll = 0.0;
+                for r in rows.iter().filter(|r| r.trials > 0) {
+                    let mu = linear(w, r.x);
+                    let s = f64::from(r.successes);
+                    let f = f64::from(r.trials) - s;
+                    ll -= (s * (1.0 - mu).powi(2) + f * mu * mu) / (2.0 * noise_variance);
+                }
+                ll - 0.5 * quad
+            }
+        };
+        let logdet = |l: &[f64]| (0..n).map(|i| l[i * n + i].ln()).sum::<f64>();
+        fit + logdet(&self.chol) - logdet(chol)
     }
 
     #[allow(clippy::type_complexity)]
@@ -572,6 +658,30 @@ mod tests {
         assert!((s0 / k + 3.0).abs() < 0.05, "{}", s0 / k);
         assert!((ss0 / k - 4.0).abs() < 0.15, "{}", ss0 / k);
         assert!((ss1 / k - 1.0).abs() < 0.05, "{}", ss1 / k);
+    }
+
+    #[test]
+    fn score_sd_matches_the_covariance() {
+        let mut w = GaussianWeights::new(3, &Prior::default()).unwrap();
+        let mut o = Outcomes::new(3).unwrap();
+        o.push(0, &[1.0, -0.5, 2.0], 40, 5).unwrap();
+        o.push(0, &[0.2, 1.5, -1.0], 30, 1).unwrap();
+        o.push(0, &[-1.0, 0.3, 0.7], 50, 9).unwrap();
+        let rows: Vec<_> = o.rows().collect();
+        w.update(Link::Logistic, &rows).unwrap();
+        let cov = w.covariance();
+        let x = [0.4f32, -1.2, 0.9];
+        let xt = [1.0, 0.4f32 as f64, -1.2f32 as f64, 0.9f32 as f64];
+        let var: f64 = (0..4)
+            .flat_map(|i| (0..4).map(move |j| (i, j)))
+            .map(|(i, j)| xt[i] * cov[i * 4 + j] * xt[j])
+            .sum();
+        assert!(
+            (w.score_sd(&x) - var.sqrt()).abs() < 1e-9,
+            "{} vs {}",
+            w.score_sd(&x),
+            var.sqrt()
+        );
     }
 
     #[test]

@@ -543,3 +543,117 @@ fn integrated_greedy_plan_picks_the_best_expected_creative() {
     let e = p.expected_response(&[1.5]);
     assert!(e[0] > 0.3 && e[1] < 0.1, "{e:?}");
 }
+
+#[test]
+fn optimistic_scoring_explores_near_the_cut_off() {
+    // The default scoring randomises: with an informed posterior, some
+    // chosen users have propensities strictly inside (0, 1), and the
+    // same generator state gives the same plan.
+    let cfg = ModelConfig {
+        propensity_draws: 200,
+        ..ModelConfig::default()
+    };
+    assert!(matches!(
+        cfg.scoring,
+        smartmsg_domain::Scoring::Optimistic { .. }
+    ));
+    let mut p = Integrated::new(2, 3, cfg).unwrap();
+    let mut o = Outcomes::new(3).unwrap();
+    let mut r = rng(5);
+    for _ in 0..300 {
+        let x = [r.random_range(-1.0..1.0), r.random_range(-1.0..1.0), 0.0f32];
+        let y0 = r.random_bool(sigmoid(-2.0 + 2.0 * f64::from(x[0])));
+        let y1 = r.random_bool(sigmoid(-2.0 + 2.0 * f64::from(x[1])));
+        o.push(0, &x, 1, u32::from(y0)).unwrap();
+        o.push(1, &x, 1, u32::from(y1)).unwrap();
+    }
+    p.update(&o).unwrap();
+    let c = candidates(200, 3, 7);
+    let ctx = PlanContext::fresh(2, 5, 1_000);
+    let d = p.plan(&ctx, &c, 40, &mut rng(1)).unwrap();
+    let inside = d.iter().filter(|&(_, _, q)| q > 0.0 && q < 1.0).count();
+    assert!(inside > 0, "no propensity strictly inside (0, 1)");
+    assert!(d.iter().all(|(_, _, q)| q > 0.0 && q <= 1.0));
+    assert_eq!(d, p.plan(&ctx, &c, 40, &mut rng(1)).unwrap());
+    // The old scoring stays reachable, and also explores.
+    let old = ModelConfig {
+        scoring: smartmsg_domain::Scoring::SharedDraw,
+        expansion: smartmsg_domain::Expansion::None,
+        ..cfg
+    };
+    let mut q = Integrated::new(2, 3, old).unwrap();
+    q.update(&o).unwrap();
+    let d = q.plan(&ctx, &c, 40, &mut rng(1)).unwrap();
+    assert!(d.iter().any(|(_, _, q)| q > 0.0 && q < 1.0));
+}
+
+#[test]
+fn bad_scoring_and_expansion_settings_are_refused() {
+    let bad = ModelConfig {
+        scoring: smartmsg_domain::Scoring::Optimistic {
+            bonus: -1.0,
+            noise: 0.5,
+        },
+        ..ModelConfig::default()
+    };
+    assert!(matches!(
+        Integrated::new(2, 3, bad),
+        Err(PolicyError::Config(_))
+    ));
+    let bad = ModelConfig {
+        expansion: smartmsg_domain::Expansion::Hinges { knots: 0 },
+        ..ModelConfig::default()
+    };
+    assert!(matches!(
+        Integrated::new(2, 3, bad),
+        Err(PolicyError::Config(_))
+    ));
+    // A spec recorded before issue 14 (no scoring, no expansion) still
+    // parses, with the defaults.
+    let spec: smartmsg_domain::PolicySpec = serde_json::from_str(
+        r#"{"kind":"integrated","model":{"link":"Logistic","prior":{"intercept_mean":-3.0,"intercept_variance":4.0,"weight_variance":1.0},"propensity_draws":100,"random_first_batch":true}}"#,
+    )
+    .unwrap();
+    let smartmsg_domain::PolicySpec::Integrated { model } = spec else {
+        panic!("not integrated");
+    };
+    assert_eq!(model.scoring, smartmsg_domain::Scoring::default());
+    assert_eq!(model.expansion, smartmsg_domain::Expansion::default());
+}
+
+#[test]
+fn evidence_picks_the_hinge_expansion_only_where_it_helps() {
+    // Reactions with a threshold and a curve in x0, x1 versus reactions
+    // linear in them: the expanded model plans for the first only.
+    for (bent, want) in [(true, true), (false, false)] {
+        let mut p = Integrated::new(2, 3, ModelConfig::default()).unwrap();
+        let mut r = rng(9);
+        for _batch in 0..3 {
+            let mut o = Outcomes::new(3).unwrap();
+            for _ in 0..6_000 {
+                let x: [f32; 3] = [
+                    r.random_range(-2.0..2.0),
+                    r.random_range(-2.0..2.0),
+                    r.random_range(-2.0..2.0),
+                ];
+                let (a, b) = (f64::from(x[0]), f64::from(x[1]));
+                let z = if bent {
+                    -3.0 + 2.0 * f64::from(u8::from(a > 0.5)) + 0.8 * b * b
+                } else {
+                    -2.5 + 0.6 * a + 0.4 * b
+                };
+                let c = r.random_range(0..2u16);
+                o.push(c, &x, 1, u32::from(r.random_bool(sigmoid(z))))
+                    .unwrap();
+            }
+            p.update(&o).unwrap();
+        }
+        assert_eq!(p.uses_expansion(), want, "bent truth: {bent}");
+        // Either way the plan is valid and its propensities in (0, 1].
+        let c = candidates(500, 3, 4);
+        let d = p
+            .plan(&PlanContext::fresh(2, 5, 1_000), &c, 50, &mut rng(2))
+            .unwrap();
+        check_decisions(&d, &c, 50, 2);
+    }
+}

@@ -25,6 +25,7 @@
 
 pub mod error;
 pub mod events;
+pub mod families;
 pub mod faults;
 pub mod inspect;
 pub mod invariants;

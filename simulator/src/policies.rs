@@ -89,6 +89,8 @@ pub fn model_config(scenario: &Scenario) -> ModelConfig {
         },
         propensity_draws: scenario.policies.propensity_draws,
         random_first_batch: scenario.policies.random_first_batch,
+        scoring: scenario.policies.scoring,
+        expansion: scenario.policies.expansion,
     }
 }
 
@@ -148,8 +150,8 @@ pub fn build(
 }
 
 /// Knows every user's true probability per creative: sends each batch to
-/// the remaining users with the largest best-creative probability, with
-/// that creative (propensity 1). Batch after batch this is the top of the
+/// the remaining users with the largest best-creative probability (in
+/// that batch, when the truth drifts), with that creative (propensity 1). Batch after batch this is the top of the
 /// whole budget: the most any policy can expect.
 ///
 /// Lives here, not in the domain, because it needs the hidden truth.
@@ -200,12 +202,13 @@ impl Policy for Oracle {
             .users()
             .iter()
             .map(|&u| {
-                let row = self.pop.row_of(u);
-                let probs = row.map(|r| self.pop.probs_row(r)).unwrap_or(&[]);
                 let mut b = (f64::NEG_INFINITY, 0u16);
-                for (c, &p) in probs.iter().enumerate() {
-                    if p > b.0 {
-                        b = (p, c as u16);
+                if let Some(r) = self.pop.row_of(u) {
+                    for c in 0..self.pop.creatives() {
+                        let p = self.pop.prob_at(r, c, ctx.batch);
+                        if p > b.0 {
+                            b = (p, c as u16);
+                        }
                     }
                 }
                 b

@@ -14,8 +14,36 @@ use rand_distr::{Distribution, StandardNormal};
 use smartmsg_domain::Candidates;
 
 use crate::error::PopulationError;
+use crate::families::{self, Family};
 use crate::rng;
 use crate::scenario::{Scenario, TruthSpec};
+
+/// Makes the scenario's share of users dormant (probability 0 for every
+/// creative, `non_reacting_shift` added to their last column); returns
+/// how many.
+fn mark_dormant(
+    scenario: &Scenario,
+    features: &mut [f32],
+    probs: &mut [f64],
+    d: usize,
+    k: usize,
+) -> u32 {
+    let share = scenario.population.non_reacting_share;
+    if share <= 0.0 {
+        return 0;
+    }
+    let shift = scenario.population.non_reacting_shift as f32;
+    let mut dr = rng::stream(scenario.seed, &[rng::label("dormant")]);
+    let mut count = 0;
+    for u in 0..features.len() / d {
+        if dr.random_bool(share) {
+            count += 1;
+            features[u * d + d - 1] += shift;
+            probs[u * k..(u + 1) * k].fill(0.0);
+        }
+    }
+    count
+}
 
 /// The logistic truth a generated population was drawn from.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +66,19 @@ pub struct SimPopulation {
     index: Option<Vec<(u32, u32)>>,
     truth: Option<Truth>,
     non_reacting: u32,
+    drift: Option<Drift>,
+}
+
+/// The truth at the end of a drifting campaign (see
+/// [`crate::scenario::DriftSpec`]).
+#[derive(Debug, Clone)]
+struct Drift {
+    /// `len × creatives`, the second truth's probabilities.
+    end: Vec<f64>,
+    /// The share moved by the last batch.
+    amount: f64,
+    /// The campaign's nominal batch sizes.
+    sizes: Vec<u64>,
 }
 
 fn sigmoid(t: f64) -> f64 {
@@ -53,10 +94,31 @@ impl SimPopulation {
     /// Draws the population of `scenario` (features, dormant users and the
     /// true response model all from its seed).
     pub fn generate(scenario: &Scenario) -> Result<Self, PopulationError> {
+        let mut pop = Self::generate_truth(scenario, false)?;
+        if let Some(d) = &scenario.drift {
+            let end = Self::generate_truth(scenario, true)?;
+            let spec = scenario.campaign_spec();
+            pop.drift = Some(Drift {
+                end: end.probs,
+                amount: d.amount,
+                sizes: (0..spec.batch_count())
+                    .map(|b| spec.nominal_batch_size(b))
+                    .collect(),
+            });
+        }
+        Ok(pop)
+    }
+
+    /// The population with the starting truth, or (`drifted`) the same
+    /// users with the drift's second truth.
+    fn generate_truth(scenario: &Scenario, drifted: bool) -> Result<Self, PopulationError> {
         let n = scenario.population.subscribers as usize;
         let d = scenario.population.features;
         let k = scenario.campaign.creatives;
         let seed = scenario.seed;
+        if let Some(gen) = Self::generate_family(scenario, drifted)? {
+            return Ok(gen);
+        }
         let truth = match &scenario.truth {
             TruthSpec::Explicit {
                 intercepts,
@@ -71,7 +133,8 @@ impl SimPopulation {
                 shared_scale,
                 specific_scale,
             } => {
-                let mut r = rng::stream(seed, &[rng::label("truth")]);
+                let tag = if drifted { "truth-drift" } else { "truth" };
+                let mut r = rng::stream(seed, &[rng::label(tag)]);
                 let mut z = || -> f64 { StandardNormal.sample(&mut r) };
                 let shared: Vec<f64> = (0..d).map(|_| shared_scale * z()).collect();
                 let logit = (base_rate / (1.0 - base_rate)).ln();
@@ -129,7 +192,59 @@ impl SimPopulation {
             index: None,
             truth: Some(truth),
             non_reacting,
+            drift: None,
         })
+    }
+
+    /// The population of a non-gaussian [`Family`] (`None` for the
+    /// gaussian one), with the scenario's dormant users.
+    fn generate_family(
+        scenario: &Scenario,
+        drifted: bool,
+    ) -> Result<Option<Self>, PopulationError> {
+        let family = scenario.population.family;
+        if family == Family::Gaussian {
+            return Ok(None);
+        }
+        let n = scenario.population.subscribers as usize;
+        let k = scenario.campaign.creatives;
+        let (base_rate, spread) = match scenario.truth {
+            TruthSpec::Generated {
+                base_rate,
+                creative_spread,
+                ..
+            } => (base_rate, creative_spread),
+            TruthSpec::Explicit { .. } => {
+                return Err(PopulationError::Shape(format!(
+                    "the {} family generates its own truth",
+                    family.as_str()
+                )))
+            }
+        };
+        let seed = scenario.seed;
+        let truth_seed = if drifted {
+            rng::mix(&[seed, rng::label("truth-drift")])
+        } else {
+            seed
+        };
+        let g = match family {
+            Family::Crm => families::crm(n, k, seed, truth_seed, base_rate, spread),
+            _ => families::nonlinear(n, k, seed, truth_seed, base_rate, spread),
+        };
+        let d = family.columns().unwrap_or(scenario.population.features);
+        let (mut features, mut probs) = (g.features, g.probs);
+        let non_reacting = mark_dormant(scenario, &mut features, &mut probs, d, k);
+        let candidates = Candidates::from_parts(d, (0..n as u32).collect(), features)
+            .map_err(|e| PopulationError::Shape(e.to_string()))?;
+        Ok(Some(Self {
+            candidates,
+            probs,
+            creatives: k,
+            index: None,
+            truth: None,
+            non_reacting,
+            drift: None,
+        }))
     }
 
     /// A population from parts: candidates and `len × creatives` true
@@ -191,6 +306,7 @@ impl SimPopulation {
             index,
             truth: None,
             non_reacting,
+            drift: None,
         })
     }
 
@@ -255,6 +371,47 @@ impl SimPopulation {
             .unwrap_or(0.0)
     }
 
+    /// The share `t` of the way the truth has moved by batch `batch` (0
+    /// without drift).
+    fn drift_share(&self, batch: u32) -> f64 {
+        match &self.drift {
+            Some(d) if d.sizes.len() > 1 => {
+                d.amount * f64::from(batch.min(d.sizes.len() as u32 - 1))
+                    / (d.sizes.len() - 1) as f64
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Whether the truth drifts during the campaign.
+    pub fn drifts(&self) -> bool {
+        self.drift.is_some()
+    }
+
+    /// `P(react)` of row `row` to creative `c` in batch `batch` (the
+    /// drifted truth; [`SimPopulation::probs_row`] without drift).
+    #[inline]
+    pub fn prob_at(&self, row: usize, c: usize, batch: u32) -> f64 {
+        let i = row * self.creatives + c;
+        match &self.drift {
+            None => self.probs[i],
+            Some(d) => {
+                let t = self.drift_share(batch);
+                (1.0 - t) * self.probs[i] + t * d.end[i]
+            }
+        }
+    }
+
+    /// `P(react)` of user `user` to creative `c` in batch `batch` (0 for
+    /// unknown users).
+    #[inline]
+    pub fn probability_at(&self, user: u32, c: u16, batch: u32) -> f64 {
+        match self.row_of(user) {
+            Some(r) if usize::from(c) < self.creatives => self.prob_at(r, usize::from(c), batch),
+            _ => 0.0,
+        }
+    }
+
     /// The features of user `user`.
     pub fn features(&self, user: u32) -> Option<&[f32]> {
         self.row_of(user).map(|r| self.candidates.row(r))
@@ -289,7 +446,53 @@ impl SimPopulation {
     /// creatives.
     pub fn random_expected(&self, budget: u64) -> f64 {
         let mean = self.creative_means().iter().sum::<f64>() / self.creatives as f64;
-        mean * budget.min(self.len() as u64) as f64
+        let Some(d) = &self.drift else {
+            return mean * budget.min(self.len() as u64) as f64;
+        };
+        // Batch by batch, each at its own mix of the two truths.
+        let end = d.end.iter().sum::<f64>() / d.end.len().max(1) as f64;
+        let mut left = budget.min(self.len() as u64);
+        let mut total = 0.0;
+        for (b, &size) in d.sizes.iter().enumerate() {
+            let n = size.min(left);
+            left -= n;
+            let t = self.drift_share(b as u32);
+            total += n as f64 * ((1.0 - t) * mean + t * end);
+        }
+        total
+    }
+
+    /// Batch by batch from `from`, the remaining (not `taken`) users with
+    /// the best probability in that batch, each with their best creative
+    /// then; marks them taken and returns their expected responses.
+    fn greedy_by_batch(&self, taken: &mut [bool], from: usize, mut left: u64) -> f64 {
+        let Some(d) = &self.drift else {
+            return 0.0;
+        };
+        let mut total = 0.0;
+        for (b, &size) in d.sizes.iter().enumerate().skip(from) {
+            let n = size.min(left) as usize;
+            left -= n as u64;
+            let mut best: Vec<(f64, usize)> = (0..self.len())
+                .filter(|&r| !taken[r])
+                .map(|r| {
+                    let p = (0..self.creatives)
+                        .map(|c| self.prob_at(r, c, b as u32))
+                        .fold(0.0, f64::max);
+                    (p, r)
+                })
+                .collect();
+            let n = n.min(best.len());
+            if n == 0 {
+                continue;
+            }
+            best.select_nth_unstable_by(n - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for &(p, r) in &best[..n] {
+                taken[r] = true;
+                total += p;
+            }
+        }
+        total
     }
 
     fn best_probs(&self) -> Vec<f64> {
@@ -312,7 +515,14 @@ impl SimPopulation {
 
     /// Expected responses of the oracle: the `budget` users with the
     /// largest best-creative probability, each sent that creative.
+    /// With a drifting truth: batch by batch, the remaining users with the
+    /// best probability in that batch (what [`crate::policies::Oracle`]
+    /// does).
     pub fn oracle_expected(&self, budget: u64) -> f64 {
+        if self.drift.is_some() {
+            let mut taken = vec![false; self.len()];
+            return self.greedy_by_batch(&mut taken, 0, budget);
+        }
         Self::top_sum(self.best_probs(), budget as usize)
     }
 
@@ -337,6 +547,9 @@ impl SimPopulation {
             .filter(|(r, _)| !taken[*r])
             .map(|(_, p)| p)
             .collect();
+        if self.drift.is_some() {
+            return expected + self.greedy_by_batch(&mut taken, 1, budget - first as u64);
+        }
         expected + Self::top_sum(rest, budget as usize - first)
     }
 

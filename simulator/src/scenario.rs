@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ScenarioError;
+pub use crate::families::Family;
 use crate::faults::FaultPlan;
 
 /// Virtual time at which the default campaign starts (2024-01-01T00:00:00Z).
@@ -39,6 +40,22 @@ pub struct Scenario {
     pub policies: PolicySettings,
     /// Faults to inject.
     pub faults: FaultPlan,
+    /// How the true response changes during the campaign (none by
+    /// default).
+    pub drift: Option<DriftSpec>,
+}
+
+/// A true response that changes during the campaign: by batch `b` of `T`
+/// it has moved a share `amount · b / (T − 1)` of the way from the
+/// starting truth to a second truth of the same family, drawn
+/// independently from the seed (same users, same columns). Each user's
+/// probability is the mix `(1 − t)·p_start + t·p_end`. A population file
+/// holds only the starting probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftSpec {
+    /// How far the truth has moved by the last batch, 0 to 1.
+    pub amount: f64,
 }
 
 /// The synthetic channel's subscribers.
@@ -59,6 +76,11 @@ pub struct PopulationSpec {
     /// Added to the last feature of the users who never react (dormant
     /// users look less active); 0 makes them indistinguishable.
     pub non_reacting_shift: f64,
+    /// The shape of the columns and of the true response
+    /// ([`Family`]): `gaussian` (the classic), `crm` or `nonlinear`. The
+    /// latter two fix the number of features (16 and 8) and take only
+    /// `base_rate` and `creative_spread` from a generated `truth`.
+    pub family: Family,
 }
 
 impl Default for PopulationSpec {
@@ -68,6 +90,7 @@ impl Default for PopulationSpec {
             features: 8,
             non_reacting_share: 0.0,
             non_reacting_shift: -1.0,
+            family: Family::Gaussian,
         }
     }
 }
@@ -297,6 +320,15 @@ pub struct PolicySettings {
     /// (exact propensities) instead of from one draw of the prior; see
     /// `smartmsg_domain::ModelConfig::random_first_batch`. Default true.
     pub random_first_batch: bool,
+    /// How targeting and integrated score candidates
+    /// (`smartmsg_domain::Scoring`): by default optimistic scoring with
+    /// randomisation; `{ kind = "shared-draw" }` is the scoring before
+    /// issue 14.
+    pub scoring: smartmsg_domain::Scoring,
+    /// The integrated model's extra columns
+    /// (`smartmsg_domain::Expansion`): by default hinges at 2 knots per
+    /// numeric column; `{ kind = "none" }` for the columns as given.
+    pub expansion: smartmsg_domain::Expansion,
 }
 
 impl Default for PolicySettings {
@@ -307,6 +339,8 @@ impl Default for PolicySettings {
             targeting_creative: None,
             prior: PriorSpec::default(),
             random_first_batch: true,
+            scoring: smartmsg_domain::Scoring::default(),
+            expansion: smartmsg_domain::Expansion::default(),
         }
     }
 }
@@ -350,6 +384,7 @@ impl Scenario {
             pipeline: PipelineSpec::default(),
             policies: PolicySettings::default(),
             faults: FaultPlan::default(),
+            drift: None,
         }
     }
 
@@ -365,6 +400,7 @@ impl Scenario {
                 features: 4,
                 non_reacting_share: 0.1,
                 non_reacting_shift: -1.0,
+                family: Family::Gaussian,
             },
             truth: TruthSpec::Generated {
                 base_rate: 0.15,
@@ -393,13 +429,107 @@ impl Scenario {
                 ..PolicySettings::default()
             },
             faults: FaultPlan::default(),
+            drift: None,
         }
     }
 
-    /// A built-in scenario by name (`classic` or `small`).
+    /// The CRM-like family: the classic campaign on
+    /// [`Family::Crm`]'s 16 raw CRM columns (an intercept column, flags,
+    /// a one-hot region, unscaled age, recency, purchases, tenure and
+    /// basket, two useless columns), logistic truth in transformed columns.
+    pub fn crm() -> Self {
+        let mut s = Self::classic();
+        s.name = "crm".into();
+        s.population.family = Family::Crm;
+        s.population.features = crate::families::CRM_COLUMNS;
+        s
+    }
+
+    /// The non-linear family: the classic campaign on
+    /// [`Family::Nonlinear`]'s 8 columns (interactions, thresholds, a
+    /// periodic and a non-monotone effect).
+    pub fn nonlinear() -> Self {
+        let mut s = Self::classic();
+        s.name = "nonlinear".into();
+        s.population.family = Family::Nonlinear;
+        s.population.features = crate::families::NONLINEAR_COLUMNS;
+        s
+    }
+
+    /// The sparse family: the classic world with a base rate of 0.3 %
+    /// (about 300 reactions to 100,000 random messages; about 30 in a
+    /// random first batch of 10,000, 7 or 8 per creative).
+    pub fn sparse() -> Self {
+        let mut s = Self::classic();
+        s.name = "sparse".into();
+        s.truth = TruthSpec::Generated {
+            base_rate: 0.003,
+            creative_spread: d_spread(),
+            shared_scale: d_shared(),
+            specific_scale: d_specific(),
+        };
+        s
+    }
+
+    /// The delayed family: the classic world whose reactions come late,
+    /// log-normal with a median of one batch interval (24 h) and a long
+    /// tail (σ = 1.2: a quarter after 2.2 days, 5 % after a week; capped
+    /// at 14 days). When a batch is planned, about half the reactions to
+    /// the previous one have not happened yet; the model counts them as
+    /// non-reactions. Windows are 10 minutes (fewer, fuller windows over
+    /// the long tail).
+    pub fn delayed() -> Self {
+        let mut s = Self::classic();
+        s.name = "delayed".into();
+        s.reactions.delay = DelaySpec::LogNormal {
+            median_ms: s.campaign.batch_interval_ms,
+            sigma: 1.2,
+        };
+        s.reactions.max_delay_ms = 14 * 24 * 3_600_000;
+        s.pipeline.window_ms = 600_000;
+        s
+    }
+
+    /// The drifting family: the classic world whose truth moves, batch
+    /// by batch, 60 % of the way to a second, independent classic truth
+    /// by the last batch ([`DriftSpec`]): what worked in the first batches
+    /// works less later, and old outcomes mislead a model that weighs
+    /// them like new ones.
+    pub fn drifting() -> Self {
+        let mut s = Self::classic();
+        s.name = "drifting".into();
+        s.drift = Some(DriftSpec { amount: 0.6 });
+        s
+    }
+
+    /// The built-in names, for help texts.
+    pub const BUILTINS: [&'static str; 8] = [
+        "classic",
+        "linear",
+        "crm",
+        "nonlinear",
+        "sparse",
+        "delayed",
+        "drifting",
+        "small",
+    ];
+
+    /// A built-in scenario by name: `classic` (also `linear` and
+    /// `default`), `crm`, `nonlinear`, `sparse`, `delayed`, `drifting` or
+    /// `small`.
     pub fn builtin(name: &str) -> Option<Self> {
         match name {
             "classic" | "default" => Some(Self::classic()),
+            "linear" => {
+                let mut s = Self::classic();
+                s.name = "linear".into();
+                Some(s)
+            }
+            "crm" => Some(Self::crm()),
+            "nonlinear" => Some(Self::nonlinear()),
+            "sparse" => Some(Self::sparse()),
+            "delayed" => Some(Self::delayed()),
+            "drifting" => Some(Self::drifting()),
             "small" => Some(Self::small()),
             _ => None,
         }
@@ -482,6 +612,27 @@ impl Scenario {
                     smartmsg_domain::Candidates::MAX_DIM
                 ),
             ));
+        }
+        if let Some(cols) = p.family.columns() {
+            if p.features != cols {
+                return Err(invalid(
+                    "population.features",
+                    format!(
+                        "{} features; the {} family generates {cols}",
+                        p.features,
+                        p.family.as_str()
+                    ),
+                ));
+            }
+            if let TruthSpec::Explicit { .. } = self.truth {
+                return Err(invalid(
+                    "truth",
+                    format!(
+                        "the {} family generates its own truth: give a generated truth (base_rate, creative_spread)",
+                        p.family.as_str()
+                    ),
+                ));
+            }
         }
         finite("population.non_reacting_share", p.non_reacting_share)?;
         if !(0.0..1.0).contains(&p.non_reacting_share) {
@@ -671,6 +822,25 @@ impl Scenario {
                 ));
             }
         }
+        if let smartmsg_domain::Scoring::Optimistic { bonus, noise } = po.scoring {
+            for (f, v) in [
+                ("policies.scoring.bonus", bonus),
+                ("policies.scoring.noise", noise),
+            ] {
+                finite(f, v)?;
+                if !(0.0..=10.0).contains(&v) {
+                    return Err(invalid(f, format!("{v} must be 0 to 10")));
+                }
+            }
+        }
+        if let smartmsg_domain::Expansion::Hinges { knots } = po.expansion {
+            if !(1..=8).contains(&knots) {
+                return Err(invalid(
+                    "policies.expansion.knots",
+                    format!("{knots} must be 1 to 8"),
+                ));
+            }
+        }
         let pr = &po.prior;
         finite("policies.prior.intercept_mean", pr.intercept_mean)?;
         for (f, v) in [
@@ -680,6 +850,15 @@ impl Scenario {
             finite(f, v)?;
             if v <= 0.0 {
                 return Err(invalid(f, format!("{v} must be above 0")));
+            }
+        }
+        if let Some(d) = &self.drift {
+            finite("drift.amount", d.amount)?;
+            if !(0.0..=1.0).contains(&d.amount) {
+                return Err(invalid(
+                    "drift.amount",
+                    format!("{} must be 0 to 1", d.amount),
+                ));
             }
         }
         self.faults.validate(c.batches)?;
@@ -710,7 +889,7 @@ mod tests {
 
     #[test]
     fn builtins_are_valid_and_round_trip() {
-        for s in [Scenario::classic(), Scenario::small()] {
+        for s in Scenario::BUILTINS.map(|n| Scenario::builtin(n).unwrap()) {
             s.validate().unwrap();
             let t = s.to_toml();
             assert_eq!(Scenario::from_toml(&t, "x").unwrap(), s);

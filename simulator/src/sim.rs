@@ -603,7 +603,10 @@ async fn finish(
     let k = scenario.campaign.creatives;
     let mut per_creative_sent = vec![0u64; k];
     for (b, d) in verified.decisions.iter().enumerate() {
-        let expected: f64 = d.iter().map(|(u, c, _)| pop.probability(u, c)).sum();
+        let expected: f64 = d
+            .iter()
+            .map(|(u, c, _)| pop.probability_at(u, c, b as u32))
+            .sum();
         for (n, &m) in per_creative_sent.iter_mut().zip(&d.per_creative(k)) {
             *n += u64::from(m);
         }

@@ -265,7 +265,7 @@ impl World {
             return false;
         }
         for (user, creative, _) in decisions.iter() {
-            let p = pop.probability(user, creative);
+            let p = pop.probability_at(user, creative, batch);
             if p <= 0.0 || unit(mix(&[self.seed, label("react"), u64::from(user)])) >= p {
                 continue;
             }

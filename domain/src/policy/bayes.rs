@@ -4,7 +4,7 @@
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use super::scoring::Scorer;
+use super::scoring::{Moments, Scorer};
 use super::{check_creatives, check_outcome_creatives, PlanContext, Policy, PolicyError};
 use crate::data::{Candidates, Decisions, OutcomeRow, Outcomes};
 use crate::model::{GaussianWeights, Link, Prior};
@@ -31,6 +31,117 @@ pub struct ModelConfig {
     /// rose from about 85 % to about 94 % (mean of 5 seeds).
     #[serde(default)]
     pub random_first_batch: bool,
+    /// How a plan turns the posterior into scores (see [`Scoring`]).
+    /// Absent in a recorded spec: the default, [`Scoring::default`].
+    #[serde(default)]
+    pub scoring: Scoring,
+    /// Extra columns the integrated model builds from the user's own
+    /// (see [`Expansion`]). Absent in a recorded spec: the default.
+    #[serde(default)]
+    pub expansion: Expansion,
+}
+
+/// Extra model columns built from the user's features: a richer function
+/// class for responses that are not linear in the columns given.
+///
+/// As TOML: `expansion = { kind = "hinges", knots = 2 }` or
+/// `expansion = { kind = "none" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Expansion {
+    /// The columns as given.
+    None,
+    /// Piecewise-linear columns: for every column with more than
+    /// `knots + 2` distinct values in the first outcomes the model learns
+    /// from, `max(0, x − q)` at `knots` quantiles `q` of those outcomes'
+    /// values (so a curved or thresholded effect of, say, days since the
+    /// last visit becomes a few straight pieces). Flags and one-hot columns
+    /// are left alone. The knots are fixed at that first update and kept
+    /// with the model; the model then starts again from its prior in the
+    /// larger dimension (the first outcomes are learned in it). At most
+    /// [`Expansion::MAX_COLUMNS`] columns in all: with many numeric
+    /// columns, each gets fewer knots (at least one while there is room).
+    /// The expanded model is learned next to the plain one and plans only
+    /// while its evidence (Laplace marginal likelihood of every outcome)
+    /// is the higher, so on data the plain model explains as well it costs
+    /// nothing but the update. Only the integrated policy expands;
+    /// targeting ignores it.
+    Hinges {
+        /// Knots per column, 1 to 8.
+        knots: u8,
+    },
+}
+
+impl Expansion {
+    /// Most model columns after expansion (planning time grows with their
+    /// square).
+    pub const MAX_COLUMNS: usize = 32;
+}
+
+impl Default for Expansion {
+    /// [`Expansion::Hinges`] with 3 knots.
+    fn default() -> Self {
+        Expansion::Hinges { knots: 3 }
+    }
+}
+
+/// How the posterior policies score candidates for a batch.
+///
+/// As TOML: `scoring = { kind = "optimistic", bonus = 1.0, noise = 0.5 }` or
+/// `scoring = { kind = "shared-draw" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Scoring {
+    /// One posterior draw shared by every user of the batch (Thompson
+    /// sampling at the level of the batch): the scoring before issue 14.
+    /// Every user's score moves with the same draw, so a draw that happens
+    /// to overrate one direction of feature space fills the whole batch
+    /// from it.
+    SharedDraw,
+    /// Each user and creative scored `mean + sd·(bonus + noise·ε)`, where
+    /// `mean` and `sd` are the posterior mean and standard deviation of the
+    /// linear score `w₀ + w·x` and `ε` an independent standard normal per
+    /// user and creative. `bonus` is optimism in the face of uncertainty
+    /// (UCB-like: users the model knows little about are tried); `noise`
+    /// randomises the choice near the batch's cut-off and between close
+    /// creatives, so propensities (Monte Carlo over fresh `ε`) stay
+    /// strictly inside (0, 1) where the policy explores. `noise = 0` is
+    /// deterministic (every propensity 1: no use for off-policy
+    /// evaluation).
+    Optimistic {
+        /// Standard deviations of optimism, 0 to 10.
+        bonus: f64,
+        /// Standard deviations of independent noise, 0 to 10.
+        noise: f64,
+    },
+}
+
+impl Default for Scoring {
+    /// [`Scoring::Optimistic`] with `bonus = 0.25`, `noise = 0.25`:
+    /// within 0.1 point of posterior-mean scoring on the linear families
+    /// and level with it elsewhere (see `docs/decision-quality.md`),
+    /// while keeping propensities inside (0, 1) near the cut-off.
+    fn default() -> Self {
+        Scoring::Optimistic {
+            bonus: 0.25,
+            noise: 0.25,
+        }
+    }
+}
+
+impl Scoring {
+    fn check(&self) -> Result<(), PolicyError> {
+        if let Scoring::Optimistic { bonus, noise } = *self {
+            if !(0.0..=10.0).contains(&bonus) || !(0.0..=10.0).contains(&noise) {
+                return Err(PolicyError::Config(
+                    "optimistic scoring needs bonus and noise from 0 to 10",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ModelConfig {
@@ -42,6 +153,8 @@ impl Default for ModelConfig {
             prior: Prior::default(),
             propensity_draws: 100,
             random_first_batch: false,
+            scoring: Scoring::default(),
+            expansion: Expansion::default(),
         }
     }
 }
@@ -51,34 +164,52 @@ impl ModelConfig {
         if self.propensity_draws == 0 {
             return Err(PolicyError::Config("propensity_draws must be at least 1"));
         }
-        Ok(())
+        if let Expansion::Hinges { knots } = self.expansion {
+            if !(1..=8).contains(&knots) {
+                return Err(PolicyError::Config("hinge knots must be 1 to 8"));
+            }
+        }
+        self.scoring.check()
     }
 }
 
-/// One posterior draw, top `k` by best modelled creative; propensities by
-/// Monte Carlo over further draws.
+/// Top `k` by best modelled creative under the configured [`Scoring`]
+/// (one posterior draw, or one optimistic perturbation); propensities by
+/// Monte Carlo over further draws or perturbations.
 fn plan_top_k(
     models: &[GaussianWeights],
     creative_ids: &[u16],
     candidates: &Candidates,
     k: usize,
-    draws: u32,
+    config: &ModelConfig,
     rng: &mut dyn RngCore,
 ) -> Decisions {
     let n = candidates.len();
+    let draws = config.propensity_draws;
     let mut out = Decisions::with_capacity(k);
     if k == 0 {
         return out;
     }
     let mut scorer = Scorer::new(models.len(), candidates.dim(), n);
-    scorer.draw(models, rng);
-    scorer.score(candidates);
+    let moments = match config.scoring {
+        Scoring::SharedDraw => None,
+        Scoring::Optimistic { .. } => Some(Moments::new(models, candidates)),
+    };
+    let fill = |scorer: &mut Scorer, rng: &mut dyn RngCore| match (config.scoring, &moments) {
+        (Scoring::Optimistic { bonus, noise }, Some(mo)) => {
+            scorer.perturb(mo, bonus as f32, noise as f32, rng)
+        }
+        _ => {
+            scorer.draw(models, rng);
+            scorer.score(candidates);
+        }
+    };
+    fill(&mut scorer, rng);
     let rows = scorer.top_k(k);
     let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
     let mut hits = vec![1u32; k];
     for _ in 1..draws {
-        scorer.draw(models, rng);
-        scorer.score(candidates);
+        fill(&mut scorer, rng);
         let t = scorer.threshold(k);
         for ((&r, &c), h) in rows.iter().zip(&chosen).zip(hits.iter_mut()) {
             if scorer.best[r] >= t && scorer.arg[r] == c {
@@ -108,17 +239,130 @@ fn check_dim(expected: usize, got: usize) -> Result<(), PolicyError> {
 ///
 /// Each creative `c` has response weights `w_c` (intercept first) with a
 /// Gaussian posterior; together they are one block-diagonal posterior over
-/// all `C × (dim+1)` weights. A plan draws once from it, scores every
-/// remaining user by their best creative (`max_c w_c·x̃`), and sends the top
-/// `k` that creative. Propensities: the fraction of
-/// [`ModelConfig::propensity_draws`] posterior draws (the decision's
-/// included) in which the user is in the top `k` with the same creative.
-/// Updates take aggregated outcomes of every creative.
+/// all `C × (dim+1)` weights. A plan scores every remaining user by their
+/// best creative under [`ModelConfig::scoring`] (by default
+/// `mean + sd·(bonus + noise·ε)` of `w_c·x̃` with independent noise per
+/// user and creative; [`Scoring::SharedDraw`]: one posterior draw for the
+/// whole batch), and sends the top `k` that creative. Propensities: the
+/// fraction of [`ModelConfig::propensity_draws`] fresh noises (or
+/// posterior draws), the decision's included, in which the user is in the
+/// top `k` with the same creative. With [`ModelConfig::expansion`], a
+/// second model over hinge columns learns next to this one and plans
+/// while its evidence is higher ([`Integrated::uses_expansion`]). Updates
+/// take aggregated outcomes of every creative.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Integrated {
     config: ModelConfig,
+    /// One posterior per creative over the user's own columns.
     models: Vec<GaussianWeights>,
     ids: Vec<u16>,
+    /// The expanded model, once the first outcomes fixed its columns.
+    #[serde(default)]
+    expanded: Option<Expanded>,
+    /// Log evidence of the plain models (summed over creatives and
+    /// updates since the expanded model exists).
+    #[serde(default)]
+    plain_evidence: f64,
+}
+
+/// The integrated model over expanded columns, kept next to the plain one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Expanded {
+    hinges: Hinges,
+    models: Vec<GaussianWeights>,
+    /// Log evidence, over the same outcomes as `plain_evidence`.
+    evidence: f64,
+}
+
+/// Hinge columns `max(0, x_j − q)` (see [`Expansion::Hinges`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Hinges {
+    /// The user's own feature count.
+    base: usize,
+    /// `(column, knot)` per extra column.
+    knots: Vec<(u16, f32)>,
+}
+
+impl Hinges {
+    /// Knots at quantiles of each column's values in `outcomes` (at most
+    /// the first 20,000 rows with trials).
+    fn fit(outcomes: &Outcomes, knots: u8) -> Self {
+        let d = outcomes.dim();
+        let rows: Vec<&[f32]> = outcomes
+            .rows()
+            .filter(|r| r.trials > 0)
+            .take(20_000)
+            .map(|r| r.x)
+            .collect();
+        let room = Expansion::MAX_COLUMNS
+            .min(Candidates::MAX_DIM)
+            .saturating_sub(d);
+        let mut numeric = Vec::new();
+        let mut values = Vec::with_capacity(rows.len());
+        for j in 0..d {
+            values.clear();
+            values.extend(rows.iter().map(|x| x[j]).filter(|v| v.is_finite()));
+            values.sort_unstable_by(f32::total_cmp);
+            let mut distinct = values.clone();
+            distinct.dedup();
+            if distinct.len() > usize::from(knots) + 2 {
+                numeric.push((j, values.clone(), distinct[0], distinct[distinct.len() - 1]));
+            }
+        }
+        // Fewer knots per column when there are many numeric columns.
+        let per = usize::from(knots).min(room / numeric.len().max(1)).max(1);
+        let mut out = Vec::new();
+        for (j, values, lo, hi) in &numeric {
+            let mut last = f32::NEG_INFINITY;
+            for i in 1..=per {
+                let q = values[i * values.len() / (per + 1)];
+                if q > *lo && q < *hi && q > last && out.len() < room {
+                    out.push((*j as u16, q));
+                    last = q;
+                }
+            }
+        }
+        Self {
+            base: d,
+            knots: out,
+        }
+    }
+
+    /// The expanded dimension.
+    fn dim(&self) -> usize {
+        self.base + self.knots.len()
+    }
+
+    /// Appends `x` and its hinge columns to `out`.
+    fn extend(&self, x: &[f32], out: &mut Vec<f32>) {
+        out.extend_from_slice(x);
+        out.extend(
+            self.knots
+                .iter()
+                .map(|&(j, q)| (x[usize::from(j)] - q).max(0.0)),
+        );
+    }
+
+    fn outcomes(&self, o: &Outcomes) -> Result<Outcomes, PolicyError> {
+        let mut out = Outcomes::new(self.dim()).map_err(|_| PolicyError::Config("expansion"))?;
+        let mut x = Vec::with_capacity(self.dim());
+        for r in o.rows() {
+            x.clear();
+            self.extend(r.x, &mut x);
+            out.push(r.creative, &x, r.trials, r.successes)
+                .map_err(|_| PolicyError::Config("expanded outcome"))?;
+        }
+        Ok(out)
+    }
+
+    fn candidates(&self, c: &Candidates) -> Result<Candidates, PolicyError> {
+        let mut features = Vec::with_capacity(c.len() * self.dim());
+        for x in c.features().chunks_exact(c.dim()) {
+            self.extend(x, &mut features);
+        }
+        Candidates::from_parts(self.dim(), c.users().to_vec(), features)
+            .map_err(|_| PolicyError::Config("expanded candidates"))
+    }
 }
 
 impl Integrated {
@@ -137,12 +381,28 @@ impl Integrated {
             config,
             models: vec![model; creatives],
             ids: (0..creatives as u16).collect(),
+            expanded: None,
+            plain_evidence: 0.0,
         })
     }
 
-    /// The posterior of each creative's weights.
+    /// The posterior of each creative's weights over the user's own
+    /// columns.
     pub fn models(&self) -> &[GaussianWeights] {
         &self.models
+    }
+
+    /// Whether plans use the expanded model ([`ModelConfig::expansion`]):
+    /// once it exists and its evidence (the Laplace marginal likelihood of
+    /// every outcome learned) beats the plain model's.
+    pub fn uses_expansion(&self) -> bool {
+        self.chosen_expansion().is_some()
+    }
+
+    fn chosen_expansion(&self) -> Option<&Expanded> {
+        self.expanded
+            .as_ref()
+            .filter(|e| !e.hinges.knots.is_empty() && e.evidence > self.plain_evidence)
     }
 
     /// The configuration.
@@ -165,11 +425,19 @@ impl Integrated {
     /// The posterior-mean response of each creative for features `x` (a
     /// probability for the logistic link).
     pub fn expected_response(&self, x: &[f32]) -> Vec<f64> {
-        self.models
+        let (models, x) = match self.chosen_expansion() {
+            Some(e) => {
+                let mut v = Vec::new();
+                e.hinges.extend(x, &mut v);
+                (&e.models, v)
+            }
+            None => (&self.models, x.to_vec()),
+        };
+        models
             .iter()
             .map(|m| match self.config.link {
-                Link::Logistic => crate::model::sigmoid(m.mean_score(x)),
-                Link::Linear { .. } => m.mean_score(x),
+                Link::Logistic => crate::model::sigmoid(m.mean_score(&x)),
+                Link::Linear { .. } => m.mean_score(&x),
             })
             .collect()
     }
@@ -182,13 +450,21 @@ impl Integrated {
         budget: usize,
     ) -> Result<Decisions, PolicyError> {
         check_dim(self.models[0].features(), candidates.dim())?;
+        let expanded;
+        let (models, candidates) = match self.chosen_expansion() {
+            Some(e) => {
+                expanded = e.hinges.candidates(candidates)?;
+                (&e.models, &expanded)
+            }
+            None => (&self.models, candidates),
+        };
         let k = budget.min(candidates.len());
         let mut out = Decisions::with_capacity(k);
         if k == 0 {
             return Ok(out);
         }
-        let mut scorer = Scorer::new(self.models.len(), candidates.dim(), candidates.len());
-        scorer.use_means(&self.models);
+        let mut scorer = Scorer::new(models.len(), candidates.dim(), candidates.len());
+        scorer.use_means(models);
         scorer.score(candidates);
         for r in scorer.top_k(k) {
             out.push(candidates.users()[r], scorer.arg[r], 1.0);
@@ -197,25 +473,27 @@ impl Integrated {
     }
 }
 
-/// Updates each creative's model from its rows, all or none.
+/// Updates each creative's model from its rows, all or none; returns the
+/// summed log evidence of the rows.
 fn update_models(
     models: &mut [GaussianWeights],
     ids: &[u16],
     link: Link,
     outcomes: &Outcomes,
-) -> Result<(), PolicyError> {
+) -> Result<f64, PolicyError> {
     if let Some(first) = models.first() {
         check_dim(first.features(), outcomes.dim())?;
     }
     let mut updated = models.to_vec();
     let mut rows: Vec<OutcomeRow<'_>> = Vec::new();
+    let mut evidence = 0.0;
     for (model, &id) in updated.iter_mut().zip(ids) {
         rows.clear();
         rows.extend(outcomes.rows().filter(|r| r.creative == id));
-        model.update(link, &rows)?;
+        evidence += model.update(link, &rows)?.log_evidence;
     }
     models.clone_from_slice(&updated);
-    Ok(())
+    Ok(evidence)
 }
 
 impl Policy for Integrated {
@@ -229,7 +507,49 @@ impl Policy for Integrated {
 
     fn update(&mut self, outcomes: &Outcomes) -> Result<(), PolicyError> {
         check_outcome_creatives(outcomes, self.models.len())?;
-        update_models(&mut self.models, &self.ids, self.config.link, outcomes)
+        check_dim(self.models[0].features(), outcomes.dim())?;
+        let link = self.config.link;
+        let mut plain = self.models.clone();
+        let plain_ev = update_models(&mut plain, &self.ids, link, outcomes)?;
+        let knots = match self.config.expansion {
+            Expansion::Hinges { knots } => knots,
+            _ => 0,
+        };
+        let mut expanded = self.expanded.clone();
+        match &mut expanded {
+            Some(e) if !e.hinges.knots.is_empty() => {
+                let o = e.hinges.outcomes(outcomes)?;
+                e.evidence += update_models(&mut e.models, &self.ids, link, &o)?;
+            }
+            Some(_) => {}
+            None if knots > 0 && outcomes.rows().any(|r| r.trials > 0) => {
+                // The first outcomes fix the expanded columns; the
+                // expanded model learns from its prior, on the same
+                // outcomes as the plain one from here on.
+                let hinges = Hinges::fit(outcomes, knots);
+                let mut models = Vec::new();
+                let mut evidence = 0.0;
+                if !hinges.knots.is_empty() {
+                    let prior = GaussianWeights::new(hinges.dim(), &self.config.prior)?;
+                    models = vec![prior; self.models.len()];
+                    let o = hinges.outcomes(outcomes)?;
+                    evidence = update_models(&mut models, &self.ids, link, &o)?;
+                }
+                self.plain_evidence = 0.0;
+                expanded = Some(Expanded {
+                    hinges,
+                    models,
+                    evidence,
+                });
+            }
+            None => {}
+        }
+        self.models = plain;
+        if expanded.is_some() {
+            self.plain_evidence += plain_ev;
+        }
+        self.expanded = expanded;
+        Ok(())
     }
 
     fn plan(
@@ -245,21 +565,33 @@ impl Policy for Integrated {
         if ctx.batch == 0 && self.config.random_first_batch {
             return Ok(super::plan_uniform(&self.ids, candidates, k, rng));
         }
+        if let Some(e) = self.chosen_expansion() {
+            let expanded = e.hinges.candidates(candidates)?;
+            return Ok(plan_top_k(
+                &e.models,
+                &self.ids,
+                &expanded,
+                k,
+                &self.config,
+                rng,
+            ));
+        }
         Ok(plan_top_k(
             &self.models,
             &self.ids,
             candidates,
             k,
-            self.config.propensity_draws,
+            &self.config,
             rng,
         ))
     }
 }
 
 /// User targeting for one fixed creative: a posterior over that creative's
-/// response weights; each plan draws once, scores every remaining user and
-/// sends the top `k` the creative. Propensities as for [`Integrated`].
-/// Outcomes of other creatives are ignored.
+/// response weights; each plan scores every remaining user under
+/// [`ModelConfig::scoring`] and sends the top `k` the creative.
+/// Propensities as for [`Integrated`]; no expansion. Outcomes of other
+/// creatives are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Targeting {
     config: ModelConfig,
@@ -329,6 +661,7 @@ impl Policy for Targeting {
             self.config.link,
             outcomes,
         )
+        .map(|_| ())
     }
 
     fn plan(
@@ -349,7 +682,7 @@ impl Policy for Targeting {
             &[self.creative],
             candidates,
             k,
-            self.config.propensity_draws,
+            &self.config,
             rng,
         ))
     }

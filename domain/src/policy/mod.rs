@@ -13,8 +13,8 @@
 //! | [`Random`] | uniform | uniform | exact: `k / (n·C)` |
 //! | [`ExploreThenCommit`] | uniform | equal test slices, then the best mean | exact |
 //! | [`CreativeThompson`] | uniform | per-user Beta-Bernoulli Thompson draw | `k/n` × Monte Carlo `P(argmax = c)` |
-//! | [`Targeting`] | top-k of one posterior draw for a fixed creative | fixed | Monte Carlo over draws |
-//! | [`Integrated`] | top-k by best creative of one joint posterior draw | that best creative | Monte Carlo over draws |
+//! | [`Targeting`] | top-k by [`Scoring`] for a fixed creative | fixed | Monte Carlo over noise or draws |
+//! | [`Integrated`] | top-k by best creative under [`Scoring`] (default: optimistic with noise), plain or [`Expansion`] model by evidence | that best creative | Monte Carlo over noise or draws |
 //!
 //! Policies are `Serialize`/`Deserialize`, so a service can checkpoint its
 //! model next to the reaction pipeline's state.
@@ -27,7 +27,7 @@ mod spec;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-pub use bayes::{Integrated, ModelConfig, Targeting};
+pub use bayes::{Expansion, Integrated, ModelConfig, Scoring, Targeting};
 pub use simple::{CreativeThompson, ExploreThenCommit, Random};
 pub use spec::PolicySpec;
 

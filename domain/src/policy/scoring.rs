@@ -5,8 +5,15 @@
 //! score `w₀ + w·x` (a monotone link keeps the ranking); the batch is the
 //! `k` best scores, found with `select_nth_unstable_by` on a copy. Buffers
 //! are allocated once per plan, never per user.
+//!
+//! [`Moments`] holds, for the optimistic scoring, each candidate's
+//! posterior mean and standard deviation of every model's linear score;
+//! [`Scorer::perturb`] then scores `mean + sd·(bonus + noise·ε)` with a
+//! fresh standard normal `ε` per candidate and model, without another dot
+//! product.
 
 use rand::RngCore;
+use rand_distr::{Distribution, StandardNormal};
 
 use crate::data::Candidates;
 use crate::model::GaussianWeights;
@@ -29,6 +36,56 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+/// The posterior mean and standard deviation of the linear score
+/// `w₀ + w·x` of every candidate under every model, `n × m` row-major by
+/// candidate. The standard deviation is `‖L⁻¹ x̃‖` with `L` the precision's
+/// Cholesky factor (a triangular product per candidate and model).
+pub(crate) struct Moments {
+    /// Posterior mean score.
+    pub mean: Vec<f32>,
+    /// Posterior standard deviation of the score.
+    pub sd: Vec<f32>,
+    /// Models per candidate.
+    pub models: usize,
+}
+
+impl Moments {
+    /// The moments of every candidate's scores.
+    pub fn new(models: &[GaussianWeights], candidates: &Candidates) -> Self {
+        let m = models.len();
+        let dim = candidates.dim();
+        let n1 = dim + 1;
+        let means: Vec<Vec<f32>> = models
+            .iter()
+            .map(|g| g.mean().iter().map(|&v| v as f32).collect())
+            .collect();
+        let invs: Vec<Vec<f32>> = models
+            .iter()
+            .map(|g| g.inverse_cholesky().iter().map(|&v| v as f32).collect())
+            .collect();
+        let len = candidates.len() * m;
+        let mut mean = Vec::with_capacity(len);
+        let mut sd = Vec::with_capacity(len);
+        for x in candidates.features().chunks_exact(dim) {
+            for (mu, inv) in means.iter().zip(&invs) {
+                mean.push(mu[0] + dot(x, &mu[1..]));
+                let mut v = 0f32;
+                for i in 0..n1 {
+                    let row = &inv[i * n1..i * n1 + i + 1];
+                    let t = row[0] + dot(&x[..i], &row[1..]);
+                    v += t * t;
+                }
+                sd.push(v.sqrt());
+            }
+        }
+        Self {
+            mean,
+            sd,
+            models: m,
+        }
+    }
 }
 
 /// Reusable buffers for scoring `n` candidates with `m` weight rows.
@@ -92,6 +149,38 @@ impl Scorer {
                 let s = w[0] + dot(x, &w[1..]);
                 if s > b {
                     b = s;
+                    a = c as u16;
+                }
+            }
+            *best = b;
+            *arg = a;
+        }
+    }
+
+    /// Scores every candidate `max_c mean + sd·(bonus + noise·ε)` with a
+    /// fresh standard normal `ε` per candidate and model (none drawn when
+    /// `noise` is 0).
+    pub fn perturb(&mut self, mo: &Moments, bonus: f32, noise: f32, rng: &mut dyn RngCore) {
+        let m = mo.models;
+        for (((mean, sd), best), arg) in mo
+            .mean
+            .chunks_exact(m)
+            .zip(mo.sd.chunks_exact(m))
+            .zip(self.best.iter_mut())
+            .zip(self.arg.iter_mut())
+        {
+            let mut b = f32::NEG_INFINITY;
+            let mut a = 0u16;
+            for (c, (&mu, &s)) in mean.iter().zip(sd).enumerate() {
+                let z = if noise > 0.0 {
+                    let e: f32 = StandardNormal.sample(rng);
+                    bonus + noise * e
+                } else {
+                    bonus
+                };
+                let v = mu + s * z;
+                if v > b {
+                    b = v;
                     a = c as u16;
                 }
             }
