@@ -1,18 +1,26 @@
 #!/bin/bash
 # The decision-quality table of docs/decision-quality.md: every scenario
 # family x seeds through `smartmsg simulate` (all built-in policies, plus the
-# integrated policy as it was before issue 14), and the peers' harness
-# (../shared/peers/dq: MABWiser, contextualbandits, VW) on the very same
-# exported populations. Then: python3 scripts/dq_table.py "$OUT".
+# integrated policy as it was before issue 14), and the `dqbench` peer
+# harness (MABWiser, contextualbandits, VW; not part of this repository) on
+# the very same exported populations. Then: python3 scripts/dq_table.py "$OUT".
 #
 # Environment: SMARTMSG (the binary; default target/release/smartmsg),
-# PEERS_DIR (default ../shared/peers/dq), PY (the harness's venv python),
-# OUT (default /tmp/dq-out), FAMS, SEEDS, NOPEERS=1 (skip the peers).
+# PEERS_DIR (the directory holding the `dqbench` package; required unless
+# NOPEERS=1), PY (the harness's venv python), OUT (results; default
+# dq-out under the current directory), FAMS, SEEDS, NOPEERS=1 (skip the
+# peers).
 set -u
 SM=$(realpath "${SMARTMSG:-target/release/smartmsg}")
-export PYTHONPATH=$(realpath "${PEERS_DIR:-../shared/peers/dq}")
+if [ -z "${NOPEERS:-}" ]; then
+  if [ -z "${PEERS_DIR:-}" ] || [ ! -d "$PEERS_DIR/dqbench" ]; then
+    echo "set PEERS_DIR to the directory holding the dqbench harness (or NOPEERS=1)" >&2
+    exit 2
+  fi
+  export PYTHONPATH=$(realpath "$PEERS_DIR")
+fi
 PY=${PY:-python3}
-OUT=${OUT:-/tmp/dq-out}
+OUT=$(realpath -m "${OUT:-dq-out}")
 PEERS="oracle,oracle+warmup,random,explore_then_commit,mabwiser_lints(a=0.2),mabwiser_linucb(a=0.2),mabwiser_linucb(a=1),cb_logisticucb,cb_logisticts"
 mkdir -p "$OUT"/{pops,rep,peers,old}
 cd "$OUT"
