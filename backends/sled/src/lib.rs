@@ -185,6 +185,20 @@ impl SledStore {
         Ok((self.read_u64(FIRST)?, self.read_u64(HEAD)?))
     }
 
+    /// Adds to `b` the removal of the changelog batches wholly below
+    /// `before` and moves `first` to it; a batch that straddles it stays
+    /// (reads skip its entries below `first`).
+    fn drop_below(&self, b: &mut sled::Batch, before: u64) -> Result<(), StoreError> {
+        for item in self.db.range(log_key(0)..log_key(before)) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if seq_of(&k)? + changelog_blob::count(&v)? <= before {
+                b.remove(k);
+            }
+        }
+        b.insert(FIRST, &before.to_be_bytes()[..]);
+        Ok(())
+    }
+
     fn finish(&self) -> Result<(), StoreError> {
         if self.config.durable {
             self.db.flush().map_err(|e| self.err(e))?;
@@ -260,14 +274,7 @@ impl KeyValueStore for SledStore {
         // older batches in the same atomic batch.
         let keep = self.config.limits.max_changelog_entries;
         if head.saturating_sub(first) > keep {
-            let before = head - keep;
-            for item in self.db.range(log_key(0)..log_key(before)) {
-                let (k, v) = item.map_err(|e| self.err(e))?;
-                if seq_of(&k)? + changelog_blob::count(&v)? <= before {
-                    b.remove(k);
-                }
-            }
-            b.insert(FIRST, &before.to_be_bytes()[..]);
+            self.drop_below(&mut b, head - keep)?;
         }
         self.db.apply_batch(b).map_err(|e| self.err(e))?;
         self.finish()
@@ -316,16 +323,8 @@ impl KeyValueStore for SledStore {
         if before <= first {
             return Ok(());
         }
-        // Drop the batches wholly below `before`; one that straddles it
-        // stays (reads skip its entries below `first`).
         let mut b = sled::Batch::default();
-        for item in self.db.range(log_key(0)..log_key(before)) {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if seq_of(&k)? + changelog_blob::count(&v)? <= before {
-                b.remove(k);
-            }
-        }
-        b.insert(FIRST, &before.to_be_bytes()[..]);
+        self.drop_below(&mut b, before)?;
         self.db.apply_batch(b).map_err(|e| self.err(e))?;
         self.finish()
     }

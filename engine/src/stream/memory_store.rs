@@ -21,6 +21,13 @@ impl Inner {
     fn head(&self) -> u64 {
         self.first + self.changelog.len() as u64
     }
+
+    /// Drops the changelog entries below `before` (at most the head).
+    fn drop_below(&mut self, before: u64) {
+        while self.first < before && self.changelog.pop_front().is_some() {
+            self.first += 1;
+        }
+    }
 }
 
 /// A [`KeyValueStore`] in memory: a `BTreeMap` per keyspace and the
@@ -158,10 +165,10 @@ impl KeyValueStore for InMemoryStore {
             }
         }
         // Retention (see `StoreLimits::max_changelog_entries`).
-        while inner.changelog.len() as u64 > self.limits.max_changelog_entries {
-            inner.changelog.pop_front();
-            inner.first += 1;
-        }
+        let keep_from = inner
+            .head()
+            .saturating_sub(self.limits.max_changelog_entries);
+        inner.drop_below(keep_from);
         Ok(())
     }
 
@@ -201,10 +208,7 @@ impl KeyValueStore for InMemoryStore {
                 head,
             });
         }
-        while inner.first < before {
-            inner.changelog.pop_front();
-            inner.first += 1;
-        }
+        inner.drop_below(before);
         Ok(())
     }
 
