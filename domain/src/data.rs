@@ -254,6 +254,31 @@ impl Decisions {
         Ok(())
     }
 
+    /// Adds `other`'s rows after these (a large batch's parts joined back
+    /// together, in part order).
+    pub fn append(&mut self, other: &Decisions) {
+        self.users.extend_from_slice(&other.users);
+        self.creatives.extend_from_slice(&other.creatives);
+        self.propensities.extend_from_slice(&other.propensities);
+    }
+
+    /// Rows `range` as their own decisions (one part of a large batch).
+    /// The range is cut to the shortest column.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Decisions {
+        let n = self
+            .users
+            .len()
+            .min(self.creatives.len())
+            .min(self.propensities.len());
+        let end = range.end.min(n);
+        let r = range.start.min(end)..end;
+        Decisions {
+            users: self.users[r.clone()].to_vec(),
+            creatives: self.creatives[r.clone()].to_vec(),
+            propensities: self.propensities[r].to_vec(),
+        }
+    }
+
     /// `(user, creative, propensity)` rows.
     pub fn iter(&self) -> impl Iterator<Item = (u32, u16, f32)> + '_ {
         self.users

@@ -64,7 +64,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use smartmsg_engine::{Aggregate, Job, JobId};
 
-use crate::campaign::{Action, Campaign, CampaignCommand, CampaignEvent, Status};
+use crate::campaign::{Action, Campaign, CampaignCommand, CampaignEvent, Part, Status};
 use crate::data::{Candidates, Decisions, Outcomes, ShapeError};
 use crate::policy::{Policy, PolicyError};
 use crate::reactions::ReactionWindow;
@@ -80,12 +80,85 @@ pub const FEEDBACK_SCHEMA: u16 = 1;
 /// batch, `reacted` the ones whose reaction had been counted (in a closed
 /// window) when the next batch was planned; the others count as not
 /// reacting.
+///
+/// Recorded as JSON, one event per [`Feedback::MAX_PART_USERS`] reacting
+/// users: feedback of more is split into [`Part`]s
+/// ([`Feedback::into_parts`]), appended in one transaction, and joined
+/// back by readers ([`Feedback::join`]) before they learn from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Feedback {
     /// The batch.
     pub batch: u32,
+    /// Which part of the batch's feedback this is (absent for feedback in
+    /// one event).
+    #[serde(default, skip_serializing_if = "Part::is_whole")]
+    pub part: Part,
     /// Users of the batch counted as reacting, ascending.
     pub reacted: Vec<u32>,
+}
+
+impl Feedback {
+    /// Most reacting users in one event: 80,000 JSON numbers of up to 11
+    /// bytes each stay under the engine's default 1 MiB event limit, and
+    /// the feedback of a whole batch
+    /// ([`CampaignSpec::MAX_BATCH_USERS`](crate::CampaignSpec::MAX_BATCH_USERS))
+    /// under its 8 MiB transaction limit (a test checks the worst case).
+    pub const MAX_PART_USERS: usize = 80_000;
+
+    /// The feedback of one batch, whole.
+    pub fn new(batch: u32, reacted: Vec<u32>) -> Self {
+        Self {
+            batch,
+            part: Part::WHOLE,
+            reacted,
+        }
+    }
+
+    /// The events to record: this feedback whole, or its parts in order
+    /// when it holds more than [`Feedback::MAX_PART_USERS`] users.
+    pub fn into_parts(self) -> Vec<Feedback> {
+        if self.reacted.len() <= Self::MAX_PART_USERS {
+            return vec![Feedback {
+                part: Part::WHOLE,
+                ..self
+            }];
+        }
+        let chunks = self.reacted.chunks(Self::MAX_PART_USERS);
+        let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+        chunks
+            .enumerate()
+            .map(|(i, users)| Feedback {
+                batch: self.batch,
+                part: Part {
+                    index: i as u32,
+                    count,
+                },
+                reacted: users.to_vec(),
+            })
+            .collect()
+    }
+
+    /// Joins a recorded event into the feedback being read: a first (or
+    /// whole) part starts it, a later part of the same batch extends it.
+    /// Returns the feedback once it is complete (its last part read).
+    pub fn join(pending: &mut Option<Feedback>, next: Feedback) -> Option<Feedback> {
+        let last = next.part.is_last();
+        match pending {
+            Some(f) if !next.part.is_first() && f.batch == next.batch => {
+                f.reacted.extend_from_slice(&next.reacted);
+                f.part = next.part;
+            }
+            _ => *pending = Some(next),
+        }
+        if last {
+            pending.take().map(|mut f| {
+                f.part = Part::WHOLE;
+                f
+            })
+        } else {
+            None
+        }
+    }
 }
 
 /// How a driver decides.
@@ -565,13 +638,21 @@ impl<'p> CampaignDriver<'p> {
             }
             CampaignEvent::Started { .. } | CampaignEvent::Resumed { .. } => self.jobs_due = true,
             CampaignEvent::BatchPlanned {
-                batch, decisions, ..
+                batch,
+                part,
+                decisions,
+                ..
             } => {
                 let b = *batch as usize;
                 if self.plans.len() <= b {
                     self.plans.resize(b + 1, Decisions::default());
                 }
-                self.plans[b] = decisions.clone();
+                // A large batch comes in parts, in order: join them.
+                if part.is_first() {
+                    self.plans[b] = decisions.clone();
+                } else {
+                    self.plans[b].append(decisions);
+                }
             }
             CampaignEvent::BatchSent { batch, .. } => {
                 let b = *batch as usize;
@@ -747,7 +828,7 @@ impl<'p> CampaignDriver<'p> {
         };
         reacted.sort_unstable();
         reacted.dedup();
-        Feedback { batch, reacted }
+        Feedback::new(batch, reacted)
     }
 
     /// What to do now. Call after the reaction pipeline has processed

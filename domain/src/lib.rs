@@ -43,8 +43,8 @@ pub mod users;
 
 pub use campaign::{
     Action, BatchRecord, BatchSchedule, BatchSizing, Campaign, CampaignCommand, CampaignError,
-    CampaignEvent, CampaignSpec, CommandStamp, CreativeStats, SpecError, Status, PLANNED_SCHEMA,
-    SCHEMA,
+    CampaignEvent, CampaignSpec, CommandStamp, CreativeStats, Part, SpecError, Status,
+    MAX_PART_DECISIONS, PLANNED_PARTS_SCHEMA, PLANNED_SCHEMA, SCHEMA,
 };
 pub use data::{Candidates, Decisions, Outcomes, ShapeError};
 pub use driver::{

@@ -4,7 +4,7 @@
 
 use smartmsg_domain::{
     Action, BatchSchedule, BatchSizing, Campaign, CampaignCommand, CampaignError, CampaignEvent,
-    CampaignSpec, Decisions, SpecError, Status,
+    CampaignSpec, Decisions, Part, SpecError, Status, MAX_PART_DECISIONS,
 };
 use smartmsg_engine::testkit::given;
 use smartmsg_engine::{Aggregate, EventCodec};
@@ -193,7 +193,7 @@ fn create_with_an_invalid_spec_is_refused() {
         ),
         (
             CampaignSpec {
-                budget: 1_000_000,
+                budget: 3 * CampaignSpec::MAX_BATCH_USERS + 3,
                 ..spec()
             },
             |e| matches!(e, SpecError::BatchTooLarge { .. }),
@@ -438,6 +438,7 @@ fn plan_batch_records_the_decisions_and_reserves_budget_and_users() {
         .then(vec![CampaignEvent::BatchPlanned {
             command: stamp("p0", action),
             batch: 0,
+            part: Part::WHOLE,
             policy: "random".into(),
             decisions: decisions(&[(3, 1), (1, 0), (2, 0)]),
         }]);
@@ -460,6 +461,7 @@ fn an_empty_batch_is_allowed() {
         .then(vec![CampaignEvent::BatchPlanned {
             command: stamp("p0", plan(0, &[])),
             batch: 0,
+            part: Part::WHOLE,
             policy: "random".into(),
             decisions: Decisions::default(),
         }]);
@@ -570,6 +572,7 @@ fn budget_is_never_exceeded() {
         .then(vec![CampaignEvent::BatchPlanned {
             command: stamp("p1", plan(1, &[(5, 0)])),
             batch: 1,
+            part: Part::WHOLE,
             policy: "random".into(),
             decisions: decisions(&[(5, 0)]),
         }]);
@@ -873,9 +876,14 @@ fn events_have_stable_kinds_and_reject_unknown_ones() {
         CampaignEvent::decode("Nope", 1, &payload),
         Err(smartmsg_engine::DecodeError::UnknownKind { .. })
     ));
+    // Schema 3 is a part of a larger batch: this payload is not one.
     assert!(matches!(
         CampaignEvent::decode("BatchPlanned", 3, &payload),
-        Err(smartmsg_engine::DecodeError::UnknownSchema { schema: 3, .. })
+        Err(smartmsg_engine::DecodeError::BadPayload { schema: 3, .. })
+    ));
+    assert!(matches!(
+        CampaignEvent::decode("BatchPlanned", 4, &payload),
+        Err(smartmsg_engine::DecodeError::UnknownSchema { schema: 4, .. })
     ));
     assert!(matches!(
         CampaignEvent::decode("BatchPlanned", 1, &payload),
@@ -887,26 +895,147 @@ fn events_have_stable_kinds_and_reject_unknown_ones() {
     ));
 }
 
+/// A spec with one batch of the largest size.
+fn one_huge_batch() -> CampaignSpec {
+    CampaignSpec {
+        budget: CampaignSpec::MAX_BATCH_USERS,
+        schedule: BatchSchedule {
+            start_ms: START,
+            interval_ms: INTERVAL,
+            sizing: BatchSizing::Count(1),
+        },
+        creatives: (0..64).map(|c| format!("creative-{c}")).collect(),
+        ..spec()
+    }
+}
+
 #[test]
-fn a_full_batch_event_fits_the_engine_event_limit() {
+fn the_largest_batch_fits_one_transaction_of_the_engine_limits() {
     let n = CampaignSpec::MAX_BATCH_USERS as u32;
     let mut d = Decisions::with_capacity(n as usize);
     for i in 0..n {
         // Large ids and propensities with many digits: the worst case.
         d.push(u32::MAX - i, 63, 1.0 / 3.0 / (i + 7) as f32);
     }
-    let e = CampaignEvent::BatchPlanned {
-        command: stamp(&"x".repeat(64), Action::Complete),
-        batch: u32::MAX,
+    let action = Action::PlanBatch {
+        batch: 0,
         policy: "p".repeat(64),
-        decisions: d,
+        decisions: d.clone(),
     };
-    let bytes = e.encode().len();
-    let limit = smartmsg_engine::Limits::default().max_event_bytes;
-    assert!(bytes < limit, "{bytes} bytes >= {limit}");
+    let id = "x".repeat(CampaignCommand::MAX_ID_LEN);
+    let history = after(
+        &after(&[], "create", Action::Create(one_huge_batch()), 0),
+        "start",
+        Action::Start,
+        START,
+    );
+    let g = given::<Campaign>(history.clone()).at(START);
+    let events = g.state().decide(&cmd(&id, action), &g.ctx()).unwrap();
+    let parts = CampaignSpec::MAX_BATCH_USERS.div_ceil(MAX_PART_DECISIONS as u64);
+    assert_eq!(events.len() as u64, parts);
+    // Each part is an event under the event limit, with the longest kind
+    // and metadata ids the engine allows; all of them one transaction
+    // under the transaction limit.
+    let limits = smartmsg_engine::Limits::default();
+    let overhead = limits.max_kind_len + 2 * limits.max_id_len;
+    let mut tx = 0;
+    let mut joined = Decisions::default();
+    for (i, e) in events.iter().enumerate() {
+        let bytes = e.encode().len() + overhead;
+        assert!(bytes <= limits.max_event_bytes, "part {i}: {bytes} bytes");
+        tx += bytes;
+        assert_eq!(e.schema(), smartmsg_domain::PLANNED_PARTS_SCHEMA);
+        let back = CampaignEvent::decode(e.kind(), e.schema(), &e.encode()).unwrap();
+        assert_eq!(&back, e);
+        match back {
+            CampaignEvent::BatchPlanned {
+                part, decisions, ..
+            } => {
+                assert_eq!(
+                    part,
+                    Part {
+                        index: i as u32,
+                        count: parts as u32
+                    }
+                );
+                joined.append(&decisions);
+            }
+            other => panic!("not a part: {other:?}"),
+        }
+    }
+    assert!(tx <= limits.max_tx_bytes, "{tx} bytes in the transaction");
+    assert!(events.len() <= limits.max_tx_events);
+    assert_eq!(joined, d, "the parts join back into the batch, in order");
+
+    // Folded, the parts are one batch.
+    let mut h = history;
+    h.extend(events);
+    let state = given::<Campaign>(h).state().clone();
+    assert_eq!(state.batches().len(), 1);
+    assert_eq!(state.batches()[0].users, n);
+    assert_eq!(state.batches()[0].per_creative[63], n);
+    assert_eq!(state.reserved(), u64::from(n));
+    assert_eq!(state.messaged().len(), n as usize);
+    assert_eq!(state.pending_batch(), Some(0));
+}
+
+#[test]
+fn a_batch_above_the_part_size_is_planned_in_parts_and_sends_as_one() {
+    let n = MAX_PART_DECISIONS as u32 * 2 + 5;
+    let spec = CampaignSpec {
+        budget: u64::from(n) * 2,
+        schedule: BatchSchedule {
+            start_ms: START,
+            interval_ms: INTERVAL,
+            sizing: BatchSizing::Count(2),
+        },
+        ..spec()
+    };
+    let rows: Vec<(u32, u16)> = (0..n).map(|u| (u * 3, (u % 2) as u16)).collect();
+    let h = after(&[], "create", Action::Create(spec), 0);
+    let h = after(&h, "start", Action::Start, START);
+    let h = after(&h, "plan-0", plan(0, &rows), START);
+    let parts: Vec<Part> = h
+        .iter()
+        .filter_map(|e| match e {
+            CampaignEvent::BatchPlanned {
+                part, decisions, ..
+            } => {
+                assert!(decisions.len() <= MAX_PART_DECISIONS);
+                Some(*part)
+            }
+            _ => None,
+        })
+        .collect();
     assert_eq!(
-        CampaignEvent::decode(e.kind(), e.schema(), &e.encode()).unwrap(),
-        e
+        parts,
+        (0..3)
+            .map(|index| Part { index, count: 3 })
+            .collect::<Vec<_>>()
+    );
+    // The same command again decides nothing (idempotent, all parts).
+    let g = given::<Campaign>(h.clone()).at(START);
+    assert!(g
+        .state()
+        .decide(&cmd("plan-0", plan(0, &rows)), &g.ctx())
+        .unwrap()
+        .is_empty());
+    let h = after(&h, "sent-0", Action::RecordBatchSent { batch: 0 }, START);
+    let state = given::<Campaign>(h.clone()).state().clone();
+    assert_eq!(state.sent(), u64::from(n));
+    assert_eq!(state.batches().len(), 1);
+    assert_eq!(
+        state.creative_stats()[0].sent + state.creative_stats()[1].sent,
+        u64::from(n)
+    );
+    // A user of the last part is still refused in the next batch.
+    let g = given::<Campaign>(h).at(START + INTERVAL);
+    let again = g
+        .state()
+        .decide(&cmd("plan-1", plan(1, &[((n - 1) * 3, 0)])), &g.ctx());
+    assert!(
+        matches!(again, Err(CampaignError::UserAlreadyMessaged { .. })),
+        "{again:?}"
     );
 }
 

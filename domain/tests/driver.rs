@@ -184,13 +184,7 @@ fn feedback_is_recorded_before_the_next_plan_from_closed_windows_only() {
     let r = g.d.ready(due1);
     let mut want = vec![users[3]];
     want.sort_unstable();
-    assert_eq!(
-        r.feedback,
-        vec![Feedback {
-            batch: 0,
-            reacted: want
-        }]
-    );
+    assert_eq!(r.feedback, vec![Feedback::new(0, want)]);
     g.d.apply_feedback(&r.feedback[0]).unwrap();
     assert_eq!(g.d.fed(), 1);
     assert!(g.d.ready(due1).feedback.is_empty(), "fed once");
@@ -383,4 +377,47 @@ fn removed_users_are_neither_planned_nor_sent() {
         g.send(b, due);
     }
     assert!(g.d.removed().contains(gone) && g.d.removed().contains(never));
+}
+
+#[test]
+fn the_feedback_of_the_largest_batch_fits_one_transaction_in_parts() {
+    use smartmsg_engine::{Limits, NewEvent};
+    let n = CampaignSpec::MAX_BATCH_USERS as u32;
+    // Every user of the largest batch reacted, every id ten digits: the
+    // worst case.
+    let all: Vec<u32> = (0..n).map(|i| u32::MAX - n + i).collect();
+    let whole = Feedback::new(7, all.clone());
+    let parts = whole.clone().into_parts();
+    assert_eq!(parts.len(), all.len().div_ceil(Feedback::MAX_PART_USERS));
+    let limits = Limits::default();
+    let overhead = limits.max_kind_len + 2 * limits.max_id_len;
+    let mut tx = 0;
+    let mut pending = None;
+    let mut joined = None;
+    for (i, p) in parts.iter().enumerate() {
+        let body = serde_json::to_vec(p).unwrap();
+        let e = NewEvent::new(
+            smartmsg_domain::driver::FEEDBACK_KIND,
+            smartmsg_domain::driver::FEEDBACK_SCHEMA,
+            0,
+            body.clone(),
+        );
+        let size = e.size() + overhead;
+        assert!(size <= limits.max_event_bytes, "part {i}: {size} bytes");
+        tx += size;
+        let back: Feedback = serde_json::from_slice(&body).unwrap();
+        assert_eq!(&back, p);
+        let done = Feedback::join(&mut pending, back);
+        assert_eq!(done.is_some(), i + 1 == parts.len());
+        joined = joined.or(done);
+    }
+    assert!(tx <= limits.max_tx_bytes, "{tx} bytes in the transaction");
+    assert_eq!(joined, Some(whole), "the parts join back, whole");
+    // Small feedback is one event, written as before parts existed.
+    let small = Feedback::new(1, vec![3, 5]);
+    assert_eq!(small.clone().into_parts(), vec![small.clone()]);
+    assert_eq!(
+        serde_json::to_string(&small).unwrap(),
+        r#"{"batch":1,"reacted":[3,5]}"#
+    );
 }

@@ -55,7 +55,8 @@ pub use projection::{
     ProjectionRunner,
 };
 pub use repository::{
-    CommandOptions, ConfigError, Executed, Loaded, Repository, RepositoryConfig, RepositoryError,
+    Appended, CommandOptions, ConfigError, Executed, Known, Loaded, Repository, RepositoryConfig,
+    RepositoryError,
 };
 pub use scheduler::{
     job_idempotency_key, RunReport, Scheduler, SchedulerConfig, SchedulerConfigError,

@@ -150,6 +150,43 @@ impl<A: fmt::Debug> fmt::Debug for Loaded<A> {
     }
 }
 
+/// An aggregate's state the caller already holds, borrowed, and the
+/// stream version it reflects: what [`Repository::execute_from`] decides
+/// on without loading or copying it.
+pub struct Known<'a, A> {
+    /// The state after every event up to `version`.
+    pub state: &'a A,
+    /// The stream version (0 = the stream does not exist).
+    pub version: u64,
+}
+
+/// What [`Repository::execute_from`] did: [`Executed`] without the state
+/// (the caller holds it and applies `events` itself).
+#[derive(Debug)]
+pub struct Appended<E> {
+    /// The stream version after the command (unchanged if it produced no
+    /// events).
+    pub version: u64,
+    /// Where the transaction landed; `None` when the command produced no
+    /// events and nothing was appended.
+    pub append: Option<AppendResult>,
+    /// The events the command produced, as appended.
+    pub events: Vec<E>,
+    /// How many times the command was decided.
+    pub attempts: u32,
+}
+
+impl<A: Aggregate> From<Executed<A>> for Appended<A::Event> {
+    fn from(e: Executed<A>) -> Self {
+        Self {
+            version: e.version,
+            append: e.append,
+            events: e.events,
+            attempts: e.attempts,
+        }
+    }
+}
+
 /// What [`Repository::execute`] did.
 pub struct Executed<A: Aggregate> {
     /// The stream version after the command (unchanged if it produced no
@@ -293,6 +330,15 @@ impl<A> fmt::Debug for Repository<A> {
 enum Attempt<A: Aggregate> {
     Done(Executed<A>),
     Conflict { actual: u64, loaded: u64 },
+}
+
+/// The stream's version after an append of `count` events at `version`.
+fn new_version_of(result: &AppendResult, stream: &StreamId, version: u64, count: usize) -> u64 {
+    result
+        .versions
+        .iter()
+        .find(|(s, _)| s == stream)
+        .map_or(version + count as u64, |(_, v)| *v)
 }
 
 impl<A: Aggregate> Repository<A> {
@@ -496,30 +542,122 @@ impl<A: Aggregate> Repository<A> {
     /// Like [`execute`](Self::execute), deciding first against `known`:
     /// the aggregate's state at its current version, which the caller
     /// already holds (a runtime that folds every event of the stream keeps
-    /// it in memory). Nothing is loaded then. If the stream has moved on
-    /// (another writer), the append's expected version conflicts and the
-    /// command is executed again as `execute` does, from a fresh load; a
-    /// refusal is also decided again on a fresh load before it is returned.
-    /// So a stale `known` costs a retry, never a wrong decision.
+    /// it in memory), borrowed: nothing is loaded or copied, which matters
+    /// when the state is large and commands are many. If the stream has
+    /// moved on (another writer), the append's expected version conflicts
+    /// and the command is executed again as `execute` does, from a fresh
+    /// load; a refusal is also decided again on a fresh load before it is
+    /// returned. So a stale `known` costs a retry, never a wrong decision.
+    /// The caller applies the returned events to its own state.
     pub async fn execute_from(
         &self,
         stream: &StreamId,
-        known: Loaded<A>,
+        known: Known<'_, A>,
         command: &A::Command,
         options: CommandOptions,
-    ) -> Result<Executed<A>, RepositoryError<A::Error>> {
-        match self
-            .attempt_with(stream, command, &options, Some(known), true, 1)
-            .await
-        {
-            Ok(Attempt::Done(executed)) => Ok(executed),
+    ) -> Result<Appended<A::Event>, RepositoryError<A::Error>> {
+        match self.attempt_known(stream, known, command, &options).await {
+            Ok(Some(appended)) => Ok(appended),
             // Moved on, or refused on what may be an old state: decide
             // again on a fresh load.
-            Ok(Attempt::Conflict { .. }) | Err(RepositoryError::Domain(_)) => {
-                self.execute(stream, command, options).await
+            Ok(None) | Err(RepositoryError::Domain(_)) => {
+                self.execute(stream, command, options).await.map(Into::into)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// One attempt on a borrowed state; `None` on a concurrency conflict.
+    async fn attempt_known(
+        &self,
+        stream: &StreamId,
+        known: Known<'_, A>,
+        command: &A::Command,
+        options: &CommandOptions,
+    ) -> Result<Option<Appended<A::Event>>, RepositoryError<A::Error>> {
+        let version = known.version;
+        let now_ms = self.clock.now_ms();
+        let ctx = DecideCtx {
+            stream: stream.clone(),
+            version,
+            now_ms,
+        };
+        let events = known
+            .state
+            .decide(command, &ctx)
+            .map_err(RepositoryError::Domain)?;
+        if events.is_empty() {
+            return Ok(Some(Appended {
+                version,
+                append: None,
+                events,
+                attempts: 1,
+            }));
+        }
+        let result = match self
+            .append_events(stream, version, &events, options, now_ms)
+            .await?
+        {
+            Ok(r) => r,
+            Err(_conflict) => return Ok(None),
+        };
+        let new_version = new_version_of(&result, stream, version, events.len());
+        if self.snapshot_due(version, new_version) {
+            // Rare (once every `snapshot_every` events): the borrowed state
+            // is not this command's result, so load it (from the last
+            // snapshot) and save it. As after `execute`, a failed snapshot
+            // does not fail the command.
+            if let Err(e) = self.save_snapshot(stream).await {
+                tracing::warn!(%stream, error = %e, "snapshot save failed; the command succeeded");
+            }
+        }
+        Ok(Some(Appended {
+            version: new_version,
+            append: Some(result),
+            events,
+            attempts: 1,
+        }))
+    }
+
+    /// Appends `events` at `Exact(version)`; `Err(actual)` inside when the
+    /// stream is at another version.
+    async fn append_events(
+        &self,
+        stream: &StreamId,
+        version: u64,
+        events: &[A::Event],
+        options: &CommandOptions,
+        now_ms: u64,
+    ) -> Result<Result<AppendResult, u64>, RepositoryError<A::Error>> {
+        let new_events = events
+            .iter()
+            .map(|e| {
+                NewEvent::new(e.kind(), e.schema(), now_ms, e.encode())
+                    .with_metadata(options.metadata.clone())
+            })
+            .collect();
+        let mut tx = AppendTx::single(stream.clone(), ExpectedVersion::Exact(version), new_events);
+        if let Some(key) = &options.idempotency_key {
+            tx = tx.with_idempotency_key(key);
+        }
+        match self.log.append(tx).await {
+            Ok(r) => Ok(Ok(r)),
+            Err(AppendError::WrongExpectedVersion {
+                stream: s, actual, ..
+            }) if &s == stream => Ok(Err(actual)),
+            Err(AppendError::IdempotencyKeyReused { key }) => {
+                Err(RepositoryError::IdempotencyKeyReused {
+                    stream: stream.clone(),
+                    key,
+                })
+            }
+            Err(e) => Err(RepositoryError::Append(e)),
+        }
+    }
+
+    fn snapshot_due(&self, version: u64, new_version: u64) -> bool {
+        let every = self.config.snapshot_every;
+        every > 0 && version / every != new_version / every
     }
 
     async fn attempt(
@@ -530,7 +668,7 @@ impl<A: Aggregate> Repository<A> {
         use_snapshot: bool,
         attempts: u32,
     ) -> Result<Attempt<A>, RepositoryError<A::Error>> {
-        self.attempt_with(stream, command, options, None, use_snapshot, attempts)
+        self.attempt_with(stream, command, options, use_snapshot, attempts)
             .await
     }
 
@@ -539,14 +677,10 @@ impl<A: Aggregate> Repository<A> {
         stream: &StreamId,
         command: &A::Command,
         options: &CommandOptions,
-        known: Option<Loaded<A>>,
         use_snapshot: bool,
         attempts: u32,
     ) -> Result<Attempt<A>, RepositoryError<A::Error>> {
-        let Loaded { mut state, version } = match known {
-            Some(k) => k,
-            None => self.load_inner(stream, use_snapshot).await?,
-        };
+        let Loaded { mut state, version } = self.load_inner(stream, use_snapshot).await?;
         let now_ms = self.clock.now_ms();
         let ctx = DecideCtx {
             stream: stream.clone(),
@@ -565,45 +699,23 @@ impl<A: Aggregate> Repository<A> {
                 attempts,
             }));
         }
-        let new_events = events
-            .iter()
-            .map(|e| {
-                NewEvent::new(e.kind(), e.schema(), now_ms, e.encode())
-                    .with_metadata(options.metadata.clone())
-            })
-            .collect();
-        let mut tx = AppendTx::single(stream.clone(), ExpectedVersion::Exact(version), new_events);
-        if let Some(key) = &options.idempotency_key {
-            tx = tx.with_idempotency_key(key);
-        }
-        let result = match self.log.append(tx).await {
+        let result = match self
+            .append_events(stream, version, &events, options, now_ms)
+            .await?
+        {
             Ok(r) => r,
-            Err(AppendError::WrongExpectedVersion {
-                stream: s, actual, ..
-            }) if &s == stream => {
+            Err(actual) => {
                 return Ok(Attempt::Conflict {
                     actual,
                     loaded: version,
-                });
+                })
             }
-            Err(AppendError::IdempotencyKeyReused { key }) => {
-                return Err(RepositoryError::IdempotencyKeyReused {
-                    stream: stream.clone(),
-                    key,
-                });
-            }
-            Err(e) => return Err(RepositoryError::Append(e)),
         };
         for e in &events {
             state.evolve(e);
         }
-        let new_version = result
-            .versions
-            .iter()
-            .find(|(s, _)| s == stream)
-            .map_or(version + events.len() as u64, |(_, v)| *v);
-        let every = self.config.snapshot_every;
-        if every > 0 && version / every != new_version / every {
+        let new_version = new_version_of(&result, stream, version, events.len());
+        if self.snapshot_due(version, new_version) {
             self.snapshot_after_command(stream, &state, new_version)
                 .await;
         }

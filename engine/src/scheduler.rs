@@ -304,7 +304,7 @@ impl<A: Aggregate> Scheduler<A> {
         &self,
         lease: Lease,
         mapped: Result<(StreamId, A::Command), String>,
-        known: Option<crate::repository::Loaded<A>>,
+        known: Option<crate::repository::Known<'_, A>>,
         now_ms: u64,
     ) -> RunReport {
         let mut report = RunReport::default();
@@ -325,7 +325,11 @@ impl<A: Aggregate> Scheduler<A> {
                 let options = CommandOptions::default().with_idempotency_key(key);
                 let executed = match known {
                     Some(k) => self.repo.execute_from(&stream, k, &command, options).await,
-                    None => self.repo.execute(&stream, &command, options).await,
+                    None => self
+                        .repo
+                        .execute(&stream, &command, options)
+                        .await
+                        .map(Into::into),
                 };
                 match executed {
                     Ok(_) => {

@@ -30,8 +30,9 @@ pub const EVALUATION_REQUESTED: &str = "EvaluationRequested";
 pub const EVALUATION_FINISHED: &str = "EvaluationFinished";
 
 /// Every kind, with its payload encoding. `BatchPlanned` is JSON at schema
-/// 1 and binary at [`smartmsg_domain::PLANNED_SCHEMA`] (the exporter
-/// transcodes the binary form to JSON); it is listed as JSON.
+/// 1 and binary at [`smartmsg_domain::PLANNED_SCHEMA`] and
+/// [`smartmsg_domain::PLANNED_PARTS_SCHEMA`] (the exporter transcodes the
+/// binary forms to JSON); it is listed as JSON.
 pub const EVENT_KINDS: &[(&str, Payload)] = &[
     // The campaign aggregate (domain).
     ("CampaignCreated", Payload::Json),

@@ -39,7 +39,7 @@ use smartmsg_domain::reactions::{
     CampaignInfo, ReactionConfig, ReactionWindow, UserProfile, UserReaction, INPUT_CAMPAIGNS,
     INPUT_PROFILES, INPUT_REACTIONS,
 };
-use smartmsg_domain::{Audience, Decisions};
+use smartmsg_domain::{Audience, Decisions, Part};
 use smartmsg_engine::stream::{
     envelope, ChangelogEntry, Entries, Json, KeyValueStore, LateReason, LateRecord, Source,
     SourceError, SourceRecord, StateCodec, StoreError, StoreLimits, WriteBatch, PUNCTUATE,
@@ -169,13 +169,18 @@ pub fn origin_offset(origin: &str) -> Option<u64> {
 pub type BatchPlans = Arc<RwLock<Vec<Option<Arc<Decisions>>>>>;
 
 /// Records a planned batch for the source.
-pub fn set_batch_plan(plans: &BatchPlans, batch: u32, decisions: &Decisions) {
+pub fn set_batch_plan(plans: &BatchPlans, batch: u32, part: Part, decisions: &Decisions) {
     let mut g = plans.write().unwrap_or_else(|e| e.into_inner());
     let b = batch as usize;
     if g.len() <= b {
         g.resize(b + 1, None);
     }
-    g[b] = Some(Arc::new(decisions.clone()));
+    // A large batch comes in parts, in order: a later part joins the
+    // batch its first part started.
+    match &mut g[b] {
+        Some(plan) if !part.is_first() => Arc::make_mut(plan).append(decisions),
+        slot => *slot = Some(Arc::new(decisions.clone())),
+    }
 }
 
 /// "No reaction in the last read".

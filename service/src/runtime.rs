@@ -55,8 +55,8 @@ use smartmsg_engine::stream::{
 };
 use smartmsg_engine::{
     job_idempotency_key, AppendTx, Clock, CommandOptions, DelayQueue, EventCodec, EventLog,
-    ExpectedVersion, Loaded, NewEvent, RecordedEvent, Repository, RepositoryConfig,
-    RepositoryError, Scheduler, SnapshotStore, StreamId,
+    ExpectedVersion, Known, NewEvent, RecordedEvent, Repository, RepositoryConfig, RepositoryError,
+    Scheduler, SnapshotStore, StreamId,
 };
 use tokio::sync::Notify;
 
@@ -847,6 +847,7 @@ impl Runtime {
             }
         }
         catch_up(&*log, &mut live).await?;
+        let mut pending = None;
         for e in read_from(&*log, &streams.feedback, 1).await? {
             if e.kind != FEEDBACK_KIND {
                 continue;
@@ -854,7 +855,9 @@ impl Runtime {
             let f: Feedback =
                 serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
             live.feedback_v = e.version;
-            learn(&mut live, &f)?;
+            if let Some(f) = Feedback::join(&mut pending, f) {
+                learn(&mut live, &f)?;
+            }
         }
         // Every planned batch but the last was announced before it was sent;
         // the last one too if it was sent.
@@ -917,10 +920,10 @@ impl Runtime {
         cmd: CampaignCommand,
     ) -> Result<(), RuntimeError> {
         // The driver holds the campaign folded from every event: decide on
-        // it rather than loading the aggregate again (a stale copy only
-        // costs a retry from a fresh load).
-        let known = Loaded {
-            state: live.driver.campaign().clone(),
+        // it, borrowed, rather than loading or copying the aggregate (a
+        // stale state only costs a retry from a fresh load).
+        let known = Known {
+            state: live.driver.campaign(),
             version: live.campaign_v,
         };
         let r = self
@@ -1227,9 +1230,14 @@ impl Runtime {
                             )));
                         }
                     }
-                    let live = self.live(&id)?;
-                    let known = Loaded {
-                        state: live.driver.campaign().clone(),
+                    // Decide on the campaign the driver holds, borrowed
+                    // (a copy per command grows with the audience).
+                    let live = self
+                        .campaigns
+                        .get(&id)
+                        .ok_or_else(|| RuntimeError::UnknownCampaign(id.clone()))?;
+                    let known = Known {
+                        state: live.driver.campaign(),
                         version: live.campaign_v,
                     };
                     let r = self
@@ -1377,16 +1385,27 @@ impl Runtime {
                 }
             }
             for f in ready.feedback {
-                let body = serde_json::to_vec(&f).unwrap_or_default();
+                // Large feedback is split into parts, all in one
+                // transaction.
+                let events: Vec<NewEvent> = f
+                    .clone()
+                    .into_parts()
+                    .iter()
+                    .map(|p| {
+                        let body = serde_json::to_vec(p).unwrap_or_default();
+                        NewEvent::new(FEEDBACK_KIND, FEEDBACK_SCHEMA, now_ms, body)
+                    })
+                    .collect();
+                let n = events.len() as u64;
                 let appended = log
                     .append(AppendTx::single(
                         live.streams.feedback.clone(),
                         ExpectedVersion::Exact(live.feedback_v),
-                        vec![NewEvent::new(FEEDBACK_KIND, FEEDBACK_SCHEMA, now_ms, body)],
+                        events,
                     ))
                     .await;
                 match appended {
-                    Ok(_) => live.feedback_v += 1,
+                    Ok(_) => live.feedback_v += n,
                     // The stream moved on (an append whose answer was lost
                     // took effect): learn what is there, ask again.
                     Err(smartmsg_engine::AppendError::WrongExpectedVersion { .. }) => {
@@ -1581,13 +1600,18 @@ fn learn(live: &mut Live, f: &Feedback) -> Result<(), RuntimeError> {
 
 /// Applies the recorded feedback not applied yet.
 async fn catch_up_feedback(log: &dyn EventLog, live: &mut Live) -> Result<(), RuntimeError> {
+    // A batch's parts are one transaction: a read from a transaction's
+    // start sees all of them.
+    let mut pending = None;
     for e in read_from(log, &live.streams.feedback, live.feedback_v + 1).await? {
         live.feedback_v = e.version;
         if e.kind != FEEDBACK_KIND {
             continue;
         }
         let f: Feedback = serde_json::from_slice(&e.payload).map_err(|err| decode_err(&e, err))?;
-        learn(live, &f)?;
+        if let Some(f) = Feedback::join(&mut pending, f) {
+            learn(live, &f)?;
+        }
     }
     Ok(())
 }
@@ -1598,10 +1622,13 @@ async fn catch_up(log: &dyn EventLog, live: &mut Live) -> Result<(), RuntimeErro
         let ev = CampaignEvent::decode(&e.kind, e.schema, &e.payload)
             .map_err(|err| decode_err(&e, err))?;
         if let CampaignEvent::BatchPlanned {
-            batch, decisions, ..
+            batch,
+            part,
+            decisions,
+            ..
         } = &ev
         {
-            set_batch_plan(&live.users, *batch, decisions);
+            set_batch_plan(&live.users, *batch, *part, decisions);
         }
         live.driver.apply(&ev, e.timestamp_ms);
         live.campaign_v = e.version;

@@ -131,14 +131,23 @@ pub async fn verify(
     for e in &read_stream(log, &streams.campaign).await? {
         match campaign_event(e)? {
             CampaignEvent::BatchPlanned {
-                batch, decisions, ..
+                batch,
+                part,
+                decisions,
+                ..
             } => {
-                *planned.entry(batch).or_default() += 1;
                 let b = batch as usize;
                 if out.decisions.len() <= b {
                     out.decisions.resize(b + 1, Decisions::default());
                 }
-                out.decisions[b] = decisions;
+                // A large batch comes in parts: count the batch once, join
+                // its decisions.
+                if part.is_first() {
+                    *planned.entry(batch).or_default() += 1;
+                    out.decisions[b] = decisions;
+                } else {
+                    out.decisions[b].append(&decisions);
+                }
             }
             CampaignEvent::BatchSent { batch, .. } => {
                 *sent.entry(batch).or_default() += 1;

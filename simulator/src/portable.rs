@@ -13,9 +13,10 @@
 //! be JSON (the campaign's and the simulator's events) *and* the payload's
 //! bytes are themselves one compact line of JSON: the value is then copied
 //! into the envelope verbatim (a raw JSON value, never re-serialised), so
-//! the exact bytes come back on import. `BatchPlanned` at schema 2 is
-//! stored in a binary layout (`smartmsg_domain::campaign::planned`); it is
-//! shown as its JSON form (the schema 1 shape) and encoded back on import,
+//! the exact bytes come back on import. `BatchPlanned` at schemas 2 and 3
+//! (3: one part of a batch recorded in several) is stored in a binary
+//! layout (`smartmsg_domain::campaign::planned`); it is shown as its JSON
+//! form (the schema 1 shape, plus `part` at schema 3) and encoded back on import,
 //! which gives the same bytes because that layout is canonical (export
 //! checks the round trip and falls back to base64 if it would not hold).
 //! Anything else (an unknown kind, JSON with newlines, bytes that are not
@@ -163,14 +164,16 @@ fn as_raw_json<'a>(kind: &str, payload: &'a [u8]) -> Option<&'a RawValue> {
 
 /// Whether `(kind, schema)` is stored binary and shown as JSON.
 fn is_binary_planned(kind: &str, schema: u16) -> bool {
-    kind == "BatchPlanned" && schema == smartmsg_domain::PLANNED_SCHEMA
+    kind == "BatchPlanned"
+        && (schema == smartmsg_domain::PLANNED_SCHEMA
+            || schema == smartmsg_domain::PLANNED_PARTS_SCHEMA)
 }
 
 /// The JSON form of a binary `BatchPlanned` payload, if it decodes and
 /// encodes back to exactly these bytes.
-fn planned_as_json(payload: &[u8]) -> Option<Box<RawValue>> {
-    let p = planned::decode(payload).ok()?;
-    if planned::encode(&p.command, p.batch, &p.policy, &p.decisions) != payload {
+fn planned_as_json(schema: u16, payload: &[u8]) -> Option<Box<RawValue>> {
+    let p = planned::decode(schema, payload).ok()?;
+    if planned::encode(&p.command, p.batch, p.part, &p.policy, &p.decisions) != payload {
         return None;
     }
     // Non-finite propensities have no JSON form (they would read back as
@@ -184,7 +187,7 @@ fn planned_as_json(payload: &[u8]) -> Option<Box<RawValue>> {
 /// Writes one event as a line (with its newline).
 pub fn write_line(out: &mut impl Write, e: &RecordedEvent) -> std::io::Result<()> {
     let transcoded = if is_binary_planned(&e.kind, e.schema) {
-        planned_as_json(&e.payload)
+        planned_as_json(e.schema, &e.payload)
     } else {
         None
     };
@@ -222,9 +225,19 @@ pub fn parse_line(line: &str, limits: &Limits) -> Result<RecordedEvent, String> 
             p.decisions
                 .check_shape()
                 .map_err(|e| format!("payload_json of a BatchPlanned: {e}"))?;
+            if p.part.schema() != env.schema {
+                return Err(format!(
+                    "payload_json of a BatchPlanned: part {} of {} is written at schema {}, not {}",
+                    p.part.index,
+                    p.part.count,
+                    p.part.schema(),
+                    env.schema
+                ));
+            }
             Bytes::from(planned::encode(
                 &p.command,
                 p.batch,
+                p.part,
                 &p.policy,
                 &p.decisions,
             ))

@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use smartmsg_domain::{Campaign, CampaignEvent, Status};
+use smartmsg_domain::{Campaign, CampaignEvent, Decisions, Part, Status};
 use smartmsg_embedded::{EmbeddedLog, RedbSnapshots};
 use smartmsg_engine::{Aggregate, EventCodec, RecordedEvent, SnapshotStore, StreamId};
 
@@ -273,6 +273,19 @@ struct Fold {
     last_ms: u64,
     recorded_windows: Vec<String>,
     violations: Vec<String>,
+    /// A batch recorded in parts whose last part has not been seen yet.
+    open: Option<OpenBatch>,
+}
+
+/// A batch recorded in several parts, while its parts are read.
+struct OpenBatch {
+    batch: u32,
+    /// The part expected next.
+    next: Part,
+    /// Its allowance when its first part was planned.
+    allowance: u64,
+    /// Messages in its parts so far.
+    messages: u64,
 }
 
 impl Fold {
@@ -287,12 +300,45 @@ impl Fold {
             last_ms: 0,
             recorded_windows: Vec::new(),
             violations: Vec::new(),
+            open: None,
+        }
+    }
+
+    /// A violation if a batch's parts stopped before its last (they are
+    /// one transaction, so a reader sees all of them or none).
+    fn close_parts(&mut self) {
+        if let Some(o) = self.open.take() {
+            self.violation(format!(
+                "parts: batch {} ends after part {} of {}",
+                o.batch, o.next.index, o.next.count
+            ));
         }
     }
 
     fn violation(&mut self, v: String) {
         if self.violations.len() < 20 {
             self.violations.push(v);
+        }
+    }
+
+    /// The budget and users-once checks of planned decisions (a batch or
+    /// one of its parts).
+    fn planned_users(&mut self, batch: u32, decisions: &Decisions) {
+        self.planned += decisions.len() as u64;
+        if let Some(spec) = self.state.spec() {
+            if self.planned > spec.budget {
+                self.violation(format!(
+                    "budget: {} messages planned, budget {}",
+                    self.planned, spec.budget
+                ));
+            }
+        }
+        for &u in &decisions.users {
+            if !self.users.insert(u) {
+                self.violation(format!(
+                    "users once: user {u} planned again in batch {batch}"
+                ));
+            }
         }
     }
 
@@ -309,9 +355,46 @@ impl Fold {
             self.state.status(),
             Some(Status::Cancelled | Status::Completed)
         );
+        let later_part = matches!(ev, CampaignEvent::BatchPlanned { part, .. } if !part.is_first());
+        if !later_part {
+            self.close_parts();
+        }
         match ev {
             CampaignEvent::BatchPlanned {
-                batch, decisions, ..
+                batch,
+                part,
+                decisions,
+                ..
+            } if !part.is_first() => {
+                // A later part of a large batch: it must follow the part
+                // before it; the batch's checks run on its parts joined.
+                let n = decisions.len() as u64;
+                match self.open.take() {
+                    Some(mut o) if o.batch == *batch && o.next == *part => {
+                        o.messages += n;
+                        if o.messages > o.allowance {
+                            self.violation(format!(
+                                "budget: batch {batch} plans {} messages, allowance {}",
+                                o.messages, o.allowance
+                            ));
+                        }
+                        if !part.is_last() {
+                            o.next.index += 1;
+                            self.open = Some(o);
+                        }
+                    }
+                    _ => self.violation(format!(
+                        "parts: batch {batch} part {} of {} does not follow the part before it",
+                        part.index, part.count
+                    )),
+                }
+                self.planned_users(*batch, decisions);
+            }
+            CampaignEvent::BatchPlanned {
+                batch,
+                part,
+                decisions,
+                ..
             } => {
                 if closed {
                     self.violation(format!(
@@ -331,22 +414,18 @@ impl Fold {
                         decisions.len()
                     ));
                 }
-                self.planned += decisions.len() as u64;
-                if let Some(spec) = self.state.spec() {
-                    if self.planned > spec.budget {
-                        self.violation(format!(
-                            "budget: {} messages planned, budget {}",
-                            self.planned, spec.budget
-                        ));
-                    }
+                if !part.is_last() {
+                    self.open = Some(OpenBatch {
+                        batch: *batch,
+                        next: Part {
+                            index: 1,
+                            count: part.count,
+                        },
+                        allowance,
+                        messages: decisions.len() as u64,
+                    });
                 }
-                for &u in &decisions.users {
-                    if !self.users.insert(u) {
-                        self.violation(format!(
-                            "users once: user {u} planned again in batch {batch}"
-                        ));
-                    }
-                }
+                self.planned_users(*batch, decisions);
             }
             CampaignEvent::BatchSent { batch, .. } => {
                 if closed {
@@ -419,13 +498,16 @@ fn replay_with(
         if let Some(name) = stream.strip_prefix("campaign-") {
             let ev = decode(e)?;
             if let CampaignEvent::BatchPlanned {
-                batch, decisions, ..
+                batch,
+                part,
+                decisions,
+                ..
             } = &ev
             {
                 pipelines
                     .entry(name.to_owned())
                     .or_default()
-                    .planned(*batch, decisions);
+                    .planned(*batch, *part, decisions);
             }
             folds.entry(stream).or_insert_with(Fold::new).apply(e, &ev);
             decoded.push((stream, e.version, ev));
@@ -455,8 +537,7 @@ fn replay_with(
                 pipelines
                     .entry(name.to_owned())
                     .or_default()
-                    .feedback
-                    .push((e.position, e.timestamp_ms, m));
+                    .fed(e.position, e.timestamp_ms, m);
             }
         } else if let Some((output, name)) = OUTPUTS.iter().find_map(|o| {
             stream
@@ -487,6 +568,7 @@ fn replay_with(
     }
     let mut campaigns = Vec::new();
     for (stream, mut f) in folds {
+        f.close_parts();
         if second.get(stream) != Some(&f.state) {
             f.violation("deterministic: a second fold gives a different state".into());
         }

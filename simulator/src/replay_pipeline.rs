@@ -24,7 +24,7 @@ use std::sync::Arc;
 use smartmsg_domain::reactions::{
     reaction_topology, DEAD_LETTERS, LATE_REACTIONS, REACTION_WINDOWS, USER_OUTCOMES,
 };
-use smartmsg_domain::{Audience, Campaign, Decisions};
+use smartmsg_domain::{Audience, Campaign, Decisions, Part};
 use smartmsg_engine::stream::{envelope, EncodedRecord, SourceRecord, PUNCTUATE};
 use smartmsg_engine::RecordedEvent;
 use smartmsg_service::audience;
@@ -53,6 +53,10 @@ pub(crate) struct PipelineLog {
     pub(crate) outputs: BTreeMap<&'static str, Vec<RecordedEvent>>,
     pub(crate) feedback: Vec<(u64, u64, ModelFed)>,
     pub(crate) plans: Vec<Option<Decisions>>,
+    /// Feedback recorded in parts, while its parts are read: the first
+    /// part's position and time, and the parts so far.
+    pending_feedback: Option<(u64, u64)>,
+    pending_fed: Option<ModelFed>,
 }
 
 /// What a pipeline replay found.
@@ -79,8 +83,23 @@ impl PipelineReplay {
 }
 
 impl PipelineLog {
+    /// A recorded `ModelFed` event: feedback in parts is joined, and kept
+    /// at its first part's position and time once complete.
+    pub(crate) fn fed(&mut self, position: u64, timestamp_ms: u64, m: ModelFed) {
+        if m.part.is_first() {
+            self.pending_feedback = Some((position, timestamp_ms));
+        }
+        if let Some(whole) = ModelFed::join(&mut self.pending_fed, m) {
+            let (p, t) = self
+                .pending_feedback
+                .take()
+                .unwrap_or((position, timestamp_ms));
+            self.feedback.push((p, t, whole));
+        }
+    }
+
     /// A planned batch.
-    pub(crate) fn planned(&mut self, batch: u32, d: &Decisions) {
+    pub(crate) fn planned(&mut self, batch: u32, part: Part, d: &Decisions) {
         let b = batch as usize;
         if b > smartmsg_domain::CampaignSpec::MAX_BATCHES as usize {
             return;
@@ -88,7 +107,11 @@ impl PipelineLog {
         if self.plans.len() <= b {
             self.plans.resize(b + 1, None);
         }
-        self.plans[b] = Some(d.clone());
+        // A large batch comes in parts, in order: join them.
+        match &mut self.plans[b] {
+            Some(plan) if !part.is_first() => plan.append(d),
+            slot => *slot = Some(d.clone()),
+        }
     }
 
     /// Runs the checks (see the [module docs](self)) against `campaign`,

@@ -454,7 +454,7 @@ async fn rebuild_world(
 ) -> Result<(), SimError> {
     let log = EmbeddedLog::open_with(opts.dir.join("log"), log_config(scenario))?;
     let streams = Streams::new(&scenario.name)?;
-    let mut plans = Vec::new();
+    let mut plans: Vec<Option<smartmsg_domain::Decisions>> = Vec::new();
     let mut last = scenario.campaign.start_ms;
     let events = read_all(&log, &streams.campaign).await?;
     {
@@ -463,13 +463,20 @@ async fn rebuild_world(
             last = last.max(e.timestamp_ms);
             match campaign_event(e)? {
                 CampaignEvent::BatchPlanned {
-                    batch, decisions, ..
+                    batch,
+                    part,
+                    decisions,
+                    ..
                 } => {
                     let b = batch as usize;
                     if plans.len() <= b {
                         plans.resize(b + 1, None);
                     }
-                    plans[b] = Some(decisions);
+                    // A large batch comes in parts, in order: join them.
+                    match &mut plans[b] {
+                        Some(d) if !part.is_first() => d.append(&decisions),
+                        slot => *slot = Some(decisions),
+                    }
                 }
                 CampaignEvent::BatchSent { batch, .. } => {
                     if let Some(Some(d)) = plans.get(batch as usize) {
@@ -529,6 +536,12 @@ async fn drive(scenario: &Scenario, rt: &mut Runtime, h: &mut Harness) -> Result
                     .await?;
             }
         }
+        if r.ingested > 0 {
+            // A step ingests a bounded number of reactions: let the
+            // backlog in before the clock moves on.
+            idle = 0;
+            continue;
+        }
         match queue.next_due().await? {
             Some(t) if t <= now => {
                 if r.jobs == 0 {
@@ -554,7 +567,9 @@ async fn drive(scenario: &Scenario, rt: &mut Runtime, h: &mut Harness) -> Result
     let end = last + scenario.pipeline.window_ms + scenario.pipeline.grace_ms;
     h.clock.set(end);
     lock(&h.world).arrive_until(end);
-    rt.step(end).await?;
+    // Every reaction in, however many steps that takes (each ingests a
+    // bounded number).
+    while rt.step(end).await?.ingested > 0 {}
     rt.flush(end).await?;
     let status = rt.view(&name).and_then(|v| v.status);
     if status != Some(Status::Completed) {

@@ -95,9 +95,9 @@ fn invalid_values_name_the_field_and_why() {
             "population.subscribers",
         ),
         (
-            "[campaign]\nbudget = 250000\nbatches = 2",
+            "[population]\nsubscribers = 2000000\n[campaign]\nbudget = 1100000\nbatches = 2",
             "campaign.batches",
-            "at most 100000 per batch",
+            "at most 500000 per batch",
         ),
         ("[campaign]\ncreatives = 0", "campaign.creatives", "1 to 64"),
         (

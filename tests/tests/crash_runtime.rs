@@ -231,9 +231,14 @@ fn a_runtime_killed_again_and_again_completes_every_campaign_exactly() {
                 for e in &page {
                     match CampaignEvent::decode(&e.kind, e.schema, &e.payload).unwrap() {
                         CampaignEvent::BatchPlanned {
-                            batch, decisions, ..
+                            batch,
+                            part,
+                            decisions,
+                            ..
                         } => {
-                            *planned.entry(batch).or_default() += 1;
+                            if part.is_first() {
+                                *planned.entry(batch).or_default() += 1;
+                            }
                             for (u, c, _) in decisions.iter() {
                                 assert!(users.insert(u), "{id}: user {u} messaged twice");
                                 messages += 1;

@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use smartmsg_domain::campaign::planned;
-use smartmsg_domain::campaign::CommandStamp;
+use smartmsg_domain::campaign::{CommandStamp, Part};
 use smartmsg_domain::data::Decisions;
 use smartmsg_embedded::frame::{self, BodyReader, StreamCache};
 use smartmsg_engine::index::{LogIndex, Verdict};
@@ -274,9 +274,19 @@ fn targets() -> Vec<Target> {
     };
     out.push(Target {
         name: "BatchPlanned",
-        seeds: vec![planned::encode(&stamp, 3, "integrated", &decisions)],
+        seeds: vec![
+            planned::encode(&stamp, 3, Part::WHOLE, "integrated", &decisions),
+            planned::encode(
+                &stamp,
+                3,
+                Part { index: 1, count: 4 },
+                "integrated",
+                &decisions,
+            ),
+        ],
         run: Box::new(|b| {
-            let _ = planned::decode(b);
+            let _ = planned::decode(2, b);
+            let _ = planned::decode(3, b);
         }),
     });
 

@@ -2,16 +2,18 @@
 //!
 //! Each event kind's payload is its own JSON object (the kind names it, so
 //! the payload carries no tag), at [`SCHEMA`] 1, except `BatchPlanned`,
-//! written at [`PLANNED_SCHEMA`] 2 in the binary layout of
-//! [`super::planned`] (most of a log's bytes are planned decisions). Its
-//! schema 1 (JSON) payloads, in logs written before, still decode: the
-//! decoder reads both, so no upcaster is needed.
+//! written at [`PLANNED_SCHEMA`] 2 (a batch in one part) or
+//! [`PLANNED_PARTS_SCHEMA`] 3 (one part of a larger batch) in the binary
+//! layout of [`super::planned`] (most of a log's bytes are planned
+//! decisions). Its schema 1 (JSON) payloads, in logs written before, still
+//! decode: the decoder reads all three, so no upcaster is needed.
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use smartmsg_engine::{DecodeError, EventCodec};
 
+use super::planned::Part;
 use super::types::{CampaignSpec, CommandStamp};
 use crate::data::Decisions;
 
@@ -19,9 +21,14 @@ use crate::data::Decisions;
 /// `BatchPlanned`.
 pub const SCHEMA: u16 = 1;
 
-/// The schema `BatchPlanned` is written at: the binary layout of
-/// [`super::planned`]. Schema 1 (JSON) still decodes.
+/// The schema `BatchPlanned` is written at for a batch in one part: the
+/// binary layout of [`super::planned`]. Schema 1 (JSON) still decodes.
 pub const PLANNED_SCHEMA: u16 = 2;
+
+/// The schema of one part of a batch recorded in several
+/// ([`super::planned::Part`]): [`PLANNED_SCHEMA`]'s layout with the part's
+/// index and count.
+pub const PLANNED_PARTS_SCHEMA: u16 = 3;
 
 /// An event of the campaign's stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,13 +73,19 @@ pub enum CampaignEvent {
         /// The command.
         command: CommandStamp,
     },
-    /// `BatchPlanned`: the recorded decisions of one batch. Replay applies
-    /// them; it never re-runs the policy.
+    /// `BatchPlanned`: the recorded decisions of one batch, or of one part
+    /// of it: a batch above [`super::planned::MAX_PART_DECISIONS`] is
+    /// recorded as several events, its parts in order, appended in one
+    /// transaction; a reader joins their decisions. Replay applies them; it
+    /// never re-runs the policy.
     BatchPlanned {
         /// The command.
         command: CommandStamp,
         /// The batch number.
         batch: u32,
+        /// Which part of the batch this is ([`Part::WHOLE`] for a batch in
+        /// one event).
+        part: Part,
         /// The policy that decided.
         policy: String,
         /// Users, creatives and propensities.
@@ -186,7 +199,7 @@ impl EventCodec for CampaignEvent {
 
     fn schema(&self) -> u16 {
         match self {
-            CampaignEvent::BatchPlanned { .. } => PLANNED_SCHEMA,
+            CampaignEvent::BatchPlanned { part, .. } => part.schema(),
             _ => SCHEMA,
         }
     }
@@ -211,9 +224,12 @@ impl EventCodec for CampaignEvent {
             CampaignEvent::BatchPlanned {
                 command,
                 batch,
+                part,
                 policy,
                 decisions,
-            } => Bytes::from(super::planned::encode(command, *batch, policy, decisions)),
+            } => Bytes::from(super::planned::encode(
+                command, *batch, *part, policy, decisions,
+            )),
             CampaignEvent::BatchSent { command, batch } => to_bytes(&BatchSentV1 {
                 command: command.clone(),
                 batch: *batch,
@@ -247,15 +263,18 @@ impl EventCodec for CampaignEvent {
         if !known {
             return Err(DecodeError::UnknownKind { kind: kind.into() });
         }
-        if kind == "BatchPlanned" && schema == PLANNED_SCHEMA {
-            let p = super::planned::decode(payload).map_err(|reason| DecodeError::BadPayload {
-                kind: kind.to_owned(),
-                schema,
-                reason,
+        if kind == "BatchPlanned" && (schema == PLANNED_SCHEMA || schema == PLANNED_PARTS_SCHEMA) {
+            let p = super::planned::decode(schema, payload).map_err(|reason| {
+                DecodeError::BadPayload {
+                    kind: kind.to_owned(),
+                    schema,
+                    reason,
+                }
             })?;
             return Ok(CampaignEvent::BatchPlanned {
                 command: p.command,
                 batch: p.batch,
+                part: p.part,
                 policy: p.policy,
                 decisions: p.decisions,
             });
@@ -302,6 +321,7 @@ impl EventCodec for CampaignEvent {
                 CampaignEvent::BatchPlanned {
                     command: p.command,
                     batch: p.batch,
+                    part: Part::WHOLE,
                     policy: p.policy,
                     decisions: p.decisions,
                 }

@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use smartmsg_engine::{Aggregate, DecideCtx};
 
 pub use error::{CampaignError, SpecError};
-pub use events::{CampaignEvent, PLANNED_SCHEMA, SCHEMA};
+pub use events::{CampaignEvent, PLANNED_PARTS_SCHEMA, PLANNED_SCHEMA, SCHEMA};
+pub use planned::{Part, MAX_PART_DECISIONS};
 pub use types::{
     Action, BatchSchedule, BatchSizing, CampaignCommand, CampaignSpec, CommandStamp, Status,
 };
@@ -382,12 +383,29 @@ impl Aggregate for Campaign {
                 },
             ) => {
                 self.decide_plan(spec, ctx, *batch, policy, decisions)?;
-                Ok(vec![CampaignEvent::BatchPlanned {
-                    command: stamp,
-                    batch: *batch,
-                    policy: policy.clone(),
-                    decisions: decisions.clone(),
-                }])
+                let count = Part::count_for(decisions.len());
+                if count == 1 {
+                    return Ok(vec![CampaignEvent::BatchPlanned {
+                        command: stamp,
+                        batch: *batch,
+                        part: Part::WHOLE,
+                        policy: policy.clone(),
+                        decisions: decisions.clone(),
+                    }]);
+                }
+                // A large batch: its parts, in order, in one transaction.
+                Ok((0..count)
+                    .map(|index| {
+                        let from = index as usize * MAX_PART_DECISIONS;
+                        CampaignEvent::BatchPlanned {
+                            command: stamp.clone(),
+                            batch: *batch,
+                            part: Part { index, count },
+                            policy: policy.clone(),
+                            decisions: decisions.rows(from..from + MAX_PART_DECISIONS),
+                        }
+                    })
+                    .collect())
             }
             (Running, Action::RecordBatchSent { batch }) => {
                 match self.batches.get(*batch as usize) {
@@ -437,7 +455,10 @@ impl Aggregate for Campaign {
                 self.cancel_reason = Some(reason.clone());
             }
             CampaignEvent::BatchPlanned {
-                policy, decisions, ..
+                part,
+                policy,
+                decisions,
+                ..
             } => {
                 self.messaged.extend_from(&decisions.users);
                 let per_creative = decisions.per_creative(self.creatives.len());
@@ -445,12 +466,22 @@ impl Aggregate for Campaign {
                     stats.planned += u64::from(n);
                 }
                 self.reserved += decisions.len() as u64;
-                self.batches.push(BatchRecord {
-                    policy: policy.clone(),
-                    users: decisions.len() as u32,
-                    per_creative,
-                    sent: false,
-                });
+                match self.batches.last_mut() {
+                    // A later part of a large batch joins the batch its
+                    // first part started.
+                    Some(last) if !part.is_first() => {
+                        last.users += decisions.len() as u32;
+                        for (total, n) in last.per_creative.iter_mut().zip(per_creative) {
+                            *total += n;
+                        }
+                    }
+                    _ => self.batches.push(BatchRecord {
+                        policy: policy.clone(),
+                        users: decisions.len() as u32,
+                        per_creative,
+                        sent: false,
+                    }),
+                }
             }
             CampaignEvent::BatchSent { batch, .. } => {
                 if let Some(b) = self.batches.get_mut(*batch as usize) {

@@ -1,4 +1,4 @@
-//! The binary payload of `BatchPlanned` at schema 2.
+//! The binary payload of `BatchPlanned` at schemas 2 and 3.
 //!
 //! A planned batch holds up to a budget's worth of decisions (users,
 //! creatives, propensities), and is most of a campaign log's bytes. As JSON
@@ -6,12 +6,22 @@
 //! read; this layout costs 10 and reads with straight copies, which is what
 //! makes replay run at the log's read rate. Every other kind stays JSON.
 //!
+//! A batch of more than [`MAX_PART_DECISIONS`] decisions is recorded as
+//! several `BatchPlanned` events, its [`Part`]s, appended in one
+//! transaction (so a reader sees all of them or none): each stays under
+//! the engine's default 1 MiB event limit, the whole batch under its 8 MiB
+//! transaction limit. A batch in one part is written at schema 2, exactly
+//! as before parts existed; a part of a larger batch at schema 3, which
+//! adds the part's index and the number of parts.
+//!
 //! Layout, little-endian, nothing after the last column:
 //!
 //! ```text
 //! u32 len, command id (UTF-8)
 //! u64      command fingerprint
 //! u32      batch
+//! u32      part index   (schema 3 only)
+//! u32      parts        (schema 3 only; 2 or more, above the index)
 //! u32 len, policy (UTF-8)
 //! u32 n    decisions
 //! n × u32  users
@@ -35,30 +45,104 @@ pub struct Planned {
     pub command: CommandStamp,
     /// The batch number.
     pub batch: u32,
+    /// Which part of the batch these decisions are (absent in the JSON
+    /// form of a batch in one part).
+    #[serde(default, skip_serializing_if = "Part::is_whole")]
+    pub part: Part,
     /// The policy that decided.
     pub policy: String,
     /// The decisions.
     pub decisions: Decisions,
 }
 
+/// Most decisions in one `BatchPlanned` event: 100,000 rows of 10 bytes
+/// plus the header stay under the engine's default 1 MiB event limit (a
+/// test checks the worst case).
+pub const MAX_PART_DECISIONS: usize = 100_000;
+
+/// Which part of a planned batch one `BatchPlanned` event holds: part
+/// `index` of `count`, in order, all in one transaction. A batch of at
+/// most [`MAX_PART_DECISIONS`] decisions is one part, [`Part::WHOLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    /// This part's index, from 0.
+    pub index: u32,
+    /// How many parts the batch has (at least 1, above `index`).
+    pub count: u32,
+}
+
+impl Part {
+    /// The only part of a batch in one part.
+    pub const WHOLE: Part = Part { index: 0, count: 1 };
+
+    /// Whether this is the only part of its batch.
+    pub fn is_whole(&self) -> bool {
+        *self == Part::WHOLE
+    }
+
+    /// Whether this is the first part (the one that starts the batch).
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
+    /// Whether this is the last part (after it the batch is complete).
+    pub fn is_last(&self) -> bool {
+        self.index.saturating_add(1) >= self.count
+    }
+
+    /// The schema a part is written at: 2 for a whole batch, 3 for a part
+    /// of a larger one.
+    pub fn schema(&self) -> u16 {
+        if self.is_whole() {
+            2
+        } else {
+            3
+        }
+    }
+
+    /// How many parts a batch of `decisions` decisions is recorded in.
+    pub fn count_for(decisions: usize) -> u32 {
+        u32::try_from(decisions.div_ceil(MAX_PART_DECISIONS).max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+impl Default for Part {
+    fn default() -> Self {
+        Part::WHOLE
+    }
+}
+
 /// Bytes per decision.
 const ROW: usize = 4 + 2 + 4;
 
-/// Encodes a batch. The columns of `decisions` must agree in length (the
-/// aggregate checks that before it emits the event, and portable import
-/// checks it too); otherwise every column is cut to the shortest one so
-/// the layout stays self-consistent (a debug build panics instead).
-pub fn encode(command: &CommandStamp, batch: u32, policy: &str, d: &Decisions) -> Vec<u8> {
+/// Encodes one part of a batch, at [`Part::schema`]. The columns of
+/// `decisions` must agree in length (the aggregate checks that before it
+/// emits the event, and portable import checks it too); otherwise every
+/// column is cut to the shortest one so the layout stays self-consistent
+/// (a debug build panics instead).
+pub fn encode(
+    command: &CommandStamp,
+    batch: u32,
+    part: Part,
+    policy: &str,
+    d: &Decisions,
+) -> Vec<u8> {
     debug_assert!(d.check_shape().is_ok(), "decision columns differ in length");
     let n = d
         .users
         .len()
         .min(d.creatives.len())
         .min(d.propensities.len());
-    let mut b = Vec::with_capacity(4 + command.id.len() + 8 + 4 + 4 + policy.len() + 4 + n * ROW);
+    let mut b =
+        Vec::with_capacity(4 + command.id.len() + 8 + 4 + 8 + 4 + policy.len() + 4 + n * ROW);
     put_str(&mut b, &command.id);
     b.extend_from_slice(&command.fingerprint.to_le_bytes());
     b.extend_from_slice(&batch.to_le_bytes());
+    if !part.is_whole() {
+        b.extend_from_slice(&part.index.to_le_bytes());
+        b.extend_from_slice(&part.count.to_le_bytes());
+    }
     put_str(&mut b, policy);
     b.extend_from_slice(&(n as u32).to_le_bytes());
     for u in &d.users[..n] {
@@ -81,13 +165,28 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());
 }
 
-/// Decodes a schema 2 payload; the error says what is wrong and where.
-/// Never panics, never allocates more than the payload justifies.
-pub fn decode(payload: &[u8]) -> Result<Planned, String> {
+/// Decodes a schema 2 or 3 payload; the error says what is wrong and
+/// where. Never panics, never allocates more than the payload justifies.
+pub fn decode(schema: u16, payload: &[u8]) -> Result<Planned, String> {
+    if !(2..=3).contains(&schema) {
+        return Err(format!("schema {schema} is not a binary schema (2 or 3)"));
+    }
     let mut r = Reader { b: payload, at: 0 };
     let id = r.string("command id")?;
     let fingerprint = u64::from_le_bytes(r.array("command fingerprint")?);
     let batch = u32::from_le_bytes(r.array("batch")?);
+    let part = if schema == 3 {
+        let index = u32::from_le_bytes(r.array("part index")?);
+        let count = u32::from_le_bytes(r.array("part count")?);
+        if count < 2 || index >= count {
+            return Err(format!(
+                "part {index} of {count}: a schema 3 part needs 2 or more parts and an index below them"
+            ));
+        }
+        Part { index, count }
+    } else {
+        Part::WHOLE
+    };
     let policy = r.string("policy")?;
     let n = u32::from_le_bytes(r.array("decision count")?) as usize;
     let rest = payload.len() - r.at;
@@ -104,6 +203,7 @@ pub fn decode(payload: &[u8]) -> Result<Planned, String> {
     Ok(Planned {
         command: CommandStamp { id, fingerprint },
         batch,
+        part,
         policy,
         decisions: Decisions {
             users: users
@@ -172,6 +272,7 @@ mod tests {
         let json = serde_json::to_vec(&Planned {
             command: c.clone(),
             batch: b,
+            part: Part::WHOLE,
             policy: p.clone(),
             decisions: d.clone(),
         })
@@ -180,6 +281,7 @@ mod tests {
         let new = CampaignEvent::BatchPlanned {
             command: c,
             batch: b,
+            part: Part::WHOLE,
             policy: p,
             decisions: d,
         };
@@ -212,45 +314,85 @@ mod tests {
     #[test]
     fn round_trip_is_exact_and_ten_bytes_a_decision() {
         let (c, b, p, d) = sample();
-        let bytes = encode(&c, b, &p, &d);
+        let bytes = encode(&c, b, Part::WHOLE, &p, &d);
         assert_eq!(bytes.len(), 4 + 6 + 8 + 4 + 4 + 10 + 4 + 3 * 10);
-        let got = decode(&bytes).unwrap();
+        let got = decode(2, &bytes).unwrap();
         assert_eq!(got.command, c);
         assert_eq!(got.batch, b);
         assert_eq!(got.policy, p);
         assert_eq!(got.decisions, d);
+        assert_eq!(got.part, Part::WHOLE);
         assert_eq!(
-            encode(&got.command, got.batch, &got.policy, &got.decisions),
+            encode(
+                &got.command,
+                got.batch,
+                got.part,
+                &got.policy,
+                &got.decisions
+            ),
             bytes
         );
+        // A schema 2 payload is not a schema 3 one, nor the reverse.
+        assert!(decode(3, &bytes).is_err());
+        let part = Part { index: 1, count: 3 };
+        let three = encode(&c, b, part, &p, &d);
+        assert_eq!(three.len(), bytes.len() + 8);
+        assert_eq!(decode(3, &three).unwrap().part, part);
+        assert!(decode(2, &three).is_err());
+        assert!(decode(4, &three).is_err());
+    }
+
+    #[test]
+    fn schema_3_refuses_parts_that_cannot_be() {
+        let (c, b, p, d) = sample();
+        for (index, count) in [(0, 0), (3, 3), (7, 2)] {
+            let bytes = encode(&c, b, Part { index, count }, &p, &d);
+            let err = decode(3, &bytes).unwrap_err();
+            assert!(err.contains("part"), "{index}/{count}: {err}");
+        }
+    }
+
+    #[test]
+    fn parts_split_a_batch_at_the_part_limit() {
+        assert_eq!(Part::count_for(0), 1);
+        assert_eq!(Part::count_for(MAX_PART_DECISIONS), 1);
+        assert_eq!(Part::count_for(MAX_PART_DECISIONS + 1), 2);
+        assert_eq!(Part::count_for(4 * MAX_PART_DECISIONS), 4);
+        assert_eq!(Part::WHOLE.schema(), 2);
+        assert_eq!(Part { index: 0, count: 2 }.schema(), 3);
+        assert!(Part { index: 1, count: 2 }.is_last());
+        assert!(!Part { index: 0, count: 2 }.is_last());
     }
 
     #[test]
     fn every_truncation_and_a_trailing_byte_are_refused() {
         let (c, b, p, d) = sample();
-        let bytes = encode(&c, b, &p, &d);
-        for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        for (schema, part) in [(2, Part::WHOLE), (3, Part { index: 1, count: 2 })] {
+            let bytes = encode(&c, b, part, &p, &d);
+            for cut in 0..bytes.len() {
+                assert!(decode(schema, &bytes[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut longer = bytes;
+            longer.push(0);
+            assert!(decode(schema, &longer).is_err());
         }
-        let mut longer = bytes;
-        longer.push(0);
-        assert!(decode(&longer).is_err());
     }
 
     #[test]
     fn a_huge_count_is_refused_without_allocating() {
         let (c, b, p, _) = sample();
-        let mut bytes = encode(&c, b, &p, &Decisions::default());
+        let mut bytes = encode(&c, b, Part::WHOLE, &p, &Decisions::default());
         let at = bytes.len() - 4;
         bytes[at..].copy_from_slice(&u32::MAX.to_le_bytes());
-        let err = decode(&bytes).unwrap_err();
+        let err = decode(2, &bytes).unwrap_err();
         assert!(err.contains("decisions need"), "{err}");
     }
 
     proptest! {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode(&bytes);
+            let _ = decode(2, &bytes);
+            let _ = decode(3, &bytes);
         }
 
         #[test]
@@ -258,6 +400,8 @@ mod tests {
             id in "[a-z0-9:-]{0,40}",
             fp in any::<u64>(),
             batch in any::<u32>(),
+            (index, count) in (2u32..10).prop_flat_map(|n| (0..n, Just(n))),
+            whole in any::<bool>(),
             policy in "[a-z-]{0,20}",
             rows in proptest::collection::vec((any::<u32>(), any::<u16>(), 0.0f32..=1.0), 0..64),
         ) {
@@ -266,10 +410,12 @@ mod tests {
                 d.push(u, c, p);
             }
             let c = CommandStamp { id, fingerprint: fp };
-            let bytes = encode(&c, batch, &policy, &d);
-            let got = decode(&bytes).unwrap();
+            let part = if whole { Part::WHOLE } else { Part { index, count } };
+            let bytes = encode(&c, batch, part, &policy, &d);
+            let got = decode(part.schema(), &bytes).unwrap();
             prop_assert_eq!(&got.decisions, &d);
-            prop_assert_eq!(encode(&got.command, got.batch, &got.policy, &got.decisions), bytes);
+            prop_assert_eq!(got.part, part);
+            prop_assert_eq!(encode(&got.command, got.batch, got.part, &got.policy, &got.decisions), bytes);
         }
     }
 }

@@ -93,10 +93,14 @@ impl CampaignSpec {
     pub const MAX_CREATIVES: usize = 64;
     /// Most batches in one campaign.
     pub const MAX_BATCHES: u64 = 100_000;
-    /// Most users in one batch: a planned batch is one event, in the binary
-    /// layout of 10 bytes a decision, under the engine's default 1 MiB
-    /// event limit (a test checks the worst case).
-    pub const MAX_BATCH_USERS: u64 = 100_000;
+    /// Most users in one batch: a planned batch is recorded in parts of at
+    /// most [`MAX_PART_DECISIONS`](super::MAX_PART_DECISIONS) decisions (10
+    /// bytes each), all in one transaction, and so is its model feedback
+    /// (up to 11 bytes of JSON per reacting user); both must stay under the
+    /// engine's default 8 MiB transaction limit however many users react
+    /// (tests check the worst cases): 5 parts of decisions, at most 5.5 MB
+    /// of feedback.
+    pub const MAX_BATCH_USERS: u64 = 500_000;
     /// Longest channel, audience or creative reference, in bytes.
     pub const MAX_REF_LEN: usize = 256;
 

@@ -875,7 +875,7 @@ async fn messages_inner(
         .ok_or_else(|| Problem::not_found(format!("batch {batch} is not planned")))?;
     let streams = CampaignStreams::new(id).map_err(|e| Problem::bad_request(e.to_string()))?;
     let mut v = 1;
-    let mut found = None;
+    let mut found: Option<smartmsg_domain::Decisions> = None;
     'read: loop {
         let events = state
             .log
@@ -890,13 +890,20 @@ async fn messages_inner(
             }
             if let Ok(CampaignEvent::BatchPlanned {
                 batch: pb,
+                part,
                 decisions,
                 ..
             }) = CampaignEvent::decode(&e.kind, e.schema, &e.payload)
             {
                 if pb == batch {
-                    found = Some(decisions);
-                    break 'read;
+                    // A large batch comes in parts, in order: join them.
+                    match &mut found {
+                        Some(d) if !part.is_first() => d.append(&decisions),
+                        _ => found = Some(decisions),
+                    }
+                    if part.is_last() {
+                        break 'read;
+                    }
                 }
             }
         }

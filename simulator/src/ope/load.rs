@@ -375,11 +375,19 @@ pub fn from_events(
             match CampaignEvent::decode(&e.kind, e.schema, &e.payload) {
                 Ok(CampaignEvent::BatchPlanned {
                     batch,
+                    part,
                     decisions,
                     policy,
                     ..
                 }) => {
-                    planned.insert((e.stream.as_str().to_owned(), batch), (policy, decisions));
+                    let key = (e.stream.as_str().to_owned(), batch);
+                    // A large batch comes in parts, in order: join them.
+                    match planned.get_mut(&key) {
+                        Some((_, d)) if !part.is_first() => d.append(&decisions),
+                        _ => {
+                            planned.insert(key, (policy, decisions));
+                        }
+                    }
                 }
                 Ok(_) => {}
                 Err(err) => return Err(bad(e, err.to_string())),
