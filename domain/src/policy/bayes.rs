@@ -912,3 +912,102 @@ impl Policy for Targeting {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Users with a skewed column (exponential, mean 40: days since the
+    /// last visit), a normal one and a flag; the truth is logistic in
+    /// `ln(1 + days)` for creative 0 and flat for creative 1.
+    fn outcomes(n: usize, seed: u64) -> Outcomes {
+        let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let mut o = Outcomes::new(3).unwrap();
+        for i in 0..n {
+            let days = (-40.0 * (1.0 - r.random::<f64>()).ln()).floor();
+            let z: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut r);
+            let flag = f64::from(u8::from(r.random_bool(0.3)));
+            let c = (i % 2) as u16;
+            let logit = if c == 0 {
+                2.0 - 1.5 * (1.0 + days).ln() + 0.3 * z
+            } else {
+                -3.0 + 0.3 * z
+            };
+            let y = r.random::<f64>() < crate::model::sigmoid(logit);
+            o.push(c, &[days as f32, z as f32, flag as f32], 1, u32::from(y))
+                .unwrap();
+        }
+        o
+    }
+
+    #[test]
+    fn skewed_columns_are_logged_and_others_left_alone() {
+        let o = outcomes(4_000, 1);
+        let h = Hinges::fit(&o, 0, true);
+        assert!(h.knots.is_empty());
+        assert_eq!(h.logs.len(), 1, "{:?}", h.logs);
+        assert_eq!(h.logs[0], (0, 0.0));
+        let mut x = Vec::new();
+        h.extend(&[9.0, -1.5, 1.0], &mut x);
+        assert_eq!(x, vec![10f32.ln(), -1.5, 1.0]);
+        // Hinges of the expanded model sit on the log scale.
+        let e = Hinges::fit(&o, 2, true);
+        assert_eq!(e.logs, h.logs);
+        let knots0: Vec<f32> = e.knots.iter().filter(|k| k.0 == 0).map(|k| k.1).collect();
+        assert!(!knots0.is_empty() && knots0.iter().all(|&q| q > 0.0 && q < 7.0));
+        // Without the transform, or without skewed columns, nothing.
+        assert!(Hinges::fit(&o, 0, false).is_identity());
+        let mut flat = Outcomes::new(2).unwrap();
+        for r in o.rows() {
+            flat.push(r.creative, &r.x[1..], r.trials, r.successes)
+                .unwrap();
+        }
+        assert!(Hinges::fit(&flat, 0, true).is_identity());
+    }
+
+    #[test]
+    fn the_logged_model_plans_when_its_evidence_is_higher() {
+        let cfg = ModelConfig {
+            expansion: Expansion::None,
+            ..ModelConfig::default()
+        };
+        let mut p = Integrated::new(2, 3, cfg).unwrap();
+        for seed in 0..3 {
+            p.update(&outcomes(5_000, 10 + seed)).unwrap();
+        }
+        let logged = p.logged.as_ref().unwrap();
+        assert!(logged.evidence > p.plain_evidence + 10.0);
+        assert!(p.uses_expansion());
+        // Its expected response follows the truth's curve in days.
+        let (a, b) = (
+            p.expected_response(&[1.0, 0.0, 0.0])[0],
+            p.expected_response(&[200.0, 0.0, 0.0])[0],
+        );
+        let truth = |d: f64| crate::model::sigmoid(2.0 - 1.5 * (1.0 + d).ln());
+        assert!((a - truth(1.0)).abs() < 0.05, "{a} vs {}", truth(1.0));
+        assert!((b - truth(200.0)).abs() < 0.01, "{b} vs {}", truth(200.0));
+        // Same state, same plan; serde keeps the alternative models.
+        let json = serde_json::to_string(&p).unwrap();
+        let back: Integrated = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn recorded_configs_without_the_new_fields_get_the_defaults() {
+        let mut v = serde_json::to_value(ModelConfig::default()).unwrap();
+        let m = v.as_object_mut().unwrap();
+        m.remove("pooling");
+        m.remove("transform");
+        let c: ModelConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(c, ModelConfig::default());
+        assert_eq!(c.pooling, Pooling::Shared { own: 0.1 });
+        assert_eq!(c.transform, Transform::LogSkewed);
+        let bad = ModelConfig {
+            pooling: Pooling::Shared { own: 1.0 },
+            ..ModelConfig::default()
+        };
+        assert!(Integrated::new(2, 3, bad).is_err());
+    }
+}
