@@ -183,6 +183,8 @@ fn main() {
         propensity_draws: draws,
         scoring: smartmsg_domain::Scoring::SharedDraw,
         expansion: smartmsg_domain::Expansion::None,
+        pooling: smartmsg_domain::Pooling::None,
+        transform: smartmsg_domain::Transform::None,
         ..ModelConfig::default()
     };
     let mut old_1 = Integrated::new(CREATIVES, DIM, old(1)).unwrap();

@@ -50,9 +50,9 @@ pub use data::{Candidates, Decisions, Outcomes, ShapeError};
 pub use driver::{
     Audience, CampaignDriver, DriverConfig, Feedback, JobError, JobKind, OutgoingBatch, Ready,
 };
-pub use model::{BetaArm, GaussianWeights, Link, ModelError, Prior};
+pub use model::{BetaArm, GaussianWeights, Link, ModelError, PooledWeights, Prior};
 pub use policy::{
     CreativeThompson, Expansion, ExploreThenCommit, Integrated, ModelConfig, PlanContext, Policy,
-    PolicyError, PolicySpec, Random, Scoring, Targeting,
+    PolicyError, PolicySpec, Pooling, Random, Scoring, Targeting, Transform,
 };
 pub use users::UserSet;

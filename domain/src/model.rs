@@ -623,6 +623,409 @@ impl GaussianWeights {
     }
 }
 
+/// A Gaussian posterior over the weights of `C` creatives' response
+/// models that share data: creative `c`'s weights are `w_c = s + δ_c`, a
+/// part `s` shared by every creative plus the creative's own deviation
+/// `δ_c` (intercepts first in both). The prior splits the
+/// [`Prior`]'s variances: `s` gets `1 − own` of each, every `δ_c` gets
+/// `own` of each (`s`'s mean is the prior's intercept mean), so each
+/// creative's marginal prior is the [`Prior`] itself, and weights of
+/// different creatives are correlated `1 − own` a priori. Every outcome
+/// informs `s`, so what is common to all creatives is learned from all
+/// their data, while the deviations are shrunk towards it until a
+/// creative's own data pull them away.
+///
+/// One Gaussian over `(C + 1)(dim + 1)` weights, updated like
+/// [`GaussianWeights`] (Laplace for the logistic link, Newton to the
+/// mode; exact for the linear one); [`PooledWeights::marginal`] gives each
+/// creative's marginal posterior as a [`GaussianWeights`] for scoring. A
+/// row of creative `c` adds to the Hessian blocks `(s, s)`, `(s, δ_c)`
+/// and `(δ_c, δ_c)` the same `x̃ x̃ᵀ` term, so an update accumulates one
+/// `(dim + 1)²` matrix per creative, as separate models would, and only the
+/// solve is of the joint size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PooledRepr", into = "PooledRepr")]
+pub struct PooledWeights {
+    /// Creatives.
+    creatives: usize,
+    /// `dim + 1`.
+    n: usize,
+    /// `[s, δ_0, …, δ_{C−1}]`, each `n` long.
+    mean: Vec<f64>,
+    /// Row-major `N × N`, `N = (C + 1) n`.
+    precision: Vec<f64>,
+    /// Lower Cholesky factor of `precision`.
+    chol: Vec<f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PooledRepr {
+    creatives: usize,
+    mean: Vec<f64>,
+    precision: Vec<f64>,
+}
+
+impl From<PooledWeights> for PooledRepr {
+    fn from(w: PooledWeights) -> Self {
+        Self {
+            creatives: w.creatives,
+            mean: w.mean,
+            precision: w.precision,
+        }
+    }
+}
+
+impl TryFrom<PooledRepr> for PooledWeights {
+    type Error = ModelError;
+    fn try_from(r: PooledRepr) -> Result<Self, ModelError> {
+        let big = r.mean.len();
+        if r.creatives == 0
+            || !big.is_multiple_of(r.creatives + 1)
+            || big / (r.creatives + 1) < 2
+            || r.precision.len() != big * big
+        {
+            return Err(ModelError::BadParameter(
+                "pooled weights are not (creatives + 1)(dim + 1) long",
+            ));
+        }
+        let mut chol = vec![0.0; big * big];
+        cholesky(&r.precision, big, &mut chol)?;
+        Ok(Self {
+            creatives: r.creatives,
+            n: big / (r.creatives + 1),
+            mean: r.mean,
+            precision: r.precision,
+            chol,
+        })
+    }
+}
+
+impl PooledWeights {
+    /// The prior for `creatives` creatives over `features` features, the
+    /// share `own` (strictly between 0 and 1) of each prior variance the
+    /// creatives' own.
+    pub fn new(
+        features: usize,
+        creatives: usize,
+        prior: &Prior,
+        own: f64,
+    ) -> Result<Self, ModelError> {
+        prior.check()?;
+        if features == 0 || creatives == 0 {
+            return Err(ModelError::BadParameter(
+                "a pooled model needs features and creatives",
+            ));
+        }
+        if !(own > 0.0 && own < 1.0) {
+            return Err(ModelError::BadParameter(
+                "the creatives' own share of the prior variance must be in (0, 1)",
+            ));
+        }
+        let n = features + 1;
+        let big = (creatives + 1) * n;
+        let mut mean = vec![0.0; big];
+        mean[0] = prior.intercept_mean;
+        let mut precision = vec![0.0; big * big];
+        for b in 0..=creatives {
+            let share = if b == 0 { 1.0 - own } else { own };
+            for i in 0..n {
+                let v = if i == 0 {
+                    prior.intercept_variance
+                } else {
+                    prior.weight_variance
+                };
+                let k = b * n + i;
+                precision[k * big + k] = 1.0 / (share * v);
+            }
+        }
+        let mut chol = vec![0.0; big * big];
+        cholesky(&precision, big, &mut chol)?;
+        Ok(Self {
+            creatives,
+            n,
+            mean,
+            precision,
+            chol,
+        })
+    }
+
+    /// The number of features (the intercept excluded).
+    pub fn features(&self) -> usize {
+        self.n - 1
+    }
+
+    /// The number of creatives.
+    pub fn creatives(&self) -> usize {
+        self.creatives
+    }
+
+    /// The joint posterior mean `[s, δ_0, …]`.
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+
+    /// The joint posterior precision, row-major.
+    pub fn precision(&self) -> &[f64] {
+        &self.precision
+    }
+
+    fn big(&self) -> usize {
+        (self.creatives + 1) * self.n
+    }
+
+    /// Creative `c`'s weights `s + δ_c` at the joint `w`.
+    fn weights_of(&self, w: &[f64], c: usize) -> Vec<f64> {
+        let n = self.n;
+        w[..n]
+            .iter()
+            .zip(&w[(c + 1) * n..(c + 2) * n])
+            .map(|(a, b)| a + b)
+            .collect()
+    }
+
+    /// Creative `c`'s marginal posterior: mean `s̄ + δ̄_c`, covariance
+    /// `Σ_ss + Σ_sc + Σ_cs + Σ_cc` of the joint covariance `Σ`.
+    ///
+    /// # Panics
+    /// If `c` is not a creative of the model.
+    pub fn marginal(&self, c: usize) -> Result<GaussianWeights, ModelError> {
+        assert!(c < self.creatives, "creative out of range");
+        let (n, big) = (self.n, self.big());
+        // Column i of Σ A_cᵀ: Σ (e_{s,i} + e_{c,i}); rows s and c summed.
+        let mut cov = vec![0.0; n * n];
+        let mut col = vec![0.0; big];
+        for i in 0..n {
+            col.fill(0.0);
+            col[i] = 1.0;
+            col[(c + 1) * n + i] = 1.0;
+            chol_solve(&self.chol, big, &mut col);
+            for j in 0..n {
+                cov[j * n + i] = col[j] + col[(c + 1) * n + j];
+            }
+        }
+        // Symmetrise (rounding), then invert for the precision.
+        for i in 0..n {
+            for j in 0..i {
+                let a = 0.5 * (cov[i * n + j] + cov[j * n + i]);
+                cov[i * n + j] = a;
+                cov[j * n + i] = a;
+            }
+        }
+        let mut l = vec![0.0; n * n];
+        cholesky(&cov, n, &mut l)?;
+        let mut precision = vec![0.0; n * n];
+        let mut e = vec![0.0; n];
+        for i in 0..n {
+            e.fill(0.0);
+            e[i] = 1.0;
+            chol_solve(&l, n, &mut e);
+            for j in 0..n {
+                precision[j * n + i] = e[j];
+            }
+        }
+        for i in 0..n {
+            for j in 0..i {
+                let a = 0.5 * (precision[i * n + j] + precision[j * n + i]);
+                precision[i * n + j] = a;
+                precision[j * n + i] = a;
+            }
+        }
+        GaussianWeights::try_from(WeightsRepr {
+            mean: self.weights_of(&self.mean, c),
+            precision,
+        })
+    }
+
+    /// Every creative's marginal posterior, in creative order.
+    pub fn marginals(&self) -> Result<Vec<GaussianWeights>, ModelError> {
+        (0..self.creatives).map(|c| self.marginal(c)).collect()
+    }
+
+    /// Updates the posterior with `rows` (creative `row.creative`, each
+    /// `trials` observations at `x`, `successes` of them 1), like
+    /// [`GaussianWeights::update`]. Rows with 0 trials are skipped. On
+    /// error the posterior is unchanged.
+    pub fn update(
+        &mut self,
+        link: Link,
+        rows: &[OutcomeRow<'_>],
+    ) -> Result<UpdateReport, ModelError> {
+        let features = self.features();
+        if let Some(r) = rows.iter().find(|r| r.x.len() != features) {
+            return Err(ModelError::Dimension {
+                expected: features,
+                got: r.x.len(),
+            });
+        }
+        if rows
+            .iter()
+            .any(|r| usize::from(r.creative) >= self.creatives)
+        {
+            return Err(ModelError::BadParameter("a row's creative is out of range"));
+        }
+        if let Link::Linear { noise_variance } = link {
+            if !(noise_variance > 0.0 && noise_variance.is_finite()) {
+                return Err(ModelError::BadParameter("noise variance must be positive"));
+            }
+        }
+        let rows_used = rows.iter().filter(|r| r.trials > 0).count();
+        if rows_used == 0 {
+            return Ok(UpdateReport {
+                rows: 0,
+                iterations: 0,
+                log_evidence: 0.0,
+            });
+        }
+        let (mean, precision, chol, iterations) = self.newton(link, rows)?;
+        if mean.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::NotFinite);
+        }
+        let big = self.big();
+        let logdet = |l: &[f64]| (0..big).map(|i| l[i * big + i].ln()).sum::<f64>();
+        let log_evidence =
+            self.log_posterior(link, &mean, rows) + logdet(&self.chol) - logdet(&chol);
+        self.mean = mean;
+        self.precision = precision;
+        self.chol = chol;
+        Ok(UpdateReport {
+            rows: rows_used,
+            iterations,
+            log_evidence,
+        })
+    }
+
+    /// The log likelihood of `rows` at the joint `w` minus the prior's
+    /// quadratic term (the log posterior up to a constant).
+    fn log_posterior(&self, link: Link, w: &[f64], rows: &[OutcomeRow<'_>]) -> f64 {
+        let big = self.big();
+        let d: Vec<f64> = w.iter().zip(&self.mean).map(|(a, m)| a - m).collect();
+        let mut quad = 0.0;
+        for i in 0..big {
+            let pi = &self.precision[i * big..(i + 1) * big];
+            quad += d[i] * pi.iter().zip(&d).map(|(a, b)| a * b).sum::<f64>();
+        }
+        let wc: Vec<Vec<f64>> = (0..self.creatives).map(|c| self.weights_of(w, c)).collect();
+        let mut ll = 0.0;
+        for r in rows.iter().filter(|r| r.trials > 0) {
+            let z = linear(&wc[usize::from(r.creative)], r.x);
+            let s = f64::from(r.successes);
+            let f = f64::from(r.trials) - s;
+            ll -= match link {
+                Link::Logistic => s * softplus(-z) + f * softplus(z),
+                Link::Linear { noise_variance } => {
+                    (s * (1.0 - z).powi(2) + f * z * z) / (2.0 * noise_variance)
+                }
+            };
+        }
+        ll - 0.5 * quad
+    }
+
+    /// Newton's method to the mode of the log posterior (one exact step
+    /// for the linear link); returns the mode, the negative Hessian there,
+    /// its factor and the iterations.
+    #[allow(clippy::type_complexity)]
+    fn newton(
+        &self,
+        link: Link,
+        rows: &[OutcomeRow<'_>],
+    ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, u32), ModelError> {
+        let (n, big, k) = (self.n, self.big(), self.creatives);
+        let mut w = self.mean.clone();
+        let mut grad = vec![0.0; big];
+        let mut hess = vec![0.0; big * big];
+        let mut l = vec![0.0; big * big];
+        let mut trial = vec![0.0; big];
+        let mut gram = vec![0.0; k * n * n];
+        let mut g = vec![0.0; k * n];
+        let mut current = self.log_posterior(link, &w, rows);
+        let mut iterations = 0;
+        loop {
+            let wc: Vec<Vec<f64>> = (0..k).map(|c| self.weights_of(&w, c)).collect();
+            gram.fill(0.0);
+            g.fill(0.0);
+            for r in rows.iter().filter(|r| r.trials > 0) {
+                let c = usize::from(r.creative);
+                let z = linear(&wc[c], r.x);
+                let t = f64::from(r.trials);
+                let s = f64::from(r.successes);
+                let (e, h) = match link {
+                    Link::Logistic => {
+                        let p = sigmoid(z);
+                        (s - t * p, t * p * (1.0 - p))
+                    }
+                    Link::Linear { noise_variance } => {
+                        ((s - t * z) / noise_variance, t / noise_variance)
+                    }
+                };
+                let gc = &mut g[c * n..(c + 1) * n];
+                gc[0] += e;
+                for (gi, &x) in gc[1..].iter_mut().zip(r.x) {
+                    *gi += e * f64::from(x);
+                }
+                add_outer_lower(&mut gram[c * n * n..(c + 1) * n * n], n, r.x, h);
+            }
+            // Gradient and negative Hessian of the log posterior at w:
+            // the prior's, plus each creative's data terms in the blocks
+            // (s, s), (s, δ_c), (δ_c, s) and (δ_c, δ_c).
+            for (i, gi) in grad.iter_mut().enumerate() {
+                let pi = &self.precision[i * big..(i + 1) * big];
+                *gi = -pi
+                    .iter()
+                    .zip(w.iter().zip(&self.mean))
+                    .map(|(p, (a, m))| p * (a - m))
+                    .sum::<f64>();
+            }
+            hess.copy_from_slice(&self.precision);
+            for c in 0..k {
+                let gm = &mut gram[c * n * n..(c + 1) * n * n];
+                mirror_lower(gm, n);
+                let o = (c + 1) * n;
+                for i in 0..n {
+                    grad[i] += g[c * n + i];
+                    grad[o + i] += g[c * n + i];
+                    for j in 0..n {
+                        let v = gm[i * n + j];
+                        hess[i * big + j] += v;
+                        hess[i * big + o + j] += v;
+                        hess[(o + i) * big + j] += v;
+                        hess[(o + i) * big + o + j] += v;
+                    }
+                }
+            }
+            cholesky(&hess, big, &mut l)?;
+            if iterations >= GaussianWeights::MAX_NEWTON_ITERATIONS {
+                break;
+            }
+            let mut step = grad.clone();
+            chol_solve(&l, big, &mut step);
+            let size = step.iter().fold(0.0f64, |m, s| m.max(s.abs()));
+            if size < 1e-10 {
+                break;
+            }
+            iterations += 1;
+            let mut scale = 1.0;
+            let mut accepted = false;
+            for _ in 0..40 {
+                for ((t, a), s) in trial.iter_mut().zip(&w).zip(&step) {
+                    *t = a + scale * s;
+                }
+                let value = self.log_posterior(link, &trial, rows);
+                if value >= current - 1e-12 * current.abs() {
+                    w.copy_from_slice(&trial);
+                    current = value;
+                    accepted = true;
+                    break;
+                }
+                scale *= 0.5;
+            }
+            if !accepted {
+                break;
+            }
+        }
+        Ok((w, hess, l, iterations))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,6 +1085,135 @@ mod tests {
             w.score_sd(&x),
             var.sqrt()
         );
+    }
+
+    /// Creative `c`'s features in the reference model of
+    /// `pooled_matches_an_augmented_reference`: `[shared x, c's block]`,
+    /// each block scaled by its prior standard deviation.
+    fn augmented(x: &[f32], c: usize, creatives: usize, own: f64, p: &Prior) -> Vec<f32> {
+        let d = x.len();
+        let mut out = vec![0f32; d + creatives * (d + 1)];
+        let (sw, ow) = (
+            ((1.0 - own) * p.weight_variance).sqrt(),
+            (own * p.weight_variance).sqrt(),
+        );
+        for j in 0..d {
+            out[j] = (f64::from(x[j]) * sw) as f32;
+        }
+        let o = d + c * (d + 1);
+        out[o] = (own * p.intercept_variance).sqrt() as f32;
+        for j in 0..d {
+            out[o + 1 + j] = (f64::from(x[j]) * ow) as f32;
+        }
+        out
+    }
+
+    #[test]
+    fn pooled_matches_an_augmented_reference() {
+        // The pooled model is one Gaussian over [s, δ_0, δ_1]; written with
+        // each weight scaled to unit prior variance, it is a plain
+        // `GaussianWeights` over augmented features (shared block plus the
+        // row's creative's block). Both must give the same scores, score
+        // standard deviations and evidence, for both links.
+        let prior = Prior {
+            intercept_mean: -2.0,
+            intercept_variance: 3.0,
+            weight_variance: 0.8,
+        };
+        let own = 0.3;
+        let (d, k) = (3usize, 2usize);
+        let reference_prior = Prior {
+            intercept_variance: (1.0 - own) * prior.intercept_variance,
+            weight_variance: 1.0,
+            ..prior
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut o = Outcomes::new(d).unwrap();
+        let mut aug = Outcomes::new(d + k * (d + 1)).unwrap();
+        for i in 0..60 {
+            let x: Vec<f32> = (0..d)
+                .map(|_| {
+                    let z: f64 = StandardNormal.sample(&mut rng);
+                    z as f32
+                })
+                .collect();
+            let c = (i % k) as u16;
+            let trials = 1 + (rng.next_u32() % 20);
+            let successes = rng.next_u32() % (trials / 3 + 1);
+            o.push(c, &x, trials, successes).unwrap();
+            aug.push(
+                0,
+                &augmented(&x, usize::from(c), k, own, &prior),
+                trials,
+                successes,
+            )
+            .unwrap();
+        }
+        let rows: Vec<_> = o.rows().collect();
+        let aug_rows: Vec<_> = aug.rows().collect();
+        for link in [
+            Link::Logistic,
+            Link::Linear {
+                noise_variance: 0.5,
+            },
+        ] {
+            let mut pooled = PooledWeights::new(d, k, &prior, own).unwrap();
+            let mut reference = GaussianWeights::new(d + k * (d + 1), &reference_prior).unwrap();
+            // Two updates: the second starts from the first's posterior.
+            for half in [&rows[..30], &rows[30..]] {
+                let lo = if half.as_ptr() == rows.as_ptr() {
+                    0
+                } else {
+                    30
+                };
+                let a = pooled.update(link, half).unwrap();
+                let b = reference
+                    .update(link, &aug_rows[lo..lo + half.len()])
+                    .unwrap();
+                assert!(
+                    (a.log_evidence - b.log_evidence).abs() < 1e-6,
+                    "{link:?}: evidence {} vs {}",
+                    a.log_evidence,
+                    b.log_evidence
+                );
+            }
+            let marginals = pooled.marginals().unwrap();
+            for x in [[0.3f32, -1.0, 2.0], [-0.7, 0.1, 0.4]] {
+                for (c, m) in marginals.iter().enumerate() {
+                    let xa = augmented(&x, c, k, own, &prior);
+                    let (ma, mb) = (m.mean_score(&x), reference.mean_score(&xa));
+                    let (sa, sb) = (m.score_sd(&x), reference.score_sd(&xa));
+                    assert!((ma - mb).abs() < 1e-6, "{link:?}: mean {ma} vs {mb}");
+                    assert!((sa - sb).abs() < 1e-6, "{link:?}: sd {sa} vs {sb}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pooled_prior_is_each_creatives_prior_and_round_trips() {
+        let prior = Prior::default();
+        let p = PooledWeights::new(2, 3, &prior, 0.25).unwrap();
+        let plain = GaussianWeights::new(2, &prior).unwrap();
+        for m in p.marginals().unwrap() {
+            for (a, b) in m.mean().iter().zip(plain.mean()) {
+                assert!((a - b).abs() < 1e-12);
+            }
+            for (a, b) in m.precision().iter().zip(plain.precision()) {
+                assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+            }
+        }
+        let json = serde_json::to_string(&p).unwrap();
+        let back: PooledWeights = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+        assert!(PooledWeights::new(2, 3, &prior, 1.0).is_err());
+        assert!(PooledWeights::new(2, 0, &prior, 0.5).is_err());
+        let mut q = p.clone();
+        let mut o = Outcomes::new(2).unwrap();
+        o.push(3, &[1.0, 2.0], 1, 1).unwrap();
+        let rows: Vec<_> = o.rows().collect();
+        assert!(q.update(Link::Logistic, &rows).is_err());
+        assert_eq!(q, p);
     }
 
     #[test]

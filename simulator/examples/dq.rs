@@ -11,21 +11,36 @@
 //!
 //! A SOURCE is a CSV file or a built-in scenario name (`name@seed` for
 //! another seed).
+//!
+//! Diagnostics (environment): `DQ_DIAG=1` adds, per variant, `[U cC]`: `U`
+//! the lift had every chosen user (batches 1 on) got their best creative
+//! (what the user selection alone reaches) and `C` the share of the best
+//! creative's gain over an average creative that the final model's
+//! choice captures over all users; `DQ_BATCH=1` prints that share batch by
+//! batch for the chosen users; `DQ_TF=crm-true` (or `std`,
+//! `crm-true-std`) hands the policies the crm truth's transformed columns
+//! (or standardised ones) instead of the raw ones.
 
 use std::sync::Arc;
 
-use smartmsg_domain::{Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy, Scoring};
+use smartmsg_domain::{
+    Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy, Pooling, Scoring, Transform,
+};
 use smartmsg_simulator::policies::model_config;
 use smartmsg_simulator::rng::{self, label, mix, unit};
 use smartmsg_simulator::{Scenario, SimPopulation};
 
-fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> f64 {
+/// Expected responses of the policy's messages, and of the same users with
+/// their best creative.
+fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> (f64, f64) {
     let spec = s.campaign_spec();
     let k = s.campaign.creatives;
     let mut remaining = pop.candidates().clone();
     let mut planned = vec![0u64; k];
     let mut left = spec.budget;
     let mut expected = 0.0;
+    let mut best = 0.0;
+    let mut per_batch = String::new();
     for b in 0..spec.batch_count() {
         let ctx = PlanContext {
             batch: b,
@@ -39,20 +54,81 @@ fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> f64 {
         let d = p.plan(&ctx, &remaining, size, &mut r).unwrap();
         let mut o = Outcomes::new(pop.dim()).unwrap();
         let mut chosen = std::collections::HashSet::new();
+        let (mut bg, mut bt, mut ba) = (0.0, 0.0, 0.0);
         for (u, c, _) in d.iter() {
             let prob = pop.probability_at(u, c, b);
+            let ps: Vec<f64> = (0..k as u16).map(|c| pop.probability_at(u, c, b)).collect();
+            bg += prob;
+            bt += ps.iter().cloned().fold(0.0, f64::max);
+            ba += ps.iter().sum::<f64>() / k as f64;
             expected += prob;
+            best += if b == 0 {
+                prob
+            } else {
+                (0..k as u16)
+                    .map(|c| pop.probability_at(u, c, b))
+                    .fold(0.0, f64::max)
+            };
             let y = unit(mix(&[s.seed, label("react"), u64::from(u)])) < prob;
             o.push(c, pop.features(u).unwrap(), 1, u32::from(y))
                 .unwrap();
             planned[usize::from(c)] += 1;
             chosen.insert(u);
         }
+        if b > 0 {
+            per_batch.push_str(&format!(" {:.0}", 100.0 * (bg - ba) / (bt - ba)));
+        }
         left -= d.len() as u64;
         remaining.retain(|u| !chosen.contains(&u));
         p.update(&o).unwrap();
     }
-    expected
+    if std::env::var_os("DQ_BATCH").is_some() {
+        println!("  creative capture by batch:{per_batch}");
+    }
+    (expected, best)
+}
+
+/// Diagnostic column transforms (env `DQ_TF`): `crm-true` applies the crm
+/// truth's transforms (`ln(1 + days)`, `ln(1 + purchases)`, `ln basket`).
+fn transform(pop: SimPopulation) -> SimPopulation {
+    let tf = std::env::var("DQ_TF").unwrap_or_default();
+    if tf.is_empty() {
+        return pop;
+    }
+    let c = pop.candidates();
+    let d = c.dim();
+    let mut f = c.features().to_vec();
+    for x in f.chunks_exact_mut(d) {
+        match tf.as_str() {
+            "crm-true" => {
+                x[10] = x[10].ln_1p();
+                x[11] = x[11].ln_1p();
+                x[13] = x[13].ln();
+            }
+            "std" => {
+                x[9] = (x[9] - 42.0) / 13.0;
+                x[12] /= 35.0;
+                x[14] = (x[14] - 50.0) / 10.0;
+                x[10] /= 40.0;
+                x[11] /= 3.0;
+                x[13] /= 40.0;
+            }
+            "crm-true-std" => {
+                x[10] = x[10].ln_1p();
+                x[11] = x[11].ln_1p();
+                x[13] = x[13].ln();
+                x[9] = (x[9] - 42.0) / 13.0;
+                x[12] /= 35.0;
+                x[14] = (x[14] - 50.0) / 10.0;
+            }
+            _ => panic!("DQ_TF"),
+        }
+    }
+    let probs: Vec<f64> = (0..c.len())
+        .flat_map(|r| pop.probs_row(r).to_vec())
+        .collect();
+    let cand = smartmsg_domain::Candidates::from_parts(d, c.users().to_vec(), f).unwrap();
+    SimPopulation::from_parts(cand, probs, pop.creatives()).unwrap()
 }
 
 fn main() {
@@ -62,18 +138,21 @@ fn main() {
         seed = args[i + 1].parse().unwrap();
         args.drain(i..i + 2);
     }
-    let none = Expansion::None;
     let h2 = Expansion::Hinges { knots: 2 };
     let h3 = Expansion::Hinges { knots: 3 };
     let opt = Scoring::Optimistic {
         bonus: 0.25,
         noise: 0.25,
     };
-    let variants: Vec<(&str, Scoring, Expansion)> = vec![
-        ("old: shared-draw", Scoring::SharedDraw, none),
-        ("b.25 n.25", opt, none),
-        ("b.25 n.25 h3 (default)", opt, h3),
-        ("b.25 n.25 h2", opt, h2),
+    let _ = h2;
+    let pool = |own| Pooling::Shared { own };
+    let _no = Transform::None;
+    let log = Transform::LogSkewed;
+    let variants: Vec<(&str, Scoring, Expansion, Pooling, Transform)> = vec![
+        ("h3 log", opt, h3, Pooling::None, log),
+        ("h3 log pooled .05", opt, h3, pool(0.05), log),
+        ("h3 log pooled .1", opt, h3, pool(0.1), log),
+        ("h3 log pooled .2", opt, h3, pool(0.2), log),
     ];
 
     let mut sums = vec![0.0; variants.len() + 1];
@@ -98,22 +177,40 @@ fn main() {
             }
             (SimPopulation::generate(&s).unwrap(), s)
         };
-        let pop = Arc::new(pop);
+        let pop = Arc::new(transform(pop));
         let budget = s.campaign.budget;
         let (ra, oa) = (pop.random_expected(budget), pop.oracle_expected(budget));
         let mut line = format!("{src}:");
-        for (i, (_, sc, ex)) in variants.iter().enumerate() {
+        for (i, (_, sc, ex, po, tf)) in variants.iter().enumerate() {
             let cfg = ModelConfig {
                 propensity_draws: 1,
                 scoring: *sc,
                 expansion: *ex,
+                pooling: *po,
+                transform: *tf,
                 ..model_config(&s)
             };
             let mut p = Integrated::new(s.campaign.creatives, pop.dim(), cfg).unwrap();
-            let e = run(&s, &pop, &mut p);
+            let (e, best) = run(&s, &pop, &mut p);
             let lift = (e - ra) / (oa - ra);
             sums[i] += lift;
             line.push_str(&format!(" {:.1}", 100.0 * lift));
+            if std::env::var_os("DQ_DIAG").is_some() {
+                line.push_str(&format!("[{:.1}", 100.0 * (best - ra) / (oa - ra)));
+                // The final model's creative choice for every user: share
+                // of the best creative's gain over an average creative.
+                let (mut got, mut top, mut avg) = (0.0, 0.0, 0.0);
+                for &u in pop.candidates().users() {
+                    let x = pop.features(u).unwrap();
+                    let r = p.expected_response(x);
+                    let c = (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+                    let ps: Vec<f64> = (0..r.len() as u16).map(|c| pop.probability(u, c)).collect();
+                    got += ps[c];
+                    top += ps.iter().cloned().fold(0.0, f64::max);
+                    avg += ps.iter().sum::<f64>() / ps.len() as f64;
+                }
+                line.push_str(&format!(" c{:.1}]", 100.0 * (got - avg) / (top - avg)));
+            }
         }
         let m =
             pop.oracle_after_random_batch(budget, s.campaign_spec().nominal_batch_size(0), s.seed);
@@ -123,7 +220,7 @@ fn main() {
         println!("{line}");
     }
     let n = args.len() as f64;
-    for ((name, _, _), s) in variants.iter().zip(&sums) {
+    for ((name, _, _, _, _), s) in variants.iter().zip(&sums) {
         println!("{name:<16} mean lift {:.1}%", 100.0 * s / n);
     }
     println!(

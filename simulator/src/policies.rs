@@ -91,6 +91,8 @@ pub fn model_config(scenario: &Scenario) -> ModelConfig {
         random_first_batch: scenario.policies.random_first_batch,
         scoring: scenario.policies.scoring,
         expansion: scenario.policies.expansion,
+        pooling: scenario.policies.pooling,
+        transform: scenario.policies.transform,
     }
 }
 

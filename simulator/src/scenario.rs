@@ -329,6 +329,12 @@ pub struct PolicySettings {
     /// (`smartmsg_domain::Expansion`): by default hinges at 2 knots per
     /// numeric column; `{ kind = "none" }` for the columns as given.
     pub expansion: smartmsg_domain::Expansion,
+    /// Whether the integrated model's creatives share data
+    /// (`smartmsg_domain::Pooling`).
+    pub pooling: smartmsg_domain::Pooling,
+    /// Transforms of skewed columns the integrated model tries
+    /// (`smartmsg_domain::Transform`).
+    pub transform: smartmsg_domain::Transform,
 }
 
 impl Default for PolicySettings {
@@ -341,6 +347,8 @@ impl Default for PolicySettings {
             random_first_batch: true,
             scoring: smartmsg_domain::Scoring::default(),
             expansion: smartmsg_domain::Expansion::default(),
+            pooling: smartmsg_domain::Pooling::default(),
+            transform: smartmsg_domain::Transform::default(),
         }
     }
 }

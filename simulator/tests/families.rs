@@ -13,10 +13,9 @@ use smartmsg_simulator::rng::{self, label, mix, unit};
 use smartmsg_simulator::{Scenario, SimPopulation};
 
 /// A family's built-in shrunk to 60,000 users, a budget of 20,000 in 5
-/// batches, 3 creatives. (Smaller campaigns, about 300 messages per
-/// creative in the first batch, let targeting-only, which learns one model
-/// from every message, beat the integrated model on the crm and nonlinear
-/// families: the per-creative models share no data.)
+/// batches, 3 creatives. (At this size, about 1,300 messages per creative
+/// in the first batch, targeting-only, which learns one model from every
+/// message, is level with the integrated model on the nonlinear family.)
 fn small(name: &str, seed: u64) -> Scenario {
     let mut s = Scenario::builtin(name).unwrap();
     s.seed = seed;
@@ -126,14 +125,14 @@ fn check_family(name: &str, margin: f64, over_targeting: f64) {
 }
 
 // Margins from the measured lift shares (3 seeds; printed by each test):
-// integrated 52-89 %, random about 0 %, explore-then-commit 5-10 %, so 30
+// integrated 53-88 %, random about 0 %, explore-then-commit 5-10 %, so 30
 // points against those two everywhere. Against targeting-only (spread over
-// seeds up to 20 points): about half the measured gap on the linear-world
-// families. On crm (76.7 vs 71.2, per seed -1.2, -1.5, +19.2) and
-// nonlinear (52.4 vs 52.5) the integrated model is *not* reliably better
-// at this size: its per-creative models share no data, while
-// targeting-only learns one model from every message (issue 14, open).
-// Those two assert only that it is not clearly worse.
+// seeds up to 25 points): about half the measured gap. On crm, since the
+// pooled creatives and the log transform of skewed columns, 82.8 vs 71.2
+// (per seed +0.5, +8.9, +25.2; before them 76.7 vs 71.2, per seed -1.2,
+// -1.5, +19.2), so 5 points. On nonlinear, 53.5 vs 52.5 (per seed -1.5,
+// -4.8, +9.2; before 52.4 vs 52.5): not reliably better at this size, so
+// it asserts only that it is not clearly worse (3 points).
 
 #[test]
 fn linear_family() {
@@ -142,12 +141,12 @@ fn linear_family() {
 
 #[test]
 fn crm_family() {
-    check_family("crm", 30.0, -3.0);
+    check_family("crm", 30.0, 5.0);
 }
 
 #[test]
 fn nonlinear_family() {
-    check_family("nonlinear", 30.0, -5.0);
+    check_family("nonlinear", 30.0, -3.0);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::scoring::{Moments, Scorer};
 use super::{check_creatives, check_outcome_creatives, PlanContext, Policy, PolicyError};
 use crate::data::{Candidates, Decisions, OutcomeRow, Outcomes};
-use crate::model::{GaussianWeights, Link, Prior};
+use crate::model::{GaussianWeights, Link, PooledWeights, Prior};
 
 /// How the posterior-sampling policies model responses and estimate
 /// propensities.
@@ -39,6 +39,84 @@ pub struct ModelConfig {
     /// (see [`Expansion`]). Absent in a recorded spec: the default.
     #[serde(default)]
     pub expansion: Expansion,
+    /// Whether the integrated policy's creatives share what their
+    /// responses have in common (see [`Pooling`]). Absent in a recorded
+    /// spec: the default.
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// Transforms of skewed columns the integrated model may use (see
+    /// [`Transform`]). Absent in a recorded spec: the default.
+    #[serde(default)]
+    pub transform: Transform,
+}
+
+/// Column transforms the integrated model tries, next to the columns as
+/// given.
+///
+/// As TOML: `transform = { kind = "log-skewed" }` or
+/// `transform = { kind = "none" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Transform {
+    /// The columns as given (and the [`Expansion`]'s hinges on them).
+    None,
+    /// At the first outcomes the model learns from, every column whose
+    /// values there are right-skewed (sample skewness at least
+    /// [`Transform::SKEW`], more than 4 distinct values: days since the
+    /// last visit, counts, amounts of money) is replaced by
+    /// `ln(1 + x − lo)`, `lo` its smallest value there (values below `lo`
+    /// count as `lo`). A model of the transformed columns is learned next
+    /// to the plain one and plans only while its evidence is the highest;
+    /// the [`Expansion`]'s hinges are then placed on the transformed
+    /// columns too. Without skewed columns nothing changes.
+    LogSkewed,
+}
+
+impl Transform {
+    /// The sample skewness from which a column counts as skewed.
+    pub const SKEW: f64 = 1.0;
+}
+
+impl Default for Transform {
+    /// [`Transform::LogSkewed`]: +2.3 points on the crm family, nothing
+    /// changed where no column is skewed (see `docs/decision-quality.md`).
+    fn default() -> Self {
+        Transform::LogSkewed
+    }
+}
+
+/// How the integrated policy's per-creative models share data.
+///
+/// As TOML: `pooling = { kind = "shared", own = 0.25 }` or
+/// `pooling = { kind = "none" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Pooling {
+    /// Each creative's weights learned from its own outcomes only.
+    None,
+    /// Creative `c`'s weights are `s + δ_c`: a part shared by every
+    /// creative, learned from every outcome, plus the creative's own
+    /// deviation (see [`PooledWeights`]). Each creative's prior is still
+    /// [`ModelConfig::prior`]; `own` is the share of its variance that is
+    /// the creative's own, so `1 − own` is the prior correlation of two
+    /// creatives' weights. Only the integrated policy pools; targeting
+    /// models one creative.
+    Shared {
+        /// The creatives' own share of the prior variance, 0.01 to 0.99.
+        own: f64,
+    },
+}
+
+impl Default for Pooling {
+    /// [`Pooling::Shared`] with `own = 0.1`: measured on the crm,
+    /// nonlinear, sparse, drifting and linear families and the peers'
+    /// populations, level or better on each (most on nonlinear, +1.6
+    /// points; see `docs/decision-quality.md`).
+    fn default() -> Self {
+        Pooling::Shared { own: 0.1 }
+    }
 }
 
 /// Extra model columns built from the user's features: a richer function
@@ -155,6 +233,8 @@ impl Default for ModelConfig {
             random_first_batch: false,
             scoring: Scoring::default(),
             expansion: Expansion::default(),
+            pooling: Pooling::default(),
+            transform: Transform::default(),
         }
     }
 }
@@ -167,6 +247,13 @@ impl ModelConfig {
         if let Expansion::Hinges { knots } = self.expansion {
             if !(1..=8).contains(&knots) {
                 return Err(PolicyError::Config("hinge knots must be 1 to 8"));
+            }
+        }
+        if let Pooling::Shared { own } = self.pooling {
+            if !(0.01..=0.99).contains(&own) {
+                return Err(PolicyError::Config(
+                    "pooling's own share must be 0.01 to 0.99",
+                ));
             }
         }
         self.scoring.check()
@@ -263,6 +350,17 @@ pub struct Integrated {
     /// updates since the expanded model exists).
     #[serde(default)]
     plain_evidence: f64,
+    /// The joint posterior of the plain models when they are pooled
+    /// ([`ModelConfig::pooling`]); `models` are then its marginals. `None`
+    /// without pooling (and in states recorded before pooling existed,
+    /// which keep learning per creative).
+    #[serde(default)]
+    pooled: Option<PooledWeights>,
+    /// The model over log-transformed skewed columns
+    /// ([`ModelConfig::transform`]), once the first outcomes fixed them
+    /// (created with `expanded`, over the same outcomes).
+    #[serde(default)]
+    logged: Option<Expanded>,
 }
 
 /// The integrated model over expanded columns, kept next to the plain one.
@@ -272,6 +370,9 @@ struct Expanded {
     models: Vec<GaussianWeights>,
     /// Log evidence, over the same outcomes as `plain_evidence`.
     evidence: f64,
+    /// The joint posterior when pooled (`models` its marginals).
+    #[serde(default)]
+    pooled: Option<PooledWeights>,
 }
 
 /// Hinge columns `max(0, x_j − q)` (see [`Expansion::Hinges`]).
@@ -279,14 +380,19 @@ struct Expanded {
 struct Hinges {
     /// The user's own feature count.
     base: usize,
-    /// `(column, knot)` per extra column.
+    /// `(column, knot)` per extra column (on the transformed column).
     knots: Vec<(u16, f32)>,
+    /// `(column, lo)`: columns replaced by `ln(1 + max(0, x − lo))`.
+    #[serde(default)]
+    logs: Vec<(u16, f32)>,
 }
 
 impl Hinges {
     /// Knots at quantiles of each column's values in `outcomes` (at most
-    /// the first 20,000 rows with trials).
-    fn fit(outcomes: &Outcomes, knots: u8) -> Self {
+    /// the first 20,000 rows with trials); with `log_skewed`, skewed
+    /// columns log-transformed first (see [`Transform::LogSkewed`]). No
+    /// hinges with `knots = 0`.
+    fn fit(outcomes: &Outcomes, knots: u8, log_skewed: bool) -> Self {
         let d = outcomes.dim();
         let rows: Vec<&[f32]> = outcomes
             .rows()
@@ -298,6 +404,7 @@ impl Hinges {
             .min(Candidates::MAX_DIM)
             .saturating_sub(d);
         let mut numeric = Vec::new();
+        let mut logs = Vec::new();
         let mut values = Vec::with_capacity(rows.len());
         for j in 0..d {
             values.clear();
@@ -305,7 +412,17 @@ impl Hinges {
             values.sort_unstable_by(f32::total_cmp);
             let mut distinct = values.clone();
             distinct.dedup();
-            if distinct.len() > usize::from(knots) + 2 {
+            if log_skewed && distinct.len() > 4 && skewness(&values) >= Transform::SKEW {
+                let lo = values[0];
+                logs.push((j as u16, lo));
+                for v in values.iter_mut() {
+                    *v = log_shift(*v, lo);
+                }
+                for v in distinct.iter_mut() {
+                    *v = log_shift(*v, lo);
+                }
+            }
+            if knots > 0 && distinct.len() > usize::from(knots) + 2 {
                 numeric.push((j, values.clone(), distinct[0], distinct[distinct.len() - 1]));
             }
         }
@@ -325,7 +442,13 @@ impl Hinges {
         Self {
             base: d,
             knots: out,
+            logs,
         }
+    }
+
+    /// Whether the columns are the user's own (nothing to learn apart).
+    fn is_identity(&self) -> bool {
+        self.knots.is_empty() && self.logs.is_empty()
     }
 
     /// The expanded dimension.
@@ -333,14 +456,19 @@ impl Hinges {
         self.base + self.knots.len()
     }
 
-    /// Appends `x` and its hinge columns to `out`.
+    /// Appends `x` (its skewed columns transformed) and its hinge
+    /// columns to `out`.
     fn extend(&self, x: &[f32], out: &mut Vec<f32>) {
+        let start = out.len();
         out.extend_from_slice(x);
-        out.extend(
-            self.knots
-                .iter()
-                .map(|&(j, q)| (x[usize::from(j)] - q).max(0.0)),
-        );
+        for &(j, lo) in &self.logs {
+            let v = &mut out[start + usize::from(j)];
+            *v = log_shift(*v, lo);
+        }
+        for &(j, q) in &self.knots {
+            let v = out[start + usize::from(j)];
+            out.push((v - q).max(0.0));
+        }
     }
 
     fn outcomes(&self, o: &Outcomes) -> Result<Outcomes, PolicyError> {
@@ -365,6 +493,32 @@ impl Hinges {
     }
 }
 
+/// `ln(1 + max(0, x − lo))`.
+fn log_shift(x: f32, lo: f32) -> f32 {
+    (x - lo).max(0.0).ln_1p()
+}
+
+/// The sample skewness of `v` (0 when it is constant or empty).
+fn skewness(v: &[f32]) -> f64 {
+    let n = v.len() as f64;
+    if v.is_empty() {
+        return 0.0;
+    }
+    let m = v.iter().map(|&a| f64::from(a)).sum::<f64>() / n;
+    let (mut m2, mut m3) = (0.0, 0.0);
+    for &a in v {
+        let d = f64::from(a) - m;
+        m2 += d * d;
+        m3 += d * d * d;
+    }
+    let (m2, m3) = (m2 / n, m3 / n);
+    if m2 <= 1e-12 {
+        0.0
+    } else {
+        m3 / m2.powf(1.5)
+    }
+}
+
 impl Integrated {
     /// The prior model for `creatives` creatives and `features` features.
     pub fn new(
@@ -383,6 +537,8 @@ impl Integrated {
             ids: (0..creatives as u16).collect(),
             expanded: None,
             plain_evidence: 0.0,
+            pooled: pooled_prior(features, creatives, &config)?,
+            logged: None,
         })
     }
 
@@ -399,10 +555,17 @@ impl Integrated {
         self.chosen_expansion().is_some()
     }
 
+    /// The alternative model with the highest evidence, if above the
+    /// plain model's.
     fn chosen_expansion(&self) -> Option<&Expanded> {
-        self.expanded
-            .as_ref()
-            .filter(|e| !e.hinges.knots.is_empty() && e.evidence > self.plain_evidence)
+        [self.expanded.as_ref(), self.logged.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|e| !e.hinges.is_identity() && e.evidence > self.plain_evidence)
+            .fold(None, |best: Option<&Expanded>, e| match best {
+                Some(b) if b.evidence >= e.evidence => Some(b),
+                _ => Some(e),
+            })
     }
 
     /// The configuration.
@@ -440,6 +603,29 @@ impl Integrated {
                 Link::Linear { .. } => m.mean_score(&x),
             })
             .collect()
+    }
+
+    /// A model over `hinges`' columns, learned from its prior on
+    /// `outcomes` (none when the columns are the user's own).
+    fn alternative(&self, hinges: Hinges, outcomes: &Outcomes) -> Result<Expanded, PolicyError> {
+        let mut models = Vec::new();
+        let mut evidence = 0.0;
+        let mut pooled = None;
+        if !hinges.is_identity() {
+            let prior = GaussianWeights::new(hinges.dim(), &self.config.prior)?;
+            models = vec![prior; self.models.len()];
+            if self.pooled.is_some() {
+                pooled = pooled_prior(hinges.dim(), self.models.len(), &self.config)?;
+            }
+            let o = hinges.outcomes(outcomes)?;
+            evidence = learn(&mut models, &mut pooled, &self.ids, self.config.link, &o)?;
+        }
+        Ok(Expanded {
+            hinges,
+            models,
+            evidence,
+            pooled,
+        })
     }
 
     /// Plans greedily with the posterior means (no draw, propensity 1):
@@ -496,6 +682,44 @@ fn update_models(
     Ok(evidence)
 }
 
+/// The pooled prior for the configured [`Pooling`] (`None` without).
+fn pooled_prior(
+    features: usize,
+    creatives: usize,
+    config: &ModelConfig,
+) -> Result<Option<PooledWeights>, PolicyError> {
+    Ok(match config.pooling {
+        Pooling::Shared { own } => {
+            Some(PooledWeights::new(features, creatives, &config.prior, own)?)
+        }
+        Pooling::None => None,
+    })
+}
+
+/// Updates per-creative models, or their pooled posterior and then the
+/// models as its marginals, all or none; returns the log evidence.
+fn learn(
+    models: &mut [GaussianWeights],
+    pooled: &mut Option<PooledWeights>,
+    ids: &[u16],
+    link: Link,
+    outcomes: &Outcomes,
+) -> Result<f64, PolicyError> {
+    match pooled {
+        Some(p) => {
+            check_dim(p.features(), outcomes.dim())?;
+            let rows: Vec<OutcomeRow<'_>> = outcomes.rows().collect();
+            let mut next = p.clone();
+            let evidence = next.update(link, &rows)?.log_evidence;
+            let marginals = next.marginals()?;
+            models.clone_from_slice(&marginals);
+            *p = next;
+            Ok(evidence)
+        }
+        None => update_models(models, ids, link, outcomes),
+    }
+}
+
 impl Policy for Integrated {
     fn name(&self) -> &str {
         "integrated"
@@ -510,45 +734,46 @@ impl Policy for Integrated {
         check_dim(self.models[0].features(), outcomes.dim())?;
         let link = self.config.link;
         let mut plain = self.models.clone();
-        let plain_ev = update_models(&mut plain, &self.ids, link, outcomes)?;
+        let mut pooled = self.pooled.clone();
+        let plain_ev = learn(&mut plain, &mut pooled, &self.ids, link, outcomes)?;
         let knots = match self.config.expansion {
             Expansion::Hinges { knots } => knots,
             _ => 0,
         };
+        let log_skewed = self.config.transform == Transform::LogSkewed;
         let mut expanded = self.expanded.clone();
-        match &mut expanded {
-            Some(e) if !e.hinges.knots.is_empty() => {
-                let o = e.hinges.outcomes(outcomes)?;
-                e.evidence += update_models(&mut e.models, &self.ids, link, &o)?;
+        let mut logged = self.logged.clone();
+        let first = expanded.is_none()
+            && logged.is_none()
+            && (knots > 0 || log_skewed)
+            && outcomes.rows().any(|r| r.trials > 0);
+        if first {
+            // The first outcomes fix the alternative models' columns; they
+            // learn from their priors, on the same outcomes as the plain
+            // one from here on.
+            if knots > 0 {
+                expanded =
+                    Some(self.alternative(Hinges::fit(outcomes, knots, log_skewed), outcomes)?);
             }
-            Some(_) => {}
-            None if knots > 0 && outcomes.rows().any(|r| r.trials > 0) => {
-                // The first outcomes fix the expanded columns; the
-                // expanded model learns from its prior, on the same
-                // outcomes as the plain one from here on.
-                let hinges = Hinges::fit(outcomes, knots);
-                let mut models = Vec::new();
-                let mut evidence = 0.0;
-                if !hinges.knots.is_empty() {
-                    let prior = GaussianWeights::new(hinges.dim(), &self.config.prior)?;
-                    models = vec![prior; self.models.len()];
-                    let o = hinges.outcomes(outcomes)?;
-                    evidence = update_models(&mut models, &self.ids, link, &o)?;
+            if log_skewed {
+                logged = Some(self.alternative(Hinges::fit(outcomes, 0, true), outcomes)?);
+            }
+            self.plain_evidence = 0.0;
+        } else {
+            for e in [&mut expanded, &mut logged].into_iter().flatten() {
+                if !e.hinges.is_identity() {
+                    let o = e.hinges.outcomes(outcomes)?;
+                    e.evidence += learn(&mut e.models, &mut e.pooled, &self.ids, link, &o)?;
                 }
-                self.plain_evidence = 0.0;
-                expanded = Some(Expanded {
-                    hinges,
-                    models,
-                    evidence,
-                });
             }
-            None => {}
         }
         self.models = plain;
-        if expanded.is_some() {
+        self.pooled = pooled;
+        if expanded.is_some() || logged.is_some() {
             self.plain_evidence += plain_ev;
         }
         self.expanded = expanded;
+        self.logged = logged;
         Ok(())
     }
 
@@ -685,5 +910,104 @@ impl Policy for Targeting {
             &self.config,
             rng,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Users with a skewed column (exponential, mean 40: days since the
+    /// last visit), a normal one and a flag; the truth is logistic in
+    /// `ln(1 + days)` for creative 0 and flat for creative 1.
+    fn outcomes(n: usize, seed: u64) -> Outcomes {
+        let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let mut o = Outcomes::new(3).unwrap();
+        for i in 0..n {
+            let days = (-40.0 * (1.0 - r.random::<f64>()).ln()).floor();
+            let z: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut r);
+            let flag = f64::from(u8::from(r.random_bool(0.3)));
+            let c = (i % 2) as u16;
+            let logit = if c == 0 {
+                2.0 - 1.5 * (1.0 + days).ln() + 0.3 * z
+            } else {
+                -3.0 + 0.3 * z
+            };
+            let y = r.random::<f64>() < crate::model::sigmoid(logit);
+            o.push(c, &[days as f32, z as f32, flag as f32], 1, u32::from(y))
+                .unwrap();
+        }
+        o
+    }
+
+    #[test]
+    fn skewed_columns_are_logged_and_others_left_alone() {
+        let o = outcomes(4_000, 1);
+        let h = Hinges::fit(&o, 0, true);
+        assert!(h.knots.is_empty());
+        assert_eq!(h.logs.len(), 1, "{:?}", h.logs);
+        assert_eq!(h.logs[0], (0, 0.0));
+        let mut x = Vec::new();
+        h.extend(&[9.0, -1.5, 1.0], &mut x);
+        assert_eq!(x, vec![10f32.ln(), -1.5, 1.0]);
+        // Hinges of the expanded model sit on the log scale.
+        let e = Hinges::fit(&o, 2, true);
+        assert_eq!(e.logs, h.logs);
+        let knots0: Vec<f32> = e.knots.iter().filter(|k| k.0 == 0).map(|k| k.1).collect();
+        assert!(!knots0.is_empty() && knots0.iter().all(|&q| q > 0.0 && q < 7.0));
+        // Without the transform, or without skewed columns, nothing.
+        assert!(Hinges::fit(&o, 0, false).is_identity());
+        let mut flat = Outcomes::new(2).unwrap();
+        for r in o.rows() {
+            flat.push(r.creative, &r.x[1..], r.trials, r.successes)
+                .unwrap();
+        }
+        assert!(Hinges::fit(&flat, 0, true).is_identity());
+    }
+
+    #[test]
+    fn the_logged_model_plans_when_its_evidence_is_higher() {
+        let cfg = ModelConfig {
+            expansion: Expansion::None,
+            ..ModelConfig::default()
+        };
+        let mut p = Integrated::new(2, 3, cfg).unwrap();
+        for seed in 0..3 {
+            p.update(&outcomes(5_000, 10 + seed)).unwrap();
+        }
+        let logged = p.logged.as_ref().unwrap();
+        assert!(logged.evidence > p.plain_evidence + 10.0);
+        assert!(p.uses_expansion());
+        // Its expected response follows the truth's curve in days.
+        let (a, b) = (
+            p.expected_response(&[1.0, 0.0, 0.0])[0],
+            p.expected_response(&[200.0, 0.0, 0.0])[0],
+        );
+        let truth = |d: f64| crate::model::sigmoid(2.0 - 1.5 * (1.0 + d).ln());
+        assert!((a - truth(1.0)).abs() < 0.05, "{a} vs {}", truth(1.0));
+        assert!((b - truth(200.0)).abs() < 0.01, "{b} vs {}", truth(200.0));
+        // Same state, same plan; serde keeps the alternative models.
+        let json = serde_json::to_string(&p).unwrap();
+        let back: Integrated = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn recorded_configs_without_the_new_fields_get_the_defaults() {
+        let mut v = serde_json::to_value(ModelConfig::default()).unwrap();
+        let m = v.as_object_mut().unwrap();
+        m.remove("pooling");
+        m.remove("transform");
+        let c: ModelConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(c, ModelConfig::default());
+        assert_eq!(c.pooling, Pooling::Shared { own: 0.1 });
+        assert_eq!(c.transform, Transform::LogSkewed);
+        let bad = ModelConfig {
+            pooling: Pooling::Shared { own: 1.0 },
+            ..ModelConfig::default()
+        };
+        assert!(Integrated::new(2, 3, bad).is_err());
     }
 }
