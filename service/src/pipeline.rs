@@ -462,6 +462,10 @@ impl KeyValueStore for HookedStore {
     fn limits(&self) -> StoreLimits {
         self.inner.limits()
     }
+
+    fn writes_block(&self) -> bool {
+        self.inner.writes_block()
+    }
 }
 
 /// A pipeline output read back from the log.

@@ -91,3 +91,89 @@ async fn another_task_runs_while_commits_are_under_way() {
     );
     assert_eq!(q.len().await.unwrap(), 0);
 }
+
+/// A source of `n` records, each a key and a value of the `In` input.
+struct Counted {
+    n: u64,
+}
+
+#[async_trait::async_trait]
+impl smartmsg_engine::stream::Source for Counted {
+    async fn read(
+        &mut self,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<smartmsg_engine::stream::SourceRecord>, smartmsg_engine::stream::SourceError>
+    {
+        use smartmsg_engine::stream::StateCodec;
+        Ok((from..self.n.min(from + max as u64))
+            .map(|i| smartmsg_engine::stream::SourceRecord {
+                position: i,
+                input: "In".into(),
+                key: Bytes::from(((i % 64) as u32).to_bytes()),
+                value: Bytes::from(i.to_bytes()),
+                timestamp_ms: i,
+            })
+            .collect())
+    }
+}
+
+/// A sink that keeps nothing.
+struct Discard;
+
+#[async_trait::async_trait]
+impl smartmsg_engine::stream::Sink for Discard {
+    async fn send(
+        &mut self,
+        _runner: &str,
+        _records: &[smartmsg_engine::stream::OutputRecord],
+    ) -> Result<(), smartmsg_engine::stream::SinkError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn another_task_runs_while_a_stream_runner_commits_to_redb() {
+    use smartmsg_engine::stream::{RunnerConfig, StreamRunner, Topology};
+    let dir = tempfile::tempdir().unwrap();
+    let store = smartmsg_embedded::RedbStore::open(dir.path().join("state.redb")).unwrap();
+    let t = Topology::new();
+    t.stream::<u32, u64>("In").to_table("last");
+    let mut runner = StreamRunner::open(
+        t,
+        Arc::new(store),
+        Counted { n: 2_000 },
+        Discard,
+        RunnerConfig::new("r").with_batch(100),
+    )
+    .unwrap();
+    let turns = Arc::new(AtomicU64::new(0));
+    let counter = {
+        let turns = turns.clone();
+        tokio::spawn(async move {
+            loop {
+                turns.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    tokio::task::yield_now().await;
+    let mut stalled = Vec::new();
+    for i in 0..20 {
+        let mut records = 0;
+        let moved = moved_during(&turns, async {
+            records = runner.step().await.unwrap().records;
+        })
+        .await;
+        assert_eq!(records, 100, "step {i}");
+        if !moved {
+            stalled.push(i);
+        }
+    }
+    counter.abort();
+    assert_eq!(runner.position(), 2_000);
+    assert!(
+        stalled.is_empty(),
+        "these steps' commits held the runtime's only thread: {stalled:?}"
+    );
+}

@@ -215,4 +215,8 @@ impl KeyValueStore for InMemoryStore {
     fn limits(&self) -> StoreLimits {
         self.limits
     }
+
+    fn writes_block(&self) -> bool {
+        false
+    }
 }

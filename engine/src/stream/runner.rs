@@ -316,6 +316,24 @@ impl Checkpoint {
     }
 }
 
+/// Commits `batch` to `store`: on tokio's blocking pool when the store's
+/// writes block (a file commit and its fsync must not hold an async worker
+/// thread, where timers and other tasks run), in place for a store in
+/// memory or outside a tokio runtime.
+async fn commit_batch(store: Arc<dyn KeyValueStore>, batch: WriteBatch) -> Result<(), StoreError> {
+    if !store.writes_block() {
+        return store.write(&batch);
+    }
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return store.write(&batch);
+    };
+    match handle.spawn_blocking(move || store.write(&batch)).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(StoreError::Backend(BackendError::new(e))),
+    }
+}
+
 impl<S: Source, K: Sink> StreamRunner<S, K> {
     /// Builds `topology`, restores its state and checkpoint from `store`,
     /// and prepares to re-deliver what the last commit left in the outbox
@@ -459,7 +477,7 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
             meta: self.task.meta(),
         };
         batch.put(META_SPACE, self.name.as_bytes(), cp.encode());
-        if let Err(e) = self.store.write(&batch) {
+        if let Err(e) = commit_batch(Arc::clone(&self.store), batch).await {
             self.poisoned = true;
             return Err(e.into());
         }

@@ -98,6 +98,10 @@ impl KeyValueStore for ScopedStore {
     fn limits(&self) -> StoreLimits {
         self.inner.limits()
     }
+
+    fn writes_block(&self) -> bool {
+        self.inner.writes_block()
+    }
 }
 
 #[cfg(test)]

@@ -362,6 +362,14 @@ pub trait KeyValueStore: Send + Sync {
     fn limits(&self) -> StoreLimits {
         StoreLimits::default()
     }
+
+    /// Whether [`write`](Self::write) blocks the calling thread on I/O (a
+    /// file commit, an fsync). The stream runner then commits on tokio's
+    /// blocking pool rather than on an async worker thread. Default `true`;
+    /// a store in memory says `false`.
+    fn writes_block(&self) -> bool {
+        true
+    }
 }
 
 impl<S: KeyValueStore + ?Sized> KeyValueStore for std::sync::Arc<S> {
@@ -391,6 +399,9 @@ impl<S: KeyValueStore + ?Sized> KeyValueStore for std::sync::Arc<S> {
     }
     fn limits(&self) -> StoreLimits {
         (**self).limits()
+    }
+    fn writes_block(&self) -> bool {
+        (**self).writes_block()
     }
 }
 
