@@ -70,6 +70,7 @@ pub async fn backend(config: &ServeConfig) -> Result<(Ports, Vec<Box<dyn Reactio
                 sender,
             }
         }
+        other => anyhow::bail!("this build does not know the backend {other:?}"),
     };
     Ok((ports, sources))
 }

@@ -14,10 +14,11 @@ pub struct SlateEvaluator;
 impl Evaluator for SlateEvaluator {
     fn evaluate(&self, input: EvaluationInput<'_>) -> Result<serde_json::Value, String> {
         let r = input.request;
-        let opts = Options {
-            bootstrap: r.bootstrap,
-            seed: r.seed,
-            ..Options::default()
+        let opts = {
+            let mut v = Options::default();
+            v.bootstrap = r.bootstrap;
+            v.seed = r.seed;
+            v
         };
         let targets: Vec<_> = r
             .policies

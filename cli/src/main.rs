@@ -386,7 +386,8 @@ fn import_cmd(file: &Path, dir: &Path) -> Result<std::process::ExitCode> {
 }
 
 fn replay_cmd(source: &Path, window_ms: u64, repeat: u32) -> Result<std::process::ExitCode> {
-    let options = smartmsg_simulator::replay::ReplayOptions { window_ms };
+    let mut options = smartmsg_simulator::replay::ReplayOptions::default();
+    options.window_ms = window_ms;
     let sources = if source.is_dir() {
         portable::find_logs(source)?
     } else {
@@ -436,13 +437,15 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<std::process::ExitCode> {
     if a.slate && a.policy.is_none() {
         bail!("--slate evaluates domain policies (--policy) on a campaign log");
     }
-    let opts = estimate::Options {
-        bootstrap: a.bootstrap,
-        confidence: a.confidence,
-        seed: a.bootstrap_seed,
-        switch_tau: a.switch_tau,
-        ridge: a.ridge,
-        min_rows: a.min_rows,
+    let opts = {
+        let mut v = estimate::Options::default();
+        v.bootstrap = a.bootstrap;
+        v.confidence = a.confidence;
+        v.seed = a.bootstrap_seed;
+        v.switch_tau = a.switch_tau;
+        v.ridge = a.ridge;
+        v.min_rows = a.min_rows;
+        v
     };
     let is_csv = a
         .logged
@@ -740,22 +743,18 @@ fn simulate(a: SimulateArgs) -> Result<std::process::ExitCode> {
         Arc::new(move |_p: PolicyName, _batch: u32| b.inc(1))
             as Arc<smartmsg_simulator::sim::Progress>
     });
-    let report = compare(
-        &scenario,
-        &pop,
-        &CompareOptions {
-            policies,
-            data_dir: data_dir.clone(),
-            queue: if a.in_memory_queue {
-                QueueKind::InMemory
-            } else {
-                QueueKind::Embedded
-            },
-            threads: threads(&a),
-            progress,
-            resume: a.resume,
-        },
-    )?;
+    let report = compare(&scenario, &pop, &{
+        let mut o = CompareOptions::new(policies, data_dir.clone());
+        o.queue = if a.in_memory_queue {
+            QueueKind::InMemory
+        } else {
+            QueueKind::Embedded
+        };
+        o.threads = threads(&a);
+        o.progress = progress;
+        o.resume = a.resume;
+        o
+    })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -825,17 +824,14 @@ fn seeds(a: SimulateArgs) -> Result<std::process::ExitCode> {
     } else {
         QueueKind::Embedded
     };
-    let outcomes = run_seeds(
-        &base,
-        &SeedsOptions {
-            first,
-            count,
-            policy,
-            queue,
-            threads: threads(&a),
-            progress,
-        },
-    );
+    let outcomes = run_seeds(&base, &{
+        let mut o = SeedsOptions::new(first, count);
+        o.policy = policy;
+        o.queue = queue;
+        o.threads = threads(&a);
+        o.progress = progress;
+        o
+    });
     if let Some(b) = bar {
         b.finish_and_clear();
     }

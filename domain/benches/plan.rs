@@ -116,9 +116,10 @@ fn main() {
         }
     }
 
-    let cfg = |draws| ModelConfig {
-        propensity_draws: draws,
-        ..ModelConfig::default()
+    let cfg = |draws| {
+        let mut v = ModelConfig::default();
+        v.propensity_draws = draws;
+        v
     };
     let mut integrated_1 = Integrated::new(CREATIVES, DIM, cfg(1)).unwrap();
     integrated_1.update(&per_user).unwrap();
@@ -179,13 +180,14 @@ fn main() {
     );
     // The scoring before issue 14 (one shared posterior draw, no
     // expansion), for comparison.
-    let old = |draws| ModelConfig {
-        propensity_draws: draws,
-        scoring: smartmsg_domain::Scoring::SharedDraw,
-        expansion: smartmsg_domain::Expansion::None,
-        pooling: smartmsg_domain::Pooling::None,
-        transform: smartmsg_domain::Transform::None,
-        ..ModelConfig::default()
+    let old = |draws| {
+        let mut v = ModelConfig::default();
+        v.propensity_draws = draws;
+        v.scoring = smartmsg_domain::Scoring::SharedDraw;
+        v.expansion = smartmsg_domain::Expansion::None;
+        v.pooling = smartmsg_domain::Pooling::None;
+        v.transform = smartmsg_domain::Transform::None;
+        v
     };
     let mut old_1 = Integrated::new(CREATIVES, DIM, old(1)).unwrap();
     old_1.update(&per_user).unwrap();
@@ -273,16 +275,13 @@ fn main() {
             black_box(m);
         },
     ));
-    let linear = Integrated::new(
-        CREATIVES,
-        DIM,
-        ModelConfig {
-            link: smartmsg_domain::Link::Linear {
-                noise_variance: 0.05,
-            },
-            ..cfg(1)
-        },
-    )
+    let linear = Integrated::new(CREATIVES, DIM, {
+        let mut c = cfg(1);
+        c.link = smartmsg_domain::Link::Linear {
+            noise_variance: 0.05,
+        };
+        c
+    })
     .unwrap();
     rows.push(measure(
         "update integrated (linear): 10,000 per-user outcomes",

@@ -163,6 +163,7 @@ impl Feedback {
 
 /// How a driver decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DriverConfig {
     /// Seeds the plans: batch `b` draws from a generator seeded by
     /// `(seed, stream, "plan", b)` ([`crate::rng::stream`]).

@@ -533,6 +533,7 @@ impl CampaignInfo {
 
 /// How the pipeline is set up.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct ReactionConfig {
     /// The feature dimension of user profiles.
     pub dim: usize,

@@ -126,6 +126,7 @@ impl Population {
 
 /// The campaign a [`run_campaign`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DriveConfig {
     /// Total messages.
     pub budget: u64,
@@ -135,6 +136,19 @@ pub struct DriveConfig {
     pub start_ms: u64,
     /// Between batches (ms).
     pub interval_ms: u64,
+}
+
+impl DriveConfig {
+    /// `budget` messages in `batches` batches, the first due at
+    /// `start_ms`, then one every `interval_ms`.
+    pub const fn new(budget: u64, batches: u32, start_ms: u64, interval_ms: u64) -> Self {
+        Self {
+            budget,
+            batches,
+            start_ms,
+            interval_ms,
+        }
+    }
 }
 
 /// Why [`run_campaign`] stopped.

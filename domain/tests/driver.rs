@@ -38,12 +38,14 @@ fn audience() -> Arc<Audience> {
 }
 
 fn config() -> DriverConfig {
-    DriverConfig {
-        seed: 7,
-        stream: 1,
-        window_ms: 60_000,
-        grace_ms: 10_000,
-        reaction_horizon_ms: HOUR,
+    {
+        let mut v = DriverConfig::default();
+        v.seed = 7;
+        v.stream = 1;
+        v.window_ms = 60_000;
+        v.grace_ms = 10_000;
+        v.reaction_horizon_ms = HOUR;
+        v
     }
 }
 

@@ -43,9 +43,10 @@ fn check_decisions(d: &Decisions, c: &Candidates, k: usize, creatives: usize) {
 }
 
 fn all_policies(creatives: usize, dim: usize) -> Vec<Box<dyn Policy>> {
-    let cfg = ModelConfig {
-        propensity_draws: 20,
-        ..ModelConfig::default()
+    let cfg = {
+        let mut v = ModelConfig::default();
+        v.propensity_draws = 20;
+        v
     };
     vec![
         Box::new(Random::new(creatives).unwrap()),
@@ -114,9 +115,10 @@ fn policies_refuse_mismatched_inputs() {
             got: 4
         })
     ));
-    let zero = ModelConfig {
-        propensity_draws: 0,
-        ..cfg
+    let zero = {
+        let mut v = cfg;
+        v.propensity_draws = 0;
+        v
     };
     assert!(matches!(
         Integrated::new(3, 4, zero),
@@ -223,9 +225,10 @@ fn propensities_match_choice_frequencies(
 
 #[test]
 fn integrated_propensities_estimate_choice_frequencies() {
-    let cfg = ModelConfig {
-        propensity_draws: 2000,
-        ..ModelConfig::default()
+    let cfg = {
+        let mut v = ModelConfig::default();
+        v.propensity_draws = 2000;
+        v
     };
     // A posterior with some information so choices are neither certain nor
     // uniform.
@@ -505,9 +508,10 @@ fn policies_serialise_with_their_models() {
 
 #[test]
 fn targeting_sends_only_its_creative_and_learns_only_from_it() {
-    let cfg = ModelConfig {
-        propensity_draws: 10,
-        ..ModelConfig::default()
+    let cfg = {
+        let mut c = ModelConfig::default();
+        c.propensity_draws = 10;
+        c
     };
     let mut t = Targeting::new(3, 2, 2, cfg).unwrap();
     let c = candidates(300, 2, 5);
@@ -549,9 +553,10 @@ fn optimistic_scoring_explores_near_the_cut_off() {
     // The default scoring randomises: with an informed posterior, some
     // chosen users have propensities strictly inside (0, 1), and the
     // same generator state gives the same plan.
-    let cfg = ModelConfig {
-        propensity_draws: 200,
-        ..ModelConfig::default()
+    let cfg = {
+        let mut c = ModelConfig::default();
+        c.propensity_draws = 200;
+        c
     };
     assert!(matches!(
         cfg.scoring,
@@ -576,10 +581,11 @@ fn optimistic_scoring_explores_near_the_cut_off() {
     assert!(d.iter().all(|(_, _, q)| q > 0.0 && q <= 1.0));
     assert_eq!(d, p.plan(&ctx, &c, 40, &mut rng(1)).unwrap());
     // The old scoring stays reachable, and also explores.
-    let old = ModelConfig {
-        scoring: smartmsg_domain::Scoring::SharedDraw,
-        expansion: smartmsg_domain::Expansion::None,
-        ..cfg
+    let old = {
+        let mut c = cfg;
+        c.scoring = smartmsg_domain::Scoring::SharedDraw;
+        c.expansion = smartmsg_domain::Expansion::None;
+        c
     };
     let mut q = Integrated::new(2, 3, old).unwrap();
     q.update(&o).unwrap();
@@ -589,20 +595,22 @@ fn optimistic_scoring_explores_near_the_cut_off() {
 
 #[test]
 fn bad_scoring_and_expansion_settings_are_refused() {
-    let bad = ModelConfig {
-        scoring: smartmsg_domain::Scoring::Optimistic {
+    let bad = {
+        let mut c = ModelConfig::default();
+        c.scoring = smartmsg_domain::Scoring::Optimistic {
             bonus: -1.0,
             noise: 0.5,
-        },
-        ..ModelConfig::default()
+        };
+        c
     };
     assert!(matches!(
         Integrated::new(2, 3, bad),
         Err(PolicyError::Config(_))
     ));
-    let bad = ModelConfig {
-        expansion: smartmsg_domain::Expansion::Hinges { knots: 0 },
-        ..ModelConfig::default()
+    let bad = {
+        let mut c = ModelConfig::default();
+        c.expansion = smartmsg_domain::Expansion::Hinges { knots: 0 };
+        c
     };
     assert!(matches!(
         Integrated::new(2, 3, bad),

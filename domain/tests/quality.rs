@@ -15,20 +15,14 @@ fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
 
-const DRIVE: DriveConfig = DriveConfig {
-    budget: 3_000,
-    batches: 10,
-    start_ms: 1_000,
-    interval_ms: 3_600_000,
-};
+const DRIVE: DriveConfig = DriveConfig::new(3_000, 10, 1_000, 3_600_000);
 
 fn model_config() -> ModelConfig {
-    ModelConfig {
-        // Propensities do not change the decisions; few draws keep the
-        // test quick in debug builds.
-        propensity_draws: 4,
-        ..ModelConfig::default()
-    }
+    let mut m = ModelConfig::default();
+    // Propensities do not change the decisions; few draws keep the test
+    // quick in debug builds.
+    m.propensity_draws = 4;
+    m
 }
 
 /// Three creatives, each best for its own segment of users.
@@ -109,11 +103,9 @@ fn thompson_concentrates_on_the_best_creative() {
         dim: 1,
     };
     let pop = Population::generate(30_000, truth, &mut rng(5)).unwrap();
-    let drive = DriveConfig {
-        budget: 15_000,
-        batches: 15,
-        ..DRIVE
-    };
+    let mut drive = DRIVE;
+    drive.budget = 15_000;
+    drive.batches = 15;
     let mut t = CreativeThompson::new(3, 1000).unwrap();
     let run = run_campaign(&mut t, &pop, &drive, &mut rng(6)).unwrap();
     let last: Vec<u32> = run.per_batch_creatives[10..]

@@ -54,9 +54,10 @@ fn spec(budget: u64, batches: u32) -> CampaignSpec {
 }
 
 fn model() -> ModelConfig {
-    ModelConfig {
-        random_first_batch: true,
-        ..ModelConfig::default()
+    {
+        let mut v = ModelConfig::default();
+        v.random_first_batch = true;
+        v
     }
 }
 

@@ -58,9 +58,10 @@ async fn main() -> anyhow::Result<()> {
             sizing,
         },
     };
-    let model = ModelConfig {
-        random_first_batch: true,
-        ..Default::default()
+    let model = {
+        let mut v = ModelConfig::default();
+        v.random_first_batch = true;
+        v
     };
     let policy = PolicySpec::Integrated { model };
     let mut setup = CampaignSetup::new("spring", spec, audience.clone(), policy);

@@ -66,6 +66,7 @@ pub(crate) const SUB_BITS: u32 = 24;
 /// The pipeline's settings for one campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct PipelineSettings {
     /// Window length (ms). Default one minute.
     pub window_ms: u64,

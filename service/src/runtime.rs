@@ -790,13 +790,12 @@ impl Runtime {
         let log = Arc::clone(&self.ports.log);
         let aud = Arc::new(read_audience(&*log, &reg).await?);
         let policy = self.build_policy(&reg, &aud)?;
-        let config = DriverConfig {
-            seed: reg.seed,
-            stream: reg.plan_stream,
-            window_ms: reg.pipeline.window_ms.max(1),
-            grace_ms: reg.pipeline.grace_ms,
-            reaction_horizon_ms: reg.reaction_horizon_ms,
-        };
+        let mut config = DriverConfig::default();
+        config.seed = reg.seed;
+        config.stream = reg.plan_stream;
+        config.window_ms = reg.pipeline.window_ms.max(1);
+        config.grace_ms = reg.pipeline.grace_ms;
+        config.reaction_horizon_ms = reg.reaction_horizon_ms;
         let mut driver = CampaignDriver::new(reg.id.clone(), config, policy, Arc::clone(&aud));
         if !self.removed.is_empty() {
             let removed: Vec<u32> = self.removed.keys().copied().collect();

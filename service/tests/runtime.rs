@@ -74,9 +74,10 @@ fn setup(id: &str, audience: Candidates) -> CampaignSetup {
         spec(),
         audience,
         PolicySpec::Integrated {
-            model: smartmsg_domain::ModelConfig {
-                propensity_draws: 4,
-                ..Default::default()
+            model: {
+                let mut v = smartmsg_domain::ModelConfig::default();
+                v.propensity_draws = 4;
+                v
             },
         },
     );

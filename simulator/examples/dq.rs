@@ -24,7 +24,7 @@
 use std::sync::Arc;
 
 use smartmsg_domain::{
-    Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy, Pooling, Scoring, Transform,
+    Expansion, Integrated, Outcomes, PlanContext, Policy, Pooling, Scoring, Transform,
 };
 use smartmsg_simulator::policies::model_config;
 use smartmsg_simulator::rng::{self, label, mix, unit};
@@ -182,13 +182,14 @@ fn main() {
         let (ra, oa) = (pop.random_expected(budget), pop.oracle_expected(budget));
         let mut line = format!("{src}:");
         for (i, (_, sc, ex, po, tf)) in variants.iter().enumerate() {
-            let cfg = ModelConfig {
-                propensity_draws: 1,
-                scoring: *sc,
-                expansion: *ex,
-                pooling: *po,
-                transform: *tf,
-                ..model_config(&s)
+            let cfg = {
+                let mut v = model_config(&s);
+                v.propensity_draws = 1;
+                v.scoring = *sc;
+                v.expansion = *ex;
+                v.pooling = *po;
+                v.transform = *tf;
+                v
             };
             let mut p = Integrated::new(s.campaign.creatives, pop.dim(), cfg).unwrap();
             let (e, best) = run(&s, &pop, &mut p);

@@ -80,19 +80,21 @@ impl FromStr for PolicyName {
 /// The model configuration of the posterior-sampling policies.
 pub fn model_config(scenario: &Scenario) -> ModelConfig {
     let p = &scenario.policies.prior;
-    ModelConfig {
-        link: Link::Logistic,
-        prior: Prior {
+    {
+        let mut v = ModelConfig::default();
+        v.link = Link::Logistic;
+        v.prior = Prior {
             intercept_mean: p.intercept_mean,
             intercept_variance: p.intercept_variance,
             weight_variance: p.weight_variance,
-        },
-        propensity_draws: scenario.policies.propensity_draws,
-        random_first_batch: scenario.policies.random_first_batch,
-        scoring: scenario.policies.scoring,
-        expansion: scenario.policies.expansion,
-        pooling: scenario.policies.pooling,
-        transform: scenario.policies.transform,
+        };
+        v.propensity_draws = scenario.policies.propensity_draws;
+        v.random_first_batch = scenario.policies.random_first_batch;
+        v.scoring = scenario.policies.scoring;
+        v.expansion = scenario.policies.expansion;
+        v.pooling = scenario.policies.pooling;
+        v.transform = scenario.policies.transform;
+        v
     }
 }
 

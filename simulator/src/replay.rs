@@ -454,6 +454,7 @@ impl Fold {
 
 /// How to replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReplayOptions {
     /// Unused: the pipeline's window length is in the log (each campaign's
     /// registration). Kept so that callers of earlier versions compile.

@@ -15,8 +15,10 @@ use crate::report::{PolicyRun, Report};
 use crate::scenario::Scenario;
 use crate::sim::{prepare_data_dir, run_policy, Progress, QueueKind, RunOptions};
 
-/// How to run a comparison.
+/// How to run a comparison: [`CompareOptions::new`], then adjust the
+/// fields.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct CompareOptions {
     /// The policies, in report order.
     pub policies: Vec<PolicyName>,
@@ -31,6 +33,26 @@ pub struct CompareOptions {
     /// Continue the runs found in `data_dir` (a killed simulation) instead
     /// of starting over.
     pub resume: bool,
+}
+
+/// Worker threads by default: the machine's cores.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl CompareOptions {
+    /// Runs `policies` under `data_dir`: the default queue, one thread a
+    /// core, no progress callback, fresh runs.
+    pub fn new(policies: Vec<PolicyName>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            policies,
+            data_dir: data_dir.into(),
+            queue: QueueKind::default(),
+            threads: default_threads(),
+            progress: None,
+            resume: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for CompareOptions {
@@ -169,8 +191,9 @@ impl SeedOutcome {
 /// Called after each seed of a `--seeds` run.
 pub type SeedProgress = dyn Fn(&SeedOutcome) + Send + Sync;
 
-/// How to run many seeds.
+/// How to run many seeds: [`SeedsOptions::new`], then adjust the fields.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct SeedsOptions {
     /// First seed.
     pub first: u64,
@@ -184,6 +207,21 @@ pub struct SeedsOptions {
     pub threads: usize,
     /// Called after each seed.
     pub progress: Option<Arc<SeedProgress>>,
+}
+
+impl SeedsOptions {
+    /// Seeds `first..first + count`, the policy rotating by seed, the
+    /// default queue, one thread a core, no progress callback.
+    pub fn new(first: u64, count: u64) -> Self {
+        Self {
+            first,
+            count,
+            policy: None,
+            queue: QueueKind::default(),
+            threads: default_threads(),
+            progress: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for SeedsOptions {

@@ -305,6 +305,7 @@ impl Default for PriorSpec {
 /// Policy settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
 pub struct PolicySettings {
     /// Monte Carlo draws for propensities (Thompson, targeting, integrated).
     pub propensity_draws: u32,

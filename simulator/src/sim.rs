@@ -75,8 +75,10 @@ pub enum QueueKind {
 /// Called after each batch is sent: (policy, batch).
 pub type Progress = dyn Fn(PolicyName, u32) + Send + Sync;
 
-/// How to run one policy's campaign.
+/// How to run one policy's campaign: [`RunOptions::new`], then adjust the
+/// fields.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct RunOptions {
     /// The policy.
     pub policy: PolicyName,
@@ -93,6 +95,21 @@ pub struct RunOptions {
     /// Continue the run found in `dir` (killed before it finished)
     /// instead of starting one.
     pub resume: bool,
+}
+
+impl RunOptions {
+    /// Runs `policy` in `dir`: the default queue, the scenario's own
+    /// faults only, no progress callback, a fresh run.
+    pub fn new(policy: PolicyName, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            policy,
+            dir: dir.into(),
+            queue: QueueKind::default(),
+            faults: FaultPlan::default(),
+            progress: None,
+            resume: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -277,14 +294,15 @@ pub fn campaign_setup(
     );
     s.seed = scenario.seed;
     s.plan_stream = Some(label(policy.as_str()));
-    s.pipeline = PipelineSettings {
-        window_ms: scenario.pipeline.window_ms,
-        grace_ms: scenario.pipeline.grace_ms,
-        accept_after_last_ms: scenario
+    s.pipeline = {
+        let mut v = PipelineSettings::default();
+        v.window_ms = scenario.pipeline.window_ms;
+        v.grace_ms = scenario.pipeline.grace_ms;
+        v.accept_after_last_ms = scenario
             .reactions
             .max_delay_ms
-            .saturating_add(7 * 24 * 3_600_000),
-        ..PipelineSettings::default()
+            .saturating_add(7 * 24 * 3_600_000);
+        v
     };
     s.reaction_horizon_ms = scenario.reactions.max_delay_ms;
     s

@@ -23,18 +23,12 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 fn run(s: &Scenario, dir: &Path) -> Vec<u8> {
     let pop = Arc::new(SimPopulation::generate(s).unwrap());
-    let report = compare(
-        s,
-        &pop,
-        &CompareOptions {
-            policies: PolicyName::ALL.to_vec(),
-            data_dir: dir.to_owned(),
-            queue: QueueKind::Embedded,
-            threads: 2,
-            progress: None,
-            resume: false,
-        },
-    )
+    let report = compare(s, &pop, &{
+        let mut o = CompareOptions::new(PolicyName::ALL.to_vec(), dir);
+        o.queue = QueueKind::Embedded;
+        o.threads = 2;
+        o
+    })
     .unwrap();
     assert!(report.violations().is_empty(), "{}", report.table(false));
     report.to_json()

@@ -35,18 +35,12 @@ fn run(policy: PolicyName, queue: QueueKind, faults: FaultPlan) -> smartmsg_simu
     let s = Scenario::small();
     let pop = Arc::new(SimPopulation::generate(&s).unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let run = run_policy(
-        &s,
-        &pop,
-        &RunOptions {
-            policy,
-            dir: dir.path().join("run"),
-            queue,
-            faults,
-            progress: None,
-            resume: false,
-        },
-    )
+    let run = run_policy(&s, &pop, &{
+        let mut o = RunOptions::new(policy, dir.path().join("run"));
+        o.queue = queue;
+        o.faults = faults;
+        o
+    })
     .unwrap();
     // The log of a faulted run replays with every check holding, the
     // reaction path's windows re-derived from the reactions' timestamps
@@ -113,17 +107,12 @@ fn a_crashed_run_decides_like_an_uncrashed_one() {
 
 #[test]
 fn fifty_seeds_with_random_faults_break_no_invariant() {
-    let outcomes = run_seeds(
-        &Scenario::small(),
-        &SeedsOptions {
-            first: 1,
-            count: 50,
-            policy: None,
-            queue: QueueKind::Embedded,
-            threads: 2,
-            progress: None,
-        },
-    );
+    let outcomes = run_seeds(&Scenario::small(), &{
+        let mut o = SeedsOptions::new(1, 50);
+        o.queue = QueueKind::Embedded;
+        o.threads = 2;
+        o
+    });
     assert_eq!(outcomes.len(), 50);
     let crashes: u64 = outcomes.iter().map(|o| o.crashes).sum();
     assert!(crashes > 20, "random plans crash: {crashes}");

@@ -11,7 +11,7 @@ use smartmsg_engine::{EventCodec, RecordedEvent};
 use smartmsg_simulator::ope::load;
 use smartmsg_simulator::portable;
 use smartmsg_simulator::replay::{replay, replay_events};
-use smartmsg_simulator::{run_policy, FaultPlan, PolicyName, RunOptions, Scenario, SimPopulation};
+use smartmsg_simulator::{run_policy, PolicyName, RunOptions, Scenario, SimPopulation};
 
 const BATCH: u64 = 400_000;
 
@@ -41,15 +41,8 @@ fn a_400k_batch_runs_end_to_end() {
     let run = run_policy(
         &scenario,
         &pop,
-        &RunOptions {
-            // Uniform selection, so that the log can be evaluated off-policy.
-            policy: PolicyName::Random,
-            dir: run_dir.clone(),
-            queue: Default::default(),
-            faults: FaultPlan::default(),
-            progress: None,
-            resume: false,
-        },
+        // Uniform selection, so that the log can be evaluated off-policy.
+        &RunOptions::new(PolicyName::Random, run_dir.clone()),
     )
     .unwrap();
     assert!(run.violations.is_empty(), "{:?}", run.violations);

@@ -102,15 +102,12 @@ fn intervals_cover_the_true_value_at_about_the_stated_rate() {
     let mut err = std::collections::BTreeMap::<String, f64>::new();
     for seed in 0..seeds {
         let (data, t) = simulate(seed, 800);
-        let est = estimate(
-            &data,
-            &t,
-            &Options {
-                bootstrap: 200,
-                seed,
-                ..Options::default()
-            },
-        )
+        let est = estimate(&data, &t, &{
+            let mut v = Options::default();
+            v.bootstrap = 200;
+            v.seed = seed;
+            v
+        })
         .unwrap();
         for e in est {
             if e.ci_low <= v && v <= e.ci_high {

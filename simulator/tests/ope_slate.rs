@@ -10,7 +10,7 @@ use smartmsg_embedded::EmbeddedLog;
 use smartmsg_simulator::ope::estimate::{Options, RewardModel};
 use smartmsg_simulator::ope::{load, slate};
 use smartmsg_simulator::portable;
-use smartmsg_simulator::{run_policy, FaultPlan, PolicyName, RunOptions, Scenario, SimPopulation};
+use smartmsg_simulator::{run_policy, PolicyName, RunOptions, Scenario, SimPopulation};
 
 struct Logged {
     scenario: Scenario,
@@ -27,14 +27,7 @@ fn random_log(seed: u64) -> Logged {
     run_policy(
         &scenario,
         &pop,
-        &RunOptions {
-            policy: PolicyName::Random,
-            dir: dir.path().join("run"),
-            queue: Default::default(),
-            faults: FaultPlan::default(),
-            progress: None,
-            resume: false,
-        },
+        &RunOptions::new(PolicyName::Random, dir.path().join("run")),
     )
     .unwrap();
     let events = tokio::runtime::Builder::new_current_thread()
@@ -58,10 +51,11 @@ fn random_log(seed: u64) -> Logged {
 }
 
 fn opts(seed: u64) -> Options {
-    Options {
-        bootstrap: 200,
-        seed,
-        ..Options::default()
+    {
+        let mut v = Options::default();
+        v.bootstrap = 200;
+        v.seed = seed;
+        v
     }
 }
 
@@ -158,13 +152,11 @@ fn too_few_rows_are_refused_with_a_reason() {
         3,
     )
     .unwrap();
-    let err = slate::estimate(
-        &target,
-        &Options {
-            min_rows: 1_000_000,
-            ..Options::default()
-        },
-    )
+    let err = slate::estimate(&target, &{
+        let mut v = Options::default();
+        v.min_rows = 1_000_000;
+        v
+    })
     .unwrap_err();
     assert!(err.to_string().contains("at least 1000000"), "{err}");
 }

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use smartmsg_embedded::EmbeddedLog;
 use smartmsg_engine::{AppendTx, EventLog, ExpectedVersion, Limits, Metadata, NewEvent, StreamId};
 use smartmsg_simulator::portable::{self, PortableError};
-use smartmsg_simulator::{run_policy, FaultPlan, PolicyName, RunOptions, Scenario, SimPopulation};
+use smartmsg_simulator::{run_policy, PolicyName, RunOptions, Scenario, SimPopulation};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -30,14 +30,7 @@ fn simulate(root: &std::path::Path) {
     let run = run_policy(
         &scenario,
         &pop,
-        &RunOptions {
-            policy: PolicyName::Integrated,
-            dir: root.join("integrated"),
-            queue: Default::default(),
-            faults: FaultPlan::default(),
-            progress: None,
-            resume: false,
-        },
+        &RunOptions::new(PolicyName::Integrated, root.join("integrated")),
     )
     .unwrap();
     assert!(run.violations.is_empty());

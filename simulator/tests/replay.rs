@@ -8,7 +8,7 @@ use smartmsg_embedded::EmbeddedLog;
 use smartmsg_engine::{EventCodec, RecordedEvent};
 use smartmsg_simulator::portable;
 use smartmsg_simulator::replay::{replay, replay_events};
-use smartmsg_simulator::{run_policy, FaultPlan, PolicyName, RunOptions, Scenario, SimPopulation};
+use smartmsg_simulator::{run_policy, PolicyName, RunOptions, Scenario, SimPopulation};
 
 fn simulate(dir: &std::path::Path) -> smartmsg_simulator::PolicyRun {
     let scenario = Scenario::small();
@@ -16,14 +16,7 @@ fn simulate(dir: &std::path::Path) -> smartmsg_simulator::PolicyRun {
     run_policy(
         &scenario,
         &pop,
-        &RunOptions {
-            policy: PolicyName::CreativeThompson,
-            dir: dir.to_owned(),
-            queue: Default::default(),
-            faults: FaultPlan::default(),
-            progress: None,
-            resume: false,
-        },
+        &RunOptions::new(PolicyName::CreativeThompson, dir.to_owned()),
     )
     .unwrap()
 }

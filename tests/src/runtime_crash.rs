@@ -42,10 +42,11 @@ pub fn setup(i: usize, start_ms: u64) -> CampaignSetup {
     };
     let policy = if i == 0 {
         PolicySpec::Integrated {
-            model: ModelConfig {
-                propensity_draws: 10,
-                random_first_batch: true,
-                ..ModelConfig::default()
+            model: {
+                let mut v = ModelConfig::default();
+                v.propensity_draws = 10;
+                v.random_first_batch = true;
+                v
             },
         }
     } else {
@@ -55,10 +56,11 @@ pub fn setup(i: usize, start_ms: u64) -> CampaignSetup {
     };
     let mut s = CampaignSetup::new(CAMPAIGNS[i], spec, audience, policy);
     s.seed = 9 + i as u64;
-    s.pipeline = PipelineSettings {
-        window_ms: 100,
-        grace_ms: 50,
-        ..PipelineSettings::default()
+    s.pipeline = {
+        let mut v = PipelineSettings::default();
+        v.window_ms = 100;
+        v.grace_ms = 50;
+        v
     };
     s.reaction_horizon_ms = 500;
     s

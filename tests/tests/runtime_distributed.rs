@@ -65,10 +65,11 @@ fn setup(start_ms: u64) -> CampaignSetup {
             propensity_draws: 100,
         },
     );
-    s.pipeline = PipelineSettings {
-        window_ms: 200,
-        grace_ms: 100,
-        ..PipelineSettings::default()
+    s.pipeline = {
+        let mut v = PipelineSettings::default();
+        v.window_ms = 200;
+        v.grace_ms = 100;
+        v
     };
     s.reaction_horizon_ms = 1_000;
     s

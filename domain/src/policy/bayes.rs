@@ -12,6 +12,7 @@ use crate::model::{GaussianWeights, Link, PooledWeights, Prior};
 /// How the posterior-sampling policies model responses and estimate
 /// propensities.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ModelConfig {
     /// The response link (logistic with Laplace updates, or linear).
     pub link: Link,

@@ -58,6 +58,7 @@ impl Default for ServeConfig {
 /// Where planned messages go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
 pub enum SenderConfig {
     /// One JSON Lines file per batch in `dir` (default `outbox`, relative
     /// to the working directory).
@@ -80,6 +81,7 @@ pub enum SenderConfig {
 /// Where the event log and the delay queue live.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
 pub enum BackendConfig {
     /// Everything in `data_dir`: the segment-file log, the redb timer
     /// wheel, redb snapshots and pipeline state.
@@ -128,6 +130,7 @@ impl Default for DistributedConfig {
 /// keep `name` stable across restarts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
 pub enum SourceConfig {
     /// JSON Lines files appearing in `dir` (see `JsonLinesSource`).
     JsonLines {

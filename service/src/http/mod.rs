@@ -92,9 +92,10 @@ pub struct CampaignDefinition {
 
 fn default_policy() -> PolicySpec {
     PolicySpec::Integrated {
-        model: smartmsg_domain::ModelConfig {
-            random_first_batch: true,
-            ..smartmsg_domain::ModelConfig::default()
+        model: {
+            let mut m = smartmsg_domain::ModelConfig::default();
+            m.random_first_batch = true;
+            m
         },
     }
 }

@@ -29,6 +29,7 @@ use super::{LoggedData, OpeError, TargetProbs};
 
 /// How to estimate.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Options {
     /// Bootstrap resamples.
     pub bootstrap: usize,
