@@ -27,6 +27,12 @@ impl Fnv1a {
         Self(OFFSET_BASIS)
     }
 
+    /// A hasher started from `basis` instead of the offset basis: for
+    /// seeded variants (the scheduler's job ids fold a seed into it).
+    pub const fn with_basis(basis: u64) -> Self {
+        Self(basis)
+    }
+
     /// Feeds `bytes`.
     pub fn write(&mut self, bytes: &[u8]) -> &mut Self {
         for &b in bytes {

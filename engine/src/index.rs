@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::append::{AppendResult, AppendTx, IdempotencyKey};
+use crate::bytes_in::{Input, InputError};
 use crate::error::AppendError;
 use crate::limits::Limits;
 use crate::stream_id::StreamId;
@@ -354,7 +355,7 @@ impl LogIndex {
     /// no stream or key appears twice, every key's result lies below the
     /// head, and nothing follows the encoding.
     pub fn decode(bytes: &[u8]) -> Result<Self, IndexDecodeError> {
-        let mut r = Cursor { buf: bytes, at: 0 };
+        let mut r = Cursor(Input::new(bytes));
         let magic = r.take(INDEX_MAGIC.len() + 1)?;
         if magic[..INDEX_MAGIC.len()] != INDEX_MAGIC {
             return Err(IndexDecodeError::BadMagic);
@@ -424,7 +425,7 @@ impl LogIndex {
         let mut keys = HashMap::with_capacity(key_count.min(1 << 16));
         for _ in 0..key_count {
             let key = IdempotencyKey::new(r.string()?);
-            let fingerprint = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+            let fingerprint = r.u64_le()?;
             let first_position = r.varint()?;
             let next_position = first_position
                 .checked_add(r.varint()?)
@@ -452,8 +453,8 @@ impl LogIndex {
                 )));
             }
         }
-        if r.at != bytes.len() {
-            return Err(IndexDecodeError::TrailingBytes(bytes.len() - r.at));
+        if !r.0.is_empty() {
+            return Err(IndexDecodeError::TrailingBytes(r.0.remaining()));
         }
         let mut key_order: Vec<(u64, IdempotencyKey)> = keys
             .iter()
@@ -521,59 +522,41 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    at: usize,
+/// The index's fields over the shared [`Input`], with its errors.
+struct Cursor<'a>(Input<'a>);
+
+fn index_err(e: InputError) -> IndexDecodeError {
+    match e {
+        // Where the input ends: the position plus what was left.
+        InputError::Short { at, left, .. } => IndexDecodeError::Truncated(at + left),
+        InputError::BadVarint { at, .. } => IndexDecodeError::BadVarint(at),
+        InputError::TooMany { count, at, .. } => IndexDecodeError::Inconsistent(format!(
+            "a count of {count} at byte {at} exceeds the bytes left"
+        )),
+    }
 }
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], IndexDecodeError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or(IndexDecodeError::Truncated(self.buf.len()))?;
-        let s = &self.buf[self.at..end];
-        self.at = end;
-        Ok(s)
+        self.0.take(n, "log index").map_err(index_err)
+    }
+
+    fn u64_le(&mut self) -> Result<u64, IndexDecodeError> {
+        self.0.u64_le("fingerprint").map_err(index_err)
     }
 
     fn varint(&mut self) -> Result<u64, IndexDecodeError> {
-        let start = self.at;
-        let mut v: u64 = 0;
-        for i in 0..10 {
-            let b = *self
-                .buf
-                .get(self.at)
-                .ok_or(IndexDecodeError::Truncated(self.buf.len()))?;
-            self.at += 1;
-            let bits = u64::from(b & 0x7f);
-            if i == 9 && bits > 1 {
-                return Err(IndexDecodeError::BadVarint(start));
-            }
-            v |= bits << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(IndexDecodeError::BadVarint(start))
+        self.0.varint("varint").map_err(index_err)
     }
 
     /// A count of items that each take at least one byte: never more than
     /// the bytes left, so that nothing is allocated for garbage counts.
     fn count(&mut self) -> Result<usize, IndexDecodeError> {
-        let at = self.at;
-        let n = self.varint()?;
-        if n > (self.buf.len() - self.at) as u64 {
-            return Err(IndexDecodeError::Inconsistent(format!(
-                "a count of {n} at byte {at} exceeds the bytes left"
-            )));
-        }
-        Ok(n as usize)
+        self.0.count("count").map_err(index_err)
     }
 
     fn string(&mut self) -> Result<&'a str, IndexDecodeError> {
-        let at = self.at;
+        let at = self.0.position();
         let n = self.count()?;
         std::str::from_utf8(self.take(n)?).map_err(|e| IndexDecodeError::BadString {
             at,
@@ -582,7 +565,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn stream_id(&mut self) -> Result<StreamId, IndexDecodeError> {
-        let at = self.at;
+        let at = self.0.position();
         StreamId::new(self.string()?).map_err(|e| IndexDecodeError::BadString {
             at,
             reason: e.to_string(),

@@ -17,6 +17,7 @@
 
 pub mod aggregate;
 pub mod append;
+pub mod bytes_in;
 pub mod clock;
 pub mod delay;
 pub mod delay_memory;

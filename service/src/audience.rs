@@ -6,6 +6,7 @@
 //! stays under the log's event limit.
 
 use smartmsg_domain::Candidates;
+use smartmsg_engine::bytes_in::{Input, InputError};
 use smartmsg_engine::{NewEvent, RecordedEvent};
 
 /// The event kind of an audience chunk.
@@ -56,8 +57,9 @@ pub fn decode_into(e: &RecordedEvent, into: &mut Option<Candidates>) -> Result<(
     if p.len() < HEADER || &p[..3] != MAGIC {
         return Err("not an audience chunk".into());
     }
-    let dim = usize::from(u16::from_le_bytes([p[3], p[4]]));
-    let n = u32::from_le_bytes([p[5], p[6], p[7], p[8]]) as usize;
+    let mut r = Input::new(&p[MAGIC.len()..]);
+    let dim = usize::from(r.u16_le("dimension").map_err(err)?);
+    let n = r.u32_le("row count").map_err(err)? as usize;
     let want = n
         .checked_mul(4 + 4 * dim)
         .and_then(|b| b.checked_add(HEADER))
@@ -78,21 +80,22 @@ pub fn decode_into(e: &RecordedEvent, into: &mut Option<Candidates>) -> Result<(
             c.dim()
         ));
     }
-    let users = &p[HEADER..HEADER + 4 * n];
-    let feats = &p[HEADER + 4 * n..];
+    let mut users = Input::new(r.take(4 * n, "users").map_err(err)?);
+    let mut feats = Input::new(r.rest());
     let mut row = Vec::with_capacity(dim);
-    for i in 0..n {
-        let u = u32::from_le_bytes(users[4 * i..4 * i + 4].try_into().map_err(|_| "short")?);
+    for _ in 0..n {
+        let u = users.u32_le("user").map_err(err)?;
         row.clear();
-        for j in 0..dim {
-            let k = 4 * (i * dim + j);
-            row.push(f32::from_le_bytes(
-                feats[k..k + 4].try_into().map_err(|_| "short")?,
-            ));
+        for _ in 0..dim {
+            row.push(feats.f32_le("feature").map_err(err)?);
         }
         c.push(u, &row).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+fn err(e: InputError) -> String {
+    format!("audience chunk: {e}")
 }
 
 #[cfg(test)]

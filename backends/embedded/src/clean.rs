@@ -21,6 +21,8 @@
 use std::io::Write as _;
 use std::path::Path;
 
+use smartmsg_engine::bytes_in::Input;
+
 use crate::error::{EmbeddedError, Result};
 
 /// The mark's file name in the log directory.
@@ -69,16 +71,12 @@ impl CleanMark {
         if crc32c::crc32c(&b[..LEN - 4]) != crc {
             return None;
         }
-        let word = |i: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(
-                b[4 + i * 8..12 + i * 8].try_into().ok()?,
-            ))
-        };
+        let mut i = Input::new(&b[4..LEN - 4]);
         Some(Self {
-            segment_first: word(0)?,
-            end: word(1)?,
-            head: word(2)?,
-            next_batch: word(3)?,
+            segment_first: i.u64_le("segment_first").ok()?,
+            end: i.u64_le("end").ok()?,
+            head: i.u64_le("head").ok()?,
+            next_batch: i.u64_le("next_batch").ok()?,
         })
     }
 }

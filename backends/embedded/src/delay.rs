@@ -70,6 +70,7 @@ use tokio::sync::mpsc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use smartmsg_engine::bytes_in::Input;
 use smartmsg_engine::delay::check_job;
 use smartmsg_engine::wheel::{Expired, TimerKey, TimerWheel};
 use smartmsg_engine::{
@@ -206,23 +207,23 @@ impl Rec {
         if b.len() < HEADER || b[0] != RECORD_VERSION {
             return None;
         }
-        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let state = match b[1] {
+        let mut i = Input::new(b);
+        i.u8("record version").ok()?;
+        let state = match i.u8("state").ok()? {
             0 => RecState::Pending,
             1 => RecState::Leased,
             _ => return None,
         };
-        Some((
-            Rec {
-                state,
-                due_ms: u64_at(2),
-                at: u64_at(10),
-                leased_at: u64_at(18),
-                delivery: u64_at(26),
-                attempts: u32::from_be_bytes(b[34..38].try_into().expect("4 bytes")),
-            },
-            &b[HEADER..],
-        ))
+        let rec = Rec {
+            state,
+            due_ms: i.u64_be("due").ok()?,
+            at: i.u64_be("at").ok()?,
+            leased_at: i.u64_be("leased at").ok()?,
+            delivery: i.u64_be("delivery").ok()?,
+            attempts: i.u32_be("attempts").ok()?,
+        };
+        debug_assert_eq!(i.position(), HEADER);
+        Some((rec, i.rest()))
     }
 }
 
@@ -246,8 +247,9 @@ fn split_key(k: &[u8]) -> Option<(u64, &str)> {
     if k.len() < 9 {
         return None;
     }
-    let at = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
-    std::str::from_utf8(&k[8..]).ok().map(|id| (at, id))
+    let mut i = Input::new(k);
+    let at = i.u64_be("due").ok()?;
+    std::str::from_utf8(i.rest()).ok().map(|id| (at, id))
 }
 
 fn encode_dead(d: &DeadLetter) -> Vec<u8> {
@@ -263,15 +265,11 @@ fn encode_dead(d: &DeadLetter) -> Vec<u8> {
 }
 
 fn decode_dead(b: &[u8]) -> Option<DeadLetter> {
-    let u32_at =
-        |i: usize| -> Option<u32> { Some(u32::from_be_bytes(b.get(i..i + 4)?.try_into().ok()?)) };
-    let attempts = u32_at(0)?;
-    let id_len = u32_at(4)? as usize;
-    let id = std::str::from_utf8(b.get(8..8 + id_len)?).ok()?;
-    let r_at = 8 + id_len;
-    let r_len = u32_at(r_at)? as usize;
-    let reason = std::str::from_utf8(b.get(r_at + 4..r_at + 4 + r_len)?).ok()?;
-    let payload = b.get(r_at + 4 + r_len..)?;
+    let mut i = Input::new(b);
+    let attempts = i.u32_be("attempts").ok()?;
+    let id = std::str::from_utf8(i.prefixed_u32_be("job id").ok()?).ok()?;
+    let reason = std::str::from_utf8(i.prefixed_u32_be("reason").ok()?).ok()?;
+    let payload = i.rest();
     Some(DeadLetter {
         id: if id.is_empty() {
             None

@@ -27,6 +27,7 @@
 //! transaction: the frame's CRC fails and recovery drops it whole.
 
 use bytes::Bytes;
+use smartmsg_engine::bytes_in::{Input, InputError};
 use smartmsg_engine::{AppendResult, AppendTx, IdempotencyKey, Metadata, RecordedEvent, StreamId};
 
 /// Marks the start of every frame ("SMF1").
@@ -71,9 +72,12 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, FrameError> {
     if buf.len() < HEADER_LEN {
         return Err(FrameError::Truncated);
     }
-    let magic = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes"));
-    let len = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
-    let crc = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+    let mut i = Input::new(buf);
+    let (magic, len, crc) = (
+        i.u32_le("frame magic").map_err(bad)?,
+        i.u32_le("frame length").map_err(bad)?,
+        i.u32_le("frame CRC").map_err(bad)?,
+    );
     if magic == 0 && len == 0 && crc == 0 {
         return Err(FrameError::End);
     }
@@ -189,21 +193,21 @@ pub struct BodyReader {
 impl BodyReader {
     /// Parses the fixed part of `body`.
     pub fn new(body: Bytes) -> Result<Self, FrameError> {
-        let mut r = Cursor { buf: &body, at: 0 };
-        let batch = r.u64()?;
-        let first_position = r.u64()?;
-        let key = match r.str16()? {
+        let mut r = Cursor(Input::new(&body));
+        let batch = r.u64("batch")?;
+        let first_position = r.u64("first position")?;
+        let key = match r.str16("idempotency key")? {
             None => None,
             Some(k) => {
                 let k = IdempotencyKey::new(k);
-                Some((k, r.u64()?))
+                Some((k, r.u64("fingerprint")?))
             }
         };
-        let count = r.u32()?;
+        let count = r.u32("event count")?;
         if count == 0 {
             return Err(FrameError::Bad("frame with no events".into()));
         }
-        let at = r.at;
+        let at = r.0.position();
         Ok(Self {
             buf: body,
             at,
@@ -233,33 +237,34 @@ impl BodyReader {
             return Ok(None);
         }
         let index = self.info.count - self.remaining;
-        let mut r = Cursor {
-            buf: &self.buf,
-            at: self.at,
-        };
-        let name_len = r.u8()? as usize;
-        let name = r.bytes(name_len)?;
+        let mut r = Cursor(Input::at_offset(&self.buf[self.at..], self.at));
+        let name = r.prefixed_u8("stream name")?;
         let stream = cache.get(name)?;
-        let version = r.u64()?;
+        let version = r.u64("version")?;
         let kind = r
-            .str16()?
+            .str16("kind")?
             .ok_or_else(|| FrameError::Bad("event without kind".into()))?
             .to_owned();
-        let schema = r.u16()?;
-        let timestamp_ms = r.u64()?;
-        let correlation_id = r.str16()?.map(str::to_owned);
-        let causation_id = r.str16()?.map(str::to_owned);
-        let payload_len = r.u32()? as usize;
-        let start = r.at;
-        r.bytes(payload_len)?;
-        let end = r.at;
+        let schema = r.u16("schema")?;
+        let timestamp_ms = r.u64("timestamp")?;
+        let correlation_id = r.str16("correlation id")?.map(str::to_owned);
+        let causation_id = r.str16("causation id")?.map(str::to_owned);
+        let payload_len = r.u32("payload length")? as usize;
+        let start = r.0.position();
+        r.bytes(payload_len, "payload")?;
+        let end = r.0.position();
         self.at = end;
         self.remaining -= 1;
         if version == 0 {
             return Err(FrameError::Bad("event version 0".into()));
         }
+        let position = self
+            .info
+            .first_position
+            .checked_add(u64::from(index))
+            .ok_or_else(|| FrameError::Bad("event position overflows".into()))?;
         Ok(Some(RecordedEvent {
-            position: self.info.first_position + u64::from(index),
+            position,
             stream,
             version,
             kind,
@@ -304,48 +309,40 @@ impl StreamCache {
     }
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    at: usize,
+/// A field past the end of the bytes: the body says more than it holds.
+fn bad(e: InputError) -> FrameError {
+    FrameError::Bad(format!("field runs past the frame: {e}"))
 }
 
+/// The frame's fields over the shared [`Input`].
+struct Cursor<'a>(Input<'a>);
+
 impl<'a> Cursor<'a> {
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
-        let end = self.at.checked_add(n).ok_or(FrameError::Truncated)?;
-        let s = self
-            .buf
-            .get(self.at..end)
-            .ok_or_else(|| FrameError::Bad("field runs past the frame".into()))?;
-        self.at = end;
-        Ok(s)
+    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FrameError> {
+        self.0.take(n, what).map_err(bad)
     }
-    fn u8(&mut self) -> Result<u8, FrameError> {
-        Ok(self.bytes(1)?[0])
+    fn prefixed_u8(&mut self, what: &'static str) -> Result<&'a [u8], FrameError> {
+        let n = self.0.u8(what).map_err(bad)?;
+        self.bytes(usize::from(n), what)
     }
-    fn u16(&mut self) -> Result<u16, FrameError> {
-        Ok(u16::from_le_bytes(
-            self.bytes(2)?.try_into().expect("2 bytes"),
-        ))
+    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
+        self.0.u16_le(what).map_err(bad)
     }
-    fn u32(&mut self) -> Result<u32, FrameError> {
-        Ok(u32::from_le_bytes(
-            self.bytes(4)?.try_into().expect("4 bytes"),
-        ))
+    fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
+        self.0.u32_le(what).map_err(bad)
     }
-    fn u64(&mut self) -> Result<u64, FrameError> {
-        Ok(u64::from_le_bytes(
-            self.bytes(8)?.try_into().expect("8 bytes"),
-        ))
+    fn u64(&mut self, what: &'static str) -> Result<u64, FrameError> {
+        self.0.u64_le(what).map_err(bad)
     }
-    fn str16(&mut self) -> Result<Option<&'a str>, FrameError> {
-        let n = self.u16()?;
+    fn str16(&mut self, what: &'static str) -> Result<Option<&'a str>, FrameError> {
+        let n = self.u16(what)?;
         if n == NONE16 {
             return Ok(None);
         }
-        let b = self.bytes(n as usize)?;
+        let b = self.bytes(usize::from(n), what)?;
         std::str::from_utf8(b)
             .map(Some)
-            .map_err(|_| FrameError::Bad("string field is not UTF-8".into()))
+            .map_err(|_| FrameError::Bad(format!("{what} is not UTF-8")))
     }
 }
 

@@ -82,6 +82,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, ProducerContext};
 use rdkafka::{Offset, TopicPartitionList};
+use smartmsg_engine::bytes_in::{Input, InputError};
 use smartmsg_engine::index::LogIndex;
 use tokio::sync::oneshot;
 
@@ -220,69 +221,45 @@ pub fn encode(header: &Header, locations: &[u64], index: &LogIndex) -> Vec<u8> {
     out
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    at: usize,
+/// The checkpoint's fields over the shared [`Input`] (little-endian).
+struct Cursor<'a>(Input<'a>);
+
+fn err(e: InputError) -> String {
+    match e {
+        InputError::Short { what, at, .. } => format!("truncated in {what} at byte {at}"),
+        InputError::BadVarint { what, at } => format!("bad varint in {what} at byte {at}"),
+        other => other.to_string(),
+    }
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| format!("truncated in {what} at byte {}", self.at))?;
-        let s = &self.buf[self.at..end];
-        self.at = end;
-        Ok(s)
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], String> {
+        self.0.take(n, what).map_err(err)
     }
 
-    fn u8(&mut self, what: &str) -> Result<u8, String> {
-        Ok(self.take(1, what)?[0])
+    fn u8(&mut self, what: &'static str) -> Result<u8, String> {
+        self.0.u8(what).map_err(err)
     }
 
-    fn u16(&mut self, what: &str) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(
-            self.take(2, what)?.try_into().expect("2 bytes"),
-        ))
+    fn u32(&mut self, what: &'static str) -> Result<u32, String> {
+        self.0.u32_le(what).map_err(err)
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4, what)?.try_into().expect("4 bytes"),
-        ))
+    fn u64(&mut self, what: &'static str) -> Result<u64, String> {
+        self.0.u64_le(what).map_err(err)
     }
 
-    fn u64(&mut self, what: &str) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8, what)?.try_into().expect("8 bytes"),
-        ))
-    }
-
-    fn str16(&mut self, what: &str) -> Result<String, String> {
-        let n = self.u16(what)?;
-        let b = self.take(usize::from(n), what)?;
+    fn str16(&mut self, what: &'static str) -> Result<String, String> {
+        let b = self.0.prefixed_u16_le(what).map_err(err)?;
         String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
     }
 
-    fn varint(&mut self, what: &str) -> Result<u64, String> {
-        let mut v: u64 = 0;
-        for i in 0..10 {
-            let b = self.u8(what)?;
-            let bits = u64::from(b & 0x7f);
-            if i == 9 && bits > 1 {
-                break;
-            }
-            v |= bits << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(format!("bad varint in {what} at byte {}", self.at))
+    fn varint(&mut self, what: &'static str) -> Result<u64, String> {
+        self.0.varint(what).map_err(err)
     }
 
     fn left(&self) -> usize {
-        self.buf.len() - self.at
+        self.0.remaining()
     }
 }
 
@@ -292,7 +269,7 @@ impl<'a> Cursor<'a> {
 /// partition's covered offset, the tip below the next sequence number, a
 /// valid index ([`LogIndex::decode`]), and nothing after it. Never panics.
 pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
-    let mut r = Cursor { buf: bytes, at: 0 };
+    let mut r = Cursor(Input::new(bytes));
     if r.take(4, "magic")? != BODY_MAGIC {
         return Err("not a checkpoint (bad magic)".into());
     }
@@ -359,7 +336,7 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
             r.left()
         ));
     }
-    let index = LogIndex::decode(&bytes[r.at..]).map_err(|e| e.to_string())?;
+    let index = LogIndex::decode(r.0.rest()).map_err(|e| e.to_string())?;
     if index.head() != n {
         return Err(format!(
             "{n} locations for an index of {} events",
@@ -438,7 +415,7 @@ impl Chunk {
         }
         let (body, crc) = value.split_at(value.len() - 4);
         let crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-        let mut r = Cursor { buf: body, at: 0 };
+        let mut r = Cursor(Input::new(body));
         if r.take(4, "magic")? != CHUNK_MAGIC {
             return Err("not a checkpoint chunk (bad magic)".into());
         }

@@ -31,6 +31,7 @@
 //! idempotency fields rebuild each `AppendTx`'s result and key.
 
 use bytes::Bytes;
+use smartmsg_engine::bytes_in::{Input, InputError};
 use smartmsg_engine::{IdempotencyKey, Metadata, RecordedEvent, StreamId};
 
 /// Magic bytes at the start of every value.
@@ -168,37 +169,31 @@ impl Decoded {
     }
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
+/// The envelope's fields over the shared [`Input`] (little-endian).
+struct Cursor<'a>(Input<'a>);
+
+fn err(e: InputError) -> String {
+    format!("value ends inside {e}")
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        if self.buf.len() < n {
-            return Err(format!("value ends inside {what}"));
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], String> {
+        self.0.take(n, what).map_err(err)
     }
-    fn u16(&mut self, what: &str) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(
-            self.take(2, what)?.try_into().expect("2"),
-        ))
+    fn u8(&mut self, what: &'static str) -> Result<u8, String> {
+        self.0.u8(what).map_err(err)
     }
-    fn u32(&mut self, what: &str) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4, what)?.try_into().expect("4"),
-        ))
+    fn u16(&mut self, what: &'static str) -> Result<u16, String> {
+        self.0.u16_le(what).map_err(err)
     }
-    fn u64(&mut self, what: &str) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8, what)?.try_into().expect("8"),
-        ))
+    fn u32(&mut self, what: &'static str) -> Result<u32, String> {
+        self.0.u32_le(what).map_err(err)
     }
-    fn string(&mut self, what: &str) -> Result<String, String> {
-        let n = self.u16(what)?;
-        let bytes = self.take(usize::from(n), what)?;
+    fn u64(&mut self, what: &'static str) -> Result<u64, String> {
+        self.0.u64_le(what).map_err(err)
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, String> {
+        let bytes = self.0.prefixed_u16_le(what).map_err(err)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
     }
 }
@@ -230,15 +225,15 @@ fn decode_inner<'a>(key: Option<&[u8]>, value: Option<&'a [u8]>) -> Result<Inner
     let key = std::str::from_utf8(key).map_err(|_| "record key is not UTF-8".to_owned())?;
     let stream = StreamId::new(key).map_err(|e| format!("record key is not a stream id: {e}"))?;
     let value = value.ok_or("record has no value")?;
-    let mut c = Cursor { buf: value };
+    let mut c = Cursor(Input::new(value));
     if c.take(2, "magic")? != MAGIC {
         return Err("value does not start with the envelope magic".into());
     }
-    let version = c.take(1, "version")?[0];
+    let version = c.u8("version")?;
     if version != VERSION {
         return Err(format!("envelope version {version} is not supported"));
     }
-    let flags = c.take(1, "flags")?[0];
+    let flags = c.u8("flags")?;
     if flags & !(F_CORRELATION | F_CAUSATION | F_IDEMPOTENCY) != 0 {
         return Err(format!("unknown envelope flags {flags:#x}"));
     }
@@ -289,7 +284,7 @@ fn decode_inner<'a>(key: Option<&[u8]>, value: Option<&'a [u8]>) -> Result<Inner
         stream,
         idempotency,
         (kind, schema, timestamp_ms, metadata),
-        c.buf,
+        c.0.rest(),
     ))
 }
 

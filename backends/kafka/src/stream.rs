@@ -237,9 +237,9 @@ pub fn changelog_key(space: &str, key: &[u8]) -> Vec<u8> {
 
 /// Splits a changelog record key into keyspace and key.
 pub fn decode_changelog_key(k: &[u8]) -> Option<(&str, &[u8])> {
-    let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
-    let space = std::str::from_utf8(k.get(4..4usize.checked_add(len)?)?).ok()?;
-    Some((space, &k[4 + len..]))
+    let mut r = smartmsg_engine::bytes_in::Input::new(k);
+    let space = std::str::from_utf8(r.prefixed_u32_be("keyspace").ok()?).ok()?;
+    Some((space, r.rest()))
 }
 
 /// Creates the topics that do not exist yet (`(name, partitions)`).

@@ -30,6 +30,7 @@
 //! (a newer `rev` wins).
 
 use bytes::{BufMut, Bytes, BytesMut};
+use smartmsg_engine::bytes_in::{Input, InputError};
 use smartmsg_engine::JobId;
 
 /// First four bytes of every body this crate writes.
@@ -227,45 +228,39 @@ pub fn encode_journal(r: &JournalRecord) -> Vec<u8> {
     buf.to_vec()
 }
 
-/// A bounds-checked reader over a body.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// A record's fields over the shared [`Input`] (big-endian).
+struct Reader<'a>(Input<'a>);
+
+fn short(e: InputError) -> DecodeError {
+    match e {
+        InputError::Short {
+            what,
+            at,
+            needed,
+            left,
+        } => DecodeError(format!(
+            "truncated: {what} needs {needed} bytes at offset {at}, the body has {}",
+            at + left
+        )),
+        other => DecodeError(other.to_string()),
+    }
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| {
-                DecodeError(format!(
-                    "truncated: {what} needs {n} bytes at offset {}, the body has {}",
-                    self.pos,
-                    self.buf.len()
-                ))
-            })?;
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(s)
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
+        self.0.take(n, what).map_err(short)
     }
-    fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
-        Ok(self.take(1, what)?[0])
+    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+        self.0.u8(what).map_err(short)
     }
-    fn u16(&mut self, what: &str) -> Result<u16, DecodeError> {
-        let b = self.take(2, what)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
+        self.0.u16_be(what).map_err(short)
     }
-    fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
-        let b = self.take(4, what)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+        self.0.u32_be(what).map_err(short)
     }
-    fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
-        let b = self.take(8, what)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_be_bytes(a))
+    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        self.0.u64_be(what).map_err(short)
     }
     fn id(&mut self) -> Result<JobId, DecodeError> {
         let len = self.u16("id length")? as usize;
@@ -278,7 +273,7 @@ impl<'a> Reader<'a> {
         let magic = self.take(4, "magic").map_err(|_| {
             DecodeError(format!(
                 "not a smartmsg {what}: {} bytes, too short for the header",
-                self.buf.len()
+                self.0.remaining()
             ))
         })?;
         if magic != MAGIC {
@@ -301,10 +296,10 @@ impl<'a> Reader<'a> {
         Ok(())
     }
     fn finish(&self) -> Result<(), DecodeError> {
-        if self.pos != self.buf.len() {
+        if !self.0.is_empty() {
             return Err(DecodeError(format!(
                 "{} trailing bytes after the record",
-                self.buf.len() - self.pos
+                self.0.remaining()
             )));
         }
         Ok(())
@@ -313,7 +308,7 @@ impl<'a> Reader<'a> {
 
 /// Decodes a job message.
 pub fn decode_job(body: &[u8]) -> Result<JobMessage, DecodeError> {
-    let mut r = Reader { buf: body, pos: 0 };
+    let mut r = Reader(Input::new(body));
     r.header(KIND_JOB, "job message")?;
     let id = r.id()?;
     let due_ms = r.u64("due_ms")?;
@@ -335,7 +330,7 @@ pub fn decode_job(body: &[u8]) -> Result<JobMessage, DecodeError> {
 
 /// Decodes a dead-letter record.
 pub fn decode_dead(body: &[u8]) -> Result<DeadRecord, DecodeError> {
-    let mut r = Reader { buf: body, pos: 0 };
+    let mut r = Reader(Input::new(body));
     r.header(KIND_DEAD, "dead-letter record")?;
     let id = match r.u8("id flag")? {
         0 => None,
@@ -358,7 +353,7 @@ pub fn decode_dead(body: &[u8]) -> Result<DeadRecord, DecodeError> {
 
 /// Decodes a journal record.
 pub fn decode_journal(body: &[u8]) -> Result<JournalRecord, DecodeError> {
-    let mut r = Reader { buf: body, pos: 0 };
+    let mut r = Reader(Input::new(body));
     r.header(KIND_JOURNAL, "journal record")?;
     let rec = match r.u8("op")? {
         OP_PENDING => JournalRecord::Pending {

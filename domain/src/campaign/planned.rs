@@ -35,6 +35,7 @@
 
 use crate::campaign::types::CommandStamp;
 use crate::data::Decisions;
+use smartmsg_engine::bytes_in::{Input, InputError};
 
 /// What a schema 2 `BatchPlanned` payload holds. Its JSON form (serde) is
 /// the schema 1 payload's shape, which portable logs use to show it.
@@ -171,13 +172,13 @@ pub fn decode(schema: u16, payload: &[u8]) -> Result<Planned, String> {
     if !(2..=3).contains(&schema) {
         return Err(format!("schema {schema} is not a binary schema (2 or 3)"));
     }
-    let mut r = Reader { b: payload, at: 0 };
-    let id = r.string("command id")?;
-    let fingerprint = u64::from_le_bytes(r.array("command fingerprint")?);
-    let batch = u32::from_le_bytes(r.array("batch")?);
+    let mut r = Input::new(payload);
+    let id = string(&mut r, "command id")?;
+    let fingerprint = r.u64_le("command fingerprint").map_err(err)?;
+    let batch = r.u32_le("batch").map_err(err)?;
     let part = if schema == 3 {
-        let index = u32::from_le_bytes(r.array("part index")?);
-        let count = u32::from_le_bytes(r.array("part count")?);
+        let index = r.u32_le("part index").map_err(err)?;
+        let count = r.u32_le("part count").map_err(err)?;
         if count < 2 || index >= count {
             return Err(format!(
                 "part {index} of {count}: a schema 3 part needs 2 or more parts and an index below them"
@@ -187,19 +188,19 @@ pub fn decode(schema: u16, payload: &[u8]) -> Result<Planned, String> {
     } else {
         Part::WHOLE
     };
-    let policy = r.string("policy")?;
-    let n = u32::from_le_bytes(r.array("decision count")?) as usize;
-    let rest = payload.len() - r.at;
+    let policy = string(&mut r, "policy")?;
+    let n = r.u32_le("decision count").map_err(err)? as usize;
+    let rest = r.remaining();
     if n.checked_mul(ROW) != Some(rest) {
         return Err(format!(
             "{n} decisions need {} bytes after byte {}, found {rest}",
             n.saturating_mul(ROW),
-            r.at
+            r.position()
         ));
     }
-    let users = r.take(n * 4, "users")?;
-    let creatives = r.take(n * 2, "creatives")?;
-    let propensities = r.take(n * 4, "propensities")?;
+    let users = r.take(n * 4, "users").map_err(err)?;
+    let creatives = r.take(n * 2, "creatives").map_err(err)?;
+    let propensities = r.take(n * 4, "propensities").map_err(err)?;
     Ok(Planned {
         command: CommandStamp { id, fingerprint },
         batch,
@@ -222,41 +223,13 @@ pub fn decode(schema: u16, payload: &[u8]) -> Result<Planned, String> {
     })
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
+fn err(e: InputError) -> String {
+    e.to_string()
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.b.len())
-            .ok_or_else(|| {
-                format!(
-                    "{what}: {n} bytes at byte {} run past the end ({} bytes)",
-                    self.at,
-                    self.b.len()
-                )
-            })?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
-        let s = self.take(N, what)?;
-        let mut a = [0u8; N];
-        a.copy_from_slice(s);
-        Ok(a)
-    }
-
-    fn string(&mut self, what: &str) -> Result<String, String> {
-        let len = u32::from_le_bytes(self.array(what)?) as usize;
-        let s = self.take(len, what)?;
-        String::from_utf8(s.to_vec()).map_err(|e| format!("{what}: not UTF-8: {e}"))
-    }
+fn string(r: &mut Input<'_>, what: &'static str) -> Result<String, String> {
+    let s = r.prefixed_u32_le(what).map_err(err)?;
+    String::from_utf8(s.to_vec()).map_err(|e| format!("{what}: not UTF-8: {e}"))
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 
 use bytes::Bytes;
 
+use crate::bytes_in::{Input, InputError};
+
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -50,7 +52,7 @@ pub trait StateCodec: Sized {
 
     /// Decodes a whole value from `bytes` (all of them).
     fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
-        let mut r = Reader(bytes);
+        let mut r = Reader::new(bytes);
         let v = Self::decode_from(&mut r)?;
         r.finish(std::any::type_name::<Self>())?;
         Ok(v)
@@ -80,51 +82,56 @@ pub trait StateCodec: Sized {
     }
 }
 
-/// A cursor over bytes being decoded.
+/// A cursor over bytes being decoded: [`Input`] with this codec's errors
+/// (big-endian integers, `u32` length prefixes).
 #[derive(Debug)]
-pub struct Reader<'a>(&'a [u8]);
+pub struct Reader<'a>(Input<'a>);
+
+fn truncated(e: InputError) -> CodecError {
+    match e {
+        InputError::Short {
+            what, needed, left, ..
+        } => CodecError::Truncated {
+            what,
+            needed,
+            got: left,
+        },
+        other => CodecError::Invalid {
+            what: other.what(),
+            reason: other.to_string(),
+        },
+    }
+}
 
 impl<'a> Reader<'a> {
     /// A reader over `bytes`.
     pub fn new(bytes: &'a [u8]) -> Self {
-        Self(bytes)
+        Self(Input::new(bytes))
     }
 
     /// Takes the next `n` bytes.
     pub fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], CodecError> {
-        if self.0.len() < n {
-            return Err(CodecError::Truncated {
-                what,
-                needed: n,
-                got: self.0.len(),
-            });
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+        self.0.take(n, what).map_err(truncated)
     }
 
     /// Takes everything left.
     pub fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.0)
+        self.0.rest()
     }
 
     /// Takes exactly `N` bytes as an array.
     pub fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], CodecError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N, what)?);
-        Ok(a)
+        self.0.array(what).map_err(truncated)
     }
 
     /// Reads a `u32` length prefix, then that many bytes.
     pub fn prefixed(&mut self, what: &'static str) -> Result<&'a [u8], CodecError> {
-        let n = u32::from_be_bytes(self.array(what)?) as usize;
-        self.take(n, what)
+        self.0.prefixed_u32_be(what).map_err(truncated)
     }
 
     /// Bytes left.
     pub fn remaining(&self) -> usize {
-        self.0.len()
+        self.0.remaining()
     }
 
     /// Fails unless every byte was consumed.
@@ -134,7 +141,7 @@ impl<'a> Reader<'a> {
         } else {
             Err(CodecError::Trailing {
                 what,
-                extra: self.0.len(),
+                extra: self.0.remaining(),
             })
         }
     }

@@ -28,11 +28,9 @@ pub mod envelope {
     /// Splits a payload into key and value; `None` if it is not an
     /// envelope.
     pub fn decode(payload: &Bytes) -> Option<(Bytes, Bytes)> {
-        let len = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?) as usize;
-        let end = 4usize.checked_add(len)?;
-        if end > payload.len() {
-            return None;
-        }
+        let mut r = crate::bytes_in::Input::new(payload);
+        r.prefixed_u32_be("envelope key").ok()?;
+        let end = r.position();
         Some((payload.slice(4..end), payload.slice(end..)))
     }
 }

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use proptest::test_runner::{TestCaseError, TestError};
 
-use super::{finish, run_check, runtime, test_runner, within, SuiteConfig};
+use super::{finish, run_check, run_random_cases, runtime, within, SuiteConfig};
 use crate::delay::{
     DeadLetter, DelayQueue, Job, JobId, Lease, LeaseToken, QueueError, QueueLimits, Scheduled,
 };
@@ -105,7 +105,9 @@ pub fn delay_queue_conformance<H: QueueHarness>(harness: H, config: SuiteConfig)
     check!("concurrent polls", check_concurrent_polls(h, c));
     check!("concurrent schedules", check_concurrent_schedules(h, c));
     check!("concurrent acks", check_concurrent_acks(h, c));
-    if let Err(e) = run_random_cases(&rt, harness, &config, seed) {
+    if let Err(e) = run_random_cases(&rt, harness, &config, seed, op(), |h, ops| {
+        Box::pin(run_case(h, ops))
+    }) {
         failures.push(e);
     }
     finish("DelayQueue", seed, failures);
@@ -387,46 +389,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run_random_cases<H: QueueHarness>(
-    rt: &tokio::runtime::Runtime,
-    harness: H,
-    config: &SuiteConfig,
-    seed: u64,
-) -> Result<(), String> {
-    let mut runner = test_runner(config, seed);
-    let harness = RefCell::new(harness);
-    let strategy = proptest::collection::vec(op(), 1..=config.max_ops.max(1));
-    let limit = config.timeout;
-    let result = runner.run(&strategy, |ops| {
-        let mut harness = harness.borrow_mut();
-        match rt.block_on(within(limit, run_case(&mut *harness, &ops))) {
-            Some(Ok(())) => Ok(()),
-            Some(Err(msg)) => Err(TestCaseError::fail(msg)),
-            None => Err(TestCaseError::fail(format!(
-                "the case did not finish within {limit:?} (hung?)"
-            ))),
-        }
-    });
-    match result {
-        Ok(()) => Ok(()),
-        Err(TestError::Fail(reason, ops)) => {
-            let mut listing = String::new();
-            for (i, op) in ops.iter().enumerate() {
-                listing.push_str(&format!("  #{i}: {op:?}\n"));
-            }
-            Err(format!(
-                "random operation sequences ({} cases of up to {} ops): {reason}\n\
-                 minimal failing sequence ({} ops):\n{listing}",
-                config.cases,
-                config.max_ops,
-                ops.len()
-            ))
-        }
-        Err(TestError::Abort(reason)) => {
-            Err(format!("random operation sequences aborted: {reason}"))
-        }
-    }
-}
 
 struct Case<'h, H: QueueHarness> {
     harness: &'h mut H,

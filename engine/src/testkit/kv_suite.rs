@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{TestCaseError, TestError};
 
-use super::{finish, run_check, runtime, test_runner, within, SuiteConfig};
+use super::{finish, run_check, run_random_cases, runtime, within, SuiteConfig};
 use crate::stream::{
     restore_from_changelog, ChangelogEntry, KeyValueStore, StoreError, WriteBatch,
 };
@@ -92,7 +92,9 @@ pub fn kv_store_conformance<H: KvHarness>(harness: H, config: SuiteConfig) {
         )
         .err(),
     );
-    if let Err(e) = run_random_cases(&rt, harness, &config, seed) {
+    if let Err(e) = run_random_cases(&rt, harness, &config, seed, op(), |h, ops| {
+        Box::pin(async move { run_case(h, ops) })
+    }) {
         failures.push(e);
     }
     finish("KeyValueStore", seed, failures);
@@ -248,43 +250,6 @@ fn as_ref(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
     }
 }
 
-fn run_random_cases<H: KvHarness>(
-    rt: &tokio::runtime::Runtime,
-    harness: H,
-    config: &SuiteConfig,
-    seed: u64,
-) -> Result<(), String> {
-    let mut runner = test_runner(config, seed);
-    let harness = RefCell::new(harness);
-    let strategy = proptest::collection::vec(op(), 1..=config.max_ops.max(1));
-    let limit = config.timeout;
-    let result = runner.run(&strategy, |ops| {
-        let mut harness = harness.borrow_mut();
-        match rt.block_on(within(limit, async { run_case(&mut *harness, &ops) })) {
-            Some(Ok(())) => Ok(()),
-            Some(Err(msg)) => Err(TestCaseError::fail(msg)),
-            None => Err(TestCaseError::fail(format!(
-                "the case did not finish within {limit:?} (hung?)"
-            ))),
-        }
-    });
-    match result {
-        Ok(()) => Ok(()),
-        Err(TestError::Fail(reason, ops)) => {
-            let mut listing = String::new();
-            for (i, op) in ops.iter().enumerate() {
-                listing.push_str(&format!("  #{i}: {op:?}\n"));
-            }
-            Err(format!(
-                "random operation sequences: {reason}\nminimal failing sequence ({} ops):\n{listing}",
-                ops.len()
-            ))
-        }
-        Err(TestError::Abort(reason)) => {
-            Err(format!("random operation sequences aborted: {reason}"))
-        }
-    }
-}
 
 fn run_case<H: KvHarness>(harness: &mut H, ops: &[Op]) -> Result<(), String> {
     let mut store = harness.create();

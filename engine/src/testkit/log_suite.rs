@@ -12,7 +12,7 @@ use proptest::sample::{select, Index};
 use proptest::test_runner::{TestCaseError, TestError};
 
 use super::model::LogModel;
-use super::{finish, run_check, runtime, test_runner, within, SuiteConfig};
+use super::{finish, run_check, run_random_cases, runtime, within, SuiteConfig};
 use crate::append::{AppendResult, AppendTx, ExpectedVersion, IdempotencyKey, StreamAppend};
 use crate::error::{AppendError, LimitError, ReadError};
 use crate::event::{Metadata, NewEvent, RecordedEvent};
@@ -142,7 +142,10 @@ pub fn event_log_conformance<H: LogHarness>(harness: H, config: SuiteConfig) {
         check_concurrent_key_reuse(h, c)
     );
 
-    if let Err(e) = run_random_cases(&rt, harness, &config, seed) {
+    let wait = config.wait_limit();
+    if let Err(e) = run_random_cases(&rt, harness, &config, seed, op(), |h, ops| {
+        Box::pin(run_case(h, ops, wait))
+    }) {
         failures.push(e);
     }
     finish("EventLog", seed, failures);
@@ -352,49 +355,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run_random_cases<H: LogHarness>(
-    rt: &tokio::runtime::Runtime,
-    harness: H,
-    config: &SuiteConfig,
-    seed: u64,
-) -> Result<(), String> {
-    let mut runner = test_runner(config, seed);
-    let harness = RefCell::new(harness);
-    let strategy = proptest::collection::vec(op(), 1..=config.max_ops.max(1));
-    let limit = config.timeout;
-    let result = runner.run(&strategy, |ops| {
-        let mut harness = harness.borrow_mut();
-        match rt.block_on(within(
-            limit,
-            run_case(&mut *harness, &ops, config.wait_limit()),
-        )) {
-            Some(Ok(())) => Ok(()),
-            Some(Err(msg)) => Err(TestCaseError::fail(msg)),
-            None => Err(TestCaseError::fail(format!(
-                "the case did not finish within {limit:?} (hung?)"
-            ))),
-        }
-    });
-    match result {
-        Ok(()) => Ok(()),
-        Err(TestError::Fail(reason, ops)) => {
-            let mut listing = String::new();
-            for (i, op) in ops.iter().enumerate() {
-                listing.push_str(&format!("  #{i}: {op:?}\n"));
-            }
-            Err(format!(
-                "random operation sequences ({} cases of up to {} ops): {reason}\n\
-                 minimal failing sequence ({} ops):\n{listing}",
-                config.cases,
-                config.max_ops,
-                ops.len()
-            ))
-        }
-        Err(TestError::Abort(reason)) => {
-            Err(format!("random operation sequences aborted: {reason}"))
-        }
-    }
-}
 
 /// One random case: a fresh log, the ops, then full-state checks around a
 /// final reopen.

@@ -190,6 +190,64 @@ fn test_runner(config: &SuiteConfig, seed: u64) -> TestRunner {
     )
 }
 
+/// The future one random case of a suite runs: borrows the harness and the
+/// case's operations.
+type CaseFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
+
+/// The random part of every suite: `config.cases` sequences of 1 to
+/// `config.max_ops` operations drawn from `op` with a runner seeded by
+/// `seed`, each run by `case` on the shared harness within
+/// `config.timeout`; a failure is shrunk and reported with the minimal
+/// failing sequence, one operation a line.
+fn run_random_cases<H, S>(
+    rt: &tokio::runtime::Runtime,
+    harness: H,
+    config: &SuiteConfig,
+    seed: u64,
+    op: S,
+    case: impl for<'a> Fn(&'a mut H, &'a [S::Value]) -> CaseFuture<'a>,
+) -> Result<(), String>
+where
+    S: proptest::strategy::Strategy,
+    S::Value: std::fmt::Debug,
+{
+    use proptest::test_runner::{TestCaseError, TestError};
+
+    let mut runner = test_runner(config, seed);
+    let harness = std::cell::RefCell::new(harness);
+    let strategy = proptest::collection::vec(op, 1..=config.max_ops.max(1));
+    let limit = config.timeout;
+    let result = runner.run(&strategy, |ops| {
+        let mut harness = harness.borrow_mut();
+        match rt.block_on(within(limit, case(&mut *harness, &ops))) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(msg)) => Err(TestCaseError::fail(msg)),
+            None => Err(TestCaseError::fail(format!(
+                "the case did not finish within {limit:?} (hung?)"
+            ))),
+        }
+    });
+    match result {
+        Ok(()) => Ok(()),
+        Err(TestError::Fail(reason, ops)) => {
+            let mut listing = String::new();
+            for (i, op) in ops.iter().enumerate() {
+                listing.push_str(&format!("  #{i}: {op:?}\n"));
+            }
+            Err(format!(
+                "random operation sequences ({} cases of up to {} ops): {reason}\n\
+                 minimal failing sequence ({} ops):\n{listing}",
+                config.cases,
+                config.max_ops,
+                ops.len()
+            ))
+        }
+        Err(TestError::Abort(reason)) => {
+            Err(format!("random operation sequences aborted: {reason}"))
+        }
+    }
+}
+
 /// Runs `fut`, or gives up after `limit` and returns `None`.
 ///
 /// Built from a helper thread rather than tokio's timer, which the `testkit`

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{TestCaseError, TestError};
 
-use super::{finish, run_check, runtime, test_runner, within, SuiteConfig};
+use super::{finish, run_check, run_random_cases, runtime, within, SuiteConfig};
 use crate::error::SnapshotError;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::stream_id::StreamId;
@@ -78,7 +78,9 @@ pub fn snapshot_store_conformance<H: SnapshotHarness>(harness: H, config: SuiteC
         )
         .err(),
     );
-    if let Err(e) = run_random_cases(&rt, harness, &config, seed) {
+    if let Err(e) = run_random_cases(&rt, harness, &config, seed, op(), |h, ops| {
+        Box::pin(run_case(h, ops))
+    }) {
         failures.push(e);
     }
     finish("SnapshotStore", seed, failures);
@@ -162,43 +164,6 @@ impl Model {
     }
 }
 
-fn run_random_cases<H: SnapshotHarness>(
-    rt: &tokio::runtime::Runtime,
-    harness: H,
-    config: &SuiteConfig,
-    seed: u64,
-) -> Result<(), String> {
-    let mut runner = test_runner(config, seed);
-    let harness = RefCell::new(harness);
-    let strategy = proptest::collection::vec(op(), 1..=config.max_ops.max(1));
-    let limit = config.timeout;
-    let result = runner.run(&strategy, |ops| {
-        let mut harness = harness.borrow_mut();
-        match rt.block_on(within(limit, run_case(&mut *harness, &ops))) {
-            Some(Ok(())) => Ok(()),
-            Some(Err(msg)) => Err(TestCaseError::fail(msg)),
-            None => Err(TestCaseError::fail(format!(
-                "the case did not finish within {limit:?} (hung?)"
-            ))),
-        }
-    });
-    match result {
-        Ok(()) => Ok(()),
-        Err(TestError::Fail(reason, ops)) => {
-            let mut listing = String::new();
-            for (i, op) in ops.iter().enumerate() {
-                listing.push_str(&format!("  #{i}: {op:?}\n"));
-            }
-            Err(format!(
-                "random operation sequences: {reason}\nminimal failing sequence ({} ops):\n{listing}",
-                ops.len()
-            ))
-        }
-        Err(TestError::Abort(reason)) => {
-            Err(format!("random operation sequences aborted: {reason}"))
-        }
-    }
-}
 
 async fn run_case<H: SnapshotHarness>(harness: &mut H, ops: &[Op]) -> Result<(), String> {
     let mut store = harness.create().await;

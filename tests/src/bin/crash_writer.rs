@@ -13,6 +13,7 @@ use smartmsg_engine::{AppendTx, EventLog, ExpectedVersion, NewEvent, StreamId};
 use smartmsg_tests::crash::payload;
 
 fn main() -> anyhow::Result<()> {
+    smartmsg_tests::init_tracing();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
         args.len() == 5,

@@ -43,6 +43,7 @@ pub fn queue_config() -> EmbeddedQueueConfig {
 }
 
 fn main() -> anyhow::Result<()> {
+    smartmsg_tests::init_tracing();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(args.len() == 4, "usage: delay_child DIR SEED MODE");
     let dir = std::path::PathBuf::from(&args[1]);

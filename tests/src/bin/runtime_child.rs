@@ -15,6 +15,7 @@ use smartmsg_tests::runtime_crash::{setup, CAMPAIGNS, STATUS};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    smartmsg_tests::init_tracing();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
         args.len() == 5,

@@ -17,6 +17,7 @@ use smartmsg_tests::stream_crash::{topology, RUNNER};
 const SEGMENT_BYTES: u64 = 1 << 20;
 
 fn main() -> anyhow::Result<()> {
+    smartmsg_tests::init_tracing();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
         args.len() == 3 || args.len() == 4,
