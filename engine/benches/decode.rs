@@ -16,7 +16,7 @@ use std::hash::Hasher;
 use std::hint::black_box;
 
 use bytes::{Buf, BufMut};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput};
 use smartmsg_engine::bytes_in::Input;
 use smartmsg_engine::fnv::fnv1a;
 
@@ -105,5 +105,9 @@ fn hash(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, hash);
-criterion_main!(benches);
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    decode(&mut c);
+    hash(&mut c);
+    c.final_summary();
+}

@@ -1,6 +1,5 @@
 //! The [`DelayQueue`] conformance suite.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -8,9 +7,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
-use proptest::test_runner::{TestCaseError, TestError};
 
-use super::{finish, run_check, run_random_cases, runtime, within, SuiteConfig};
+use super::{finish, run_check, run_random_cases, runtime, SuiteConfig};
 use crate::delay::{
     DeadLetter, DelayQueue, Job, JobId, Lease, LeaseToken, QueueError, QueueLimits, Scheduled,
 };
@@ -388,7 +386,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Reopen),
     ]
 }
-
 
 struct Case<'h, H: QueueHarness> {
     harness: &'h mut H,

@@ -1,15 +1,13 @@
 //! The [`KeyValueStore`] conformance suite.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::sample::select;
-use proptest::test_runner::{TestCaseError, TestError};
 
-use super::{finish, run_check, run_random_cases, runtime, within, SuiteConfig};
+use super::{finish, run_check, run_random_cases, runtime, SuiteConfig};
 use crate::stream::{
     restore_from_changelog, ChangelogEntry, KeyValueStore, StoreError, WriteBatch,
 };
@@ -249,7 +247,6 @@ fn as_ref(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
         Bound::Unbounded => Bound::Unbounded,
     }
 }
-
 
 fn run_case<H: KvHarness>(harness: &mut H, ops: &[Op]) -> Result<(), String> {
     let mut store = harness.create();

@@ -1,6 +1,5 @@
 //! The [`EventLog`] conformance suite.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +8,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
-use proptest::test_runner::{TestCaseError, TestError};
 
 use super::model::LogModel;
 use super::{finish, run_check, run_random_cases, runtime, within, SuiteConfig};
@@ -354,7 +352,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
     ]
 }
-
 
 /// One random case: a fresh log, the ops, then full-state checks around a
 /// final reopen.

@@ -1,6 +1,5 @@
 //! The [`SnapshotStore`] conformance suite.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -8,9 +7,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::sample::select;
-use proptest::test_runner::{TestCaseError, TestError};
 
-use super::{finish, run_check, run_random_cases, runtime, within, SuiteConfig};
+use super::{finish, run_check, run_random_cases, runtime, SuiteConfig};
 use crate::error::SnapshotError;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::stream_id::StreamId;
@@ -163,7 +161,6 @@ impl Model {
         }
     }
 }
-
 
 async fn run_case<H: SnapshotHarness>(harness: &mut H, ops: &[Op]) -> Result<(), String> {
     let mut store = harness.create().await;
