@@ -235,6 +235,23 @@ fn chol_solve(l: &[f64], n: usize, b: &mut [f64]) {
     back_substitute(l, n, b);
 }
 
+/// The diagonal of `(l lᵀ)⁻¹` into `out`: entry `j` is the squared norm
+/// of column `j` of `l⁻¹` (as `(l lᵀ)⁻¹ = l⁻ᵀ l⁻¹`).
+fn inverse_diagonal(l: &[f64], n: usize, out: &mut [f64]) {
+    let mut col = vec![0.0; n];
+    for j in 0..n {
+        // Column j of l⁻¹ (zero above j), by forward substitution.
+        for i in j..n {
+            let mut s = if i == j { 1.0 } else { 0.0 };
+            for t in j..i {
+                s -= l[i * n + t] * col[t];
+            }
+            col[i] = s / l[i * n + i];
+        }
+        out[j] = col[j..].iter().map(|v| v * v).sum();
+    }
+}
+
 /// Solves `lᵀ x = b` in place.
 fn back_substitute(l: &[f64], n: usize, b: &mut [f64]) {
     for i in (0..n).rev() {
@@ -656,6 +673,15 @@ pub struct PooledWeights {
     precision: Vec<f64>,
     /// Lower Cholesky factor of `precision`.
     chol: Vec<f64>,
+    /// The prior in force: its mean and diagonal precision, `N` long
+    /// each (empty in states recorded before it was kept, which cannot
+    /// [adapt](PooledWeights::adapt_deviations) it).
+    prior_mean: Vec<f64>,
+    prior_precision: Vec<f64>,
+    /// Each creative's marginal prior variance per weight (the
+    /// [`Prior`]'s), `n` long: the bounds of an adapted deviation
+    /// variance.
+    base_variance: Vec<f64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -663,6 +689,12 @@ struct PooledRepr {
     creatives: usize,
     mean: Vec<f64>,
     precision: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    prior_mean: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    prior_precision: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    base_variance: Vec<f64>,
 }
 
 impl From<PooledWeights> for PooledRepr {
@@ -671,6 +703,9 @@ impl From<PooledWeights> for PooledRepr {
             creatives: w.creatives,
             mean: w.mean,
             precision: w.precision,
+            prior_mean: w.prior_mean,
+            prior_precision: w.prior_precision,
+            base_variance: w.base_variance,
         }
     }
 }
@@ -688,14 +723,34 @@ impl TryFrom<PooledRepr> for PooledWeights {
                 "pooled weights are not (creatives + 1)(dim + 1) long",
             ));
         }
+        let n = big / (r.creatives + 1);
+        let kept = !r.prior_mean.is_empty()
+            || !r.prior_precision.is_empty()
+            || !r.base_variance.is_empty();
+        if kept
+            && (r.prior_mean.len() != big
+                || r.prior_precision.len() != big
+                || r.base_variance.len() != n
+                || r.prior_precision
+                    .iter()
+                    .any(|p| !(*p > 0.0 && p.is_finite()))
+                || r.base_variance.iter().any(|v| !(*v > 0.0 && v.is_finite())))
+        {
+            return Err(ModelError::BadParameter(
+                "a pooled model's prior is not (creatives + 1)(dim + 1) long and positive",
+            ));
+        }
         let mut chol = vec![0.0; big * big];
         cholesky(&r.precision, big, &mut chol)?;
         Ok(Self {
             creatives: r.creatives,
-            n: big / (r.creatives + 1),
+            n,
             mean: r.mean,
             precision: r.precision,
             chol,
+            prior_mean: r.prior_mean,
+            prior_precision: r.prior_precision,
+            base_variance: r.base_variance,
         })
     }
 }
@@ -740,13 +795,137 @@ impl PooledWeights {
         }
         let mut chol = vec![0.0; big * big];
         cholesky(&precision, big, &mut chol)?;
+        let base_variance = (0..n)
+            .map(|i| {
+                if i == 0 {
+                    prior.intercept_variance
+                } else {
+                    prior.weight_variance
+                }
+            })
+            .collect();
         Ok(Self {
             creatives,
             n,
+            prior_mean: mean.clone(),
+            prior_precision: (0..big).map(|k| precision[k * big + k]).collect(),
+            base_variance,
             mean,
             precision,
             chol,
         })
+    }
+
+    /// Most fixed-point iterations of [`PooledWeights::adapt_deviations`].
+    pub const MAX_ADAPT_ITERATIONS: u32 = 100;
+
+    /// The smallest adapted deviation variance, as a share of the
+    /// [`Prior`]'s variance of the weight.
+    pub const MIN_DEVIATION_SHARE: f64 = 1e-6;
+
+    /// The prior variance of creative `c`'s deviation from the shared
+    /// weights, weight by weight (intercept first), `None` when `c` is
+    /// not a creative of the model or the state does not keep its prior.
+    pub fn deviation_variance(&self, c: usize) -> Option<Vec<f64>> {
+        if c >= self.creatives || self.prior_precision.is_empty() {
+            return None;
+        }
+        let n = self.n;
+        Some(
+            self.prior_precision[(c + 1) * n..(c + 2) * n]
+                .iter()
+                .map(|p| 1.0 / p)
+                .collect(),
+        )
+    }
+
+    /// Empirical Bayes for the creatives' deviations: sets the prior
+    /// variance `τ²` of the deviations to the value that maximises the
+    /// marginal likelihood of everything learned so far, and the posterior
+    /// to the one under that prior. With `per_weight` false, one `τ²_j`
+    /// per weight `j` shared by every creative's `δ_cj`; with it true, one
+    /// per creative and weight. Each `τ²` stays between
+    /// [`MIN_DEVIATION_SHARE`](Self::MIN_DEVIATION_SHARE) and 1 times the
+    /// [`Prior`]'s variance of the weight; the shared part's prior is
+    /// kept.
+    ///
+    /// The data enter through the likelihood's Gaussian approximation
+    /// that the updates made (the posterior precision minus the prior's,
+    /// and the matching information vector), so no past outcome is
+    /// needed: swapping the prior's precision `A` for `A'` gives the
+    /// precision `P − A + A'` and the mean solving
+    /// `(P − A + A') m' = P m − A m₀ + A' m₀`. The variances are found by
+    /// expectation-maximisation, `τ²_j ← mean over c of (m'_cj² + Σ'_cj,cj)`
+    /// (the posterior's second moment), iterated to a fixed point (at most
+    /// [`MAX_ADAPT_ITERATIONS`](Self::MAX_ADAPT_ITERATIONS)). Deterministic;
+    /// returns whether the prior could be adapted (not in a state that does
+    /// not keep its prior). On error the model is unchanged.
+    pub fn adapt_deviations(&mut self, per_weight: bool) -> Result<bool, ModelError> {
+        if self.prior_precision.is_empty() {
+            return Ok(false);
+        }
+        let (n, big, k) = (self.n, self.big(), self.creatives);
+        // The data's information vector: P m − A m₀.
+        let mut info: Vec<f64> = self
+            .precision
+            .chunks_exact(big)
+            .map(|row| row.iter().zip(&self.mean).map(|(p, m)| p * m).sum())
+            .collect();
+        for (i, v) in info.iter_mut().enumerate() {
+            *v -= self.prior_precision[i] * self.prior_mean[i];
+        }
+        let mut alpha = self.prior_precision.clone();
+        let mut p = self.precision.clone();
+        let mut l = vec![0.0; big * big];
+        let mut m = vec![0.0; big];
+        let mut var = vec![0.0; big];
+        let solve = |alpha: &[f64], p: &mut Vec<f64>, l: &mut Vec<f64>, m: &mut Vec<f64>| {
+            p.copy_from_slice(&self.precision);
+            for i in 0..big {
+                p[i * big + i] += alpha[i] - self.prior_precision[i];
+            }
+            cholesky(p, big, l)?;
+            for i in 0..big {
+                m[i] = info[i] + alpha[i] * self.prior_mean[i];
+            }
+            chol_solve(l, big, m);
+            Ok::<(), ModelError>(())
+        };
+        for _ in 0..Self::MAX_ADAPT_ITERATIONS {
+            solve(&alpha, &mut p, &mut l, &mut m)?;
+            inverse_diagonal(&l, big, &mut var);
+            let mut change = 0.0f64;
+            for j in 0..n {
+                let (lo, hi) = (
+                    Self::MIN_DEVIATION_SHARE * self.base_variance[j],
+                    self.base_variance[j],
+                );
+                let second = |c: usize| {
+                    let i = (c + 1) * n + j;
+                    m[i] * m[i] + var[i]
+                };
+                let shared = (0..k).map(second).sum::<f64>() / k as f64;
+                for c in 0..k {
+                    let i = (c + 1) * n + j;
+                    let t = if per_weight { second(c) } else { shared };
+                    let a = 1.0 / t.clamp(lo, hi);
+                    change = change.max((a / alpha[i]).ln().abs());
+                    alpha[i] = a;
+                }
+            }
+            if change < 1e-4 {
+                break;
+            }
+        }
+        solve(&alpha, &mut p, &mut l, &mut m)?;
+        if m.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::NotFinite);
+        }
+        self.mean = m;
+        self.precision = p;
+        self.chol = l;
+        self.prior_precision = alpha;
+        Ok(true)
     }
 
     /// The number of features (the intercept excluded).
@@ -1188,6 +1367,136 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Outcomes of `k` creatives over `d` normal features: a shared
+    /// logit plus, for creative `c`, `own[c]` times feature 0 (the
+    /// creatives differ on that column only, or not at all).
+    fn pooled_outcomes(d: usize, k: usize, rows: usize, own: &[f64], seed: u64) -> Outcomes {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut o = Outcomes::new(d).unwrap();
+        for i in 0..rows {
+            let x: Vec<f32> = (0..d)
+                .map(|_| {
+                    let z: f64 = StandardNormal.sample(&mut rng);
+                    z as f32
+                })
+                .collect();
+            let c = i % k;
+            let z = -1.0 + 0.8 * f64::from(x[1]) + own[c] * f64::from(x[0]);
+            let u = f64::from(rng.next_u32()) / f64::from(u32::MAX);
+            o.push(c as u16, &x, 1, u32::from(u < sigmoid(z))).unwrap();
+        }
+        o
+    }
+
+    #[test]
+    fn adapted_deviations_follow_the_data() {
+        let (d, k) = (3usize, 3usize);
+        let prior = Prior::default();
+        // Creatives that do not differ: every deviation variance shrinks
+        // far below the starting share.
+        let same = pooled_outcomes(d, k, 6_000, &[0.0, 0.0, 0.0], 3);
+        let rows: Vec<_> = same.rows().collect();
+        let mut p = PooledWeights::new(d, k, &prior, 0.3).unwrap();
+        p.update(Link::Logistic, &rows).unwrap();
+        assert!(p.adapt_deviations(false).unwrap());
+        let v = p.deviation_variance(0).unwrap();
+        assert!(v.iter().all(|&t| t < 0.05), "{v:?}");
+        // Creatives that differ on column 0 only (weight ±1.5): its
+        // variance grows, the others shrink; the creatives' slopes on
+        // column 0 are still told apart.
+        let apart = pooled_outcomes(d, k, 6_000, &[1.5, -1.5, 0.0], 4);
+        let rows: Vec<_> = apart.rows().collect();
+        for per_weight in [false, true] {
+            let mut p = PooledWeights::new(d, k, &prior, 0.3).unwrap();
+            p.update(Link::Logistic, &rows).unwrap();
+            p.adapt_deviations(per_weight).unwrap();
+            let v = p.deviation_variance(0).unwrap();
+            assert!(v[1] > 0.5, "{per_weight}: {v:?}");
+            assert!(v[2] < 0.05 && v[3] < 0.05, "{per_weight}: {v:?}");
+            let m = p.marginals().unwrap();
+            assert!(
+                m[0].mean()[1] > 1.0 && m[1].mean()[1] < -1.0,
+                "{per_weight}"
+            );
+            assert!(m[2].mean()[1].abs() < 0.5, "{per_weight}");
+            if per_weight {
+                // Creative 2 does not differ on column 0: its own
+                // variance there shrinks too.
+                let v2 = p.deviation_variance(2).unwrap();
+                assert!(v2[1] < 0.2, "{v2:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_adapted_prior_gives_the_posterior_learned_under_it() {
+        // Linear link: the update is exact, so swapping the prior after
+        // two updates must give what learning both from the adapted prior
+        // gives.
+        let (d, k) = (2usize, 2usize);
+        let prior = Prior {
+            intercept_mean: 0.2,
+            intercept_variance: 2.0,
+            weight_variance: 0.7,
+        };
+        let link = Link::Linear {
+            noise_variance: 0.3,
+        };
+        let o = pooled_outcomes(d, k, 400, &[0.6, -0.6], 9);
+        let rows: Vec<_> = o.rows().collect();
+        let mut adapted = PooledWeights::new(d, k, &prior, 0.4).unwrap();
+        adapted.update(link, &rows[..150]).unwrap();
+        adapted.update(link, &rows[150..]).unwrap();
+        assert!(adapted.adapt_deviations(true).unwrap());
+        let alpha = adapted.prior_precision.clone();
+        assert!(
+            alpha
+                != PooledWeights::new(d, k, &prior, 0.4)
+                    .unwrap()
+                    .prior_precision
+        );
+        let mut fresh = PooledWeights::new(d, k, &prior, 0.4).unwrap();
+        let big = fresh.big();
+        for (i, a) in alpha.iter().enumerate() {
+            fresh.precision[i * big + i] = *a;
+        }
+        fresh.prior_precision = alpha;
+        cholesky(&fresh.precision, big, &mut fresh.chol).unwrap();
+        fresh.update(link, &rows).unwrap();
+        for (a, b) in adapted.mean().iter().zip(fresh.mean()) {
+            assert!((a - b).abs() < 1e-8, "{a} vs {b}");
+        }
+        for (a, b) in adapted.precision().iter().zip(fresh.precision()) {
+            assert!((a - b).abs() < 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn the_prior_alone_is_not_adapted_and_old_states_keep_theirs() {
+        let prior = Prior::default();
+        let mut p = PooledWeights::new(2, 3, &prior, 0.2).unwrap();
+        let before = p.clone();
+        assert!(p.adapt_deviations(false).unwrap());
+        for (a, b) in p.prior_precision.iter().zip(&before.prior_precision) {
+            assert!((a / b).ln().abs() < 1e-6, "{a} vs {b}");
+        }
+        // The prior is kept in the state; a state recorded without it
+        // parses and keeps its fixed prior.
+        let json = serde_json::to_string(&before).unwrap();
+        assert!(json.contains("prior_precision"));
+        let back: PooledWeights = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, before);
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        for f in ["prior_mean", "prior_precision", "base_variance"] {
+            v.as_object_mut().unwrap().remove(f);
+        }
+        let mut old: PooledWeights = serde_json::from_value(v).unwrap();
+        let kept = old.clone();
+        assert!(!old.adapt_deviations(false).unwrap());
+        assert_eq!(old, kept);
+        assert!(old.deviation_variance(0).is_none());
     }
 
     #[test]

@@ -24,7 +24,7 @@
 use std::sync::Arc;
 
 use smartmsg_domain::{
-    Expansion, Integrated, Outcomes, PlanContext, Policy, Pooling, Scoring, Transform,
+    Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy, Pooling, Scoring, Transform,
 };
 use smartmsg_simulator::policies::model_config;
 use smartmsg_simulator::rng::{self, label, mix, unit};
@@ -138,21 +138,23 @@ fn main() {
         seed = args[i + 1].parse().unwrap();
         args.drain(i..i + 2);
     }
-    let h2 = Expansion::Hinges { knots: 2 };
-    let h3 = Expansion::Hinges { knots: 3 };
-    let opt = Scoring::Optimistic {
-        bonus: 0.25,
-        noise: 0.25,
+    // Each variant edits the scenario's configuration (the default);
+    // third round: the second round's fixed pooling against empirical
+    // Bayes for the deviations' prior (per column, per creative and
+    // weight: the new default).
+    type Edit = Box<dyn Fn(&mut ModelConfig)>;
+    let pool = |own: f64| -> Edit {
+        Box::new(move |c: &mut ModelConfig| c.pooling = Pooling::Shared { own })
     };
-    let _ = h2;
-    let pool = |own| Pooling::Shared { own };
-    let _no = Transform::None;
-    let log = Transform::LogSkewed;
-    let variants: Vec<(&str, Scoring, Expansion, Pooling, Transform)> = vec![
-        ("h3 log", opt, h3, Pooling::None, log),
-        ("h3 log pooled .05", opt, h3, pool(0.05), log),
-        ("h3 log pooled .1", opt, h3, pool(0.1), log),
-        ("h3 log pooled .2", opt, h3, pool(0.2), log),
+    let ada = |own: f64, per_weight: bool| -> Edit {
+        Box::new(move |c: &mut ModelConfig| c.pooling = Pooling::Adaptive { own, per_weight })
+    };
+    let wv = |v: f64| -> Edit { Box::new(move |c: &mut ModelConfig| c.prior.weight_variance = v) };
+    let _ = (&wv, Expansion::None, Scoring::default(), Transform::None);
+    let variants: Vec<(&str, Edit)> = vec![
+        ("shared .1", pool(0.1)),
+        ("eb col .1", ada(0.1, false)),
+        ("eb weight .1", ada(0.1, true)),
     ];
 
     let mut sums = vec![0.0; variants.len() + 1];
@@ -181,14 +183,11 @@ fn main() {
         let budget = s.campaign.budget;
         let (ra, oa) = (pop.random_expected(budget), pop.oracle_expected(budget));
         let mut line = format!("{src}:");
-        for (i, (_, sc, ex, po, tf)) in variants.iter().enumerate() {
+        for (i, (_, edit)) in variants.iter().enumerate() {
             let cfg = {
                 let mut v = model_config(&s);
                 v.propensity_draws = 1;
-                v.scoring = *sc;
-                v.expansion = *ex;
-                v.pooling = *po;
-                v.transform = *tf;
+                edit(&mut v);
                 v
             };
             let mut p = Integrated::new(s.campaign.creatives, pop.dim(), cfg).unwrap();
@@ -210,7 +209,11 @@ fn main() {
                     top += ps.iter().cloned().fold(0.0, f64::max);
                     avg += ps.iter().sum::<f64>() / ps.len() as f64;
                 }
-                line.push_str(&format!(" c{:.1}]", 100.0 * (got - avg) / (top - avg)));
+                line.push_str(&format!(
+                    " c{:.1}{}]",
+                    100.0 * (got - avg) / (top - avg),
+                    if p.uses_expansion() { " alt" } else { "" }
+                ));
             }
         }
         let m =
@@ -221,7 +224,7 @@ fn main() {
         println!("{line}");
     }
     let n = args.len() as f64;
-    for ((name, _, _, _, _), s) in variants.iter().zip(&sums) {
+    for ((name, _), s) in variants.iter().zip(&sums) {
         println!("{name:<16} mean lift {:.1}%", 100.0 * s / n);
     }
     println!(
