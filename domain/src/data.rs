@@ -1,6 +1,8 @@
 //! The data policies read and write: candidates to score, the decisions of
 //! one batch, and aggregated outcomes that update the models.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::users::UserSet;
@@ -84,11 +86,16 @@ fn check_row(row_index: usize, dim: usize, x: &[f32]) -> Result<(), ShapeError> 
 
 /// The users a policy may choose from: ids and a dense, row-major `f32`
 /// feature matrix (`len × dim`), one row per user.
+///
+/// The columns are shared: a clone costs two reference counts, not a copy
+/// of the matrix, so campaigns that target one audience hold it once
+/// (10,000,000 users × 16 features are 640 MB). Changing a shared copy
+/// ([`Candidates::push`], [`Candidates::retain`]) copies it first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidates {
     dim: usize,
-    users: Vec<u32>,
-    features: Vec<f32>,
+    users: Arc<Vec<u32>>,
+    features: Arc<Vec<f32>>,
 }
 
 impl Candidates {
@@ -106,8 +113,8 @@ impl Candidates {
         check_dim(dim)?;
         Ok(Self {
             dim,
-            users: Vec::with_capacity(rows),
-            features: Vec::with_capacity(rows * dim),
+            users: Arc::new(Vec::with_capacity(rows)),
+            features: Arc::new(Vec::with_capacity(rows * dim)),
         })
     }
 
@@ -126,16 +133,16 @@ impl Candidates {
         }
         Ok(Self {
             dim,
-            users,
-            features,
+            users: Arc::new(users),
+            features: Arc::new(features),
         })
     }
 
     /// Appends a user with its features.
     pub fn push(&mut self, user: u32, x: &[f32]) -> Result<(), ShapeError> {
         check_row(self.users.len(), self.dim, x)?;
-        self.users.push(user);
-        self.features.extend_from_slice(x);
+        Arc::make_mut(&mut self.users).push(user);
+        Arc::make_mut(&mut self.features).extend_from_slice(x);
         Ok(())
     }
 
@@ -180,19 +187,30 @@ impl Candidates {
     /// Keeps only the rows whose user satisfies `keep`, in place, in order.
     pub fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
         let dim = self.dim;
+        let kept: Vec<bool> = self.users.iter().map(|&u| keep(u)).collect();
+        if kept.iter().all(|&k| k) {
+            return; // nothing to drop: a shared matrix stays shared
+        }
+        let users = Arc::make_mut(&mut self.users);
+        let features = Arc::make_mut(&mut self.features);
         let mut w = 0;
-        for r in 0..self.users.len() {
-            let u = self.users[r];
-            if keep(u) {
+        for (r, &k) in kept.iter().enumerate() {
+            if k {
                 if w != r {
-                    self.users[w] = u;
-                    self.features.copy_within(r * dim..(r + 1) * dim, w * dim);
+                    users[w] = users[r];
+                    features.copy_within(r * dim..(r + 1) * dim, w * dim);
                 }
                 w += 1;
             }
         }
-        self.users.truncate(w);
-        self.features.truncate(w * dim);
+        users.truncate(w);
+        features.truncate(w * dim);
+    }
+
+    /// Whether `self` and `other` hold the very same columns (a clone that
+    /// neither changed since), not merely equal ones.
+    pub fn shares_columns_with(&self, other: &Candidates) -> bool {
+        Arc::ptr_eq(&self.users, &other.users) && Arc::ptr_eq(&self.features, &other.features)
     }
 }
 
@@ -420,6 +438,28 @@ impl Outcomes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clones_share_columns_until_changed() {
+        let a = Candidates::from_parts(2, vec![1, 2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+            .unwrap();
+        let mut b = a.clone();
+        assert!(b.shares_columns_with(&a));
+        b.retain(|_| true);
+        assert!(b.shares_columns_with(&a), "keeping every row copies nothing");
+        b.retain(|u| u != 2);
+        assert!(!b.shares_columns_with(&a));
+        assert_eq!(b.users(), &[1, 3]);
+        assert_eq!(b.features(), &[0.0, 1.0, 4.0, 5.0]);
+        assert_eq!(a.users(), &[1, 2, 3], "the original is untouched");
+        assert_eq!(a.features(), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let mut c = a.clone();
+        c.push(4, &[6.0, 7.0]).unwrap();
+        assert_eq!((a.len(), c.len()), (3, 4));
+        let json = serde_json::to_string(&a).unwrap();
+        let back: Candidates = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, a);
+    }
 
     #[test]
     fn candidates_check_shape_and_retain_in_place() {

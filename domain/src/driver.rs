@@ -197,11 +197,12 @@ impl Default for DriverConfig {
 }
 
 /// The users a campaign may message, with their features, indexed by user
-/// id.
+/// id. A clone shares the columns and the index (two reference counts):
+/// campaigns that target one audience hold it once.
 #[derive(Debug, Clone)]
 pub struct Audience {
     candidates: Candidates,
-    rows: HashMap<u32, u32>,
+    rows: Arc<HashMap<u32, u32>>,
 }
 
 /// Why an [`Audience`] cannot be built.
@@ -248,7 +249,10 @@ impl Audience {
                 });
             }
         }
-        Ok(Self { candidates, rows })
+        Ok(Self {
+            candidates,
+            rows: Arc::new(rows),
+        })
     }
 
     /// Every user, in upload order.
