@@ -441,12 +441,15 @@ mod tests {
 
     #[test]
     fn clones_share_columns_until_changed() {
-        let a = Candidates::from_parts(2, vec![1, 2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
-            .unwrap();
+        let a =
+            Candidates::from_parts(2, vec![1, 2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
         let mut b = a.clone();
         assert!(b.shares_columns_with(&a));
         b.retain(|_| true);
-        assert!(b.shares_columns_with(&a), "keeping every row copies nothing");
+        assert!(
+            b.shares_columns_with(&a),
+            "keeping every row copies nothing"
+        );
         b.retain(|u| u != 2);
         assert!(!b.shares_columns_with(&a));
         assert_eq!(b.users(), &[1, 3]);
