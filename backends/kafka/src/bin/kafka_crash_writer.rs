@@ -49,6 +49,16 @@ fn transaction(i: u64) -> AppendTx {
 }
 
 fn main() {
+    // The libraries' warnings (a fenced writer, a torn checkpoint) on
+    // stderr, or what RUST_LOG selects.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
         eprintln!(
