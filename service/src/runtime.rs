@@ -36,7 +36,7 @@
 //! not acknowledged is delivered again and finds its idempotency key; a
 //! pipeline commit's outputs are delivered again idempotently.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tracing::Instrument;
@@ -265,7 +265,44 @@ pub struct Registration {
     pub audience_chunks: u64,
     /// Users in the audience.
     pub audience_rows: u64,
+    /// The campaign whose audience stream holds the chunks: another
+    /// campaign's when both were created with the same audience (stored
+    /// once, loaded once); `None` (and every registration written before
+    /// shared audiences): its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience_of: Option<String>,
+    /// A digest of the audience's columns ([`audience_digest`]): how a new
+    /// campaign finds an identical audience already stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience_digest: Option<u64>,
 }
+
+impl Registration {
+    /// The campaign whose audience stream holds this campaign's audience.
+    pub fn audience_owner(&self) -> &str {
+        self.audience_of.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// FNV-1a of an audience's columns (feature dimension, user ids, feature
+/// bits): equal audiences have equal digests, so a campaign created with
+/// the audience of another reuses its stored chunks.
+pub fn audience_digest(c: &Candidates) -> u64 {
+    let mut h = smartmsg_engine::fnv::Fnv1a::new();
+    h.write(&(c.dim() as u64).to_le_bytes());
+    h.write(&(c.len() as u64).to_le_bytes());
+    for u in c.users() {
+        h.write(&u.to_le_bytes());
+    }
+    for x in c.features() {
+        h.write(&x.to_bits().to_le_bytes());
+    }
+    h.finish()
+}
+
+/// Where an audience is stored: the owner campaign, the first chunk's
+/// version, the number of chunks.
+type AudienceLoc = (String, u64, u64);
 
 /// The kind of a [`Registration`] event.
 pub const REGISTERED: &str = "CampaignRegistered";
@@ -374,6 +411,9 @@ struct Live {
     users: BatchPlans,
     through: Arc<AtomicU64>,
     audience: Arc<Audience>,
+    /// Where its audience is stored, and the stored audience's digest.
+    audience_loc: AudienceLoc,
+    audience_digest: Option<u64>,
     pipeline: PipelineSettings,
     campaign_v: u64,
     feedback_v: u64,
@@ -406,6 +446,9 @@ pub struct Runtime {
     wake: Arc<Notify>,
     sources: Vec<Box<dyn ReactionSource>>,
     campaigns: BTreeMap<String, Live>,
+    /// Audiences loaded, by where they are stored: campaigns sharing one
+    /// hold it once.
+    audiences: HashMap<AudienceLoc, Arc<Audience>>,
     registry_v: u64,
     views: Views,
     stats: Arc<RuntimeStats>,
@@ -458,7 +501,7 @@ fn decode_err(e: &RecordedEvent, reason: impl std::fmt::Display) -> RuntimeError
 /// Reads `stream` from version `from` to its end.
 /// The audience a registration names, read from the log.
 async fn read_audience(log: &dyn EventLog, reg: &Registration) -> Result<Audience, RuntimeError> {
-    let streams = CampaignStreams::new(&reg.id)?;
+    let streams = CampaignStreams::new(reg.audience_owner())?;
     let mut cands = None;
     let mut events = read_from(log, &streams.audience, reg.audience_from.max(1)).await?;
     events.truncate(usize::try_from(reg.audience_chunks).unwrap_or(usize::MAX));
@@ -562,6 +605,7 @@ impl Runtime {
             wake: Arc::new(Notify::new()),
             sources: Vec::new(),
             campaigns: BTreeMap::new(),
+            audiences: HashMap::new(),
             registry_v: 0,
             views: Views::default(),
             stats: Arc::default(),
@@ -742,15 +786,37 @@ impl Runtime {
             audience_from: 0,
             audience_chunks: 0,
             audience_rows: aud.len() as u64,
+            audience_of: None,
+            audience_digest: Some(audience_digest(&setup.audience)),
         };
+        // An identical audience already stored (another campaign created
+        // with the same users and features): point to it.
+        let stored = self
+            .campaigns
+            .values()
+            .find(|c| {
+                c.audience_digest == reg.audience_digest
+                    && c.audience.candidates() == &setup.audience
+            })
+            .map(|c| c.audience_loc.clone());
         // The policy must build before anything is stored.
         self.build_policy(&reg, &aud)?;
         let now = self.ports.clock.now_ms();
         let limits = self.ports.log.limits();
         let rows =
             audience::rows_per_chunk(aud.dim(), limits.max_event_bytes.min(limits.max_tx_bytes));
-        let chunks = audience::encode(aud.candidates(), rows, now);
-        reg.audience_chunks = chunks.len() as u64;
+        let chunks = match stored {
+            Some((owner, from, chunks)) => {
+                reg.audience_of = Some(owner);
+                reg.audience_from = from;
+                reg.audience_chunks = chunks;
+                Vec::new()
+            }
+            None => audience::encode(aud.candidates(), rows, now),
+        };
+        if reg.audience_of.is_none() {
+            reg.audience_chunks = chunks.len() as u64;
+        }
         for chunk in chunks {
             let r = self
                 .ports
@@ -788,7 +854,19 @@ impl Runtime {
     async fn load(&mut self, reg: Registration) -> Result<(), RuntimeError> {
         let streams = CampaignStreams::new(&reg.id)?;
         let log = Arc::clone(&self.ports.log);
-        let aud = Arc::new(read_audience(&*log, &reg).await?);
+        let loc: AudienceLoc = (
+            reg.audience_owner().to_owned(),
+            reg.audience_from,
+            reg.audience_chunks,
+        );
+        let aud = match self.audiences.get(&loc) {
+            Some(a) => Arc::clone(a),
+            None => {
+                let a = Arc::new(read_audience(&*log, &reg).await?);
+                self.audiences.insert(loc.clone(), Arc::clone(&a));
+                a
+            }
+        };
         let policy = self.build_policy(&reg, &aud)?;
         let mut config = DriverConfig::default();
         config.seed = reg.seed;
@@ -811,6 +889,8 @@ impl Runtime {
             users,
             through,
             audience: aud,
+            audience_loc: loc,
+            audience_digest: reg.audience_digest,
             pipeline: reg.pipeline,
             campaign_v: 0,
             feedback_v: 0,

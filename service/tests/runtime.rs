@@ -664,3 +664,82 @@ async fn a_removed_user_is_never_messaged_again_and_leaves_the_pipeline() {
         assert_eq!(b.len(), 200, "the budget still goes out");
     }
 }
+
+/// Campaigns created with the same audience store it once: the second
+/// registration points to the first campaign's chunks, both load it from
+/// there after a reopen, and both run; another audience is stored anew.
+#[tokio::test]
+async fn campaigns_with_one_audience_store_it_once() {
+    use smartmsg_service::runtime::read_registered;
+    use smartmsg_service::streams::CampaignStreams;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pop = population();
+    let clock = ManualClock::new(START - 1_000);
+    let sender = Arc::new(Recording::default());
+    let p = ports(dir.path(), &clock, sender.clone());
+    let log = Arc::clone(&p.log);
+    let mut rt = Runtime::open(p, RuntimeOptions::default()).await.unwrap();
+    let mut other = pop.candidates.clone();
+    other.retain(|u| u % 2 == 0);
+    for (id, aud) in [
+        ("c1", pop.candidates.clone()),
+        ("c2", pop.candidates.clone()),
+        ("c3", other.clone()),
+    ] {
+        rt.create_campaign(setup(id, aud)).await.unwrap();
+        rt.start(id).await.unwrap();
+    }
+    let chunks = |id: &'static str| {
+        let log = Arc::clone(&log);
+        async move {
+            let s = CampaignStreams::new(id).unwrap().audience;
+            log.read_stream(&s, 1, 10_000).await.unwrap().len()
+        }
+    };
+    assert!(chunks("c1").await > 0);
+    assert_eq!(chunks("c2").await, 0, "c2's audience is c1's, not a copy");
+    assert!(chunks("c3").await > 0, "another audience is stored anew");
+    let (r1, a1) = read_registered(&*log, "c1").await.unwrap().unwrap();
+    let (r2, a2) = read_registered(&*log, "c2").await.unwrap().unwrap();
+    let (r3, a3) = read_registered(&*log, "c3").await.unwrap().unwrap();
+    assert_eq!(r1.audience_of, None);
+    assert_eq!(r2.audience_of.as_deref(), Some("c1"));
+    assert_eq!(r2.audience_owner(), "c1");
+    assert_eq!(
+        (r2.audience_from, r2.audience_chunks),
+        (r1.audience_from, r1.audience_chunks)
+    );
+    assert_eq!(r3.audience_of, None);
+    assert_eq!(a1.candidates(), &pop.candidates);
+    assert_eq!(a2.candidates(), &pop.candidates);
+    assert_eq!(a3.candidates(), &other);
+    assert_ne!(r1.audience_digest, r3.audience_digest);
+
+    // Reopened: every campaign loads its audience and runs to its budget.
+    drop(rt);
+    let mut rt = Runtime::open(
+        ports(dir.path(), &clock, sender.clone()),
+        RuntimeOptions::default(),
+    )
+    .await
+    .unwrap();
+    for t in (0..4).map(|b| START + b * HOUR) {
+        clock.set(t);
+        rt.step(t).await.unwrap();
+    }
+    for id in ["c1", "c2", "c3"] {
+        assert_eq!(rt.view(id).unwrap().sent, 600, "{id}");
+    }
+    let batches = sender.batches.lock().unwrap().clone();
+    let users_of = |id: &str| -> Vec<u32> {
+        batches
+            .iter()
+            .filter(|b| b.campaign == id)
+            .flat_map(|b| b.decisions.users.clone())
+            .collect()
+    };
+    assert!(users_of("c3").iter().all(|u| u % 2 == 0), "c3 messages only its audience");
+    assert_eq!(users_of("c1").len(), 600);
+    assert_eq!(users_of("c2").len(), 600);
+}

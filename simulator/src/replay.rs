@@ -576,7 +576,14 @@ fn replay_with(
         let name = stream.trim_start_matches("campaign-");
         let mut path_checked = None;
         if let Some(p) = pipelines.get(name).filter(|p| p.registration.is_some()) {
-            let r = p.check(name, &f.state);
+            // A campaign created with another's audience reads that
+            // campaign's audience stream.
+            let owner = p
+                .registration
+                .as_ref()
+                .map_or(name, |reg| reg.audience_owner());
+            let audience = pipelines.get(owner).map_or(&[][..], |o| &o.audience[..]);
+            let r = p.check(name, &f.state, audience);
             path_checked = Some((r.windows, r.records, r.feedback));
             for v in &r.violations {
                 f.violation(v.clone());

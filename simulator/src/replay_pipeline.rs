@@ -115,8 +115,15 @@ impl PipelineLog {
     }
 
     /// Runs the checks (see the [module docs](self)) against `campaign`,
-    /// the state the campaign's own events fold to.
-    pub(crate) fn check(&self, id: &str, campaign: &Campaign) -> PipelineReplay {
+    /// the state the campaign's own events fold to; `audience` is the
+    /// audience stream the registration names (its own or the campaign's
+    /// whose audience it shares).
+    pub(crate) fn check(
+        &self,
+        id: &str,
+        campaign: &Campaign,
+        audience: &[RecordedEvent],
+    ) -> PipelineReplay {
         let mut r = PipelineReplay::default();
         let Some(reg) = &self.registration else {
             return r;
@@ -124,8 +131,7 @@ impl PipelineLog {
         // The audience the runtime stored.
         let mut cands = None;
         let first = reg.audience_from.max(1);
-        for e in self
-            .audience
+        for e in audience
             .iter()
             .filter(|e| e.version >= first && e.version < first + reg.audience_chunks)
         {
