@@ -717,6 +717,8 @@ async fn campaigns_with_one_audience_store_it_once() {
     assert_ne!(r1.audience_digest, r3.audience_digest);
 
     // Reopened: every campaign loads its audience and runs to its budget.
+    drop(chunks);
+    drop(log);
     drop(rt);
     let mut rt = Runtime::open(
         ports(dir.path(), &clock, sender.clone()),
@@ -739,7 +741,10 @@ async fn campaigns_with_one_audience_store_it_once() {
             .flat_map(|b| b.decisions.users.clone())
             .collect()
     };
-    assert!(users_of("c3").iter().all(|u| u % 2 == 0), "c3 messages only its audience");
+    assert!(
+        users_of("c3").iter().all(|u| u % 2 == 0),
+        "c3 messages only its audience"
+    );
     assert_eq!(users_of("c1").len(), 600);
     assert_eq!(users_of("c2").len(), 600);
 }
