@@ -717,7 +717,6 @@ async fn campaigns_with_one_audience_store_it_once() {
     assert_ne!(r1.audience_digest, r3.audience_digest);
 
     // Reopened: every campaign loads its audience and runs to its budget.
-    drop(chunks);
     drop(log);
     drop(rt);
     let mut rt = Runtime::open(
