@@ -189,8 +189,9 @@ struct EvaluateArgs {
 #[derive(clap::Args, Debug)]
 struct SimulateArgs {
     /// Scenario file (.toml or .json), or a built-in: classic (the
-    /// default; also linear), crm, nonlinear, sparse, delayed, or small
-    /// (the default with --seeds).
+    /// default; also linear), crm, nonlinear, sparse, delayed, small (the
+    /// default with --seeds), or platform (many campaigns over one
+    /// audience: --users, --campaigns).
     #[arg(long, value_name = "FILE")]
     scenario: Option<String>,
     /// Load the population (features and true probabilities) from a CSV
@@ -231,6 +232,14 @@ struct SimulateArgs {
     /// Print the scenario as TOML and exit.
     #[arg(long)]
     print_scenario: bool,
+    /// With `--scenario platform`: subscribers in the shared audience
+    /// (default 10,000,000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    users: Option<u32>,
+    /// With `--scenario platform`: campaigns over the audience (default
+    /// 10).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    campaigns: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -677,6 +686,12 @@ fn threads(a: &SimulateArgs) -> usize {
 }
 
 fn simulate(a: SimulateArgs) -> Result<std::process::ExitCode> {
+    if a.scenario.as_deref() == Some("platform") {
+        return platform(a);
+    }
+    if a.users.is_some() || a.campaigns.is_some() {
+        bail!("--users and --campaigns go with --scenario platform");
+    }
     if a.seeds.is_some() {
         return seeds(a);
     }
@@ -778,6 +793,107 @@ fn simulate(a: SimulateArgs) -> Result<std::process::ExitCode> {
     } else {
         std::process::ExitCode::from(2)
     })
+}
+
+/// `simulate --scenario platform`: many campaigns over one audience on one
+/// runtime; prints time, peak memory and each campaign's lift, and writes
+/// `platform.json` into the report directory.
+fn platform(a: SimulateArgs) -> Result<std::process::ExitCode> {
+    use smartmsg_simulator::platform::{run_platform, PlatformSpec};
+    if a.population.is_some() || a.export_population.is_some() || a.seeds.is_some() {
+        bail!("--scenario platform generates its own audience: no --population, --export-population or --seeds");
+    }
+    if a.resume || a.in_memory_queue || a.print_scenario {
+        bail!("--scenario platform takes no --resume, --in-memory-queue or --print-scenario");
+    }
+    let mut spec = PlatformSpec::new(
+        a.users.unwrap_or(PlatformSpec::DEFAULT_USERS),
+        a.campaigns.unwrap_or(PlatformSpec::DEFAULT_CAMPAIGNS),
+    );
+    if let Some(seed) = a.seed {
+        spec.seed = seed;
+    }
+    match a.policy {
+        PolicyChoice::One(p) => spec.policy = p,
+        PolicyChoice::All => {}
+    }
+    let temp;
+    let data_dir = match &a.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("smartmsg-platform-")
+                .tempdir()
+                .context("creating a temporary data directory")?;
+            temp.path().to_owned()
+        }
+    };
+    eprintln!(
+        "platform: {} subscribers x {} features, {} campaigns of {} creatives, budget {} each in {} batches, policy {}",
+        spec.users,
+        spec.features,
+        spec.campaigns,
+        spec.creatives,
+        spec.budget,
+        spec.batches,
+        spec.policy.as_str()
+    );
+    let bar = progress_bar(u64::from(spec.campaigns) * u64::from(spec.batches));
+    let sent = std::sync::Mutex::new(vec![0u32; spec.campaigns as usize]);
+    let tick = |i: u32, n: u32| {
+        if let Some(b) = &bar {
+            let mut s = sent.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = s.get_mut(i as usize) {
+                b.inc(u64::from(n.saturating_sub(*old)));
+                *old = n;
+            }
+        }
+    };
+    let started = Instant::now();
+    smartmsg_simulator::sim::prepare_data_dir(&data_dir, &["platform".to_owned()], false)?;
+    let report = run_platform(&spec, &data_dir.join("platform"), Some(&tick))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    println!("| campaign | sent | reactions | expected | random | oracle | lift |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for c in &report.campaigns {
+        println!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} % |",
+            c.name,
+            c.sent,
+            c.reactions,
+            c.expected,
+            c.random_expected,
+            c.oracle_expected,
+            100.0 * c.lift
+        );
+    }
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    println!(
+        "mean lift {:.1} %; generate {:.1} s, create {:.1} s, run {:.1} s (the simulated campaigns), references {:.1} s; wall {:.1} s",
+        100.0 * report.mean_lift(),
+        report.generate_ms as f64 / 1e3,
+        report.create_ms as f64 / 1e3,
+        report.run_ms as f64 / 1e3,
+        report.reference_ms as f64 / 1e3,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "peak resident memory {}; {} events, {:.2} GiB on disk",
+        report
+            .peak_rss_bytes
+            .map_or("unknown".to_owned(), |b| format!("{:.2} GiB", gib(b))),
+        report.log_events,
+        gib(report.data_bytes)
+    );
+    std::fs::create_dir_all(&a.report)
+        .with_context(|| format!("creating {}", a.report.display()))?;
+    let path = a.report.join("platform.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("report: {}", path.display());
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn progress_bar(len: u64) -> Option<indicatif::ProgressBar> {

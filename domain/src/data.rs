@@ -85,17 +85,66 @@ fn check_row(row_index: usize, dim: usize, x: &[f32]) -> Result<(), ShapeError> 
 }
 
 /// The users a policy may choose from: ids and a dense, row-major `f32`
-/// feature matrix (`len × dim`), one row per user.
+/// feature matrix, one row per user.
 ///
-/// The columns are shared: a clone costs two reference counts, not a copy
-/// of the matrix, so campaigns that target one audience hold it once
-/// (10,000,000 users × 16 features are 640 MB). Changing a shared copy
-/// ([`Candidates::push`], [`Candidates::retain`]) copies it first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The columns are shared: a clone costs reference counts, not a copy of
+/// the matrix, so campaigns that target one audience hold it once
+/// (10,000,000 users × 16 features are 640 MB). Dropping rows
+/// ([`Candidates::retain`]) does not copy the matrix either: the result is
+/// a *selection* of the shared matrix's rows (8 bytes a kept row: its user
+/// and its row number), which is how a campaign's remaining candidates
+/// shrink batch by batch. Only [`Candidates::push`] on a shared or
+/// selected matrix copies (the selected rows) first.
+///
+/// Equality and the serialised form are those of the rows in order
+/// (`dim`, `users`, `features`), whether shared or selected.
+#[derive(Debug, Clone)]
 pub struct Candidates {
     dim: usize,
+    /// The user of each row in use, in order.
     users: Arc<Vec<u32>>,
+    /// The matrix the rows come from (all of them when `rows` is `None`).
     features: Arc<Vec<f32>>,
+    /// The matrix rows in use, when a subset: row `i` is matrix row
+    /// `rows[i]`.
+    rows: Option<Arc<Vec<u32>>>,
+}
+
+/// [`Candidates`] as serialised: the rows in use, contiguous.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "Candidates")]
+struct CandidatesRepr {
+    dim: usize,
+    users: Vec<u32>,
+    features: Vec<f32>,
+}
+
+impl Serialize for Candidates {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut c = self.clone();
+        c.compact();
+        CandidatesRepr {
+            dim: c.dim,
+            users: c.users.to_vec(),
+            features: c.features.to_vec(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Candidates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = CandidatesRepr::deserialize(d)?;
+        Candidates::from_parts(r.dim, r.users, r.features).map_err(serde::de::Error::custom)
+    }
+}
+
+impl PartialEq for Candidates {
+    fn eq(&self, other: &Self) -> bool {
+        self.dim == other.dim
+            && self.users == other.users
+            && (self.shares_columns_with(other) || self.rows().eq(other.rows()))
+    }
 }
 
 impl Candidates {
@@ -115,6 +164,7 @@ impl Candidates {
             dim,
             users: Arc::new(Vec::with_capacity(rows)),
             features: Arc::new(Vec::with_capacity(rows * dim)),
+            rows: None,
         })
     }
 
@@ -135,15 +185,33 @@ impl Candidates {
             dim,
             users: Arc::new(users),
             features: Arc::new(features),
+            rows: None,
         })
     }
 
-    /// Appends a user with its features.
+    /// Appends a user with its features (a selection is made contiguous
+    /// first).
     pub fn push(&mut self, user: u32, x: &[f32]) -> Result<(), ShapeError> {
         check_row(self.users.len(), self.dim, x)?;
+        self.compact();
         Arc::make_mut(&mut self.users).push(user);
         Arc::make_mut(&mut self.features).extend_from_slice(x);
         Ok(())
+    }
+
+    /// Makes a selection contiguous: copies the rows in use into a matrix
+    /// of their own.
+    fn compact(&mut self) {
+        let Some(rows) = self.rows.take() else {
+            return;
+        };
+        let dim = self.dim;
+        let mut features = Vec::with_capacity(rows.len() * dim);
+        for &r in rows.iter() {
+            let r = r as usize;
+            features.extend_from_slice(&self.features[r * dim..(r + 1) * dim]);
+        }
+        self.features = Arc::new(features);
     }
 
     /// The number of candidates.
@@ -166,9 +234,19 @@ impl Candidates {
         &self.users
     }
 
-    /// The flat row-major feature matrix.
-    pub fn features(&self) -> &[f32] {
-        &self.features
+    /// Row `i`'s position in the shared matrix (`i` itself unless this is
+    /// a selection).
+    ///
+    /// # Panics
+    /// If `i >= len()`.
+    pub fn matrix_row(&self, i: usize) -> usize {
+        match &self.rows {
+            None => {
+                assert!(i < self.users.len(), "row {i} of {}", self.users.len());
+                i
+            }
+            Some(rows) => rows[i] as usize,
+        }
     }
 
     /// Row `i`'s features.
@@ -176,7 +254,22 @@ impl Candidates {
     /// # Panics
     /// If `i >= len()`.
     pub fn row(&self, i: usize) -> &[f32] {
-        &self.features[i * self.dim..(i + 1) * self.dim]
+        let r = self.matrix_row(i);
+        &self.features[r * self.dim..(r + 1) * self.dim]
+    }
+
+    /// Every row's features, in order.
+    pub fn rows(&self) -> impl ExactSizeIterator<Item = &[f32]> + '_ {
+        (0..self.len()).map(move |i| self.row(i))
+    }
+
+    /// The rows as one contiguous row-major matrix, when they are one
+    /// (not a selection).
+    pub fn contiguous(&self) -> Option<&[f32]> {
+        match self.rows {
+            None => Some(&self.features),
+            Some(_) => None,
+        }
     }
 
     /// Keeps only the rows whose user is not in `messaged`, in place.
@@ -185,32 +278,61 @@ impl Candidates {
     }
 
     /// Keeps only the rows whose user satisfies `keep`, in place, in order.
+    /// The matrix is not copied: the result selects its rows.
     pub fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
-        let dim = self.dim;
-        let kept: Vec<bool> = self.users.iter().map(|&u| keep(u)).collect();
-        if kept.iter().all(|&k| k) {
-            return; // nothing to drop: a shared matrix stays shared
-        }
-        let users = Arc::make_mut(&mut self.users);
-        let features = Arc::make_mut(&mut self.features);
-        let mut w = 0;
-        for (r, &k) in kept.iter().enumerate() {
-            if k {
-                if w != r {
-                    users[w] = users[r];
-                    features.copy_within(r * dim..(r + 1) * dim, w * dim);
+        let users = Arc::clone(&self.users);
+        self.retain_rows(|i, _| keep(users[i]));
+    }
+
+    /// Keeps only the rows `i` for which `keep(i, matrix_row(i))` holds,
+    /// in place, in order. The matrix is not copied: the result selects
+    /// its rows (nothing changes when every row is kept).
+    pub fn retain_rows(&mut self, mut keep: impl FnMut(usize, usize) -> bool) {
+        let n = self.len();
+        let mut users = Vec::new();
+        let mut rows = Vec::new();
+        let mut dropped = false;
+        for i in 0..n {
+            let r = self.matrix_row(i);
+            if keep(i, r) {
+                if dropped {
+                    users.push(self.users[i]);
+                    rows.push(r as u32);
                 }
-                w += 1;
+            } else if !dropped {
+                // The first row dropped: everything before it is kept.
+                dropped = true;
+                users.reserve(n - i);
+                rows.reserve(n - i);
+                users.extend_from_slice(&self.users[..i]);
+                rows.extend((0..i).map(|j| self.matrix_row(j) as u32));
             }
         }
-        users.truncate(w);
-        features.truncate(w * dim);
+        if !dropped {
+            return; // nothing to drop: a shared matrix stays shared
+        }
+        users.shrink_to_fit();
+        rows.shrink_to_fit();
+        self.users = Arc::new(users);
+        self.rows = Some(Arc::new(rows));
     }
 
     /// Whether `self` and `other` hold the very same columns (a clone that
     /// neither changed since), not merely equal ones.
     pub fn shares_columns_with(&self, other: &Candidates) -> bool {
-        Arc::ptr_eq(&self.users, &other.users) && Arc::ptr_eq(&self.features, &other.features)
+        Arc::ptr_eq(&self.users, &other.users)
+            && Arc::ptr_eq(&self.features, &other.features)
+            && match (&self.rows, &other.rows) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+
+    /// Whether `self` reads its rows from the same matrix as `other` (a
+    /// selection of it, or the same columns), without a copy.
+    pub fn shares_matrix_with(&self, other: &Candidates) -> bool {
+        Arc::ptr_eq(&self.features, &other.features)
     }
 }
 
@@ -452,16 +574,43 @@ mod tests {
         );
         b.retain(|u| u != 2);
         assert!(!b.shares_columns_with(&a));
+        assert!(
+            b.shares_matrix_with(&a),
+            "dropping rows selects, not copies"
+        );
         assert_eq!(b.users(), &[1, 3]);
-        assert_eq!(b.features(), &[0.0, 1.0, 4.0, 5.0]);
+        assert_eq!(flat(&b), [0.0, 1.0, 4.0, 5.0]);
+        assert_eq!((b.matrix_row(0), b.matrix_row(1)), (0, 2));
+        assert_eq!(b.contiguous(), None);
         assert_eq!(a.users(), &[1, 2, 3], "the original is untouched");
-        assert_eq!(a.features(), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(a.contiguous(), Some(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0][..]));
         let mut c = a.clone();
         c.push(4, &[6.0, 7.0]).unwrap();
         assert_eq!((a.len(), c.len()), (3, 4));
         let json = serde_json::to_string(&a).unwrap();
         let back: Candidates = serde_json::from_str(&json).unwrap();
         assert_eq!(back, a);
+        // A selection serialises as its rows, and equals a copy of them.
+        let copy = Candidates::from_parts(2, vec![1, 3], vec![0.0, 1.0, 4.0, 5.0]).unwrap();
+        assert_eq!(b, copy);
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(json, serde_json::to_string(&copy).unwrap());
+        let back: Candidates = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, b);
+        // A selection of a selection still reads the first matrix.
+        let mut d = b.clone();
+        d.retain_rows(|_, r| r != 0);
+        assert!(d.shares_matrix_with(&a));
+        assert_eq!((d.users(), flat(&d)), (&[3][..], vec![4.0, 5.0]));
+        // Pushing onto a selection copies its rows first.
+        b.push(9, &[8.0, 9.0]).unwrap();
+        assert!(!b.shares_matrix_with(&a));
+        assert_eq!(flat(&b), [0.0, 1.0, 4.0, 5.0, 8.0, 9.0]);
+        assert_eq!(b.contiguous().map(<[f32]>::len), Some(6));
+    }
+
+    fn flat(c: &Candidates) -> Vec<f32> {
+        c.rows().flatten().copied().collect()
     }
 
     #[test]
@@ -489,7 +638,7 @@ mod tests {
         let messaged: UserSet = [0u32, 20, 50].into_iter().collect();
         c.retain_unmessaged(&messaged);
         assert_eq!(c.users(), &[10, 30, 40]);
-        assert_eq!(c.features(), &[1.0, -1.0, 3.0, -3.0, 4.0, -4.0]);
+        assert_eq!(flat(&c), [1.0, -1.0, 3.0, -3.0, 4.0, -4.0]);
         assert_eq!(c.row(2), &[4.0, -4.0]);
     }
 

@@ -266,6 +266,11 @@ impl Audience {
         Some(self.candidates.row(row as usize))
     }
 
+    /// The row of `user` in [`Audience::candidates`], if in the audience.
+    pub fn row_of(&self, user: u32) -> Option<usize> {
+        self.rows.get(&user).map(|&r| r as usize)
+    }
+
     /// Whether `user` is in the audience.
     pub fn contains(&self, user: u32) -> bool {
         self.rows.contains_key(&user)
@@ -616,6 +621,13 @@ impl<'p> CampaignDriver<'p> {
     /// The audience.
     pub fn audience(&self) -> &Arc<Audience> {
         &self.audience
+    }
+
+    /// The users the next plan may choose from: the audience less the
+    /// users messaged (as of the last plan) and removed. A selection of
+    /// the audience's rows, never a copy of its matrix.
+    pub fn remaining(&self) -> &Candidates {
+        &self.remaining
     }
 
     /// Users counted as reacting to batch `batch` so far.
@@ -1068,11 +1080,29 @@ impl<'p> CampaignDriver<'p> {
         ChaCha8Rng::seed_from_u64(seed)
     }
 
+    /// Drops the users messaged since the last plan from the remaining
+    /// candidates. They select rows of the audience's matrix (never a
+    /// copy of it): the messaged users are marked in a bitmap over the
+    /// audience's rows (one bit a subscriber) and the selection keeps the
+    /// unmarked rows.
     fn sync_remaining(&mut self) {
         let messaged = self.campaign.messaged();
-        if self.remaining_synced != messaged.len() {
-            self.remaining.retain_unmessaged(messaged);
-            self.remaining_synced = messaged.len();
+        if self.remaining_synced == messaged.len() {
+            return;
         }
+        let all = self.audience.candidates();
+        if self.remaining.shares_matrix_with(all) {
+            let mut marked = vec![0u64; all.len().div_ceil(64)];
+            for u in messaged.iter() {
+                if let Some(r) = self.audience.row_of(u) {
+                    marked[r / 64] |= 1 << (r % 64);
+                }
+            }
+            self.remaining
+                .retain_rows(|_, r| marked[r / 64] & (1 << (r % 64)) == 0);
+        } else {
+            self.remaining.retain_unmessaged(messaged);
+        }
+        self.remaining_synced = messaged.len();
     }
 }

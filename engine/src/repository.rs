@@ -39,9 +39,10 @@
 //! the stream from the start, and a snapshot that cannot be saved after a
 //! command is logged with `tracing::warn!` and does not fail the command.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::aggregate::{Aggregate, DecideCtx, DecodeError, EventCodec};
 use crate::append::{AppendResult, AppendTx, ExpectedVersion, IdempotencyKey};
@@ -59,7 +60,9 @@ use crate::upcast::{UpcastError, Upcasters};
 #[non_exhaustive]
 pub struct RepositoryConfig {
     /// Save a snapshot each time a stream's version crosses a multiple of
-    /// this many events; 0 = never.
+    /// this many events; 0 = never. A stream whose last snapshot was
+    /// larger than [`CHEAP_SNAPSHOT_BYTES`] is snapshotted again only once
+    /// the events appended since weigh as much as it did.
     pub snapshot_every: u64,
     /// How many times [`Repository::execute`] loads and decides again after
     /// a concurrency conflict before giving up with
@@ -92,6 +95,27 @@ impl RepositoryConfig {
         }
         Ok(())
     }
+}
+
+/// Snapshots up to this size are saved at every
+/// [`RepositoryConfig::snapshot_every`]; a larger one waits until the
+/// events appended after it weigh as much (so saving snapshots costs at
+/// most as many bytes as the events do, and a load replays at most a
+/// snapshot's weight of events). A campaign that has messaged a million
+/// users snapshots about 7 MB: every 16 events it would rewrite (and
+/// first reload) them thousands of times a run.
+pub const CHEAP_SNAPSHOT_BYTES: u64 = 64 * 1024;
+
+/// The streams whose snapshot pace is remembered, at most (forgetting one
+/// only makes its next snapshot due at the next multiple).
+const MAX_PACED_STREAMS: usize = 65_536;
+
+/// Per stream: the last snapshot's size and the event bytes appended
+/// since, as this process saw them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pace {
+    last_bytes: u64,
+    since_bytes: u64,
 }
 
 /// A [`RepositoryConfig`] the log cannot serve.
@@ -299,6 +323,8 @@ pub struct Repository<A> {
     clock: Arc<dyn Clock>,
     upcasters: Arc<Upcasters>,
     config: RepositoryConfig,
+    /// Shared by clones: the snapshot pace of each stream.
+    pace: Arc<Mutex<HashMap<StreamId, Pace>>>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -310,6 +336,7 @@ impl<A> Clone for Repository<A> {
             clock: Arc::clone(&self.clock),
             upcasters: Arc::clone(&self.upcasters),
             config: self.config,
+            pace: Arc::clone(&self.pace),
             _aggregate: PhantomData,
         }
     }
@@ -351,6 +378,7 @@ impl<A: Aggregate> Repository<A> {
             clock,
             upcasters: Arc::new(Upcasters::new()),
             config: RepositoryConfig::default(),
+            pace: Arc::default(),
             _aggregate: PhantomData,
         }
     }
@@ -594,7 +622,7 @@ impl<A: Aggregate> Repository<A> {
                 attempts: 1,
             }));
         }
-        let result = match self
+        let (result, bytes) = match self
             .append_events(stream, version, &events, options, now_ms)
             .await?
         {
@@ -602,7 +630,7 @@ impl<A: Aggregate> Repository<A> {
             Err(_conflict) => return Ok(None),
         };
         let new_version = new_version_of(&result, stream, version, events.len());
-        if self.snapshot_due(version, new_version) {
+        if self.snapshot_due(stream, version, new_version, bytes) {
             // Rare (once every `snapshot_every` events): the borrowed state
             // is not this command's result, so load it (from the last
             // snapshot) and save it. As after `execute`, a failed snapshot
@@ -628,20 +656,21 @@ impl<A: Aggregate> Repository<A> {
         events: &[A::Event],
         options: &CommandOptions,
         now_ms: u64,
-    ) -> Result<Result<AppendResult, u64>, RepositoryError<A::Error>> {
-        let new_events = events
+    ) -> Result<Result<(AppendResult, u64), u64>, RepositoryError<A::Error>> {
+        let new_events: Vec<NewEvent> = events
             .iter()
             .map(|e| {
                 NewEvent::new(e.kind(), e.schema(), now_ms, e.encode())
                     .with_metadata(options.metadata.clone())
             })
             .collect();
+        let bytes = new_events.iter().map(|e| e.payload.len() as u64).sum();
         let mut tx = AppendTx::single(stream.clone(), ExpectedVersion::Exact(version), new_events);
         if let Some(key) = &options.idempotency_key {
             tx = tx.with_idempotency_key(key);
         }
         match self.log.append(tx).await {
-            Ok(r) => Ok(Ok(r)),
+            Ok(r) => Ok(Ok((r, bytes))),
             Err(AppendError::WrongExpectedVersion {
                 stream: s, actual, ..
             }) if &s == stream => Ok(Err(actual)),
@@ -655,9 +684,36 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
-    fn snapshot_due(&self, version: u64, new_version: u64) -> bool {
+    /// Counts `bytes` appended to `stream` and says whether a snapshot is
+    /// due (see [`CHEAP_SNAPSHOT_BYTES`]).
+    fn snapshot_due(&self, stream: &StreamId, version: u64, new_version: u64, bytes: u64) -> bool {
         let every = self.config.snapshot_every;
-        every > 0 && version / every != new_version / every
+        if every == 0 || self.snapshots.is_none() {
+            return false;
+        }
+        let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        if pace.len() >= MAX_PACED_STREAMS && !pace.contains_key(stream) {
+            pace.clear();
+        }
+        let p = pace.entry(stream.clone()).or_default();
+        p.since_bytes = p.since_bytes.saturating_add(bytes);
+        version / every != new_version / every
+            && (p.last_bytes <= CHEAP_SNAPSHOT_BYTES || p.since_bytes >= p.last_bytes)
+    }
+
+    /// Remembers that a snapshot of `bytes` was just saved for `stream`.
+    fn snapshot_saved(&self, stream: &StreamId, bytes: u64) {
+        let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        if pace.len() >= MAX_PACED_STREAMS && !pace.contains_key(stream) {
+            pace.clear();
+        }
+        pace.insert(
+            stream.clone(),
+            Pace {
+                last_bytes: bytes,
+                since_bytes: 0,
+            },
+        );
     }
 
     async fn attempt(
@@ -699,7 +755,7 @@ impl<A: Aggregate> Repository<A> {
                 attempts,
             }));
         }
-        let result = match self
+        let (result, bytes) = match self
             .append_events(stream, version, &events, options, now_ms)
             .await?
         {
@@ -715,7 +771,7 @@ impl<A: Aggregate> Repository<A> {
             state.evolve(e);
         }
         let new_version = new_version_of(&result, stream, version, events.len());
-        if self.snapshot_due(version, new_version) {
+        if self.snapshot_due(stream, version, new_version, bytes) {
             self.snapshot_after_command(stream, &state, new_version)
                 .await;
         }
@@ -735,14 +791,18 @@ impl<A: Aggregate> Repository<A> {
         let Some(bytes) = state.encode_snapshot() else {
             return;
         };
+        let size = bytes.len() as u64;
         let snapshot = Snapshot {
             stream: stream.clone(),
             version,
             schema: A::SNAPSHOT_SCHEMA,
             state: bytes,
         };
-        if let Err(e) = store.save(snapshot).await {
-            tracing::warn!(%stream, version, error = %e, "snapshot save failed; the command succeeded");
+        match store.save(snapshot).await {
+            Ok(()) => self.snapshot_saved(stream, size),
+            Err(e) => {
+                tracing::warn!(%stream, version, error = %e, "snapshot save failed; the command succeeded")
+            }
         }
     }
 
@@ -764,6 +824,7 @@ impl<A: Aggregate> Repository<A> {
         let Some(bytes) = loaded.state.encode_snapshot() else {
             return Ok(None);
         };
+        let size = bytes.len() as u64;
         store
             .save(Snapshot {
                 stream: stream.clone(),
@@ -773,6 +834,7 @@ impl<A: Aggregate> Repository<A> {
             })
             .await
             .map_err(RepositoryError::Snapshot)?;
+        self.snapshot_saved(stream, size);
         Ok(Some(loaded.version))
     }
 }
@@ -1350,6 +1412,46 @@ mod tests {
                 .snapshot_every,
             7
         );
+    }
+
+    #[tokio::test]
+    async fn large_snapshots_wait_for_their_weight_in_events() {
+        let log = Arc::new(SpyLog::new());
+        let snaps = Arc::new(InMemorySnapshots::new());
+        let r = repo(log.clone())
+            .with_snapshots(snaps.clone())
+            .with_config(cfg(2, 0, 100))
+            .unwrap();
+        let s = sid("acc-big");
+        r.execute(&s, &open("ann"), CommandOptions::default())
+            .await
+            .unwrap();
+        let long = |tag: &str, n: usize| AccountCommand::DepositMany {
+            ids_and_amounts: (0..n).map(|i| (format!("{tag}-{i:0>100}"), 1)).collect(),
+        };
+        let ex = r
+            .execute(&s, &long("a", 1_000), CommandOptions::default())
+            .await
+            .unwrap();
+        let snap = snaps.load(&s).await.unwrap().unwrap();
+        assert_eq!(snap.version, ex.version);
+        let big = snap.state.len() as u64;
+        assert!(big > CHEAP_SNAPSHOT_BYTES, "a large snapshot: {big} bytes");
+        // Small commands cross multiples of 2 but weigh far less than it.
+        for i in 0..10 {
+            r.execute(&s, &deposit(&format!("s{i}"), 1), CommandOptions::default())
+                .await
+                .unwrap();
+        }
+        assert_eq!(snaps.load(&s).await.unwrap().unwrap().version, ex.version);
+        // Events as heavy as the snapshot: the next crossing saves one.
+        let ex = r
+            .execute(&s, &long("b", 1_100), CommandOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(snaps.load(&s).await.unwrap().unwrap().version, ex.version);
+        let l = r.load(&s).await.unwrap();
+        assert_eq!(l.state, ex.state);
     }
 
     #[tokio::test]

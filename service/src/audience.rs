@@ -36,7 +36,7 @@ pub fn encode(c: &Candidates, rows: usize, now_ms: u64) -> Vec<NewEvent> {
         for &u in &c.users()[start..end] {
             b.extend_from_slice(&u.to_le_bytes());
         }
-        for &x in &c.features()[start * dim..end * dim] {
+        for &x in (start..end).flat_map(|i| c.row(i)) {
             b.extend_from_slice(&x.to_le_bytes());
         }
         out.push(NewEvent::new(AUDIENCE_CHUNK, 1, now_ms, b));

@@ -282,6 +282,15 @@ impl Registration {
     pub fn audience_owner(&self) -> &str {
         self.audience_of.as_deref().unwrap_or(&self.id)
     }
+
+    /// Where the audience is stored (the runtime's cache key).
+    fn audience_loc(&self) -> AudienceLoc {
+        (
+            self.audience_owner().to_owned(),
+            self.audience_from,
+            self.audience_chunks,
+        )
+    }
 }
 
 /// FNV-1a of an audience's columns (feature dimension, user ids, feature
@@ -294,7 +303,7 @@ pub fn audience_digest(c: &Candidates) -> u64 {
     for u in c.users() {
         h.write(&u.to_le_bytes());
     }
-    for x in c.features() {
+    for x in c.rows().flatten() {
         h.write(&x.to_bits().to_le_bytes());
     }
     h.finish()
@@ -740,7 +749,24 @@ impl Runtime {
     pub async fn create_campaign(&mut self, setup: CampaignSetup) -> Result<(), RuntimeError> {
         check_campaign_id(&setup.id)?;
         setup.spec.validate()?;
-        let aud = Audience::new(setup.audience.clone())?;
+        // The very columns of a loaded campaign's audience (a platform's
+        // campaigns on one audience): its index, digest and stored chunks
+        // serve again, with nothing hashed, indexed or copied.
+        let same_columns = self
+            .campaigns
+            .values()
+            .find(|c| c.audience.candidates().shares_columns_with(&setup.audience))
+            .map(|c| {
+                (
+                    Arc::clone(&c.audience),
+                    c.audience_digest,
+                    c.audience_loc.clone(),
+                )
+            });
+        let aud = match &same_columns {
+            Some((a, ..)) => Arc::clone(a),
+            None => Arc::new(Audience::new(setup.audience.clone())?),
+        };
         if aud.is_empty() {
             return Err(RuntimeError::Audience("the audience is empty".into()));
         }
@@ -787,18 +813,24 @@ impl Runtime {
             audience_chunks: 0,
             audience_rows: aud.len() as u64,
             audience_of: None,
-            audience_digest: Some(audience_digest(&setup.audience)),
+            audience_digest: match &same_columns {
+                Some((_, digest, _)) => *digest,
+                None => Some(audience_digest(&setup.audience)),
+            },
         };
         // An identical audience already stored (another campaign created
         // with the same users and features): point to it.
-        let stored = self
-            .campaigns
-            .values()
-            .find(|c| {
-                c.audience_digest == reg.audience_digest
-                    && c.audience.candidates() == &setup.audience
-            })
-            .map(|c| c.audience_loc.clone());
+        let stored = match same_columns {
+            Some((.., loc)) => Some(loc),
+            None => self
+                .campaigns
+                .values()
+                .find(|c| {
+                    c.audience_digest == reg.audience_digest
+                        && c.audience.candidates() == &setup.audience
+                })
+                .map(|c| c.audience_loc.clone()),
+        };
         // The policy must build before anything is stored.
         self.build_policy(&reg, &aud)?;
         let now = self.ports.clock.now_ms();
@@ -845,6 +877,9 @@ impl Runtime {
             ))
             .await?;
         self.registry_v += 1;
+        // The audience just stored is the one in hand: the load takes it
+        // from the cache instead of reading its chunks back.
+        self.audiences.entry(reg.audience_loc()).or_insert(aud);
         self.load(reg).await?;
         self.publish_views();
         Ok(())
@@ -854,11 +889,7 @@ impl Runtime {
     async fn load(&mut self, reg: Registration) -> Result<(), RuntimeError> {
         let streams = CampaignStreams::new(&reg.id)?;
         let log = Arc::clone(&self.ports.log);
-        let loc: AudienceLoc = (
-            reg.audience_owner().to_owned(),
-            reg.audience_from,
-            reg.audience_chunks,
-        );
+        let loc = reg.audience_loc();
         let aud = match self.audiences.get(&loc) {
             Some(a) => Arc::clone(a),
             None => {

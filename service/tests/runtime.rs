@@ -746,4 +746,29 @@ async fn campaigns_with_one_audience_store_it_once() {
     );
     assert_eq!(users_of("c1").len(), 600);
     assert_eq!(users_of("c2").len(), 600);
+    // In memory too the audience is held once: the campaigns share it,
+    // and what each has left to plan selects its rows without a copy.
+    let (d1, d2, d3) = (
+        rt.driver("c1").unwrap(),
+        rt.driver("c2").unwrap(),
+        rt.driver("c3").unwrap(),
+    );
+    assert!(Arc::ptr_eq(d1.audience(), d2.audience()));
+    assert!(!Arc::ptr_eq(d1.audience(), d3.audience()));
+    for d in [d1, d2, d3] {
+        let all = d.audience().candidates();
+        let left = d.remaining();
+        assert!(left.len() < all.len(), "{}: messaged users dropped", d.id());
+        assert!(left.shares_matrix_with(all), "{}: a selection", d.id());
+        // Synced at the last plan: every user is left or was messaged,
+        // and the rows left are the audience's rows of their users.
+        let messaged = d.campaign().messaged();
+        assert!(all
+            .users()
+            .iter()
+            .all(|&u| messaged.contains(u) || left.users().contains(&u)));
+        for (i, &u) in left.users().iter().enumerate() {
+            assert_eq!(left.row(i), d.audience().features(u).unwrap());
+        }
+    }
 }

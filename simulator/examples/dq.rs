@@ -97,7 +97,7 @@ fn transform(pop: SimPopulation) -> SimPopulation {
     }
     let c = pop.candidates();
     let d = c.dim();
-    let mut f = c.features().to_vec();
+    let mut f: Vec<f32> = c.rows().flatten().copied().collect();
     for x in f.chunks_exact_mut(d) {
         match tf.as_str() {
             "crm-true" => {

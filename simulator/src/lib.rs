@@ -30,6 +30,7 @@ pub mod faults;
 pub mod inspect;
 pub mod invariants;
 pub mod ope;
+pub mod platform;
 pub mod policies;
 pub mod population;
 pub mod portable;

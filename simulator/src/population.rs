@@ -54,6 +54,73 @@ pub struct Truth {
     pub weights: Vec<f64>,
 }
 
+impl Truth {
+    /// The truth of a [`TruthSpec::Generated`] over `d` features and `k`
+    /// creatives, drawn from `(seed, tag)`: weights shared by every
+    /// creative plus each creative's own deviation, intercepts around the
+    /// base rate's logit. An explicit spec is returned as it is.
+    pub fn generate(spec: &TruthSpec, d: usize, k: usize, seed: u64, tag: &str) -> Truth {
+        let (base_rate, creative_spread, shared_scale, specific_scale) = match spec {
+            TruthSpec::Explicit {
+                intercepts,
+                weights,
+            } => {
+                return Truth {
+                    intercepts: intercepts.clone(),
+                    weights: weights.iter().flatten().copied().collect(),
+                }
+            }
+            TruthSpec::Generated {
+                base_rate,
+                creative_spread,
+                shared_scale,
+                specific_scale,
+            } => (*base_rate, *creative_spread, *shared_scale, *specific_scale),
+        };
+        let mut r = rng::stream(seed, &[rng::label(tag)]);
+        let mut z = || -> f64 { StandardNormal.sample(&mut r) };
+        let shared: Vec<f64> = (0..d).map(|_| shared_scale * z()).collect();
+        let logit = (base_rate / (1.0 - base_rate)).ln();
+        let intercepts: Vec<f64> = (0..k).map(|_| logit + creative_spread * z()).collect();
+        let mut weights = Vec::with_capacity(k * d);
+        for _ in 0..k {
+            for s in &shared {
+                weights.push(s + specific_scale * z());
+            }
+        }
+        Truth {
+            intercepts,
+            weights,
+        }
+    }
+
+    /// The number of creatives.
+    pub fn creatives(&self) -> usize {
+        self.intercepts.len()
+    }
+
+    /// The probability that a user with features `x` reacts to creative
+    /// `c`: `σ(b_c + w_c·x)`.
+    pub fn probability(&self, c: usize, x: &[f32]) -> f64 {
+        let d = x.len();
+        let w = &self.weights[c * d..(c + 1) * d];
+        let s = self.intercepts[c] + w.iter().zip(x).map(|(a, &b)| a * f64::from(b)).sum::<f64>();
+        sigmoid(s)
+    }
+}
+
+/// `n × d` standard normal features (row-major), drawn from `seed`: the
+/// gaussian family's columns.
+pub fn gaussian_features(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let mut r = rng::stream(seed, &[rng::label("features")]);
+    (0..n * d)
+        .map(|_| {
+            let v: f64 = StandardNormal.sample(&mut r);
+            v as f32
+        })
+        .collect()
+}
+
 /// Subscribers with features and true reaction probabilities.
 #[derive(Debug, Clone)]
 pub struct SimPopulation {
@@ -127,37 +194,12 @@ impl SimPopulation {
                 intercepts: intercepts.clone(),
                 weights: weights.iter().flatten().copied().collect(),
             },
-            TruthSpec::Generated {
-                base_rate,
-                creative_spread,
-                shared_scale,
-                specific_scale,
-            } => {
+            generated @ TruthSpec::Generated { .. } => {
                 let tag = if drifted { "truth-drift" } else { "truth" };
-                let mut r = rng::stream(seed, &[rng::label(tag)]);
-                let mut z = || -> f64 { StandardNormal.sample(&mut r) };
-                let shared: Vec<f64> = (0..d).map(|_| shared_scale * z()).collect();
-                let logit = (base_rate / (1.0 - base_rate)).ln();
-                let intercepts: Vec<f64> = (0..k).map(|_| logit + creative_spread * z()).collect();
-                let mut weights = Vec::with_capacity(k * d);
-                for _ in 0..k {
-                    for s in &shared {
-                        weights.push(s + specific_scale * z());
-                    }
-                }
-                Truth {
-                    intercepts,
-                    weights,
-                }
+                Truth::generate(generated, d, k, seed, tag)
             }
         };
-        let mut r = rng::stream(seed, &[rng::label("features")]);
-        let mut features: Vec<f32> = (0..n * d)
-            .map(|_| {
-                let v: f64 = StandardNormal.sample(&mut r);
-                v as f32
-            })
-            .collect();
+        let mut features = gaussian_features(n, d, seed);
         let share = scenario.population.non_reacting_share;
         let shift = scenario.population.non_reacting_shift as f32;
         let mut dormant = vec![false; n];
@@ -177,10 +219,7 @@ impl SimPopulation {
             }
             let x = &features[u * d..(u + 1) * d];
             for c in 0..k {
-                let w = &truth.weights[c * d..(c + 1) * d];
-                let s = truth.intercepts[c]
-                    + w.iter().zip(x).map(|(a, &b)| a * f64::from(b)).sum::<f64>();
-                probs[u * k + c] = sigmoid(s);
+                probs[u * k + c] = truth.probability(c, x);
             }
         }
         let candidates = Candidates::from_parts(d, (0..n as u32).collect(), features)

@@ -261,11 +261,26 @@ impl World {
         decisions: &Decisions,
         pop: &SimPopulation,
     ) -> bool {
+        self.deliver_with(batch, sent_ms, decisions, |user, creative| {
+            pop.probability_at(user, creative, batch)
+        })
+    }
+
+    /// [`World::deliver`] with the true probability that `user` reacts to
+    /// `creative` given by `probability` (a truth computed on demand
+    /// rather than a population's table).
+    pub fn deliver_with(
+        &mut self,
+        batch: u32,
+        sent_ms: u64,
+        decisions: &Decisions,
+        mut probability: impl FnMut(u32, u16) -> f64,
+    ) -> bool {
         if !self.delivered.insert(batch) {
             return false;
         }
         for (user, creative, _) in decisions.iter() {
-            let p = pop.probability_at(user, creative, batch);
+            let p = probability(user, creative);
             if p <= 0.0 || unit(mix(&[self.seed, label("react"), u64::from(user)])) >= p {
                 continue;
             }

@@ -4,7 +4,7 @@
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use super::scoring::{Moments, Scorer};
+use super::scoring::{optimistic_hits, Moments, Scorer};
 use super::{check_creatives, check_outcome_creatives, PlanContext, Policy, PolicyError};
 use crate::data::{Candidates, Decisions, OutcomeRow, Outcomes};
 use crate::model::{GaussianWeights, Link, PooledWeights, Prior};
@@ -323,16 +323,33 @@ fn plan_top_k(
     fill(&mut scorer, rng);
     let rows = scorer.top_k(k);
     let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
-    let mut hits = vec![1u32; k];
-    for _ in 1..draws {
-        fill(&mut scorer, rng);
-        let t = scorer.threshold(k);
-        for ((&r, &c), h) in rows.iter().zip(&chosen).zip(hits.iter_mut()) {
-            if scorer.best[r] >= t && scorer.arg[r] == c {
-                *h += 1;
-            }
+    let hits = match (config.scoring, &moments) {
+        (Scoring::Optimistic { bonus, noise }, Some(mo)) => {
+            drop(scorer);
+            optimistic_hits(
+                mo,
+                (bonus as f32, noise as f32),
+                k,
+                &rows,
+                &chosen,
+                draws,
+                rng,
+            )
         }
-    }
+        _ => {
+            let mut hits = vec![1u32; k];
+            for _ in 1..draws {
+                fill(&mut scorer, rng);
+                let t = scorer.threshold(k);
+                for ((&r, &c), h) in rows.iter().zip(&chosen).zip(hits.iter_mut()) {
+                    if scorer.best[r] >= t && scorer.arg[r] == c {
+                        *h += 1;
+                    }
+                }
+            }
+            hits
+        }
+    };
     let d = f64::from(draws);
     for ((r, c), h) in rows.into_iter().zip(chosen).zip(hits) {
         out.push(
@@ -514,7 +531,7 @@ impl Hinges {
 
     fn candidates(&self, c: &Candidates) -> Result<Candidates, PolicyError> {
         let mut features = Vec::with_capacity(c.len() * self.dim());
-        for x in c.features().chunks_exact(c.dim()) {
+        for x in c.rows() {
             self.extend(x, &mut features);
         }
         Candidates::from_parts(self.dim(), c.users().to_vec(), features)

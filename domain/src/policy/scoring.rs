@@ -12,7 +12,8 @@
 //! fresh standard normal `ε` per candidate and model, without another dot
 //! product.
 
-use rand::RngCore;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::data::Candidates;
@@ -66,10 +67,12 @@ impl Moments {
     /// model either way, but done candidate by candidate its rows are too
     /// short (1 to `d + 1`) for vector units. Sums run in a fixed order, so
     /// results are deterministic.
+    ///
+    /// Above [`PARALLEL_ROWS`] candidates the rows are split over the
+    /// machine's cores (each row's moments are computed alike wherever
+    /// they run, so the result does not depend on the split).
     pub fn new(models: &[GaussianWeights], candidates: &Candidates) -> Self {
         let m = models.len();
-        let dim = candidates.dim();
-        let n1 = dim + 1;
         let means: Vec<Vec<f32>> = models
             .iter()
             .map(|g| g.mean().iter().map(|&v| v as f32).collect())
@@ -81,55 +84,99 @@ impl Moments {
         let n = candidates.len();
         let mut mean = vec![0f32; n * m];
         let mut sd = vec![0f32; n * m];
-        // cols[j * BLOCK + u]: feature j of the block's candidate u.
-        let mut cols = vec![0f32; dim * BLOCK];
-        let mut t = [0f32; BLOCK];
-        let mut v = [0f32; BLOCK];
-        let mut mu_acc = [0f32; BLOCK];
-        for (b, block) in candidates.features().chunks(dim * BLOCK).enumerate() {
-            let len = block.len() / dim.max(1);
-            for (u, x) in block.chunks_exact(dim).enumerate() {
-                for (j, &xj) in x.iter().enumerate() {
-                    cols[j * BLOCK + u] = xj;
+        let threads = workers(n);
+        // Whole blocks per thread.
+        let rows = n.div_ceil(threads).div_ceil(BLOCK) * BLOCK;
+        if threads <= 1 || m == 0 {
+            fill_moments(&means, &invs, candidates, 0, &mut mean, &mut sd);
+        } else {
+            std::thread::scope(|scope| {
+                for (t, (mean, sd)) in mean
+                    .chunks_mut(rows * m)
+                    .zip(sd.chunks_mut(rows * m))
+                    .enumerate()
+                {
+                    let (means, invs) = (&means, &invs);
+                    scope.spawn(move || fill_moments(means, invs, candidates, t * rows, mean, sd));
                 }
-            }
-            let first = b * BLOCK;
-            for (k, (mu, inv)) in means.iter().zip(&invs).enumerate() {
-                // The mean: mu₀ + Σ_j mu_{j+1} x_j.
-                mu_acc[..len].fill(mu[0]);
-                for j in 0..dim {
-                    let w = mu[j + 1];
-                    let col = &cols[j * BLOCK..j * BLOCK + len];
-                    for (a, &x) in mu_acc[..len].iter_mut().zip(col) {
-                        *a += w * x;
-                    }
-                }
-                // The variance: Σ_i (row_i · x̃)², row_i of L⁻¹ (lower
-                // triangular, x̃ = (1, x)).
-                v[..len].fill(0.0);
-                for i in 0..n1 {
-                    let row = &inv[i * n1..i * n1 + i + 1];
-                    t[..len].fill(row[0]);
-                    for (j, &w) in row[1..].iter().enumerate() {
-                        let col = &cols[j * BLOCK..j * BLOCK + len];
-                        for (a, &x) in t[..len].iter_mut().zip(col) {
-                            *a += w * x;
-                        }
-                    }
-                    for (a, &x) in v[..len].iter_mut().zip(&t[..len]) {
-                        *a += x * x;
-                    }
-                }
-                for u in 0..len {
-                    mean[(first + u) * m + k] = mu_acc[u];
-                    sd[(first + u) * m + k] = v[u].sqrt();
-                }
-            }
+            });
         }
         Self {
             mean,
             sd,
             models: m,
+        }
+    }
+}
+
+/// Candidates above which scoring work is split over threads.
+pub(crate) const PARALLEL_ROWS: usize = 200_000;
+
+/// The threads to split `n` candidates' scoring over: 1 up to
+/// [`PARALLEL_ROWS`], else the machine's cores (at most 8).
+pub(crate) fn workers(n: usize) -> usize {
+    if n < PARALLEL_ROWS {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |c| c.get().min(8))
+}
+
+/// The moments of candidates `first..first + mean.len() / m` into `mean`
+/// and `sd` (see [`Moments::new`]).
+fn fill_moments(
+    means: &[Vec<f32>],
+    invs: &[Vec<f32>],
+    candidates: &Candidates,
+    first: usize,
+    mean: &mut [f32],
+    sd: &mut [f32],
+) {
+    let m = means.len();
+    let dim = candidates.dim();
+    let n1 = dim + 1;
+    let n = mean.len() / m.max(1);
+    // cols[j * BLOCK + u]: feature j of the block's candidate u.
+    let mut cols = vec![0f32; dim * BLOCK];
+    let mut t = [0f32; BLOCK];
+    let mut v = [0f32; BLOCK];
+    let mut mu_acc = [0f32; BLOCK];
+    for start in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - start);
+        for u in 0..len {
+            for (j, &xj) in candidates.row(first + start + u).iter().enumerate() {
+                cols[j * BLOCK + u] = xj;
+            }
+        }
+        for (k, (mu, inv)) in means.iter().zip(invs).enumerate() {
+            // The mean: mu₀ + Σ_j mu_{j+1} x_j.
+            mu_acc[..len].fill(mu[0]);
+            for j in 0..dim {
+                let w = mu[j + 1];
+                let col = &cols[j * BLOCK..j * BLOCK + len];
+                for (a, &x) in mu_acc[..len].iter_mut().zip(col) {
+                    *a += w * x;
+                }
+            }
+            // The variance: Σ_i (row_i · x̃)², row_i of L⁻¹ (lower
+            // triangular, x̃ = (1, x)).
+            v[..len].fill(0.0);
+            for i in 0..n1 {
+                let row = &inv[i * n1..i * n1 + i + 1];
+                t[..len].fill(row[0]);
+                for (j, &w) in row[1..].iter().enumerate() {
+                    let col = &cols[j * BLOCK..j * BLOCK + len];
+                    for (a, &x) in t[..len].iter_mut().zip(col) {
+                        *a += w * x;
+                    }
+                }
+                for (a, &x) in v[..len].iter_mut().zip(&t[..len]) {
+                    *a += x * x;
+                }
+            }
+            for u in 0..len {
+                mean[(start + u) * m + k] = mu_acc[u];
+                sd[(start + u) * m + k] = v[u].sqrt();
+            }
         }
     }
 }
@@ -184,8 +231,7 @@ impl Scorer {
         let stride = dim + 1;
         let weights = &self.weights;
         for ((x, best), arg) in candidates
-            .features()
-            .chunks_exact(dim)
+            .rows()
             .zip(self.best.iter_mut())
             .zip(self.arg.iter_mut())
         {
@@ -264,9 +310,301 @@ impl Scorer {
     }
 }
 
+/// The bound on the noise `|ε|` in propensity draws: `P(|ε| > 5)` is
+/// 6·10⁻⁷, far below the Monte Carlo error of any number of draws a plan
+/// makes, and with it each candidate's score has known bounds.
+pub(crate) const NOISE_BOUND: f32 = 5.0;
+
+/// How often, in `draws − 1` fresh optimistic perturbations
+/// (`mean + sd·(bonus + noise·ε)`, `ε` clamped to ±[`NOISE_BOUND`]), each
+/// chosen row `rows[i]` is among the top `k` with creative `chosen[i]`;
+/// plus one for the decision's own draw. The same count as scoring every
+/// candidate in every draw, without doing so:
+///
+/// - each candidate's best score lies in `[lo, hi]` whatever the noise,
+///   so the `k`-th largest score of any draw lies in `[τ_lo, τ_hi]`, the
+///   `k`-th largest `lo` and `hi`;
+/// - a candidate with `hi < τ_lo` is never chosen and one with
+///   `lo > τ_hi` always is (fewer than `k` are): only the *contested*
+///   rest is scored in each draw, and the draw's threshold is the
+///   `(k − sure)`-th largest contested score;
+/// - a surely chosen row needs noise only to pick its creative, and none
+///   when one creative's lowest score beats every other's highest.
+///
+/// At ten million candidates a few percent are contested once the model
+/// has learned from a batch, so a draw costs that share of a full one.
+pub(crate) fn optimistic_hits(
+    mo: &Moments,
+    (bonus, noise): (f32, f32),
+    k: usize,
+    rows: &[usize],
+    chosen: &[u16],
+    draws: u32,
+    rng: &mut dyn RngCore,
+) -> Vec<u32> {
+    debug_assert_eq!(rows.len(), chosen.len());
+    let m = mo.models;
+    let n = mo.mean.len() / m.max(1);
+    let mut hits = vec![1u32; rows.len()];
+    if draws <= 1 || k == 0 || n == 0 {
+        return hits;
+    }
+    if noise <= 0.0 {
+        // Every draw is the decision's.
+        hits.fill(draws);
+        return hits;
+    }
+    let spread = noise * NOISE_BOUND;
+    // Per candidate and model: the score's bounds.
+    let bounds = |u: usize, c: usize| {
+        let (mu, s) = (mo.mean[u * m + c], mo.sd[u * m + c]);
+        (mu + s * (bonus - spread), mu + s * (bonus + spread))
+    };
+    let mut lo = vec![f32::NEG_INFINITY; n];
+    let mut hi = vec![f32::NEG_INFINITY; n];
+    for u in 0..n {
+        for c in 0..m {
+            let (l, h) = bounds(u, c);
+            lo[u] = lo[u].max(l);
+            hi[u] = hi[u].max(h);
+        }
+    }
+    let kth = |v: &[f32]| {
+        let mut scratch = v.to_vec();
+        let (_, t, _) = scratch.select_nth_unstable_by(k.min(n) - 1, |a, b| b.total_cmp(a));
+        *t
+    };
+    let (tau_lo, tau_hi) = (kth(&lo), kth(&hi));
+    // The creatives that can decide a draw for user `u`: those whose
+    // highest score reaches both the user's lowest best score (below it a
+    // creative never wins) and `floor` (below it, winning or not, the user
+    // is not chosen).
+    let relevant = |u: usize, floor: f32| -> u64 {
+        let floor = floor.max(lo[u]);
+        (0..m)
+            .filter(|&c| bounds(u, c).1 >= floor)
+            .fold(0u64, |mask, c| mask | 1 << c)
+    };
+    let mut sure = 0usize;
+    let mut contested: Vec<(u32, u64)> = Vec::new();
+    for u in 0..n {
+        if lo[u] > tau_hi {
+            sure += 1;
+        } else if hi[u] >= tau_lo {
+            contested.push((u as u32, relevant(u, tau_lo)));
+        }
+    }
+    debug_assert!(sure < k.min(n) || k >= n);
+    // Rows whose every draw is ruled: `Some(count per draw)`.
+    enum Row {
+        /// Its contested index: scored each draw.
+        Contested(usize),
+        /// Surely chosen; its creative needs noise.
+        Creative,
+        /// Decided in every draw (0 or 1 hit each).
+        Fixed(u32),
+    }
+    let plan: Vec<Row> = rows
+        .iter()
+        .zip(chosen)
+        .map(|(&r, &c)| {
+            if let Ok(i) = contested.binary_search_by_key(&(r as u32), |&(u, _)| u) {
+                return Row::Contested(i);
+            }
+            let lo_r = (0..m)
+                .map(|j| bounds(r, j).0)
+                .fold(f32::NEG_INFINITY, f32::max);
+            if lo_r <= tau_hi {
+                // Never chosen under bounded noise: only a noise beyond
+                // the bound chose it.
+                return Row::Fixed(0);
+            }
+            let own = bounds(r, usize::from(c)).0;
+            let rival = (0..m)
+                .filter(|&j| j != usize::from(c))
+                .map(|j| bounds(r, j).1)
+                .fold(f32::NEG_INFINITY, f32::max);
+            if own > rival {
+                Row::Fixed(1)
+            } else {
+                Row::Creative
+            }
+        })
+        .collect();
+    let creative_rows: Vec<(usize, u64)> = plan
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p, Row::Creative))
+        .map(|(i, _)| (i, relevant(rows[i], f32::NEG_INFINITY)))
+        .collect();
+    drop((lo, hi));
+    let need = k.min(n) - sure;
+    // Each draw has a generator of its own, seeded from `rng` and its
+    // number, so that the draws can be split over threads and the counts
+    // do not depend on the split.
+    let base = rng.next_u64();
+    let draw = |d: u32,
+                best: &mut Vec<f32>,
+                arg: &mut Vec<u16>,
+                scratch: &mut Vec<f32>,
+                extra: &mut [u32]| {
+        let mut g =
+            ChaCha8Rng::seed_from_u64(base ^ u64::from(d).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut score = |u: usize, mut mask: u64| {
+            let mut b = f32::NEG_INFINITY;
+            let mut a = 0u16;
+            while mask != 0 {
+                let c = mask.trailing_zeros() as usize;
+                mask &= mask - 1;
+                let e: f32 = StandardNormal.sample(&mut g);
+                let e = e.clamp(-NOISE_BOUND, NOISE_BOUND);
+                let v = mo.mean[u * m + c] + mo.sd[u * m + c] * (bonus + noise * e);
+                if v > b {
+                    b = v;
+                    a = c as u16;
+                }
+            }
+            (b, a)
+        };
+        best.clear();
+        arg.clear();
+        for &(u, mask) in &contested {
+            let (b, a) = score(u as usize, mask);
+            best.push(b);
+            arg.push(a);
+        }
+        let t = if need == 0 || contested.is_empty() {
+            f32::NEG_INFINITY
+        } else {
+            scratch.clear();
+            scratch.extend_from_slice(best);
+            let at = need.min(contested.len()) - 1;
+            let (_, t, _) = scratch.select_nth_unstable_by(at, |a, b| b.total_cmp(a));
+            *t
+        };
+        for &(i, mask) in &creative_rows {
+            if score(rows[i], mask).1 == chosen[i] {
+                extra[i] += 1;
+            }
+        }
+        for (i, p) in plan.iter().enumerate() {
+            match *p {
+                Row::Contested(j) => {
+                    if best[j] >= t && arg[j] == chosen[i] {
+                        extra[i] += 1;
+                    }
+                }
+                Row::Fixed(h) => extra[i] += h,
+                Row::Creative => {}
+            }
+        }
+    };
+    let run = |draws: std::ops::Range<u32>| {
+        let mut extra = vec![0u32; rows.len()];
+        let (mut best, mut arg) = (Vec::with_capacity(contested.len()), Vec::new());
+        let mut scratch = Vec::with_capacity(contested.len());
+        for d in draws {
+            draw(d, &mut best, &mut arg, &mut scratch, &mut extra);
+        }
+        extra
+    };
+    let threads = workers(n).min(draws as usize - 1).max(1) as u32;
+    let per = (draws - 1).div_ceil(threads);
+    let parts: Vec<Vec<u32>> = if threads <= 1 {
+        vec![run(1..draws)]
+    } else {
+        std::thread::scope(|scope| {
+            let run = &run;
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let from = 1 + t * per;
+                    let to = (from + per).min(draws);
+                    scope.spawn(move || run(from..to))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
+    };
+    for part in parts {
+        for (h, e) in hits.iter_mut().zip(part) {
+            *h += e;
+        }
+    }
+    hits
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pruned count agrees with scoring every candidate in every draw
+    /// (within the Monte Carlo error of both), on moments shaped like a
+    /// learned model's: spread means, small and varied deviations, some
+    /// candidates with two close creatives.
+    #[test]
+    fn pruned_propensities_match_full_draws() {
+        use rand::SeedableRng;
+        use rand_chacha::ChaCha8Rng;
+        let (n, m, k) = (3_000usize, 3usize, 300usize);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut mean = Vec::with_capacity(n * m);
+        let mut sd = Vec::with_capacity(n * m);
+        for u in 0..n {
+            let base: f32 = StandardNormal.sample(&mut rng);
+            for c in 0..m {
+                let gap = if u % 3 == 0 { 0.01 } else { 0.3 };
+                mean.push(base + gap * c as f32);
+                sd.push(0.05 + 0.2 * ((u * 7 + c) % 11) as f32 / 11.0);
+            }
+        }
+        let mo = Moments {
+            mean,
+            sd,
+            models: m,
+        };
+        let (bonus, noise) = (0.25f32, 0.5f32);
+        let mut scorer = Scorer::new(m, 1, n);
+        scorer.perturb(&mo, bonus, noise, &mut rng);
+        let rows = scorer.top_k(k);
+        let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
+        let draws = 2_000u32;
+        let mut full = vec![1u32; k];
+        for _ in 1..draws {
+            scorer.perturb(&mo, bonus, noise, &mut rng);
+            let t = scorer.threshold(k);
+            for ((&r, &c), h) in rows.iter().zip(&chosen).zip(full.iter_mut()) {
+                if scorer.best[r] >= t && scorer.arg[r] == c {
+                    *h += 1;
+                }
+            }
+        }
+        let pruned = optimistic_hits(&mo, (bonus, noise), k, &rows, &chosen, draws, &mut rng);
+        let d = f64::from(draws);
+        let mut worst = 0f64;
+        let mut explored = 0;
+        for (a, b) in full.iter().zip(&pruned) {
+            let (pa, pb) = (f64::from(*a) / d, f64::from(*b) / d);
+            assert!((1.0 / d..=1.0).contains(&pb), "a propensity of {pb}");
+            if pa < 0.99 {
+                explored += 1;
+            }
+            // Two independent estimates: 5 standard errors of their
+            // difference.
+            let se = (2.0 * pa.max(pb).max(0.01) * (1.0 - pa.min(pb)).max(0.01) / d).sqrt();
+            worst = worst.max((pa - pb).abs() / se);
+        }
+        assert!(explored > k / 10, "the test explores: {explored} of {k}");
+        assert!(
+            worst < 5.0,
+            "pruned and full counts differ by {worst:.1} standard errors"
+        );
+        // Without noise every draw is the decision's.
+        let fixed = optimistic_hits(&mo, (bonus, 0.0), k, &rows, &chosen, draws, &mut rng);
+        assert!(fixed.iter().all(|&h| h == draws));
+    }
 
     #[test]
     fn dot_matches_naive() {
