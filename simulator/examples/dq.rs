@@ -24,7 +24,8 @@
 use std::sync::Arc;
 
 use smartmsg_domain::{
-    Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy, Pooling, Scoring, Transform,
+    CreativeChoice, Defer, Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy,
+    Pooling, Scoring, Transform,
 };
 use smartmsg_simulator::policies::model_config;
 use smartmsg_simulator::rng::{self, label, mix, unit};
@@ -32,7 +33,7 @@ use smartmsg_simulator::{Scenario, SimPopulation};
 
 /// Expected responses of the policy's messages, and of the same users with
 /// their best creative.
-fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> (f64, f64) {
+fn run(s: &Scenario, pop: &SimPopulation, p: &mut Integrated) -> (f64, f64) {
     let spec = s.campaign_spec();
     let k = s.campaign.creatives;
     let mut remaining = pop.candidates().clone();
@@ -51,7 +52,7 @@ fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> (f64, f64) {
         };
         let size = spec.nominal_batch_size(b).min(left) as usize;
         let mut r = rng::stream(s.seed, &[label("dq"), u64::from(b)]);
-        let d = p.plan(&ctx, &remaining, size, &mut r).unwrap();
+        let d = Policy::plan(p, &ctx, &remaining, size, &mut r).unwrap();
         let mut o = Outcomes::new(pop.dim()).unwrap();
         let mut chosen = std::collections::HashSet::new();
         let (mut bg, mut bt, mut ba) = (0.0, 0.0, 0.0);
@@ -76,11 +77,15 @@ fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> (f64, f64) {
             chosen.insert(u);
         }
         if b > 0 {
-            per_batch.push_str(&format!(" {:.0}", 100.0 * (bg - ba) / (bt - ba)));
+            per_batch.push_str(&format!(
+                " {:.0}{}",
+                100.0 * (bg - ba) / (bt - ba),
+                &p.planning_model()[..1]
+            ));
         }
         left -= d.len() as u64;
         remaining.retain(|u| !chosen.contains(&u));
-        p.update(&o).unwrap();
+        Policy::update(p, &o).unwrap();
     }
     if std::env::var_os("DQ_BATCH").is_some() {
         println!("  creative capture by batch:{per_batch}");
@@ -146,16 +151,65 @@ fn main() {
     let pool = |own: f64| -> Edit {
         Box::new(move |c: &mut ModelConfig| c.pooling = Pooling::Shared { own })
     };
-    let ada = |own: f64, per_weight: bool| -> Edit {
-        Box::new(move |c: &mut ModelConfig| c.pooling = Pooling::Adaptive { own, per_weight })
+    let ada = |own: f64, per_weight: bool, refits: u8| -> Edit {
+        Box::new(move |c: &mut ModelConfig| {
+            c.pooling = Pooling::Adaptive {
+                own,
+                per_weight,
+                refits,
+            }
+        })
     };
     let wv = |v: f64| -> Edit { Box::new(move |c: &mut ModelConfig| c.prior.weight_variance = v) };
-    let _ = (&wv, Expansion::None, Scoring::default(), Transform::None);
-    let variants: Vec<(&str, Edit)> = vec![
-        ("shared .1", pool(0.1)),
-        ("eb col .1", ada(0.1, false)),
-        ("eb weight .1", ada(0.1, true)),
+    let cc = |bonus: f64, noise: f64| -> Edit {
+        Box::new(move |c: &mut ModelConfig| {
+            c.creative_choice = CreativeChoice::Sampled { bonus, noise }
+        })
+    };
+    let df = |weight: f64, linear: bool| -> Edit {
+        Box::new(move |c: &mut ModelConfig| c.defer = Defer { weight, linear })
+    };
+    let _ = (
+        &wv,
+        &pool,
+        &ada,
+        Expansion::None,
+        Scoring::default(),
+        Transform::None,
+    );
+    let all: Vec<(&str, Edit)> = vec![
+        ("default", Box::new(|_: &mut ModelConfig| {})),
+        ("cc 0 0", cc(0.0, 0.0)),
+        ("cc .25 .25", cc(0.25, 0.25)),
+        ("cc 0 .5", cc(0.0, 0.5)),
+        ("cc 0 1", cc(0.0, 1.0)),
+        ("cc .5 .5", cc(0.5, 0.5)),
+        ("refit 1", ada(0.1, true, 1)),
+        ("refit 2", ada(0.1, true, 2)),
+        ("refit 4", ada(0.1, true, 4)),
+        ("refit 2 col", ada(0.1, false, 2)),
+        ("defer .5", df(0.5, false)),
+        ("defer 1", df(1.0, false)),
+        ("defer 2", df(2.0, false)),
+        ("defer 1 lin", df(1.0, true)),
+        ("defer 2 lin", df(2.0, true)),
+        ("defer 4 lin", df(4.0, true)),
+        ("defer 4", df(4.0, false)),
+        ("defer 8", df(8.0, false)),
+        ("defer 6 lin", df(6.0, true)),
+        ("defer 8 lin", df(8.0, true)),
+        ("defer 10 lin", df(10.0, true)),
     ];
+    // DQ_V=0,2,3 picks variants by index (default: all).
+    let pick: Option<Vec<usize>> = std::env::var("DQ_V")
+        .ok()
+        .map(|v| v.split(',').map(|i| i.parse().unwrap()).collect());
+    let variants: Vec<(&str, Edit)> = all
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| pick.as_ref().is_none_or(|p| p.contains(i)))
+        .map(|(_, v)| v)
+        .collect();
 
     let mut sums = vec![0.0; variants.len() + 1];
     for src in &args {

@@ -2,6 +2,7 @@
 //! [`Targeting`] (one fixed creative) and [`Integrated`] (every creative).
 
 use rand::RngCore;
+use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::scoring::{Moments, Scorer};
@@ -49,6 +50,78 @@ pub struct ModelConfig {
     /// [`Transform`]). Absent in a recorded spec: the default.
     #[serde(default)]
     pub transform: Transform,
+    /// How each chosen user's creative is picked (see [`CreativeChoice`]).
+    /// Absent in a recorded spec: the default.
+    #[serde(default)]
+    pub creative_choice: CreativeChoice,
+    /// Defers users whose best creative is still uncertain (see
+    /// [`Defer`]). Absent in a recorded spec: the default.
+    #[serde(default)]
+    pub defer: Defer,
+}
+
+/// Defers, while later batches remain, the users whose best creative the
+/// posterior cannot yet tell: each user's score for the batch is lowered
+/// by `weight` times the expected gain of knowing their creatives'
+/// scores exactly, `Σ_c E[(z_c − z_b)⁺]` over the creatives `c` other
+/// than the one `b` with the best mean (`z` the linear scores, each
+/// creative's marginal posterior, taken independent), scaled by the share
+/// of the campaign's batches still to come after this one (`linear`) or by
+/// 1 until the last batch. Only with [`Scoring::Optimistic`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Defer {
+    /// The penalty's weight, 0 to 10 (0: nothing deferred).
+    pub weight: f64,
+    /// Scale by the share of batches to come (else 1 until the last).
+    #[serde(default)]
+    pub linear: bool,
+}
+
+impl Defer {
+    /// The penalty's factor for batch `batch` of `count`.
+    fn factor(&self, batch: u32, count: u32) -> f32 {
+        if self.weight == 0.0 || batch + 1 >= count {
+            return 0.0;
+        }
+        let f = if self.linear {
+            f64::from(count - 1 - batch) / f64::from(count.max(2) - 1)
+        } else {
+            1.0
+        };
+        (self.weight * f) as f32
+    }
+}
+
+/// How the integrated policy picks the creative of each user its
+/// [`Scoring`] put in the batch.
+///
+/// As TOML: `creative_choice = { kind = "scored" }` or
+/// `creative_choice = { kind = "sampled", bonus = 0.0, noise = 1.0 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum CreativeChoice {
+    /// The creative of the user's best score (the one that put the user
+    /// in the batch).
+    Scored,
+    /// Users are chosen by their best score as with [`CreativeChoice::Scored`];
+    /// each chosen user's creative is then drawn afresh as the best
+    /// `mean + sd·(bonus + noise·ε)` with new noise `ε` (only with
+    /// [`Scoring::Optimistic`]; a shared draw keeps its creatives).
+    Sampled {
+        /// Standard deviations of optimism, 0 to 10.
+        bonus: f64,
+        /// Standard deviations of noise, 0 to 10.
+        noise: f64,
+    },
+}
+
+impl Default for CreativeChoice {
+    /// [`CreativeChoice::Scored`].
+    fn default() -> Self {
+        CreativeChoice::Scored
+    }
 }
 
 /// Column transforms the integrated model tries, next to the columns as
@@ -132,6 +205,12 @@ pub enum Pooling {
         /// by the creatives).
         #[serde(default)]
         per_weight: bool,
+        /// Times an update is redone from the state before it under the
+        /// prior just adapted, then adapted again (0 to 8): the new
+        /// outcomes' likelihood is then approximated at the mode under the
+        /// adapted prior rather than under the previous one.
+        #[serde(default)]
+        refits: u8,
     },
 }
 
@@ -144,6 +223,7 @@ impl Default for Pooling {
         Pooling::Adaptive {
             own: 0.1,
             per_weight: true,
+            refits: 0,
         }
     }
 }
@@ -264,6 +344,8 @@ impl Default for ModelConfig {
             expansion: Expansion::default(),
             pooling: Pooling::default(),
             transform: Transform::default(),
+            creative_choice: CreativeChoice::default(),
+            defer: Defer::default(),
         }
     }
 }
@@ -278,10 +360,25 @@ impl ModelConfig {
                 return Err(PolicyError::Config("hinge knots must be 1 to 8"));
             }
         }
+        if let Pooling::Adaptive { refits, .. } = self.pooling {
+            if refits > 8 {
+                return Err(PolicyError::Config("pooling's refits must be 0 to 8"));
+            }
+        }
         if let Pooling::Shared { own } | Pooling::Adaptive { own, .. } = self.pooling {
             if !(0.01..=0.99).contains(&own) {
                 return Err(PolicyError::Config(
                     "pooling's own share must be 0.01 to 0.99",
+                ));
+            }
+        }
+        if !(0.0..=10.0).contains(&self.defer.weight) {
+            return Err(PolicyError::Config("defer's weight must be 0 to 10"));
+        }
+        if let CreativeChoice::Sampled { bonus, noise } = self.creative_choice {
+            if !(0.0..=10.0).contains(&bonus) || !(0.0..=10.0).contains(&noise) {
+                return Err(PolicyError::Config(
+                    "sampled creatives need bonus and noise from 0 to 10",
                 ));
             }
         }
@@ -298,6 +395,7 @@ fn plan_top_k(
     candidates: &Candidates,
     k: usize,
     config: &ModelConfig,
+    defer: f32,
     rng: &mut dyn RngCore,
 ) -> Decisions {
     let n = candidates.len();
@@ -311,9 +409,16 @@ fn plan_top_k(
         Scoring::SharedDraw => None,
         Scoring::Optimistic { .. } => Some(Moments::new(models, candidates)),
     };
+    let penalty: Vec<f32> = match &moments {
+        Some(mo) if defer > 0.0 => mo.ambiguity().into_iter().map(|a| defer * a).collect(),
+        _ => Vec::new(),
+    };
     let fill = |scorer: &mut Scorer, rng: &mut dyn RngCore| match (config.scoring, &moments) {
         (Scoring::Optimistic { bonus, noise }, Some(mo)) => {
-            scorer.perturb(mo, bonus as f32, noise as f32, rng)
+            scorer.perturb(mo, bonus as f32, noise as f32, rng);
+            for (b, p) in scorer.best.iter_mut().zip(&penalty) {
+                *b -= p;
+            }
         }
         _ => {
             scorer.draw(models, rng);
@@ -322,13 +427,49 @@ fn plan_top_k(
     };
     fill(&mut scorer, rng);
     let rows = scorer.top_k(k);
-    let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
+    let resample = match (config.creative_choice, &moments) {
+        (CreativeChoice::Sampled { bonus, noise }, Some(mo)) => {
+            Some((mo, bonus as f32, noise as f32))
+        }
+        _ => None,
+    };
+    let pick = |mo: &Moments, r: usize, bonus: f32, noise: f32, rng: &mut dyn RngCore| {
+        let m = mo.models;
+        let mut b = f32::NEG_INFINITY;
+        let mut a = 0u16;
+        for c in 0..m {
+            let e: f32 = if noise > 0.0 {
+                StandardNormal.sample(rng)
+            } else {
+                0.0
+            };
+            let v = mo.mean[r * m + c] + mo.sd[r * m + c] * (bonus + noise * e);
+            if v > b {
+                b = v;
+                a = c as u16;
+            }
+        }
+        a
+    };
+    let chosen: Vec<u16> = match resample {
+        Some((mo, bonus, noise)) => rows
+            .iter()
+            .map(|&r| pick(mo, r, bonus, noise, rng))
+            .collect(),
+        None => rows.iter().map(|&r| scorer.arg[r]).collect(),
+    };
     let mut hits = vec![1u32; k];
     for _ in 1..draws {
         fill(&mut scorer, rng);
         let t = scorer.threshold(k);
         for ((&r, &c), h) in rows.iter().zip(&chosen).zip(hits.iter_mut()) {
-            if scorer.best[r] >= t && scorer.arg[r] == c {
+            let same = match resample {
+                Some((mo, bonus, noise)) => {
+                    scorer.best[r] >= t && pick(mo, r, bonus, noise, rng) == c
+                }
+                None => scorer.best[r] >= t && scorer.arg[r] == c,
+            };
+            if same {
                 *h += 1;
             }
         }
@@ -584,6 +725,18 @@ impl Integrated {
         self.chosen_expansion().is_some()
     }
 
+    /// Which model plans now: `"plain"` (the columns as given), `"log"`
+    /// (skewed columns log-transformed, [`Transform::LogSkewed`]) or
+    /// `"hinges"` ([`Expansion::Hinges`], on the log scale where columns
+    /// are logged).
+    pub fn planning_model(&self) -> &'static str {
+        match self.chosen_expansion() {
+            None => "plain",
+            Some(e) if e.hinges.knots.is_empty() => "log",
+            Some(_) => "hinges",
+        }
+    }
+
     /// The alternative model with the highest evidence, if above the
     /// plain model's.
     fn chosen_expansion(&self) -> Option<&Expanded> {
@@ -667,9 +820,11 @@ impl Integrated {
     /// Whether (and how: per weight or not) an update of the model over
     /// `hinges`' columns adapts its deviations' prior
     /// ([`Pooling::Adaptive`]): not the model with hinge columns.
-    fn adapt(&self, hinges: &Hinges) -> Option<bool> {
+    fn adapt(&self, hinges: &Hinges) -> Option<(bool, u8)> {
         match self.config.pooling {
-            Pooling::Adaptive { per_weight, .. } if hinges.knots.is_empty() => Some(per_weight),
+            Pooling::Adaptive {
+                per_weight, refits, ..
+            } if hinges.knots.is_empty() => Some((per_weight, refits)),
             _ => None,
         }
     }
@@ -750,16 +905,27 @@ fn learn(
     ids: &[u16],
     link: Link,
     outcomes: &Outcomes,
-    adapt: Option<bool>,
+    adapt: Option<(bool, u8)>,
 ) -> Result<f64, PolicyError> {
     match pooled {
         Some(p) => {
             check_dim(p.features(), outcomes.dim())?;
             let rows: Vec<OutcomeRow<'_>> = outcomes.rows().collect();
             let mut next = p.clone();
+            // The evidence of the new outcomes under the prior before them
+            // (a refit's, under a prior fitted to them, would flatter).
             let evidence = next.update(link, &rows)?.log_evidence;
-            if let Some(per_weight) = adapt {
+            if let Some((per_weight, refits)) = adapt {
                 next.adapt_deviations(per_weight)?;
+                for _ in 0..refits {
+                    let mut again = p.clone();
+                    if !again.set_prior_precision(next.prior_precision())? {
+                        break;
+                    }
+                    again.update(link, &rows)?;
+                    again.adapt_deviations(per_weight)?;
+                    next = again;
+                }
             }
             let marginals = next.marginals()?;
             models.clone_from_slice(&marginals);
@@ -786,7 +952,9 @@ impl Policy for Integrated {
         let mut plain = self.models.clone();
         let mut pooled = self.pooled.clone();
         let adapt = match self.config.pooling {
-            Pooling::Adaptive { per_weight, .. } => Some(per_weight),
+            Pooling::Adaptive {
+                per_weight, refits, ..
+            } => Some((per_weight, refits)),
             _ => None,
         };
         let plain_ev = learn(&mut plain, &mut pooled, &self.ids, link, outcomes, adapt)?;
@@ -845,6 +1013,7 @@ impl Policy for Integrated {
         if ctx.batch == 0 && self.config.random_first_batch {
             return Ok(super::plan_uniform(&self.ids, candidates, k, rng));
         }
+        let defer = self.config.defer.factor(ctx.batch, ctx.batch_count);
         if let Some(e) = self.chosen_expansion() {
             let expanded = e.hinges.candidates(candidates)?;
             return Ok(plan_top_k(
@@ -853,6 +1022,7 @@ impl Policy for Integrated {
                 &expanded,
                 k,
                 &self.config,
+                defer,
                 rng,
             ));
         }
@@ -862,6 +1032,7 @@ impl Policy for Integrated {
             candidates,
             k,
             &self.config,
+            defer,
             rng,
         ))
     }
@@ -963,6 +1134,7 @@ impl Policy for Targeting {
             candidates,
             k,
             &self.config,
+            0.0,
             rng,
         ))
     }

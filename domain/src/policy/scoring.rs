@@ -134,6 +134,58 @@ impl Moments {
     }
 }
 
+impl Moments {
+    /// Each candidate's expected gain of knowing its models' scores
+    /// exactly over choosing by the means: `Σ_c E[(z_c − z_b)⁺]` over the
+    /// models `c` other than the best mean's `b`, the scores independent
+    /// normals (`E[(d)⁺] = θ φ(Δ/θ) − Δ Φ(−Δ/θ)` with `Δ` the means' gap
+    /// and `θ² = s_c² + s_b²`).
+    pub fn ambiguity(&self) -> Vec<f32> {
+        let m = self.models;
+        self.mean
+            .chunks_exact(m)
+            .zip(self.sd.chunks_exact(m))
+            .map(|(mean, sd)| {
+                let b = (0..m)
+                    .max_by(|&i, &j| mean[i].total_cmp(&mean[j]))
+                    .unwrap_or(0);
+                let mut sum = 0f64;
+                for c in (0..m).filter(|&c| c != b) {
+                    let gap = f64::from(mean[b] - mean[c]);
+                    let theta = f64::from(sd[b]).hypot(f64::from(sd[c]));
+                    if theta > 0.0 {
+                        let u = gap / theta;
+                        sum += theta * (normal_pdf(u) - u * normal_sf(u));
+                    }
+                }
+                sum as f32
+            })
+            .collect()
+    }
+}
+
+/// The standard normal density.
+fn normal_pdf(u: f64) -> f64 {
+    (-0.5 * u * u).exp() / (2.0 * std::f64::consts::PI).sqrt()
+}
+
+/// The standard normal upper tail `P(Z > u)` (Abramowitz and Stegun
+/// 7.1.26 for erfc; absolute error below 1.5e-7).
+fn normal_sf(u: f64) -> f64 {
+    let x = u.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erfc = poly * (-x * x).exp();
+    if u >= 0.0 {
+        0.5 * erfc
+    } else {
+        1.0 - 0.5 * erfc
+    }
+}
+
 /// Reusable buffers for scoring `n` candidates with `m` weight rows.
 pub(crate) struct Scorer {
     /// `m × (dim + 1)` weights of the current draw, intercept first.
