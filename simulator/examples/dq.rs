@@ -33,7 +33,7 @@ use smartmsg_simulator::{Scenario, SimPopulation};
 
 /// Expected responses of the policy's messages, and of the same users with
 /// their best creative.
-fn run(s: &Scenario, pop: &SimPopulation, p: &mut Integrated) -> (f64, f64) {
+fn run(s: &Scenario, pop: &SimPopulation, p: &mut Integrated, rep: u64) -> (f64, f64) {
     let spec = s.campaign_spec();
     let k = s.campaign.creatives;
     let mut remaining = pop.candidates().clone();
@@ -51,7 +51,7 @@ fn run(s: &Scenario, pop: &SimPopulation, p: &mut Integrated) -> (f64, f64) {
             planned_per_creative: planned.clone(),
         };
         let size = spec.nominal_batch_size(b).min(left) as usize;
-        let mut r = rng::stream(s.seed, &[label("dq"), u64::from(b)]);
+        let mut r = rng::stream(s.seed, &[label("dq"), u64::from(b) + (rep << 32)]);
         let d = Policy::plan(p, &ctx, &remaining, size, &mut r).unwrap();
         let mut o = Outcomes::new(pop.dim()).unwrap();
         let mut chosen = std::collections::HashSet::new();
@@ -70,7 +70,12 @@ fn run(s: &Scenario, pop: &SimPopulation, p: &mut Integrated) -> (f64, f64) {
                     .map(|c| pop.probability_at(u, c, b))
                     .fold(0.0, f64::max)
             };
-            let y = unit(mix(&[s.seed, label("react"), u64::from(u)])) < prob;
+            let draw = if rep == 0 {
+                mix(&[s.seed, label("react"), u64::from(u)])
+            } else {
+                mix(&[s.seed, label("react"), rep, u64::from(u)])
+            };
+            let y = unit(draw) < prob;
             o.push(c, pop.features(u).unwrap(), 1, u32::from(y))
                 .unwrap();
             planned[usize::from(c)] += 1;
@@ -167,7 +172,24 @@ fn main() {
         })
     };
     let df = |weight: f64, linear: bool| -> Edit {
-        Box::new(move |c: &mut ModelConfig| c.defer = Defer { weight, linear })
+        Box::new(move |c: &mut ModelConfig| {
+            c.defer = Defer {
+                weight,
+                linear,
+                until: 0,
+                hinges: true,
+            }
+        })
+    };
+    let dfx = |weight: f64, linear: bool, until: u32, hinges: bool| -> Edit {
+        Box::new(move |c: &mut ModelConfig| {
+            c.defer = Defer {
+                weight,
+                linear,
+                until,
+                hinges,
+            }
+        })
     };
     let _ = (
         &wv,
@@ -199,6 +221,18 @@ fn main() {
         ("defer 6 lin", df(6.0, true)),
         ("defer 8 lin", df(8.0, true)),
         ("defer 10 lin", df(10.0, true)),
+        ("defer 4 lin noh", dfx(4.0, true, 0, false)),
+        ("defer 8 lin noh", dfx(8.0, true, 0, false)),
+        ("defer 8 <3", dfx(8.0, false, 3, true)),
+        ("defer 8 <3 noh", dfx(8.0, false, 3, false)),
+        ("defer 8 <2", dfx(8.0, false, 2, true)),
+        ("defer 12 lin noh", dfx(12.0, true, 0, false)),
+        ("defer 16 lin noh", dfx(16.0, true, 0, false)),
+        ("defer 24 lin noh", dfx(24.0, true, 0, false)),
+        ("defer 8 noh", dfx(8.0, false, 0, false)),
+        ("defer 32 lin noh", dfx(32.0, true, 0, false)),
+        ("defer 48 lin noh", dfx(48.0, true, 0, false)),
+        ("defer 64 lin noh", dfx(64.0, true, 0, false)),
     ];
     // DQ_V=0,2,3 picks variants by index (default: all).
     let pick: Option<Vec<usize>> = std::env::var("DQ_V")
@@ -212,7 +246,13 @@ fn main() {
         .collect();
 
     let mut sums = vec![0.0; variants.len() + 1];
-    for src in &args {
+    for arg in &args {
+        // `SOURCE#r`: reaction draws and plans of repetition r.
+        let (src, rep) = match arg.split_once('#') {
+            Some((a, r)) => (a.to_string(), r.parse::<u64>().unwrap()),
+            None => (arg.clone(), 0),
+        };
+        let src = &src;
         let (pop, s) = if src.ends_with(".csv") {
             let pop = SimPopulation::from_csv(std::path::Path::new(src)).unwrap();
             let mut s = Scenario::classic();
@@ -236,7 +276,7 @@ fn main() {
         let pop = Arc::new(transform(pop));
         let budget = s.campaign.budget;
         let (ra, oa) = (pop.random_expected(budget), pop.oracle_expected(budget));
-        let mut line = format!("{src}:");
+        let mut line = format!("{arg}:");
         for (i, (_, edit)) in variants.iter().enumerate() {
             let cfg = {
                 let mut v = model_config(&s);
@@ -245,7 +285,7 @@ fn main() {
                 v
             };
             let mut p = Integrated::new(s.campaign.creatives, pop.dim(), cfg).unwrap();
-            let (e, best) = run(&s, &pop, &mut p);
+            let (e, best) = run(&s, &pop, &mut p, rep);
             let lift = (e - ra) / (oa - ra);
             sums[i] += lift;
             line.push_str(&format!(" {:.1}", 100.0 * lift));

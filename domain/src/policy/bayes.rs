@@ -76,12 +76,18 @@ pub struct Defer {
     /// Scale by the share of batches to come (else 1 until the last).
     #[serde(default)]
     pub linear: bool,
+    /// Only batches before this one (0: every batch but the last).
+    #[serde(default)]
+    pub until: u32,
+    /// Also when the model with hinge columns plans.
+    #[serde(default)]
+    pub hinges: bool,
 }
 
 impl Defer {
     /// The penalty's factor for batch `batch` of `count`.
     fn factor(&self, batch: u32, count: u32) -> f32 {
-        if self.weight == 0.0 || batch + 1 >= count {
+        if self.weight == 0.0 || batch + 1 >= count || (self.until > 0 && batch >= self.until) {
             return 0.0;
         }
         let f = if self.linear {
@@ -372,8 +378,8 @@ impl ModelConfig {
                 ));
             }
         }
-        if !(0.0..=10.0).contains(&self.defer.weight) {
-            return Err(PolicyError::Config("defer's weight must be 0 to 10"));
+        if !(0.0..=100.0).contains(&self.defer.weight) {
+            return Err(PolicyError::Config("defer's weight must be 0 to 100"));
         }
         if let CreativeChoice::Sampled { bonus, noise } = self.creative_choice {
             if !(0.0..=10.0).contains(&bonus) || !(0.0..=10.0).contains(&noise) {
@@ -1013,8 +1019,11 @@ impl Policy for Integrated {
         if ctx.batch == 0 && self.config.random_first_batch {
             return Ok(super::plan_uniform(&self.ids, candidates, k, rng));
         }
-        let defer = self.config.defer.factor(ctx.batch, ctx.batch_count);
+        let mut defer = self.config.defer.factor(ctx.batch, ctx.batch_count);
         if let Some(e) = self.chosen_expansion() {
+            if !e.hinges.knots.is_empty() && !self.config.defer.hinges {
+                defer = 0.0;
+            }
             let expanded = e.hinges.candidates(candidates)?;
             return Ok(plan_top_k(
                 &e.models,
