@@ -938,54 +938,6 @@ impl PooledWeights {
         self.creatives
     }
 
-    /// The prior's diagonal precision in force, `[s, δ_0, …]` (empty in
-    /// a state recorded before the prior was kept).
-    pub fn prior_precision(&self) -> &[f64] {
-        &self.prior_precision
-    }
-
-    /// Swaps the prior's diagonal precision for `alpha` (`[s, δ_0, …]`,
-    /// each positive and finite), keeping the likelihood's Gaussian
-    /// approximation that the updates made: precision `P − A + A'`, mean
-    /// solving `(P − A + A') m' = P m − A m₀ + A' m₀` (as in
-    /// [`PooledWeights::adapt_deviations`]). Returns whether the prior
-    /// could be swapped (not in a state that does not keep it). On error
-    /// the model is unchanged.
-    pub fn set_prior_precision(&mut self, alpha: &[f64]) -> Result<bool, ModelError> {
-        if self.prior_precision.is_empty() {
-            return Ok(false);
-        }
-        let big = self.big();
-        if alpha.len() != big || alpha.iter().any(|a| !(*a > 0.0 && a.is_finite())) {
-            return Err(ModelError::BadParameter(
-                "a prior precision is (creatives + 1)(dim + 1) positive values",
-            ));
-        }
-        let mut info: Vec<f64> = self
-            .precision
-            .chunks_exact(big)
-            .map(|row| row.iter().zip(&self.mean).map(|(p, m)| p * m).sum())
-            .collect();
-        for (i, v) in info.iter_mut().enumerate() {
-            *v += (alpha[i] - self.prior_precision[i]) * self.prior_mean[i];
-        }
-        let mut p = self.precision.clone();
-        for i in 0..big {
-            p[i * big + i] += alpha[i] - self.prior_precision[i];
-        }
-        let mut l = vec![0.0; big * big];
-        cholesky(&p, big, &mut l)?;
-        chol_solve(&l, big, &mut info);
-        if info.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::NotFinite);
-        }
-        self.mean = info;
-        self.precision = p;
-        self.chol = l;
-        self.prior_precision = alpha.to_vec();
-        Ok(true)
-    }
-
     /// The joint posterior mean `[s, δ_0, …]`.
     pub fn mean(&self) -> &[f64] {
         &self.mean

@@ -10,22 +10,25 @@
 //! ```
 //!
 //! A SOURCE is a CSV file or a built-in scenario name (`name@seed` for
-//! another seed).
+//! another seed); `SOURCE#r` (r ≥ 1) runs it with other reaction draws and
+//! plan noise (repetition `r`). `DQ_V=0,3` runs only those variants (by
+//! index in the list in `main`).
 //!
 //! Diagnostics (environment): `DQ_DIAG=1` adds, per variant, `[U cC]`: `U`
 //! the lift had every chosen user (batches 1 on) got their best creative
 //! (what the user selection alone reaches) and `C` the share of the best
 //! creative's gain over an average creative that the final model's
 //! choice captures over all users; `DQ_BATCH=1` prints that share batch by
-//! batch for the chosen users; `DQ_TF=crm-true` (or `std`,
+//! batch for the chosen users, each followed by the model that planned
+//! the batch (`p` plain, `l` log, `h` hinges); `DQ_TF=crm-true` (or `std`,
 //! `crm-true-std`) hands the policies the crm truth's transformed columns
 //! (or standardised ones) instead of the raw ones.
 
 use std::sync::Arc;
 
 use smartmsg_domain::{
-    CreativeChoice, Defer, Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy,
-    Pooling, Scoring, Transform,
+    Defer, Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy, Pooling, Scoring,
+    Transform,
 };
 use smartmsg_simulator::policies::model_config;
 use smartmsg_simulator::rng::{self, label, mix, unit};
@@ -148,48 +151,17 @@ fn main() {
         seed = args[i + 1].parse().unwrap();
         args.drain(i..i + 2);
     }
-    // Each variant edits the scenario's configuration (the default);
-    // third round: the second round's fixed pooling against empirical
-    // Bayes for the deviations' prior (per column, per creative and
-    // weight: the new default).
+    // Each variant edits the scenario's configuration (the default).
     type Edit = Box<dyn Fn(&mut ModelConfig)>;
     let pool = |own: f64| -> Edit {
         Box::new(move |c: &mut ModelConfig| c.pooling = Pooling::Shared { own })
     };
-    let ada = |own: f64, per_weight: bool, refits: u8| -> Edit {
-        Box::new(move |c: &mut ModelConfig| {
-            c.pooling = Pooling::Adaptive {
-                own,
-                per_weight,
-                refits,
-            }
-        })
+    let ada = |own: f64, per_weight: bool| -> Edit {
+        Box::new(move |c: &mut ModelConfig| c.pooling = Pooling::Adaptive { own, per_weight })
     };
     let wv = |v: f64| -> Edit { Box::new(move |c: &mut ModelConfig| c.prior.weight_variance = v) };
-    let cc = |bonus: f64, noise: f64| -> Edit {
-        Box::new(move |c: &mut ModelConfig| {
-            c.creative_choice = CreativeChoice::Sampled { bonus, noise }
-        })
-    };
-    let df = |weight: f64, linear: bool| -> Edit {
-        Box::new(move |c: &mut ModelConfig| {
-            c.defer = Defer {
-                weight,
-                linear,
-                until: 0,
-                hinges: true,
-            }
-        })
-    };
-    let dfx = |weight: f64, linear: bool, until: u32, hinges: bool| -> Edit {
-        Box::new(move |c: &mut ModelConfig| {
-            c.defer = Defer {
-                weight,
-                linear,
-                until,
-                hinges,
-            }
-        })
+    let df = |weight: f64| -> Edit {
+        Box::new(move |c: &mut ModelConfig| c.defer = Defer::Ambiguous { weight })
     };
     let _ = (
         &wv,
@@ -199,40 +171,20 @@ fn main() {
         Scoring::default(),
         Transform::None,
     );
+    // Fourth round: deferring users with an ambiguous creative (the new
+    // default: weight 24) against none (the third round's default).
     let all: Vec<(&str, Edit)> = vec![
         ("default", Box::new(|_: &mut ModelConfig| {})),
-        ("cc 0 0", cc(0.0, 0.0)),
-        ("cc .25 .25", cc(0.25, 0.25)),
-        ("cc 0 .5", cc(0.0, 0.5)),
-        ("cc 0 1", cc(0.0, 1.0)),
-        ("cc .5 .5", cc(0.5, 0.5)),
-        ("refit 1", ada(0.1, true, 1)),
-        ("refit 2", ada(0.1, true, 2)),
-        ("refit 4", ada(0.1, true, 4)),
-        ("refit 2 col", ada(0.1, false, 2)),
-        ("defer .5", df(0.5, false)),
-        ("defer 1", df(1.0, false)),
-        ("defer 2", df(2.0, false)),
-        ("defer 1 lin", df(1.0, true)),
-        ("defer 2 lin", df(2.0, true)),
-        ("defer 4 lin", df(4.0, true)),
-        ("defer 4", df(4.0, false)),
-        ("defer 8", df(8.0, false)),
-        ("defer 6 lin", df(6.0, true)),
-        ("defer 8 lin", df(8.0, true)),
-        ("defer 10 lin", df(10.0, true)),
-        ("defer 4 lin noh", dfx(4.0, true, 0, false)),
-        ("defer 8 lin noh", dfx(8.0, true, 0, false)),
-        ("defer 8 <3", dfx(8.0, false, 3, true)),
-        ("defer 8 <3 noh", dfx(8.0, false, 3, false)),
-        ("defer 8 <2", dfx(8.0, false, 2, true)),
-        ("defer 12 lin noh", dfx(12.0, true, 0, false)),
-        ("defer 16 lin noh", dfx(16.0, true, 0, false)),
-        ("defer 24 lin noh", dfx(24.0, true, 0, false)),
-        ("defer 8 noh", dfx(8.0, false, 0, false)),
-        ("defer 32 lin noh", dfx(32.0, true, 0, false)),
-        ("defer 48 lin noh", dfx(48.0, true, 0, false)),
-        ("defer 64 lin noh", dfx(64.0, true, 0, false)),
+        (
+            "no defer",
+            Box::new(|c: &mut ModelConfig| c.defer = Defer::None),
+        ),
+        ("defer 4", df(4.0)),
+        ("defer 8", df(8.0)),
+        ("defer 12", df(12.0)),
+        ("defer 16", df(16.0)),
+        ("defer 32", df(32.0)),
+        ("defer 48", df(48.0)),
     ];
     // DQ_V=0,2,3 picks variants by index (default: all).
     let pick: Option<Vec<usize>> = std::env::var("DQ_V")

@@ -2,7 +2,6 @@
 //! [`Targeting`] (one fixed creative) and [`Integrated`] (every creative).
 
 use rand::RngCore;
-use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::scoring::{Moments, Scorer};
@@ -50,83 +49,72 @@ pub struct ModelConfig {
     /// [`Transform`]). Absent in a recorded spec: the default.
     #[serde(default)]
     pub transform: Transform,
-    /// How each chosen user's creative is picked (see [`CreativeChoice`]).
-    /// Absent in a recorded spec: the default.
-    #[serde(default)]
-    pub creative_choice: CreativeChoice,
-    /// Defers users whose best creative is still uncertain (see
-    /// [`Defer`]). Absent in a recorded spec: the default.
+    /// Defers users whose best creative the posterior cannot yet tell
+    /// (see [`Defer`]). Absent in a recorded spec: the default.
     #[serde(default)]
     pub defer: Defer,
 }
 
-/// Defers, while later batches remain, the users whose best creative the
-/// posterior cannot yet tell: each user's score for the batch is lowered
-/// by `weight` times the expected gain of knowing their creatives'
-/// scores exactly, `Σ_c E[(z_c − z_b)⁺]` over the creatives `c` other
-/// than the one `b` with the best mean (`z` the linear scores, each
-/// creative's marginal posterior, taken independent), scaled by the share
-/// of the campaign's batches still to come after this one (`linear`) or by
-/// 1 until the last batch. Only with [`Scoring::Optimistic`].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct Defer {
-    /// The penalty's weight, 0 to 10 (0: nothing deferred).
-    pub weight: f64,
-    /// Scale by the share of batches to come (else 1 until the last).
-    #[serde(default)]
-    pub linear: bool,
-    /// Only batches before this one (0: every batch but the last).
-    #[serde(default)]
-    pub until: u32,
-    /// Also when the model with hinge columns plans.
-    #[serde(default)]
-    pub hinges: bool,
-}
-
-impl Defer {
-    /// The penalty's factor for batch `batch` of `count`.
-    fn factor(&self, batch: u32, count: u32) -> f32 {
-        if self.weight == 0.0 || batch + 1 >= count || (self.until > 0 && batch >= self.until) {
-            return 0.0;
-        }
-        let f = if self.linear {
-            f64::from(count - 1 - batch) / f64::from(count.max(2) - 1)
-        } else {
-            1.0
-        };
-        (self.weight * f) as f32
-    }
-}
-
-/// How the integrated policy picks the creative of each user its
-/// [`Scoring`] put in the batch.
+/// Whether the integrated policy defers, while later batches remain, the
+/// users whose best creative its posterior cannot yet tell apart.
 ///
-/// As TOML: `creative_choice = { kind = "scored" }` or
-/// `creative_choice = { kind = "sampled", bonus = 0.0, noise = 1.0 }`.
+/// Every user with a high enough score is sent at some point of the
+/// campaign; which creative they get improves as the model learns. So a
+/// user whose creatives are close under the posterior is worth more later,
+/// once the model can tell them apart, and a user with one clearly best
+/// creative loses nothing by going now. Each user's score for the batch
+/// is lowered by `weight` times their *ambiguity*: the expected gain of
+/// knowing their creatives' linear scores exactly over choosing by the
+/// posterior means, `Σ_c E[(z_c − z_b)⁺]` over the creatives `c` other
+/// than `b`, the one with the best mean (each creative's marginal
+/// posterior, taken independent, so `E[(z_c − z_b)⁺] = θ φ(Δ/θ) −
+/// Δ Φ(−Δ/θ)` with `Δ` the means' gap and `θ² = s_c² + s_b²`), times the
+/// share of the campaign's batches still to come after this one (none in
+/// the last batch). Deterministic given the posterior, so propensities
+/// (Monte Carlo over the [`Scoring`]'s noise) include it.
+///
+/// Only with [`Scoring::Optimistic`], and only while the plain or the
+/// log model plans (their deviations' prior is fitted by empirical Bayes,
+/// [`Pooling::Adaptive`]); not while the model with hinge columns plans
+/// (its posterior misstates its creatives' differences where the truth is
+/// not linear: deferring there cost up to 7 points on a nonlinear
+/// population).
+///
+/// As TOML: `defer = { kind = "ambiguous", weight = 24.0 }` or
+/// `defer = { kind = "none" }`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 #[non_exhaustive]
-pub enum CreativeChoice {
-    /// The creative of the user's best score (the one that put the user
-    /// in the batch).
-    Scored,
-    /// Users are chosen by their best score as with [`CreativeChoice::Scored`];
-    /// each chosen user's creative is then drawn afresh as the best
-    /// `mean + sd·(bonus + noise·ε)` with new noise `ε` (only with
-    /// [`Scoring::Optimistic`]; a shared draw keeps its creatives).
-    Sampled {
-        /// Standard deviations of optimism, 0 to 10.
-        bonus: f64,
-        /// Standard deviations of noise, 0 to 10.
-        noise: f64,
+pub enum Defer {
+    /// Every user scored as the [`Scoring`] says.
+    None,
+    /// Users with an ambiguous creative deferred, as above.
+    Ambiguous {
+        /// The penalty's weight per unit of ambiguity (linear score),
+        /// 0 to 100.
+        weight: f64,
     },
 }
 
-impl Default for CreativeChoice {
-    /// [`CreativeChoice::Scored`].
+impl Default for Defer {
+    /// [`Defer::Ambiguous`] with `weight = 24`: on the crm family +0.9
+    /// point in the loop of `docs/decision-quality.md` (fourth round),
+    /// level or better on the other families.
     fn default() -> Self {
-        CreativeChoice::Scored
+        Defer::Ambiguous { weight: 24.0 }
+    }
+}
+
+impl Defer {
+    /// The penalty's factor in batch `batch` of `count`: the weight times
+    /// the share of batches to come after this one.
+    fn factor(&self, batch: u32, count: u32) -> f32 {
+        match *self {
+            Defer::Ambiguous { weight } if batch + 1 < count => {
+                (weight * f64::from(count - 1 - batch) / f64::from(count - 1)) as f32
+            }
+            _ => 0.0,
+        }
     }
 }
 
@@ -211,12 +199,6 @@ pub enum Pooling {
         /// by the creatives).
         #[serde(default)]
         per_weight: bool,
-        /// Times an update is redone from the state before it under the
-        /// prior just adapted, then adapted again (0 to 8): the new
-        /// outcomes' likelihood is then approximated at the mode under the
-        /// adapted prior rather than under the previous one.
-        #[serde(default)]
-        refits: u8,
     },
 }
 
@@ -229,7 +211,6 @@ impl Default for Pooling {
         Pooling::Adaptive {
             own: 0.1,
             per_weight: true,
-            refits: 0,
         }
     }
 }
@@ -350,7 +331,6 @@ impl Default for ModelConfig {
             expansion: Expansion::default(),
             pooling: Pooling::default(),
             transform: Transform::default(),
-            creative_choice: CreativeChoice::default(),
             defer: Defer::default(),
         }
     }
@@ -366,11 +346,6 @@ impl ModelConfig {
                 return Err(PolicyError::Config("hinge knots must be 1 to 8"));
             }
         }
-        if let Pooling::Adaptive { refits, .. } = self.pooling {
-            if refits > 8 {
-                return Err(PolicyError::Config("pooling's refits must be 0 to 8"));
-            }
-        }
         if let Pooling::Shared { own } | Pooling::Adaptive { own, .. } = self.pooling {
             if !(0.01..=0.99).contains(&own) {
                 return Err(PolicyError::Config(
@@ -378,14 +353,9 @@ impl ModelConfig {
                 ));
             }
         }
-        if !(0.0..=100.0).contains(&self.defer.weight) {
-            return Err(PolicyError::Config("defer's weight must be 0 to 100"));
-        }
-        if let CreativeChoice::Sampled { bonus, noise } = self.creative_choice {
-            if !(0.0..=10.0).contains(&bonus) || !(0.0..=10.0).contains(&noise) {
-                return Err(PolicyError::Config(
-                    "sampled creatives need bonus and noise from 0 to 10",
-                ));
+        if let Defer::Ambiguous { weight } = self.defer {
+            if !(0.0..=100.0).contains(&weight) {
+                return Err(PolicyError::Config("defer's weight must be 0 to 100"));
             }
         }
         self.scoring.check()
@@ -393,8 +363,9 @@ impl ModelConfig {
 }
 
 /// Top `k` by best modelled creative under the configured [`Scoring`]
-/// (one posterior draw, or one optimistic perturbation); propensities by
-/// Monte Carlo over further draws or perturbations.
+/// (one posterior draw, or one optimistic perturbation), each optimistic
+/// score lowered by `defer` times the user's ambiguity ([`Defer`]);
+/// propensities by Monte Carlo over further draws or perturbations.
 fn plan_top_k(
     models: &[GaussianWeights],
     creative_ids: &[u16],
@@ -433,49 +404,13 @@ fn plan_top_k(
     };
     fill(&mut scorer, rng);
     let rows = scorer.top_k(k);
-    let resample = match (config.creative_choice, &moments) {
-        (CreativeChoice::Sampled { bonus, noise }, Some(mo)) => {
-            Some((mo, bonus as f32, noise as f32))
-        }
-        _ => None,
-    };
-    let pick = |mo: &Moments, r: usize, bonus: f32, noise: f32, rng: &mut dyn RngCore| {
-        let m = mo.models;
-        let mut b = f32::NEG_INFINITY;
-        let mut a = 0u16;
-        for c in 0..m {
-            let e: f32 = if noise > 0.0 {
-                StandardNormal.sample(rng)
-            } else {
-                0.0
-            };
-            let v = mo.mean[r * m + c] + mo.sd[r * m + c] * (bonus + noise * e);
-            if v > b {
-                b = v;
-                a = c as u16;
-            }
-        }
-        a
-    };
-    let chosen: Vec<u16> = match resample {
-        Some((mo, bonus, noise)) => rows
-            .iter()
-            .map(|&r| pick(mo, r, bonus, noise, rng))
-            .collect(),
-        None => rows.iter().map(|&r| scorer.arg[r]).collect(),
-    };
+    let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
     let mut hits = vec![1u32; k];
     for _ in 1..draws {
         fill(&mut scorer, rng);
         let t = scorer.threshold(k);
         for ((&r, &c), h) in rows.iter().zip(&chosen).zip(hits.iter_mut()) {
-            let same = match resample {
-                Some((mo, bonus, noise)) => {
-                    scorer.best[r] >= t && pick(mo, r, bonus, noise, rng) == c
-                }
-                None => scorer.best[r] >= t && scorer.arg[r] == c,
-            };
-            if same {
+            if scorer.best[r] >= t && scorer.arg[r] == c {
                 *h += 1;
             }
         }
@@ -826,11 +761,9 @@ impl Integrated {
     /// Whether (and how: per weight or not) an update of the model over
     /// `hinges`' columns adapts its deviations' prior
     /// ([`Pooling::Adaptive`]): not the model with hinge columns.
-    fn adapt(&self, hinges: &Hinges) -> Option<(bool, u8)> {
+    fn adapt(&self, hinges: &Hinges) -> Option<bool> {
         match self.config.pooling {
-            Pooling::Adaptive {
-                per_weight, refits, ..
-            } if hinges.knots.is_empty() => Some((per_weight, refits)),
+            Pooling::Adaptive { per_weight, .. } if hinges.knots.is_empty() => Some(per_weight),
             _ => None,
         }
     }
@@ -911,27 +844,16 @@ fn learn(
     ids: &[u16],
     link: Link,
     outcomes: &Outcomes,
-    adapt: Option<(bool, u8)>,
+    adapt: Option<bool>,
 ) -> Result<f64, PolicyError> {
     match pooled {
         Some(p) => {
             check_dim(p.features(), outcomes.dim())?;
             let rows: Vec<OutcomeRow<'_>> = outcomes.rows().collect();
             let mut next = p.clone();
-            // The evidence of the new outcomes under the prior before them
-            // (a refit's, under a prior fitted to them, would flatter).
             let evidence = next.update(link, &rows)?.log_evidence;
-            if let Some((per_weight, refits)) = adapt {
+            if let Some(per_weight) = adapt {
                 next.adapt_deviations(per_weight)?;
-                for _ in 0..refits {
-                    let mut again = p.clone();
-                    if !again.set_prior_precision(next.prior_precision())? {
-                        break;
-                    }
-                    again.update(link, &rows)?;
-                    again.adapt_deviations(per_weight)?;
-                    next = again;
-                }
             }
             let marginals = next.marginals()?;
             models.clone_from_slice(&marginals);
@@ -958,9 +880,7 @@ impl Policy for Integrated {
         let mut plain = self.models.clone();
         let mut pooled = self.pooled.clone();
         let adapt = match self.config.pooling {
-            Pooling::Adaptive {
-                per_weight, refits, ..
-            } => Some((per_weight, refits)),
+            Pooling::Adaptive { per_weight, .. } => Some(per_weight),
             _ => None,
         };
         let plain_ev = learn(&mut plain, &mut pooled, &self.ids, link, outcomes, adapt)?;
@@ -1019,9 +939,15 @@ impl Policy for Integrated {
         if ctx.batch == 0 && self.config.random_first_batch {
             return Ok(super::plan_uniform(&self.ids, candidates, k, rng));
         }
-        let mut defer = self.config.defer.factor(ctx.batch, ctx.batch_count);
+        // Deferral only while a model with adapted deviations plans.
+        let adapted = matches!(self.config.pooling, Pooling::Adaptive { .. });
+        let mut defer = if adapted {
+            self.config.defer.factor(ctx.batch, ctx.batch_count)
+        } else {
+            0.0
+        };
         if let Some(e) = self.chosen_expansion() {
-            if !e.hinges.knots.is_empty() && !self.config.defer.hinges {
+            if !e.hinges.knots.is_empty() {
                 defer = 0.0;
             }
             let expanded = e.hinges.candidates(candidates)?;
@@ -1236,6 +1162,7 @@ mod tests {
         let m = v.as_object_mut().unwrap();
         m.remove("pooling");
         m.remove("transform");
+        m.remove("defer");
         let c: ModelConfig = serde_json::from_value(v).unwrap();
         assert_eq!(c, ModelConfig::default());
         assert_eq!(
@@ -1257,6 +1184,14 @@ mod tests {
             }
         );
         assert_eq!(c.transform, Transform::LogSkewed);
+        assert_eq!(c.defer, Defer::Ambiguous { weight: 24.0 });
+        let none: Defer = serde_json::from_str(r#"{"kind":"none"}"#).unwrap();
+        assert_eq!(none, Defer::None);
+        let bad = ModelConfig {
+            defer: Defer::Ambiguous { weight: -1.0 },
+            ..ModelConfig::default()
+        };
+        assert!(Integrated::new(2, 3, bad).is_err());
         let bad = ModelConfig {
             pooling: Pooling::Shared { own: 1.0 },
             ..ModelConfig::default()

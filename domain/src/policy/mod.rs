@@ -28,8 +28,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 pub use bayes::{
-    CreativeChoice, Defer, Expansion, Integrated, ModelConfig, Pooling, Scoring, Targeting,
-    Transform,
+    Defer, Expansion, Integrated, ModelConfig, Pooling, Scoring, Targeting, Transform,
 };
 pub use simple::{CreativeThompson, ExploreThenCommit, Random};
 pub use spec::PolicySpec;
