@@ -376,6 +376,38 @@ mod tests {
     }
 
     #[test]
+    fn ambiguity_is_the_expected_gain_of_knowing_the_scores() {
+        // Candidate 0: two creatives level, sd 1 each: E[(z1 − z0)⁺] with
+        // z1 − z0 ~ N(0, 2) is √2 φ(0). Candidate 1: one creative 10 sd
+        // ahead: nothing to gain. Candidate 2: gap 1, θ = 1, against a
+        // Monte Carlo estimate.
+        let mo = Moments {
+            mean: vec![0.0, 0.0, 5.0, -5.0, 1.0, 0.0],
+            sd: vec![1.0, 1.0, 0.5, 0.5, 0.6, 0.8],
+            models: 2,
+        };
+        let a = mo.ambiguity();
+        let want0 = 2f64.sqrt() / (2.0 * std::f64::consts::PI).sqrt();
+        assert!(
+            (f64::from(a[0]) - want0).abs() < 1e-5,
+            "{} vs {want0}",
+            a[0]
+        );
+        assert!(a[1] < 1e-6);
+        use rand::SeedableRng;
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let n = 400_000;
+        let mc: f64 = (0..n)
+            .map(|_| {
+                let e: f64 = StandardNormal.sample(&mut r);
+                (e - 1.0).max(0.0)
+            })
+            .sum::<f64>()
+            / f64::from(n);
+        assert!((f64::from(a[2]) - mc).abs() < 5e-3, "{} vs {mc}", a[2]);
+    }
+
+    #[test]
     fn top_k_breaks_ties_by_row() {
         let c =
             Candidates::from_parts(1, vec![0, 1, 2, 3, 4], vec![1.0, 3.0, 2.0, 3.0, 2.0]).unwrap();
