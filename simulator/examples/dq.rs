@@ -172,7 +172,7 @@ fn main() {
         Transform::None,
     );
     // Fourth round: deferring users with an ambiguous creative (the new
-    // default: weight 24) against none (the third round's default).
+    // default: weight 12) against none (the third round's default).
     let all: Vec<(&str, Edit)> = vec![
         ("default", Box::new(|_: &mut ModelConfig| {})),
         (
@@ -181,8 +181,8 @@ fn main() {
         ),
         ("defer 4", df(4.0)),
         ("defer 8", df(8.0)),
-        ("defer 12", df(12.0)),
         ("defer 16", df(16.0)),
+        ("defer 24", df(24.0)),
         ("defer 32", df(32.0)),
         ("defer 48", df(48.0)),
     ];
