@@ -178,6 +178,20 @@ fn main() {
         &integrated_100,
         100,
     );
+    // Without deferring ambiguous creatives (the third round's default).
+    let mut undeferred = Integrated::new(CREATIVES, DIM, {
+        let mut v = cfg(1);
+        v.defer = smartmsg_domain::Defer::None;
+        v
+    })
+    .unwrap();
+    undeferred.update(&per_user).unwrap();
+    plan_row(
+        "plan integrated, no deferral, 1 draw",
+        reps(15),
+        &undeferred,
+        1,
+    );
     // The scoring before issue 14 (one shared posterior draw, no
     // expansion), for comparison.
     let old = |draws| {

@@ -52,7 +52,7 @@ pub use driver::{
 };
 pub use model::{BetaArm, GaussianWeights, Link, ModelError, PooledWeights, Prior};
 pub use policy::{
-    CreativeThompson, Expansion, ExploreThenCommit, Integrated, ModelConfig, PlanContext, Policy,
-    PolicyError, PolicySpec, Pooling, Random, Scoring, Targeting, Transform,
+    CreativeThompson, Defer, Expansion, ExploreThenCommit, Integrated, ModelConfig, PlanContext,
+    Policy, PolicyError, PolicySpec, Pooling, Random, Scoring, Targeting, Transform,
 };
 pub use users::UserSet;

@@ -7,8 +7,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use smartmsg_domain::model::sigmoid;
 use smartmsg_domain::{
-    Candidates, CreativeThompson, Decisions, ExploreThenCommit, GaussianWeights, Integrated, Link,
-    ModelConfig, Outcomes, PlanContext, Policy, PolicyError, Prior, Random, Targeting,
+    Candidates, CreativeThompson, Decisions, Defer, ExploreThenCommit, GaussianWeights, Integrated,
+    Link, ModelConfig, Outcomes, PlanContext, Policy, PolicyError, Prior, Random, Targeting,
 };
 
 fn rng(seed: u64) -> ChaCha8Rng {
@@ -194,8 +194,19 @@ fn propensities_match_choice_frequencies(
     creatives: usize,
     tolerance: f64,
 ) {
-    let c = candidates(40, 3, 11);
     let ctx = PlanContext::fresh(creatives, 1, 100);
+    propensities_match_choice_frequencies_in(policy, chooser, &ctx, tolerance);
+}
+
+/// [`propensities_match_choice_frequencies`] for the plan of `ctx`.
+fn propensities_match_choice_frequencies_in(
+    policy: &dyn Policy,
+    chooser: &dyn Policy,
+    ctx: &PlanContext,
+    tolerance: f64,
+) {
+    let c = candidates(40, 3, 11);
+    let ctx = ctx.clone();
     let k = 8;
     let runs = 3000;
     let mut freq = std::collections::HashMap::<(u32, u16), u32>::new();
@@ -250,6 +261,86 @@ fn integrated_propensities_estimate_choice_frequencies() {
     let mut fast = t.clone();
     fast.set_propensity_draws(1).unwrap();
     propensities_match_choice_frequencies(&t, &fast, 2, 0.05);
+}
+
+/// Two creatives, creative 0 responding to `x0` and creative 1 to `x1`:
+/// an integrated policy that has learned from 200 users each.
+fn two_creative_policy(cfg: ModelConfig, seed: u64) -> Integrated {
+    let mut p = Integrated::new(2, 3, cfg).unwrap();
+    let mut o = Outcomes::new(3).unwrap();
+    let mut r = rng(seed);
+    for _ in 0..200 {
+        let x = [r.random_range(-1.0..1.0), r.random_range(-1.0..1.0), 0.0f32];
+        let y0 = r.random_bool(sigmoid(-2.0 + 2.0 * f64::from(x[0])));
+        let y1 = r.random_bool(sigmoid(-2.0 + 2.0 * f64::from(x[1])));
+        o.push(0, &x, 1, u32::from(y0)).unwrap();
+        o.push(1, &x, 1, u32::from(y1)).unwrap();
+    }
+    p.update(&o).unwrap();
+    p
+}
+
+#[test]
+fn deferral_sends_clear_creatives_first_and_keeps_propensities_honest() {
+    // The plain model plans (no hinge columns: deferral is off while
+    // they plan).
+    let cfg = {
+        let mut v = ModelConfig::default();
+        v.propensity_draws = 2000;
+        v.expansion = smartmsg_domain::Expansion::None;
+        v
+    };
+    assert!(matches!(cfg.defer, Defer::Ambiguous { .. }));
+    let p = two_creative_policy(cfg, 3);
+    let none = two_creative_policy(
+        {
+            let mut v = cfg;
+            v.defer = Defer::None;
+            v
+        },
+        3,
+    );
+    let early = PlanContext {
+        batch: 1,
+        ..PlanContext::fresh(2, 10, 1_000)
+    };
+    let last = PlanContext {
+        batch: 9,
+        ..PlanContext::fresh(2, 10, 1_000)
+    };
+    let c = candidates(400, 3, 9);
+    // The last batch has nothing to wait for: the plan is the same.
+    assert_eq!(
+        p.plan(&last, &c, 40, &mut rng(1)).unwrap(),
+        none.plan(&last, &c, 40, &mut rng(1)).unwrap()
+    );
+    // Earlier, the users sent have creatives further apart.
+    let gap = |d: &Decisions| {
+        let total: f64 = d
+            .iter()
+            .map(|(u, _, _)| {
+                let row = (u - 1000) as usize;
+                let r = p.expected_response(c.row(row));
+                (r[0] - r[1]).abs()
+            })
+            .sum();
+        total / d.len() as f64
+    };
+    let deferred = p.plan(&early, &c, 40, &mut rng(1)).unwrap();
+    let plain = none.plan(&early, &c, 40, &mut rng(1)).unwrap();
+    assert_ne!(deferred, plain);
+    assert!(
+        gap(&deferred) > gap(&plain),
+        "{} vs {}",
+        gap(&deferred),
+        gap(&plain)
+    );
+    // Propensities still estimate the choice frequencies, some strictly
+    // inside (0, 1).
+    assert!(deferred.iter().any(|(_, _, q)| q > 0.0 && q < 1.0));
+    let mut fast = p.clone();
+    fast.set_propensity_draws(1).unwrap();
+    propensities_match_choice_frequencies_in(&p, &fast, &early, 0.05);
 }
 
 #[test]

@@ -10,21 +10,25 @@
 //! ```
 //!
 //! A SOURCE is a CSV file or a built-in scenario name (`name@seed` for
-//! another seed).
+//! another seed); `SOURCE#r` (r ≥ 1) runs it with other reaction draws and
+//! plan noise (repetition `r`). `DQ_V=0,3` runs only those variants (by
+//! index in the list in `main`).
 //!
 //! Diagnostics (environment): `DQ_DIAG=1` adds, per variant, `[U cC]`: `U`
 //! the lift had every chosen user (batches 1 on) got their best creative
 //! (what the user selection alone reaches) and `C` the share of the best
 //! creative's gain over an average creative that the final model's
 //! choice captures over all users; `DQ_BATCH=1` prints that share batch by
-//! batch for the chosen users; `DQ_TF=crm-true` (or `std`,
+//! batch for the chosen users, each followed by the model that planned
+//! the batch (`p` plain, `l` log, `h` hinges); `DQ_TF=crm-true` (or `std`,
 //! `crm-true-std`) hands the policies the crm truth's transformed columns
 //! (or standardised ones) instead of the raw ones.
 
 use std::sync::Arc;
 
 use smartmsg_domain::{
-    Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy, Pooling, Scoring, Transform,
+    Defer, Expansion, Integrated, ModelConfig, Outcomes, PlanContext, Policy, Pooling, Scoring,
+    Transform,
 };
 use smartmsg_simulator::policies::model_config;
 use smartmsg_simulator::rng::{self, label, mix, unit};
@@ -32,7 +36,7 @@ use smartmsg_simulator::{Scenario, SimPopulation};
 
 /// Expected responses of the policy's messages, and of the same users with
 /// their best creative.
-fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> (f64, f64) {
+fn run(s: &Scenario, pop: &SimPopulation, p: &mut Integrated, rep: u64) -> (f64, f64) {
     let spec = s.campaign_spec();
     let k = s.campaign.creatives;
     let mut remaining = pop.candidates().clone();
@@ -50,8 +54,8 @@ fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> (f64, f64) {
             planned_per_creative: planned.clone(),
         };
         let size = spec.nominal_batch_size(b).min(left) as usize;
-        let mut r = rng::stream(s.seed, &[label("dq"), u64::from(b)]);
-        let d = p.plan(&ctx, &remaining, size, &mut r).unwrap();
+        let mut r = rng::stream(s.seed, &[label("dq"), u64::from(b) + (rep << 32)]);
+        let d = Policy::plan(p, &ctx, &remaining, size, &mut r).unwrap();
         let mut o = Outcomes::new(pop.dim()).unwrap();
         let mut chosen = std::collections::HashSet::new();
         let (mut bg, mut bt, mut ba) = (0.0, 0.0, 0.0);
@@ -69,18 +73,27 @@ fn run(s: &Scenario, pop: &SimPopulation, p: &mut dyn Policy) -> (f64, f64) {
                     .map(|c| pop.probability_at(u, c, b))
                     .fold(0.0, f64::max)
             };
-            let y = unit(mix(&[s.seed, label("react"), u64::from(u)])) < prob;
+            let draw = if rep == 0 {
+                mix(&[s.seed, label("react"), u64::from(u)])
+            } else {
+                mix(&[s.seed, label("react"), rep, u64::from(u)])
+            };
+            let y = unit(draw) < prob;
             o.push(c, pop.features(u).unwrap(), 1, u32::from(y))
                 .unwrap();
             planned[usize::from(c)] += 1;
             chosen.insert(u);
         }
         if b > 0 {
-            per_batch.push_str(&format!(" {:.0}", 100.0 * (bg - ba) / (bt - ba)));
+            per_batch.push_str(&format!(
+                " {:.0}{}",
+                100.0 * (bg - ba) / (bt - ba),
+                &p.planning_model()[..1]
+            ));
         }
         left -= d.len() as u64;
         remaining.retain(|u| !chosen.contains(&u));
-        p.update(&o).unwrap();
+        Policy::update(p, &o).unwrap();
     }
     if std::env::var_os("DQ_BATCH").is_some() {
         println!("  creative capture by batch:{per_batch}");
@@ -138,10 +151,7 @@ fn main() {
         seed = args[i + 1].parse().unwrap();
         args.drain(i..i + 2);
     }
-    // Each variant edits the scenario's configuration (the default);
-    // third round: the second round's fixed pooling against empirical
-    // Bayes for the deviations' prior (per column, per creative and
-    // weight: the new default).
+    // Each variant edits the scenario's configuration (the default).
     type Edit = Box<dyn Fn(&mut ModelConfig)>;
     let pool = |own: f64| -> Edit {
         Box::new(move |c: &mut ModelConfig| c.pooling = Pooling::Shared { own })
@@ -150,15 +160,51 @@ fn main() {
         Box::new(move |c: &mut ModelConfig| c.pooling = Pooling::Adaptive { own, per_weight })
     };
     let wv = |v: f64| -> Edit { Box::new(move |c: &mut ModelConfig| c.prior.weight_variance = v) };
-    let _ = (&wv, Expansion::None, Scoring::default(), Transform::None);
-    let variants: Vec<(&str, Edit)> = vec![
-        ("shared .1", pool(0.1)),
-        ("eb col .1", ada(0.1, false)),
-        ("eb weight .1", ada(0.1, true)),
+    let df = |weight: f64| -> Edit {
+        Box::new(move |c: &mut ModelConfig| c.defer = Defer::Ambiguous { weight })
+    };
+    let _ = (
+        &wv,
+        &pool,
+        &ada,
+        Expansion::None,
+        Scoring::default(),
+        Transform::None,
+    );
+    // Fourth round: deferring users with an ambiguous creative (the new
+    // default: weight 12) against none (the third round's default).
+    let all: Vec<(&str, Edit)> = vec![
+        ("default", Box::new(|_: &mut ModelConfig| {})),
+        (
+            "no defer",
+            Box::new(|c: &mut ModelConfig| c.defer = Defer::None),
+        ),
+        ("defer 4", df(4.0)),
+        ("defer 8", df(8.0)),
+        ("defer 16", df(16.0)),
+        ("defer 24", df(24.0)),
+        ("defer 32", df(32.0)),
+        ("defer 48", df(48.0)),
     ];
+    // DQ_V=0,2,3 picks variants by index (default: all).
+    let pick: Option<Vec<usize>> = std::env::var("DQ_V")
+        .ok()
+        .map(|v| v.split(',').map(|i| i.parse().unwrap()).collect());
+    let variants: Vec<(&str, Edit)> = all
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| pick.as_ref().is_none_or(|p| p.contains(i)))
+        .map(|(_, v)| v)
+        .collect();
 
     let mut sums = vec![0.0; variants.len() + 1];
-    for src in &args {
+    for arg in &args {
+        // `SOURCE#r`: reaction draws and plans of repetition r.
+        let (src, rep) = match arg.split_once('#') {
+            Some((a, r)) => (a.to_string(), r.parse::<u64>().unwrap()),
+            None => (arg.clone(), 0),
+        };
+        let src = &src;
         let (pop, s) = if src.ends_with(".csv") {
             let pop = SimPopulation::from_csv(std::path::Path::new(src)).unwrap();
             let mut s = Scenario::classic();
@@ -182,7 +228,7 @@ fn main() {
         let pop = Arc::new(transform(pop));
         let budget = s.campaign.budget;
         let (ra, oa) = (pop.random_expected(budget), pop.oracle_expected(budget));
-        let mut line = format!("{src}:");
+        let mut line = format!("{arg}:");
         for (i, (_, edit)) in variants.iter().enumerate() {
             let cfg = {
                 let mut v = model_config(&s);
@@ -191,7 +237,7 @@ fn main() {
                 v
             };
             let mut p = Integrated::new(s.campaign.creatives, pop.dim(), cfg).unwrap();
-            let (e, best) = run(&s, &pop, &mut p);
+            let (e, best) = run(&s, &pop, &mut p, rep);
             let lift = (e - ra) / (oa - ra);
             sums[i] += lift;
             line.push_str(&format!(" {:.1}", 100.0 * lift));

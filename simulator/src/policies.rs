@@ -94,6 +94,7 @@ pub fn model_config(scenario: &Scenario) -> ModelConfig {
         v.expansion = scenario.policies.expansion;
         v.pooling = scenario.policies.pooling;
         v.transform = scenario.policies.transform;
+        v.defer = scenario.policies.defer;
         v
     }
 }

@@ -336,6 +336,9 @@ pub struct PolicySettings {
     /// Transforms of skewed columns the integrated model tries
     /// (`smartmsg_domain::Transform`).
     pub transform: smartmsg_domain::Transform,
+    /// Whether the integrated policy defers users whose best creative is
+    /// still uncertain (`smartmsg_domain::Defer`).
+    pub defer: smartmsg_domain::Defer,
 }
 
 impl Default for PolicySettings {
@@ -350,6 +353,7 @@ impl Default for PolicySettings {
             expansion: smartmsg_domain::Expansion::default(),
             pooling: smartmsg_domain::Pooling::default(),
             transform: smartmsg_domain::Transform::default(),
+            defer: smartmsg_domain::Defer::default(),
         }
     }
 }
@@ -840,6 +844,15 @@ impl Scenario {
                 if !(0.0..=10.0).contains(&v) {
                     return Err(invalid(f, format!("{v} must be 0 to 10")));
                 }
+            }
+        }
+        if let smartmsg_domain::Defer::Ambiguous { weight } = po.defer {
+            finite("policies.defer.weight", weight)?;
+            if !(0.0..=100.0).contains(&weight) {
+                return Err(invalid(
+                    "policies.defer.weight",
+                    format!("{weight} must be 0 to 100"),
+                ));
             }
         }
         if let smartmsg_domain::Expansion::Hinges { knots } = po.expansion {

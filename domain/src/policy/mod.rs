@@ -27,7 +27,9 @@ mod spec;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-pub use bayes::{Expansion, Integrated, ModelConfig, Pooling, Scoring, Targeting, Transform};
+pub use bayes::{
+    Defer, Expansion, Integrated, ModelConfig, Pooling, Scoring, Targeting, Transform,
+};
 pub use simple::{CreativeThompson, ExploreThenCommit, Random};
 pub use spec::PolicySpec;
 

@@ -181,6 +181,86 @@ fn fill_moments(
     }
 }
 
+impl Moments {
+    /// Each candidate's expected gain of knowing its models' scores
+    /// exactly over choosing by the means: `Σ_c E[(z_c − z_b)⁺]` over the
+    /// models `c` other than the best mean's `b`, the scores independent
+    /// normals (`E[(d)⁺] = θ φ(u) − Δ Q(u)`, `u = Δ/θ`, with `Δ ≥ 0` the
+    /// means' gap, `θ² = s_c² + s_b²` and `Q` the normal upper tail).
+    /// In `f32`, `φ(u) − u Q(u)` interpolated in a table (see
+    /// [`gain_table`]): no exponential per pair.
+    pub fn ambiguity(&self) -> Vec<f32> {
+        let m = self.models;
+        let table = gain_table();
+        self.mean
+            .chunks_exact(m)
+            .zip(self.sd.chunks_exact(m))
+            .map(|(mean, sd)| {
+                let mut b = 0;
+                for c in 1..m {
+                    if mean[c] > mean[b] {
+                        b = c;
+                    }
+                }
+                let (mb, sb2) = (mean[b], sd[b] * sd[b]);
+                let mut sum = 0f32;
+                for c in 0..m {
+                    let theta = (sb2 + sd[c] * sd[c]).sqrt();
+                    if c != b && theta > 0.0 {
+                        sum += theta * gain(table, (mb - mean[c]) / theta);
+                    }
+                }
+                sum.max(0.0)
+            })
+            .collect()
+    }
+}
+
+/// Steps per unit of `u` in [`gain_table`].
+const GAIN_STEPS: f32 = 256.0;
+
+/// `g(u) = φ(u) − u Q(u)` (the expected positive part of `N(−u, 1)`) at
+/// `u = i / 256` for `u` from 0 to 8, computed once (deterministic).
+fn gain_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=(8.0 * GAIN_STEPS) as usize)
+            .map(|i| {
+                let u = i as f32 / GAIN_STEPS;
+                let e = (-0.5 * u * u).exp();
+                (e * FRAC_1_SQRT_2PI - u * upper_tail(u, e)).max(0.0)
+            })
+            .collect()
+    })
+}
+
+/// `g(u)` for `u ≥ 0` by linear interpolation in `table` (0 beyond 8,
+/// where it is below 1e-16).
+#[inline(always)]
+fn gain(table: &[f32], u: f32) -> f32 {
+    let x = u.max(0.0) * GAIN_STEPS;
+    let i = x as usize;
+    if i + 1 >= table.len() {
+        return 0.0;
+    }
+    let f = x - i as f32;
+    table[i] + f * (table[i + 1] - table[i])
+}
+
+/// `1 / √(2π)`.
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// The standard normal upper tail `Q(u) = P(Z > u)` for `u ≥ 0`, given
+/// `e = exp(−u²/2)` (Abramowitz and Stegun 7.1.26 for `erfc(u/√2)`;
+/// absolute error below 1.5e-7, plus `f32` rounding).
+fn upper_tail(u: f32, e: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * u * std::f32::consts::FRAC_1_SQRT_2);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_7 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    0.5 * poly * e
+}
+
 /// Reusable buffers for scoring `n` candidates with `m` weight rows.
 pub(crate) struct Scorer {
     /// `m × (dim + 1)` weights of the current draw, intercept first.
@@ -315,6 +395,19 @@ impl Scorer {
 /// makes, and with it each candidate's score has known bounds.
 pub(crate) const NOISE_BOUND: f32 = 5.0;
 
+/// The optimistic scoring of a plan: `mean + sd·(bonus + noise·ε)` per
+/// model, the best of them less the candidate's `penalty` (none when
+/// empty; see `Defer`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Optimism<'a> {
+    /// The bonus, in standard deviations.
+    pub bonus: f32,
+    /// The noise's scale, in standard deviations.
+    pub noise: f32,
+    /// Per candidate, subtracted from its best score (empty: none).
+    pub penalty: &'a [f32],
+}
+
 /// How often, in `draws − 1` fresh optimistic perturbations
 /// (`mean + sd·(bonus + noise·ε)`, `ε` clamped to ±[`NOISE_BOUND`]), each
 /// chosen row `rows[i]` is among the top `k` with creative `chosen[i]`;
@@ -335,7 +428,11 @@ pub(crate) const NOISE_BOUND: f32 = 5.0;
 /// has learned from a batch, so a draw costs that share of a full one.
 pub(crate) fn optimistic_hits(
     mo: &Moments,
-    (bonus, noise): (f32, f32),
+    Optimism {
+        bonus,
+        noise,
+        penalty,
+    }: Optimism<'_>,
     k: usize,
     rows: &[usize],
     chosen: &[u16],
@@ -360,6 +457,8 @@ pub(crate) fn optimistic_hits(
         let (mu, s) = (mo.mean[u * m + c], mo.sd[u * m + c]);
         (mu + s * (bonus - spread), mu + s * (bonus + spread))
     };
+    let pen = |u: usize| penalty.get(u).copied().unwrap_or(0.0);
+    // Each candidate's best score's bounds, less its penalty.
     let mut lo = vec![f32::NEG_INFINITY; n];
     let mut hi = vec![f32::NEG_INFINITY; n];
     for u in 0..n {
@@ -368,6 +467,8 @@ pub(crate) fn optimistic_hits(
             lo[u] = lo[u].max(l);
             hi[u] = hi[u].max(h);
         }
+        lo[u] -= pen(u);
+        hi[u] -= pen(u);
     }
     let kth = |v: &[f32]| {
         let mut scratch = v.to_vec();
@@ -380,7 +481,8 @@ pub(crate) fn optimistic_hits(
     // creative never wins) and `floor` (below it, winning or not, the user
     // is not chosen).
     let relevant = |u: usize, floor: f32| -> u64 {
-        let floor = floor.max(lo[u]);
+        // On the creatives' own scale (before the penalty).
+        let floor = floor.max(lo[u]) + pen(u);
         (0..m)
             .filter(|&c| bounds(u, c).1 >= floor)
             .fold(0u64, |mask, c| mask | 1 << c)
@@ -411,10 +513,7 @@ pub(crate) fn optimistic_hits(
             if let Ok(i) = contested.binary_search_by_key(&(r as u32), |&(u, _)| u) {
                 return Row::Contested(i);
             }
-            let lo_r = (0..m)
-                .map(|j| bounds(r, j).0)
-                .fold(f32::NEG_INFINITY, f32::max);
-            if lo_r <= tau_hi {
+            if lo[r] <= tau_hi {
                 // Never chosen under bounded noise: only a noise beyond
                 // the bound chose it.
                 return Row::Fixed(0);
@@ -464,7 +563,7 @@ pub(crate) fn optimistic_hits(
                     a = c as u16;
                 }
             }
-            (b, a)
+            (b - pen(u), a)
         };
         best.clear();
         arg.clear();
@@ -566,14 +665,22 @@ mod tests {
             models: m,
         };
         let (bonus, noise) = (0.25f32, 0.5f32);
+        // A deferral penalty on some candidates.
+        let penalty: Vec<f32> = (0..n).map(|u| (u % 5) as f32 * 0.05).collect();
         let mut scorer = Scorer::new(m, 1, n);
-        scorer.perturb(&mo, bonus, noise, &mut rng);
+        let perturb = |scorer: &mut Scorer, rng: &mut ChaCha8Rng| {
+            scorer.perturb(&mo, bonus, noise, rng);
+            for (b, p) in scorer.best.iter_mut().zip(&penalty) {
+                *b -= p;
+            }
+        };
+        perturb(&mut scorer, &mut rng);
         let rows = scorer.top_k(k);
         let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
         let draws = 2_000u32;
         let mut full = vec![1u32; k];
         for _ in 1..draws {
-            scorer.perturb(&mo, bonus, noise, &mut rng);
+            perturb(&mut scorer, &mut rng);
             let t = scorer.threshold(k);
             for ((&r, &c), h) in rows.iter().zip(&chosen).zip(full.iter_mut()) {
                 if scorer.best[r] >= t && scorer.arg[r] == c {
@@ -581,7 +688,12 @@ mod tests {
                 }
             }
         }
-        let pruned = optimistic_hits(&mo, (bonus, noise), k, &rows, &chosen, draws, &mut rng);
+        let o = Optimism {
+            bonus,
+            noise,
+            penalty: &penalty,
+        };
+        let pruned = optimistic_hits(&mo, o, k, &rows, &chosen, draws, &mut rng);
         let d = f64::from(draws);
         let mut worst = 0f64;
         let mut explored = 0;
@@ -602,7 +714,8 @@ mod tests {
             "pruned and full counts differ by {worst:.1} standard errors"
         );
         // Without noise every draw is the decision's.
-        let fixed = optimistic_hits(&mo, (bonus, 0.0), k, &rows, &chosen, draws, &mut rng);
+        let o = Optimism { noise: 0.0, ..o };
+        let fixed = optimistic_hits(&mo, o, k, &rows, &chosen, draws, &mut rng);
         assert!(fixed.iter().all(|&h| h == draws));
     }
 
@@ -659,6 +772,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn ambiguity_is_the_expected_gain_of_knowing_the_scores() {
+        // Candidate 0: two creatives level, sd 1 each: E[(z1 − z0)⁺] with
+        // z1 − z0 ~ N(0, 2) is √2 φ(0). Candidate 1: one creative 10 sd
+        // ahead: nothing to gain. Candidate 2: gap 1, θ = 1, against a
+        // Monte Carlo estimate.
+        let mo = Moments {
+            mean: vec![0.0, 0.0, 5.0, -5.0, 1.0, 0.0],
+            sd: vec![1.0, 1.0, 0.5, 0.5, 0.6, 0.8],
+            models: 2,
+        };
+        let a = mo.ambiguity();
+        let want0 = 2f64.sqrt() / (2.0 * std::f64::consts::PI).sqrt();
+        assert!(
+            (f64::from(a[0]) - want0).abs() < 1e-5,
+            "{} vs {want0}",
+            a[0]
+        );
+        assert!(a[1] < 1e-6);
+        use rand::SeedableRng;
+        let mut r = ChaCha8Rng::seed_from_u64(1);
+        let n = 400_000;
+        let mc: f64 = (0..n)
+            .map(|_| {
+                let e: f64 = StandardNormal.sample(&mut r);
+                (e - 1.0).max(0.0)
+            })
+            .sum::<f64>()
+            / f64::from(n);
+        assert!((f64::from(a[2]) - mc).abs() < 5e-3, "{} vs {mc}", a[2]);
     }
 
     #[test]
