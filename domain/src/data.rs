@@ -239,6 +239,7 @@ impl Candidates {
     ///
     /// # Panics
     /// If `i >= len()`.
+    #[inline]
     pub fn matrix_row(&self, i: usize) -> usize {
         match &self.rows {
             None => {
@@ -253,14 +254,27 @@ impl Candidates {
     ///
     /// # Panics
     /// If `i >= len()`.
+    #[inline]
     pub fn row(&self, i: usize) -> &[f32] {
-        let r = self.matrix_row(i);
+        // Without a selection the matrix holds exactly `len` rows, so the
+        // slice's own bounds check stands for the row's.
+        let r = match &self.rows {
+            None => i,
+            Some(rows) => rows[i] as usize,
+        };
         &self.features[r * self.dim..(r + 1) * self.dim]
     }
 
     /// Every row's features, in order.
-    pub fn rows(&self) -> impl ExactSizeIterator<Item = &[f32]> + '_ {
-        (0..self.len()).map(move |i| self.row(i))
+    pub fn rows(&self) -> Rows<'_> {
+        match &self.rows {
+            None => Rows::Contiguous(self.features.chunks_exact(self.dim)),
+            Some(rows) => Rows::Selected {
+                features: &self.features,
+                dim: self.dim,
+                rows: rows.iter(),
+            },
+        }
     }
 
     /// The rows as one contiguous row-major matrix, when they are one
@@ -335,6 +349,51 @@ impl Candidates {
         Arc::ptr_eq(&self.features, &other.features)
     }
 }
+
+/// The rows of [`Candidates`], in order ([`Candidates::rows`]).
+#[derive(Debug, Clone)]
+pub enum Rows<'a> {
+    /// A whole matrix.
+    Contiguous(std::slice::ChunksExact<'a, f32>),
+    /// A selection of a matrix's rows.
+    Selected {
+        /// The matrix.
+        features: &'a [f32],
+        /// Its row length.
+        dim: usize,
+        /// The rows selected.
+        rows: std::slice::Iter<'a, u32>,
+    },
+}
+
+impl<'a> Iterator for Rows<'a> {
+    type Item = &'a [f32];
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a [f32]> {
+        match self {
+            Rows::Contiguous(c) => c.next(),
+            Rows::Selected {
+                features,
+                dim,
+                rows,
+            } => {
+                let r = *rows.next()? as usize;
+                Some(&features[r * *dim..(r + 1) * *dim])
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match self {
+            Rows::Contiguous(c) => c.len(),
+            Rows::Selected { rows, .. } => rows.len(),
+        };
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Rows<'_> {}
 
 /// What a policy decided for one batch: parallel columns of users, the
 /// creative (an index into the campaign's creatives) each gets, and the

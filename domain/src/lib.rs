@@ -46,7 +46,7 @@ pub use campaign::{
     CampaignEvent, CampaignSpec, CommandStamp, CreativeStats, Part, SpecError, Status,
     MAX_PART_DECISIONS, PLANNED_PARTS_SCHEMA, PLANNED_SCHEMA, SCHEMA,
 };
-pub use data::{Candidates, Decisions, Outcomes, ShapeError};
+pub use data::{Candidates, Decisions, Outcomes, Rows, ShapeError};
 pub use driver::{
     Audience, CampaignDriver, DriverConfig, Feedback, JobError, JobKind, OutgoingBatch, Ready,
 };
