@@ -742,17 +742,8 @@ fn simulate(a: SimulateArgs) -> Result<std::process::ExitCode> {
         PolicyChoice::All => PolicyName::ALL.to_vec(),
         PolicyChoice::One(p) => vec![p],
     };
-    let temp;
-    let data_dir = match &a.data_dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("smartmsg-sim-")
-                .tempdir()
-                .context("creating a temporary data directory")?;
-            temp.path().to_owned()
-        }
-    };
+    // A temporary directory lives (and is removed) with `_temp`.
+    let (data_dir, _temp) = data_dir_or_temp(a.data_dir.as_deref(), "smartmsg-sim-")?;
     let bar = progress_bar((policies.len() as u64) * u64::from(scenario.campaign.batches));
     let progress = bar.clone().map(|b| {
         Arc::new(move |_p: PolicyName, _batch: u32| b.inc(1))
@@ -817,17 +808,8 @@ fn platform(a: SimulateArgs) -> Result<std::process::ExitCode> {
         PolicyChoice::One(p) => spec.policy = p,
         PolicyChoice::All => {}
     }
-    let temp;
-    let data_dir = match &a.data_dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("smartmsg-platform-")
-                .tempdir()
-                .context("creating a temporary data directory")?;
-            temp.path().to_owned()
-        }
-    };
+    // A temporary directory lives (and is removed) with `_temp`.
+    let (data_dir, _temp) = data_dir_or_temp(a.data_dir.as_deref(), "smartmsg-platform-")?;
     eprintln!(
         "platform: {} subscribers x {} features, {} campaigns of {} creatives, budget {} each in {} batches, policy {}",
         spec.users,
@@ -894,6 +876,24 @@ fn platform(a: SimulateArgs) -> Result<std::process::ExitCode> {
         .with_context(|| format!("writing {}", path.display()))?;
     println!("report: {}", path.display());
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `dir`, or a new temporary directory named `prefix…` (returned too: it
+/// is removed when dropped).
+fn data_dir_or_temp(
+    dir: Option<&Path>,
+    prefix: &str,
+) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
+        Some(d) => Ok((d.to_owned(), None)),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .context("creating a temporary data directory")?;
+            Ok((temp.path().to_owned(), Some(temp)))
+        }
+    }
 }
 
 fn progress_bar(len: u64) -> Option<indicatif::ProgressBar> {

@@ -1091,18 +1091,17 @@ impl<'p> CampaignDriver<'p> {
             return;
         }
         let all = self.audience.candidates();
-        if self.remaining.shares_matrix_with(all) {
-            let mut marked = vec![0u64; all.len().div_ceil(64)];
-            for u in messaged.iter() {
-                if let Some(r) = self.audience.row_of(u) {
-                    marked[r / 64] |= 1 << (r % 64);
-                }
+        // `remaining` starts as the audience and only ever drops rows, so
+        // its matrix rows are the audience's.
+        debug_assert!(self.remaining.shares_matrix_with(all));
+        let mut marked = vec![0u64; all.len().div_ceil(64)];
+        for u in messaged.iter() {
+            if let Some(r) = self.audience.row_of(u) {
+                marked[r / 64] |= 1 << (r % 64);
             }
-            self.remaining
-                .retain_rows(|_, r| marked[r / 64] & (1 << (r % 64)) == 0);
-        } else {
-            self.remaining.retain_unmessaged(messaged);
         }
+        self.remaining
+            .retain_rows(|_, r| marked[r / 64] & (1 << (r % 64)) == 0);
         self.remaining_synced = messaged.len();
     }
 }

@@ -691,29 +691,31 @@ impl<A: Aggregate> Repository<A> {
         if every == 0 || self.snapshots.is_none() {
             return false;
         }
-        let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
-        if pace.len() >= MAX_PACED_STREAMS && !pace.contains_key(stream) {
-            pace.clear();
-        }
-        let p = pace.entry(stream.clone()).or_default();
-        p.since_bytes = p.since_bytes.saturating_add(bytes);
-        version / every != new_version / every
-            && (p.last_bytes <= CHEAP_SNAPSHOT_BYTES || p.since_bytes >= p.last_bytes)
+        self.with_pace(stream, |p| {
+            p.since_bytes = p.since_bytes.saturating_add(bytes);
+            version / every != new_version / every
+                && (p.last_bytes <= CHEAP_SNAPSHOT_BYTES || p.since_bytes >= p.last_bytes)
+        })
     }
 
     /// Remembers that a snapshot of `bytes` was just saved for `stream`.
     fn snapshot_saved(&self, stream: &StreamId, bytes: u64) {
+        self.with_pace(stream, |p| {
+            *p = Pace {
+                last_bytes: bytes,
+                since_bytes: 0,
+            }
+        });
+    }
+
+    /// Runs `f` on `stream`'s pace (a new one if unknown; all are
+    /// forgotten when [`MAX_PACED_STREAMS`] are known and this is another).
+    fn with_pace<R>(&self, stream: &StreamId, f: impl FnOnce(&mut Pace) -> R) -> R {
         let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
         if pace.len() >= MAX_PACED_STREAMS && !pace.contains_key(stream) {
             pace.clear();
         }
-        pace.insert(
-            stream.clone(),
-            Pace {
-                last_bytes: bytes,
-                since_bytes: 0,
-            },
-        );
+        f(pace.entry(stream.clone()).or_default())
     }
 
     async fn attempt(

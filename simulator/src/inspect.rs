@@ -74,13 +74,7 @@ fn runs_in(dir: &Path) -> Result<Vec<PathBuf>, SimError> {
 /// directory per policy. Opens the stores, so no simulation may be using
 /// them.
 pub fn inspect(dir: &Path) -> Result<Vec<RunInspection>, SimError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|source| SimError::Io {
-            op: "start runtime for",
-            path: dir.to_owned(),
-            source,
-        })?;
+    let rt = crate::sim::local_runtime(dir)?;
     runs_in(dir)?
         .into_iter()
         .map(|d| rt.block_on(inspect_run(&d)))

@@ -17,12 +17,11 @@
 //! counted in the run's time).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use smartmsg_domain::{Audience, CampaignSpec, OutgoingBatch, Policy, PolicyError, PolicySpec};
 use smartmsg_domain::{Candidates, Status};
@@ -30,10 +29,8 @@ use smartmsg_embedded::{
     EmbeddedConfig, EmbeddedDelayQueue, EmbeddedLog, RedbSnapshots, RedbStore,
 };
 use smartmsg_engine::{Clock, EventLog, ManualClock};
-use smartmsg_service::ingest::Incoming;
 use smartmsg_service::{
-    CampaignSetup, PipelineSettings, Polled, Ports, ReactionSource, Runtime, RuntimeOptions,
-    SendError, Sender,
+    CampaignSetup, PipelineSettings, Ports, Runtime, RuntimeOptions, SendError, Sender,
 };
 
 use crate::error::SimError;
@@ -42,6 +39,7 @@ use crate::policies::{self, PolicyName};
 use crate::population::{gaussian_features, Truth};
 use crate::rng::{label, mix};
 use crate::scenario::Scenario;
+use crate::sim::{advance, local_runtime, refuse_retried, WorldSource};
 use crate::world::World;
 
 /// The platform: its audience and its campaigns. [`PlatformSpec::new`],
@@ -218,7 +216,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One campaign's hidden side: its truth, its world, what it was sent.
 struct Side {
     truth: Truth,
-    world: Mutex<World>,
+    world: Arc<Mutex<World>>,
     /// Messages delivered and their expected responses.
     sent: Mutex<(u64, f64)>,
 }
@@ -271,47 +269,6 @@ impl Sender for PlatformSender {
     }
 }
 
-/// One campaign's reactions topic; the cursor is the next offset (8
-/// bytes, big-endian).
-struct PlatformSource {
-    name: String,
-    side: Arc<Side>,
-}
-
-#[async_trait]
-impl ReactionSource for PlatformSource {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn poll(&mut self, cursor: Option<&[u8]>, max: usize) -> Result<Polled, String> {
-        let from = match cursor {
-            None => 0,
-            Some(c) => u64::from_be_bytes(
-                c.try_into()
-                    .map_err(|_| format!("bad platform cursor of {} bytes", c.len()))?,
-            ),
-        };
-        let w = lock(&self.side.world);
-        let topic = w.topic();
-        let start = usize::try_from(from).unwrap_or(usize::MAX).min(topic.len());
-        let end = start.saturating_add(max).min(topic.len());
-        let messages = topic[start..end]
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Incoming {
-                payload: Bytes::from(m.payload.clone()),
-                arrival_ms: Some(m.arrival_ms),
-                offset: Some((start + i) as u64),
-            })
-            .collect();
-        Ok(Polled {
-            messages,
-            cursor: (end as u64).to_be_bytes().to_vec(),
-        })
-    }
-}
-
 /// Runs the platform in `dir` (created; it must not hold a run) and
 /// measures it. `progress` is told each
 /// campaign's batches as they are sent (campaign index, batches sent).
@@ -321,14 +278,7 @@ pub fn run_platform(
     progress: Option<&(dyn Fn(u32, u32) + Sync)>,
 ) -> Result<PlatformReport, SimError> {
     spec.validate()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|source| SimError::Io {
-            op: "start runtime for",
-            path: dir.to_owned(),
-            source,
-        })?;
-    rt.block_on(run_async(spec, dir, progress))
+    local_runtime(dir)?.block_on(run_async(spec, dir, progress))
 }
 
 async fn run_async(
@@ -336,14 +286,17 @@ async fn run_async(
     dir: &Path,
     progress: Option<&(dyn Fn(u32, u32) + Sync)>,
 ) -> Result<PlatformReport, SimError> {
-    let io = |op: &'static str, path: PathBuf| move |source| SimError::Io { op, path, source };
     if dir.join("log").exists() {
         return Err(SimError::DataDir {
             path: dir.to_owned(),
             reason: "holds a run already; the platform starts from an empty directory".into(),
         });
     }
-    std::fs::create_dir_all(dir).map_err(io("create", dir.to_owned()))?;
+    std::fs::create_dir_all(dir).map_err(|source| SimError::Io {
+        op: "create",
+        path: dir.to_owned(),
+        source,
+    })?;
 
     let t = Instant::now();
     let (n, d) = (spec.users as usize, spec.features);
@@ -355,7 +308,7 @@ async fn run_async(
         let truth = Truth::generate(&s.truth, d, spec.creatives, s.seed, "truth");
         let side = Side {
             truth,
-            world: Mutex::new(World::new(s, &FaultPlan::default())),
+            world: Arc::new(Mutex::new(World::new(s, &FaultPlan::default()))),
             sent: Mutex::new((0, 0.0)),
         };
         sides.insert(s.name.clone(), Arc::new(side));
@@ -390,21 +343,17 @@ async fn run_async(
     options.policies = Some(Arc::new(factory));
     let mut rt = Runtime::open(ports, options).await?;
     for s in &scenarios {
-        rt.add_source(Box::new(PlatformSource {
-            name: format!("world-{}", s.name),
-            side: Arc::clone(&sides[&s.name]),
-        }));
+        rt.add_source(Box::new(WorldSource::new(
+            format!("world-{}", s.name),
+            Arc::clone(&sides[&s.name].world),
+            Arc::default(),
+        )));
         let mut setup = CampaignSetup::new(
             s.name.clone(),
             s.campaign_spec(),
             audience.clone(),
-            PolicySpec::Integrated {
-                model: policies::model_config(s),
-            },
+            policy_spec(spec.policy, s)?,
         );
-        if spec.policy != PolicyName::Integrated {
-            setup.policy = policy_spec(spec.policy, s)?;
-        }
         setup.seed = s.seed;
         setup.pipeline = {
             let mut v = PipelineSettings::default();
@@ -510,31 +459,9 @@ async fn drive(
                 }
             }
         }
-        if r.jobs_retried > 0 {
-            return Err(SimError::Stalled(format!(
-                "a batch job failed and is retried at {now}: {r:?}"
-            )));
-        }
-        if r.ingested > 0 {
-            idle = 0;
-            continue;
-        }
-        match queue.next_due().await? {
-            Some(t) if t <= now => {
-                if r.jobs == 0 {
-                    idle += 1;
-                    if idle > 3 {
-                        return Err(SimError::Stalled(format!(
-                            "a job is due at {t} but none can be leased at {now}"
-                        )));
-                    }
-                }
-            }
-            Some(t) => {
-                idle = 0;
-                clock.set(t);
-            }
-            None => break,
+        refuse_retried(&r, now)?;
+        if !advance(&*queue, clock, &r, now, &mut idle).await? {
+            break;
         }
     }
     let now = clock.now_ms();

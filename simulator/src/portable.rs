@@ -452,7 +452,8 @@ pub fn find_log(dir: &Path) -> Result<PathBuf, PortableError> {
     })
 }
 
-fn runtime(path: &Path) -> Result<tokio::runtime::Runtime, PortableError> {
+/// A single-threaded tokio runtime for the work on `path`.
+pub(crate) fn runtime(path: &Path) -> Result<tokio::runtime::Runtime, PortableError> {
     tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(|source| PortableError::Io {

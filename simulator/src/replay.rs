@@ -201,13 +201,7 @@ pub fn replay_with_options(
         (events, None)
     } else {
         let log_dir = portable::find_log(source)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .map_err(|source| PortableError::Io {
-                op: "start runtime for",
-                path: log_dir.clone(),
-                source,
-            })?;
+        let rt = portable::runtime(&log_dir)?;
         let events = rt.block_on(async {
             let log = EmbeddedLog::open(&log_dir).map_err(PortableError::from)?;
             portable::read_all(&log).await.map_err(PortableError::from)

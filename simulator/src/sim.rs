@@ -47,7 +47,7 @@ use smartmsg_engine::{
 use smartmsg_service::ingest::Incoming;
 use smartmsg_service::{
     CampaignSetup, CrashPoint, Hooks, PipelineSettings, Polled, Ports, ReactionSource, Runtime,
-    RuntimeOptions, SendError, Sender,
+    RuntimeOptions, SendError, Sender, StepReport,
 };
 
 use crate::error::SimError;
@@ -240,14 +240,27 @@ impl Sender for WorldSender {
 /// The simulated reactions topic as a [`ReactionSource`]: the cursor is
 /// the next topic offset (8 bytes, big-endian).
 pub struct WorldSource {
+    name: String,
     world: Arc<Mutex<World>>,
     taken: Arc<AtomicU64>,
+}
+
+impl WorldSource {
+    /// The topic of `world`, read as the source `name` (its cursor
+    /// stream's name); `taken` counts the messages polled.
+    pub fn new(name: impl Into<String>, world: Arc<Mutex<World>>, taken: Arc<AtomicU64>) -> Self {
+        Self {
+            name: name.into(),
+            world,
+            taken,
+        }
+    }
 }
 
 #[async_trait]
 impl ReactionSource for WorldSource {
     fn name(&self) -> &str {
-        WORLD_SOURCE
+        &self.name
     }
 
     async fn poll(&mut self, cursor: Option<&[u8]>, max: usize) -> Result<Polled, String> {
@@ -328,16 +341,21 @@ pub fn run_policy(
     opts: &RunOptions,
 ) -> Result<PolicyRun, SimError> {
     let started = Instant::now();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|source| SimError::Io {
-            op: "start runtime for",
-            path: opts.dir.clone(),
-            source,
-        })?;
+    let rt = local_runtime(&opts.dir)?;
     let mut run = rt.block_on(run_async(scenario, pop, opts))?;
     run.wall_ms = started.elapsed().as_millis() as u64;
     Ok(run)
+}
+
+/// A single-threaded tokio runtime for the work on `dir`.
+pub(crate) fn local_runtime(dir: &Path) -> Result<tokio::runtime::Runtime, SimError> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|source| SimError::Io {
+            op: "start runtime for",
+            path: dir.to_owned(),
+            source,
+        })
 }
 
 fn ports(
@@ -405,10 +423,11 @@ async fn open(
     h: &Harness,
 ) -> Result<Runtime, SimError> {
     let mut rt = Runtime::open(ports(scenario, pop, opts, h)?, options(scenario, pop, h)).await?;
-    rt.add_source(Box::new(WorldSource {
-        world: Arc::clone(&h.world),
-        taken: Arc::clone(&h.taken),
-    }));
+    rt.add_source(Box::new(WorldSource::new(
+        WORLD_SOURCE,
+        Arc::clone(&h.world),
+        Arc::clone(&h.taken),
+    )));
     rt.create_campaign(campaign_setup(scenario, pop, opts.policy))
         .await?;
     rt.start(&scenario.name).await?;
@@ -540,11 +559,7 @@ async fn drive(scenario: &Scenario, rt: &mut Runtime, h: &mut Harness) -> Result
         lock(&h.world).arrive_until(now);
         let r = rt.step(now).await?;
         h.jobs_absorbed += r.jobs_absorbed as u64;
-        if r.jobs_retried > 0 {
-            return Err(SimError::Stalled(format!(
-                "a batch job failed and is retried at {now}: {r:?}"
-            )));
-        }
+        refuse_retried(&r, now)?;
         let planned = rt.driver(&name).map_or(0, |d| d.plans().len() as u32);
         for &b in &faults.duplicate_jobs {
             if b < planned && h.dup_jobs_done.insert(b) {
@@ -554,28 +569,8 @@ async fn drive(scenario: &Scenario, rt: &mut Runtime, h: &mut Harness) -> Result
                     .await?;
             }
         }
-        if r.ingested > 0 {
-            // A step ingests a bounded number of reactions: let the
-            // backlog in before the clock moves on.
-            idle = 0;
-            continue;
-        }
-        match queue.next_due().await? {
-            Some(t) if t <= now => {
-                if r.jobs == 0 {
-                    idle += 1;
-                    if idle > 3 {
-                        return Err(SimError::Stalled(format!(
-                            "a job is due at {t} but none can be leased at {now}"
-                        )));
-                    }
-                }
-            }
-            Some(t) => {
-                idle = 0;
-                h.clock.set(t);
-            }
-            None => break,
+        if !advance(&*queue, &h.clock, &r, now, &mut idle).await? {
+            break;
         }
     }
     // Every job is done: let the remaining reactions arrive, then close the
@@ -596,6 +591,53 @@ async fn drive(scenario: &Scenario, rt: &mut Runtime, h: &mut Harness) -> Result
         )));
     }
     Ok(())
+}
+
+/// A batch job that failed and is retried: the world never fails a send,
+/// so the run is stuck.
+pub(crate) fn refuse_retried(r: &StepReport, now: u64) -> Result<(), SimError> {
+    if r.jobs_retried > 0 {
+        return Err(SimError::Stalled(format!(
+            "a batch job failed and is retried at {now}: {r:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// What follows a step at `now` that reported `r`: `true` to step again
+/// (the step ingested a bounded number of reactions, so the backlog comes
+/// in before the clock moves on; or the clock was moved to the next due
+/// job), `false` when no job is left. A job that is due but has not been
+/// leased for more than three steps in a row is a stall.
+pub(crate) async fn advance(
+    queue: &dyn DelayQueue,
+    clock: &ManualClock,
+    r: &StepReport,
+    now: u64,
+    idle: &mut u32,
+) -> Result<bool, SimError> {
+    if r.ingested > 0 {
+        *idle = 0;
+        return Ok(true);
+    }
+    match queue.next_due().await? {
+        Some(t) if t <= now => {
+            if r.jobs == 0 {
+                *idle += 1;
+                if *idle > 3 {
+                    return Err(SimError::Stalled(format!(
+                        "a job is due at {t} but none can be leased at {now}"
+                    )));
+                }
+            }
+        }
+        Some(t) => {
+            *idle = 0;
+            clock.set(t);
+        }
+        None => return Ok(false),
+    }
+    Ok(true)
 }
 
 fn scenario_faults(h: &Harness) -> FaultPlan {
