@@ -21,7 +21,8 @@
 //!   a durable store sees one write per changed key per commit, not one per
 //!   record.
 //! - State lives behind the [`KeyValueStore`] port (keyspaces, atomic
-//!   batches, a changelog for rebuilding): [`InMemoryStore`] here, redb in
+//!   batches, a changelog for rebuilding): [`InMemoryStore`] and
+//!   [`LogStore`] (commits as events of a log stream) here, redb in
 //!   `smartmsg-embedded`, sled in `smartmsg-sled`. [`WindowStore`] reads
 //!   window entries on top of it.
 //! - [`StreamRunner`] runs a task between a [`Source`] and a [`Sink`] with
@@ -35,6 +36,7 @@
 mod codec;
 mod driver;
 mod io;
+mod log_store;
 mod memory_store;
 mod runner;
 mod scoped_store;
@@ -47,6 +49,7 @@ mod window_store;
 pub use codec::{CodecError, Json, Reader, StateCodec};
 pub use driver::{DriverError, TestDriver};
 pub use io::{envelope, EventLogSink, EventLogSource, StreamNamer};
+pub use log_store::{LogStore, LogStoreError};
 pub use memory_store::InMemoryStore;
 pub use runner::{
     OutputId, OutputRecord, RunnerConfig, RunnerError, Sink, SinkError, Source, SourceError,

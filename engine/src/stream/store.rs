@@ -77,6 +77,15 @@ pub enum StoreError {
         /// One past the last sequence number written.
         head: u64,
     },
+    /// A batch's encoding is larger than the backend can commit at once
+    /// (a [`super::LogStore`] batch must fit one log transaction).
+    #[error("the batch encodes to {bytes} bytes; the limit is {max}")]
+    EncodedTooLarge {
+        /// Its encoded size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Stored bytes are damaged (the backend's own framing failed).
     #[error("corrupt store: {0}")]
     Corrupt(String),
