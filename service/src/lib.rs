@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audience;
+pub mod cluster;
 mod embedded;
 pub mod error;
 mod handle;

@@ -125,7 +125,8 @@ fn settle<E>(
     }
 }
 
-/// Reads reaction messages from every partition of a topic, with a cursor
+/// Reads reaction messages from every partition of a topic (or those
+/// [`KafkaReactionSource::with_partitions`] names), with a cursor
 /// (`{"<partition>": <next offset>}`, JSON) that the runtime stores in the
 /// log together with the messages it took: a restart resumes exactly there,
 /// so each record enters the log once. No consumer group and no offset
@@ -136,6 +137,8 @@ pub struct KafkaReactionSource {
     topic: String,
     consumer: Arc<Mutex<BaseConsumer>>,
     assigned: Option<BTreeMap<i32, i64>>,
+    /// The partitions read (`None`: all of the topic's).
+    partitions: Option<Vec<i32>>,
     wait: Duration,
 }
 
@@ -169,8 +172,20 @@ impl KafkaReactionSource {
             topic: topic.to_owned(),
             consumer: Arc::new(Mutex::new(consumer)),
             assigned: None,
+            partitions: None,
             wait: Duration::from_millis(50),
         })
+    }
+
+    /// Reads only these partitions of the topic (a cluster shard reads the
+    /// partition its campaigns' reactions are keyed to). Partitions the
+    /// topic does not have are ignored.
+    pub fn with_partitions(mut self, partitions: impl IntoIterator<Item = i32>) -> Self {
+        let mut ps: Vec<i32> = partitions.into_iter().collect();
+        ps.sort_unstable();
+        ps.dedup();
+        self.partitions = Some(ps);
+        self
     }
 }
 
@@ -179,6 +194,7 @@ type Cursor = BTreeMap<i32, i64>;
 fn poll_blocking(
     consumer: &BaseConsumer,
     topic: &str,
+    only: Option<&[i32]>,
     assigned: &mut Option<Cursor>,
     cursor: Cursor,
     max: usize,
@@ -194,6 +210,7 @@ fn poll_blocking(
             .iter()
             .filter(|t| t.name() == topic)
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .filter(|p| only.is_none_or(|only| only.binary_search(p).is_ok()))
             .collect();
         if partitions.is_empty() {
             return Ok((Vec::new(), cursor));
@@ -253,10 +270,19 @@ impl ReactionSource for KafkaReactionSource {
         let topic = self.topic.clone();
         let mut assigned = self.assigned.take();
         let wait = self.wait;
+        let only = self.partitions.clone();
         // librdkafka's calls block: off the async threads.
         let (r, assigned) = tokio::task::spawn_blocking(move || {
             let c = consumer.lock().unwrap_or_else(|e| e.into_inner());
-            let r = poll_blocking(&c, &topic, &mut assigned, cursor, max, wait);
+            let r = poll_blocking(
+                &c,
+                &topic,
+                only.as_deref(),
+                &mut assigned,
+                cursor,
+                max,
+                wait,
+            );
             (r, assigned)
         })
         .await
