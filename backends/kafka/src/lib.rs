@@ -81,6 +81,7 @@ pub mod envelope;
 mod envelope;
 pub mod error;
 pub mod log;
+pub mod ownership;
 mod reader;
 pub mod stream;
 mod writer;
@@ -90,6 +91,7 @@ pub use config::{BeforeCommitHook, KafkaConfig};
 pub use envelope::partition_for;
 pub use error::KafkaLogError;
 pub use log::{IndexState, KafkaEventLog, KafkaLogStats, RebuildStats};
+pub use ownership::{KafkaShardOwnership, OwnershipConfig, OwnershipError};
 pub use stream::{
     KafkaStreamError, KafkaStreamProcessor, KafkaTopicSink, KafkaTopicSource, ProcessorConfig,
 };
