@@ -83,6 +83,7 @@ pub mod error;
 pub mod log;
 pub mod ownership;
 mod reader;
+pub mod shards;
 pub mod stream;
 mod writer;
 
@@ -92,6 +93,7 @@ pub use envelope::partition_for;
 pub use error::KafkaLogError;
 pub use log::{IndexState, KafkaEventLog, KafkaLogStats, RebuildStats};
 pub use ownership::{KafkaShardOwnership, OwnershipConfig, OwnershipError};
+pub use shards::{KafkaShards, QueueOpener, ShardsConfig};
 pub use stream::{
     KafkaStreamError, KafkaStreamProcessor, KafkaTopicSink, KafkaTopicSource, ProcessorConfig,
 };
