@@ -1,6 +1,7 @@
 //! Shared helpers for smartmsg's cross-crate tests.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod crash;
 pub mod effects;
 pub mod plan;

@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use smartmsg_domain::reactions::ReactionKind;
-use smartmsg_domain::{BatchSchedule, BatchSizing, CampaignSpec, Candidates, PolicySpec, Status};
+use smartmsg_domain::Status;
 use smartmsg_engine::{Clock, DelayQueue, SystemClock};
 use smartmsg_kafka::{
     KafkaSender, KafkaShardOwnership, KafkaShards, OwnershipConfig, QueueOpener, ShardsConfig,
@@ -25,10 +25,10 @@ use smartmsg_kafka::{
 use smartmsg_rabbitmq::{RabbitConfig, RabbitDelayQueue};
 use smartmsg_service::cluster::{Node, NodeHandle, NodeOptions, ShardMap};
 use smartmsg_service::sender::MessageRecord;
-use smartmsg_service::{CampaignSetup, CampaignView, PipelineSettings, RuntimeOptions};
+use smartmsg_service::{CampaignView, RuntimeOptions};
+use smartmsg_tests::cluster::{setup, BUDGET};
 
 const CAMPAIGNS: usize = 6;
-const BUDGET: u64 = 120;
 
 fn env(name: &str) -> Option<String> {
     match std::env::var(name) {
@@ -42,41 +42,6 @@ fn env(name: &str) -> Option<String> {
 
 fn now_ms() -> u64 {
     SystemClock.now_ms()
-}
-
-fn setup(id: &str, start_ms: u64) -> CampaignSetup {
-    let mut audience = Candidates::new(2).unwrap();
-    for u in 0..400u32 {
-        let x = [((u % 7) as f32 - 3.0) / 3.0, ((u % 5) as f32 - 2.0) / 2.0];
-        audience.push(u, &x).unwrap();
-    }
-    let spec = CampaignSpec {
-        channel: "kafka".into(),
-        audience: "cluster".into(),
-        creatives: vec!["a".into(), "b".into()],
-        budget: BUDGET,
-        schedule: BatchSchedule {
-            start_ms,
-            interval_ms: 1_500,
-            sizing: BatchSizing::Count(4),
-        },
-    };
-    let mut s = CampaignSetup::new(
-        id,
-        spec,
-        audience,
-        PolicySpec::CreativeThompson {
-            propensity_draws: 50,
-        },
-    );
-    s.pipeline = {
-        let mut v = PipelineSettings::default();
-        v.window_ms = 200;
-        v.grace_ms = 100;
-        v
-    };
-    s.reaction_horizon_ms = 1_500;
-    s
 }
 
 struct Running {
@@ -200,7 +165,9 @@ fn campaigns_complete_while_nodes_leave_and_join() {
                 .into_iter()
                 .find(|n| n.runtime_for(id).is_ok())
                 .expect("a node runs the campaign's shard");
-            node.create_campaign(setup(id, start_ms)).await.unwrap();
+            node.create_campaign(setup(id, start_ms, 1_500))
+                .await
+                .unwrap();
             node.start(id).await.unwrap();
         }
         let spread: BTreeSet<u32> = ids.iter().map(|id| map.shard_of(id)).collect();
