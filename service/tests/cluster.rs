@@ -59,16 +59,13 @@ impl ShardOpener for Dirs {
     async fn open(&self, shard: u32) -> Result<ShardParts, OpenError> {
         let mut options = RuntimeOptions::default();
         options.poll_interval_ms = 20;
-        Ok(ShardParts {
-            ports: embedded_ports(
-                &self.root.join(format!("shard-{shard}")),
-                EmbeddedConfig::default(),
-                Arc::new(self.clock.clone()),
-                self.sender.clone(),
-            )?,
-            sources: Vec::new(),
-            options,
-        })
+        let ports = embedded_ports(
+            &self.root.join(format!("shard-{shard}")),
+            EmbeddedConfig::default(),
+            Arc::new(self.clock.clone()),
+            self.sender.clone(),
+        )?;
+        Ok(ShardParts::new(ports, options))
     }
 }
 

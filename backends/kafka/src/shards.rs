@@ -24,7 +24,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use smartmsg_engine::stream::LogStore;
 use smartmsg_engine::{Clock, DelayQueue, EventLog, StreamId};
 use smartmsg_service::cluster::{OpenError, ShardMap, ShardOpener, ShardParts};
-use smartmsg_service::{Ports, ReactionSource, RuntimeOptions, Sender};
+use smartmsg_service::{Ports, RuntimeOptions, Sender};
 
 use crate::stream::ensure_topics;
 use crate::{KafkaConfig, KafkaEventLog, KafkaReactionSource};
@@ -147,9 +147,17 @@ impl ShardOpener for KafkaShards {
             Arc::new(KafkaEventLog::open(self.config.log_config(shard)).await?);
         let state = LogStore::open(Arc::clone(&log), StreamId::new(STATE_STREAM)?).await?;
         let queue = (self.queue)(shard).await?;
-        let mut sources: Vec<Box<dyn ReactionSource>> = Vec::new();
+        let ports = Ports {
+            log,
+            snapshots: None,
+            queue,
+            state: Arc::new(state),
+            clock: Arc::clone(&self.clock),
+            sender: Arc::clone(&self.sender),
+        };
+        let mut parts = ShardParts::new(ports, self.options.clone());
         if let Some(topic) = &self.config.reactions_topic {
-            sources.push(Box::new(
+            parts = parts.with_source(Box::new(
                 KafkaReactionSource::new(
                     &format!("reactions-shard-{shard}"),
                     &self.config.bootstrap,
@@ -158,17 +166,6 @@ impl ShardOpener for KafkaShards {
                 .with_partitions([shard as i32]),
             ));
         }
-        Ok(ShardParts {
-            ports: Ports {
-                log,
-                snapshots: None,
-                queue,
-                state: Arc::new(state),
-                clock: Arc::clone(&self.clock),
-                sender: Arc::clone(&self.sender),
-            },
-            sources,
-            options: self.options.clone(),
-        })
+        Ok(parts)
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use smartmsg_engine::{Projection, ProjectionRunner};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::ownership::ShardOwnership;
@@ -17,7 +18,8 @@ use crate::{RuntimeError, RuntimeHandle};
 /// A boxed error from a [`ShardOpener`].
 pub type OpenError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// What a shard's runtime runs on.
+/// What a shard's runtime runs on (built with [`ShardParts::new`]).
+#[non_exhaustive]
 pub struct ShardParts {
     /// The shard's ports: its own log, delay queue and state store (for a
     /// shard that can move between instances, all of them shared services:
@@ -29,12 +31,42 @@ pub struct ShardParts {
     pub sources: Vec<Box<dyn ReactionSource>>,
     /// The runtime's options.
     pub options: RuntimeOptions,
+    /// Read models fed from the shard's log while the shard runs here
+    /// (each followed by a [`ProjectionRunner`] from its own checkpoint,
+    /// stopped with the shard; one that fails is started again after
+    /// [`NodeOptions::retry`]).
+    pub projections: Vec<Box<dyn Projection>>,
+}
+
+impl ShardParts {
+    /// A shard on `ports` with `options`, no sources and no read models.
+    pub fn new(ports: Ports, options: RuntimeOptions) -> Self {
+        Self {
+            ports,
+            sources: Vec::new(),
+            options,
+            projections: Vec::new(),
+        }
+    }
+
+    /// Adds a reaction source.
+    pub fn with_source(mut self, source: Box<dyn ReactionSource>) -> Self {
+        self.sources.push(source);
+        self
+    }
+
+    /// Adds a read model fed from the shard's log.
+    pub fn with_projection(mut self, projection: Box<dyn Projection>) -> Self {
+        self.projections.push(projection);
+        self
+    }
 }
 
 impl std::fmt::Debug for ShardParts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardParts")
             .field("sources", &self.sources.len())
+            .field("projections", &self.projections.len())
             .finish_non_exhaustive()
     }
 }
@@ -202,6 +234,9 @@ struct Running {
     epoch: u64,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    /// Stops the shard's projection runners.
+    stop_projections: watch::Sender<bool>,
+    projections: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// A shard runtime's end: (shard, epoch, result).
@@ -318,6 +353,7 @@ impl Node {
         exit: mpsc::UnboundedSender<Exit>,
     ) -> Result<Running, OpenError> {
         let parts = self.opener.open(shard).await?;
+        let log = Arc::clone(&parts.ports.log);
         let mut rt = Runtime::open(parts.ports, parts.options).await?;
         for s in parts.sources {
             rt.add_source(s);
@@ -335,12 +371,38 @@ impl Node {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(shard, handle);
+        let (stop_projections, stopping) = watch::channel(false);
+        let retry = self.options.retry;
+        let projections = parts
+            .projections
+            .into_iter()
+            .map(|p| {
+                let log = Arc::clone(&log);
+                let stopping = stopping.clone();
+                tokio::spawn(follow(shard, log, p, stopping, retry))
+            })
+            .collect();
         tracing::info!(shard, "shard opened");
-        Ok(Running { epoch, stop, task })
+        Ok(Running {
+            epoch,
+            stop,
+            task,
+            stop_projections,
+            projections,
+        })
     }
 
     async fn stop(&self, shard: u32, r: Running) {
         self.forget(shard);
+        let _ = r.stop_projections.send(true);
+        for p in r.projections {
+            if tokio::time::timeout(self.options.stop_timeout, p)
+                .await
+                .is_err()
+            {
+                tracing::error!(shard, "a read model did not stop in time");
+            }
+        }
         let _ = r.stop.send(());
         let abort = r.task.abort_handle();
         if tokio::time::timeout(self.options.stop_timeout, r.task)
@@ -351,5 +413,31 @@ impl Node {
             abort.abort();
         }
         tracing::info!(shard, "shard released");
+    }
+}
+
+/// Follows `log` into `projection` until `stop`; a failure (a store away, a
+/// checkpoint moved by another instance) starts it again from its stored
+/// checkpoint after `retry`.
+async fn follow(
+    shard: u32,
+    log: Arc<dyn smartmsg_engine::EventLog>,
+    projection: Box<dyn Projection>,
+    stop: watch::Receiver<bool>,
+    retry: Duration,
+) {
+    let mut runner = ProjectionRunner::new(log, projection);
+    loop {
+        match runner.follow(stop.clone()).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(shard, projection = runner.projection().name(), error = %e,
+                    "read model failed; following again");
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+        tokio::time::sleep(retry).await;
     }
 }
