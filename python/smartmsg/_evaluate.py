@@ -161,6 +161,7 @@ def evaluate(
     switch_tau: float = 10.0,
     ridge: float = 1.0,
     min_rows: int = 20,
+    threads: Optional[int] = None,
     n_actions: Optional[int] = None,
     actions: Optional[Sequence[str]] = None,
     action_col: str = "action",
@@ -215,6 +216,9 @@ def evaluate(
     switch_tau, ridge, min_rows:
         Switch-DR's weight threshold, the reward model's ridge penalty,
         and the fewest rows to estimate from.
+    threads:
+        Threads for the bootstrap (default: one a core); the numbers do not
+        depend on it.
     draws, slate, scenario, scenario_seed, population:
         Campaign logs only, as the command's ``--draws``, ``--slate``,
         ``--scenario``, ``--seed`` and ``--population``.
@@ -240,6 +244,7 @@ def evaluate(
         switch_tau=float(switch_tau),
         ridge=float(ridge),
         min_rows=int(min_rows),
+        threads=int(threads or 0),
     )
     if _is_path(logged):
         path = os.fspath(logged)

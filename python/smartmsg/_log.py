@@ -42,7 +42,8 @@ def read_log(path: Union[str, "os.PathLike[str]"]) -> pd.DataFrame:
     JSON payloads of the known kinds (campaign, pipeline and simulator
     events; a binary ``BatchPlanned`` is shown in its JSON form), named as
     the field (prefixed ``payload.`` where it would clash with an envelope
-    column), missing where an event has no such field.
+    column), missing where an event has no such field (integer fields are
+    pandas' nullable ``Int64``).
 
     Raises ``ReplayError`` when the log cannot be read (with the reason
     ``smartmsg export`` gives).
@@ -74,6 +75,10 @@ def read_log(path: Union[str, "os.PathLike[str]"]) -> pd.DataFrame:
         records.append(rec)
     columns = [c for c in _ENVELOPE if c != "timestamp"] + list(extra)
     df = pd.DataFrame.from_records(records, columns=columns)
+    for col in extra:
+        values = df[col].dropna()
+        if len(values) and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            df[col] = df[col].astype("Int64")
     df.insert(
         5,
         "timestamp",

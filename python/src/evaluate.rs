@@ -32,6 +32,7 @@ fn options(
     switch_tau: f64,
     ridge: f64,
     min_rows: usize,
+    threads: usize,
 ) -> PyResult<Options> {
     if !(confidence > 0.0 && confidence < 1.0) {
         return Err(raise(
@@ -46,6 +47,7 @@ fn options(
     o.switch_tau = switch_tau;
     o.ridge = ridge;
     o.min_rows = min_rows;
+    o.threads = threads;
     Ok(o)
 }
 
@@ -57,7 +59,7 @@ const MAX_BAD: usize = 50;
 /// optional `context` (rows × features) and `target` (rows × actions).
 /// Returns every estimator's row (DM, IPW, SNIPW, DR, SNDR, switch-DR).
 #[pyfunction]
-#[pyo3(signature = (action, reward, pscore, target, action_names, context=None, feature_names=None, *, bootstrap=500, seed=0, confidence=0.95, switch_tau=10.0, ridge=1.0, min_rows=20, origin="bandit_feedback".to_owned()))]
+#[pyo3(signature = (action, reward, pscore, target, action_names, context=None, feature_names=None, *, bootstrap=500, seed=0, confidence=0.95, switch_tau=10.0, ridge=1.0, min_rows=20, threads=0, origin="bandit_feedback".to_owned()))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn evaluate_arrays(
     py: Python<'_>,
@@ -74,9 +76,12 @@ pub(crate) fn evaluate_arrays(
     switch_tau: f64,
     ridge: f64,
     min_rows: usize,
+    threads: usize,
     origin: String,
 ) -> PyResult<Vec<Row>> {
-    let opts = options(bootstrap, seed, confidence, switch_tau, ridge, min_rows)?;
+    let opts = options(
+        bootstrap, seed, confidence, switch_tau, ridge, min_rows, threads,
+    )?;
     let data = logged_from_arrays(
         &action,
         &reward,
@@ -213,7 +218,7 @@ fn logged_from_arrays(
 /// columns in the data's action order). Returns the estimator rows, the
 /// row count and the action names.
 #[pyfunction]
-#[pyo3(signature = (path, *, target_probs=None, target=None, action_col="action".to_owned(), reward_col="reward".to_owned(), propensity_col="propensity".to_owned(), slot_col=None, timestamp_col=None, feature_cols=Vec::new(), actions=None, bootstrap=500, seed=0, confidence=0.95, switch_tau=10.0, ridge=1.0, min_rows=20))]
+#[pyo3(signature = (path, *, target_probs=None, target=None, action_col="action".to_owned(), reward_col="reward".to_owned(), propensity_col="propensity".to_owned(), slot_col=None, timestamp_col=None, feature_cols=Vec::new(), actions=None, bootstrap=500, seed=0, confidence=0.95, switch_tau=10.0, ridge=1.0, min_rows=20, threads=0))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn evaluate_csv(
     py: Python<'_>,
@@ -233,8 +238,11 @@ pub(crate) fn evaluate_csv(
     switch_tau: f64,
     ridge: f64,
     min_rows: usize,
+    threads: usize,
 ) -> PyResult<(Vec<Row>, usize, Vec<String>)> {
-    let opts = options(bootstrap, seed, confidence, switch_tau, ridge, min_rows)?;
+    let opts = options(
+        bootstrap, seed, confidence, switch_tau, ridge, min_rows, threads,
+    )?;
     let target = match (target_probs, target) {
         (Some(p), None) => Target::File(p),
         (None, Some(t)) => {
@@ -290,7 +298,7 @@ enum Target {
 /// `logged_mean_reward`, `logged_true_value`, and `targets`, a list of
 /// dicts (`target`, `level`, `true_value`, then `estimates` or `refused`).
 #[pyfunction]
-#[pyo3(signature = (path, policies, *, slate=false, scenario=None, scenario_json=None, scenario_seed=None, population=None, draws=20, bootstrap=500, seed=0, confidence=0.95, switch_tau=10.0, ridge=1.0, min_rows=20))]
+#[pyo3(signature = (path, policies, *, slate=false, scenario=None, scenario_json=None, scenario_seed=None, population=None, draws=20, bootstrap=500, seed=0, confidence=0.95, switch_tau=10.0, ridge=1.0, min_rows=20, threads=0))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn evaluate_log<'py>(
     py: Python<'py>,
@@ -308,8 +316,11 @@ pub(crate) fn evaluate_log<'py>(
     switch_tau: f64,
     ridge: f64,
     min_rows: usize,
+    threads: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(bootstrap, seed, confidence, switch_tau, ridge, min_rows)?;
+    let opts = options(
+        bootstrap, seed, confidence, switch_tau, ridge, min_rows, threads,
+    )?;
     let names: Vec<PolicyName> = policies
         .iter()
         .map(|n| {

@@ -20,6 +20,12 @@ mod simulate;
 
 use pyo3::prelude::*;
 
+/// mimalloc for the module's own allocations, as in the `smartmsg`
+/// command (cli/src/main.rs): `simulate` from Python then runs at the
+/// command's speed (README, "Python package", the benchmark).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The module `smartmsg._native`.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
