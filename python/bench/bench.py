@@ -13,6 +13,7 @@ printed, with the ratios. The numpy peer's values are checked against
 smartmsg's point estimates (they must agree: it is the same computation).
 
     python python/bench/bench.py [--rows N] [--bootstrap B] [--repeat R] [--smartmsg PATH]
+                                 [--skip-evaluate] [--skip-simulate]
 """
 
 from __future__ import annotations
@@ -99,7 +100,15 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--smartmsg", default=os.environ.get("SMARTMSG_BIN") or shutil.which("smartmsg"))
     ap.add_argument("--skip-simulate", action="store_true")
+    ap.add_argument("--skip-evaluate", action="store_true")
     args = ap.parse_args()
+    if not args.skip_evaluate:
+        bench_evaluate(args)
+    if not args.skip_simulate:
+        bench_simulate(args)
+
+
+def bench_evaluate(args):
 
     fb, target = data(args.rows, 10, 5)
     print(f"evaluate: {args.rows:,} rows, 10 actions, 5 features, {args.bootstrap} bootstrap resamples, {args.repeat} runs each")
@@ -124,8 +133,8 @@ def main():
     print(f"  smartmsg is {mp / mo:.1f}x faster than numpy ({mp / m1:.1f}x on one thread)")
     print(df.to_string(index=False))
 
-    if args.skip_simulate:
-        return
+
+def bench_simulate(args):
     if not args.smartmsg:
         sys.exit("simulate: no smartmsg binary (--smartmsg PATH or SMARTMSG_BIN)")
     print(f"\nsimulate: classic scenario, every policy, {args.repeat} runs each, alternating")
