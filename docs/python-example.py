@@ -107,3 +107,8 @@ for batch in range(4):
     left = left[~left.user_id.isin(plan.user_id)]
 print("reaction rate per batch:", np.round(rates, 3))
 assert rates[-1] > rates[0]
+
+# %%
+import shutil
+
+shutil.rmtree(data_dir)
