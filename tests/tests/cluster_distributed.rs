@@ -3,7 +3,9 @@
 //! state and reactions on the shared services. Campaigns run while one
 //! node leaves (its shards move to the others) and another joins (it takes
 //! some over). Every campaign completes, every message arrives with its
-//! stable id and the same content, every reaction is counted once.
+//! stable id and the same content, every reaction is counted once; the
+//! campaigns' rows in PostgreSQL (projected by whichever node ran each
+//! shard, the checkpoint moving with it) match.
 //!
 //! Needs `SMARTMSG_KAFKA_BOOTSTRAP` and `SMARTMSG_RABBITMQ_URL` (the test
 //! script starts tansu and RabbitMQ); skips with a printed reason
@@ -22,8 +24,9 @@ use smartmsg_engine::{Clock, DelayQueue, SystemClock};
 use smartmsg_kafka::{
     KafkaSender, KafkaShardOwnership, KafkaShards, OwnershipConfig, QueueOpener, ShardsConfig,
 };
+use smartmsg_postgres::{PgCampaignReader, PgReadModels};
 use smartmsg_rabbitmq::{RabbitConfig, RabbitDelayQueue};
-use smartmsg_service::cluster::{Node, NodeHandle, NodeOptions, ShardMap};
+use smartmsg_service::cluster::{Node, NodeHandle, NodeOptions, ShardMap, ShardOpener};
 use smartmsg_service::sender::MessageRecord;
 use smartmsg_service::{CampaignView, RuntimeOptions};
 use smartmsg_tests::cluster::{setup, BUDGET};
@@ -55,7 +58,7 @@ async fn start_node(
     cluster: &str,
     map: ShardMap,
     member: &str,
-    opener: Arc<KafkaShards>,
+    opener: Arc<dyn ShardOpener>,
 ) -> Running {
     let mut oc = OwnershipConfig::new(bootstrap, cluster, map);
     oc.member = member.into();
@@ -142,17 +145,30 @@ fn campaigns_complete_while_nodes_leave_and_join() {
         };
         let mut sc = ShardsConfig::new(&bootstrap, &cluster, map);
         sc.reactions_topic = Some(rx_topic.clone());
-        let opener = Arc::new(
-            KafkaShards::new(
-                sc,
-                queue,
-                Arc::new(SystemClock),
-                Arc::new(KafkaSender::new(&bootstrap, &sent_topic).unwrap()),
-                RuntimeOptions::default(),
-            )
-            .await
-            .unwrap(),
-        );
+        let shards = KafkaShards::new(
+            sc,
+            queue,
+            Arc::new(SystemClock),
+            Arc::new(KafkaSender::new(&bootstrap, &sent_topic).unwrap()),
+            RuntimeOptions::default(),
+        )
+        .await
+        .unwrap();
+        // The campaigns' read model in PostgreSQL, fed by whichever node
+        // runs each shard.
+        let pg = std::env::var("SMARTMSG_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty());
+        let schema = format!("cl_{}", uniq.replace('-', "_"));
+        let opener: Arc<dyn ShardOpener> = match &pg {
+            Some(url) => Arc::new(PgReadModels::new(shards, url, &schema, &cluster).unwrap()),
+            None => {
+                eprintln!(
+                    "SMARTMSG_POSTGRES_URL not set: the PostgreSQL read model is not checked"
+                );
+                Arc::new(shards)
+            }
+        };
 
         let a = start_node(&bootstrap, &cluster, map, "a", opener.clone()).await;
         let b = start_node(&bootstrap, &cluster, map, "b", opener.clone()).await;
@@ -269,6 +285,33 @@ fn campaigns_complete_while_nodes_leave_and_join() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let c = c.unwrap();
+        if let Some(url) = &pg {
+            // Any instance answers from the shared read model: here, the
+            // test process itself.
+            let reader = PgCampaignReader::connect(url, &schema).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let rows = reader.list().await.unwrap();
+                let ok = rows.len() == ids.len()
+                    && rows.iter().all(|r| {
+                        r.status == Some(Status::Completed)
+                            && r.sent == BUDGET
+                            && r.reactions == reacted.get(&r.id).map_or(0, |x| x.len() as u64)
+                    });
+                if ok {
+                    eprintln!("postgresql: {} campaign rows match", rows.len());
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the read model did not catch up: {:?}",
+                    rows.iter()
+                        .map(|r| (&r.id, r.status, r.sent, r.reactions))
+                        .collect::<Vec<_>>()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         for id in &ids {
             let v = view(&[&a.handle, &c.handle], id).unwrap();
             assert_eq!(v.sent, BUDGET, "{id}");

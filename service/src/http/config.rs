@@ -257,11 +257,24 @@ impl ServeConfig {
             }
             f = f.merge(Toml::file(path));
         }
-        // Variables the server does not own (the tests' and scripts') are
-        // not configuration.
+        // Variables the server does not own (the tests' and scripts', see
+        // docs/services.md) are not configuration. A new one must be added
+        // here: an unknown `SMARTMSG_*` variable is an error.
         let env = env.ignore(&[
             "KAFKA_BOOTSTRAP",
             "RABBITMQ_URL",
+            "POSTGRES_URL",
+            "POSTGRES_DIR",
+            "RABBITMQ_START_TIMEOUT",
+            "TANSU_START_TIMEOUT",
+            "RABBITMQCTL",
+            "RABBITMQ_HOME",
+            "FAULT_SEED",
+            "FUZZ_SEED",
+            "FUZZ_INPUTS",
+            "FUZZ_SECONDS",
+            "SKIP_PYTHON",
+            "BIN",
             "CRASH_KILLS",
             "CRASH_SEED",
             "SERVE_KILLS",
