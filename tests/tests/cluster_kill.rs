@@ -323,3 +323,120 @@ fn a_killed_node_and_a_paused_one_lose_nothing_and_count_nothing_twice() {
         );
     });
 }
+
+/// The failover benchmark (issue 16, item 5): a cluster of three
+/// `cluster_node` processes with long-running campaigns; `N` times
+/// (`SMARTMSG_FAILOVER_KILLS`, default 20) a node that runs shards is
+/// killed with SIGKILL, the time until the others run every shard is
+/// measured, and a new node is started in its place (and given shards)
+/// before the next kill. Prints the median and the maximum. Not part of
+/// the test command (several minutes):
+///
+/// ```sh
+/// source .services/env
+/// cargo test --release -p smartmsg-tests --test cluster_kill -- --ignored --nocapture
+/// ```
+#[test]
+#[ignore = "a benchmark: several minutes of kills"]
+fn failover_times_over_many_kills() {
+    let (Some(bootstrap), Some(amqp)) = (
+        env("SMARTMSG_KAFKA_BOOTSTRAP"),
+        env("SMARTMSG_RABBITMQ_URL"),
+    ) else {
+        return;
+    };
+    let kills: usize = std::env::var("SMARTMSG_FAILOVER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let uniq = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let args = NodeArgs {
+        bootstrap: bootstrap.clone(),
+        amqp,
+        cluster: format!("smbench-fo-{uniq}"),
+        shards: SHARDS,
+        member: String::new(),
+        sent_topic: format!("smbench.fo-sent.{uniq}"),
+        reactions_topic: format!("smbench.fo-reactions.{uniq}"),
+        queue_prefix: format!("smbench.fo.{uniq}"),
+        campaigns: (0..CAMPAIGNS).map(|i| format!("fo-{i}")).collect(),
+        start_ms: now_ms() + 2_000,
+        // Long enough that the campaigns run through every kill.
+        interval_ms: 3_600_000,
+        status: PathBuf::new(),
+    };
+    rt.block_on(async {
+        smartmsg_kafka::stream::ensure_topics(
+            &bootstrap,
+            &[
+                (&args.sent_topic, 2),
+                (&args.reactions_topic, SHARDS as i32),
+            ],
+        )
+        .await
+        .unwrap();
+        let mut cluster = Cluster {
+            args,
+            dir: dir.path().to_owned(),
+            children: BTreeMap::new(),
+            live: BTreeSet::new(),
+        };
+        for m in ["n0", "n1", "n2"] {
+            cluster.spawn(m);
+        }
+        wait_covered(&cluster, "start", true).await;
+        let mut times = Vec::with_capacity(kills);
+        let mut next = 3;
+        for k in 0..kills {
+            // A live node that runs shards (the first by name).
+            let victim = cluster
+                .statuses()
+                .into_iter()
+                .find(|s| !s.running.is_empty())
+                .map(|s| s.member)
+                .expect("a node runs shards");
+            cluster.signal(&victim, "-KILL");
+            cluster.live.remove(&victim);
+            let t0 = Instant::now();
+            wait_covered(&cluster, "failover", false).await;
+            let took = t0.elapsed();
+            eprintln!("kill {k}: {victim} -> shards run elsewhere after {took:.2?}");
+            times.push(took);
+            let fresh = format!("n{next}");
+            next += 1;
+            cluster.spawn(&fresh);
+            wait_covered(&cluster, "rejoin", true).await;
+        }
+        times.sort();
+        let median = times[times.len() / 2];
+        let max = times.last().copied().unwrap_or_default();
+        eprintln!(
+            "failover over {kills} SIGKILLs ({SHARDS} shards, 3 nodes, session timeout 6 s): \
+             median {median:.2?}, max {max:.2?}"
+        );
+        assert!(!times.is_empty());
+    });
+}
+
+/// Waits (up to two minutes) until the live nodes run every shard once
+/// (and each at least one when `each`).
+async fn wait_covered(cluster: &Cluster, what: &str, each: bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cluster.covered(each) {
+        assert!(Instant::now() < deadline, "{what}: shards not covered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
