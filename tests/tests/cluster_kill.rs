@@ -399,8 +399,7 @@ fn failover_times_over_many_kills() {
         }
         wait_covered(&cluster, "start", true).await;
         let mut times = Vec::with_capacity(kills);
-        let mut next = 3;
-        for k in 0..kills {
+        for (k, next) in (0..kills).zip(3..) {
             // A live node that runs shards (the first by name).
             let victim = cluster
                 .statuses()
@@ -415,9 +414,7 @@ fn failover_times_over_many_kills() {
             let took = t0.elapsed();
             eprintln!("kill {k}: {victim} -> shards run elsewhere after {took:.2?}");
             times.push(took);
-            let fresh = format!("n{next}");
-            next += 1;
-            cluster.spawn(&fresh);
+            cluster.spawn(&format!("n{next}"));
             wait_covered(&cluster, "rejoin", true).await;
         }
         times.sort();
