@@ -61,11 +61,14 @@ pub struct CampaignStreams {
 }
 
 impl CampaignStreams {
+    /// The prefix of a campaign aggregate's stream (`campaign-<id>`).
+    pub const CAMPAIGN_PREFIX: &'static str = "campaign-";
+
     /// The streams of campaign `id`.
     pub fn new(id: &str) -> Result<Self, StreamIdError> {
         let s = |p: &str| StreamId::new(format!("{p}-{id}"));
         Ok(Self {
-            campaign: s("campaign")?,
+            campaign: StreamId::new(format!("{}{id}", Self::CAMPAIGN_PREFIX))?,
             audience: s("audience")?,
             pipeline: s("pipeline")?,
             feedback: s("model-feedback")?,
@@ -74,6 +77,12 @@ impl CampaignStreams {
             late: s(smartmsg_domain::reactions::LATE_REACTIONS)?,
             dead_letters: s(smartmsg_domain::reactions::DEAD_LETTERS)?,
         })
+    }
+
+    /// The campaign whose aggregate `stream` holds, if it is one
+    /// (`campaign-<id>`).
+    pub fn campaign_of(stream: &str) -> Option<&str> {
+        stream.strip_prefix(Self::CAMPAIGN_PREFIX)
     }
 
     /// The stream a pipeline output named `output` goes to.

@@ -6,6 +6,7 @@ pub mod crash;
 pub mod effects;
 pub mod plan;
 pub mod runtime_crash;
+pub mod services;
 pub mod stream_crash;
 
 /// Sends the libraries' warnings (a torn tail cut at recovery, a refused

@@ -13,11 +13,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use smartmsg_domain::reactions::ReactionKind;
 use smartmsg_domain::Status;
 use smartmsg_engine::{Clock, DelayQueue, SystemClock};
@@ -33,15 +32,7 @@ use smartmsg_tests::cluster::{setup, BUDGET};
 
 const CAMPAIGNS: usize = 6;
 
-fn env(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            eprintln!("skipping: {name} not set (scripts/test starts the servers)");
-            None
-        }
-    }
-}
+use smartmsg_tests::services::{env, topic_reader, unique_suffix};
 
 fn now_ms() -> u64 {
     SystemClock.now_ms()
@@ -116,14 +107,7 @@ fn campaigns_complete_while_nodes_leave_and_join() {
         .enable_all()
         .build()
         .unwrap();
-    let uniq = format!(
-        "{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
+    let uniq = unique_suffix();
     let cluster = format!("smtest-cl-{uniq}");
     let sent_topic = format!("smtest.cl-sent.{uniq}");
     let rx_topic = format!("smtest.cl-reactions.{uniq}");
@@ -191,20 +175,12 @@ fn campaigns_complete_while_nodes_leave_and_join() {
 
         // The channel: reads what was sent, reacts for every third user,
         // keyed by campaign with Kafka's default (murmur2) partitioner.
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("smtest-cl-channel-{uniq}"))
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "6000")
-            .set("max.poll.interval.ms", "7000")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..2 {
-            tpl.add_partition_offset(&sent_topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
+        let consumer = topic_reader(
+            &bootstrap,
+            &sent_topic,
+            2,
+            &format!("smtest-cl-channel-{uniq}"),
+        );
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("partitioner", "murmur2_random")

@@ -13,11 +13,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use smartmsg_domain::reactions::ReactionKind;
 use smartmsg_domain::Status;
 use smartmsg_engine::{Clock, SystemClock};
@@ -29,15 +28,7 @@ const SHARDS: u32 = 4;
 const CAMPAIGNS: usize = 6;
 const INTERVAL_MS: u64 = 3_000;
 
-fn env(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            eprintln!("skipping: {name} not set (scripts/test starts the servers)");
-            None
-        }
-    }
-}
+use smartmsg_tests::services::{env, topic_reader, unique_suffix};
 
 fn now_ms() -> u64 {
     SystemClock.now_ms()
@@ -148,14 +139,7 @@ fn a_killed_node_and_a_paused_one_lose_nothing_and_count_nothing_twice() {
         .enable_all()
         .build()
         .unwrap();
-    let uniq = format!(
-        "{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
+    let uniq = unique_suffix();
     let dir = tempfile::tempdir().unwrap();
     let ids: Vec<String> = (0..CAMPAIGNS).map(|i| format!("kl-{i}")).collect();
     let args = NodeArgs {
@@ -179,20 +163,7 @@ fn a_killed_node_and_a_paused_one_lose_nothing_and_count_nothing_twice() {
         )
         .await
         .unwrap();
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("smtest-kl-channel-{uniq}"))
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "6000")
-            .set("max.poll.interval.ms", "7000")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..2 {
-            tpl.add_partition_offset(&args.sent_topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
+        let consumer = topic_reader(&bootstrap, &args.sent_topic, 2, &format!("smtest-kl-channel-{uniq}"));
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("partitioner", "murmur2_random")
@@ -354,14 +325,7 @@ fn failover_times_over_many_kills() {
         .enable_all()
         .build()
         .unwrap();
-    let uniq = format!(
-        "{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
+    let uniq = unique_suffix();
     let dir = tempfile::tempdir().unwrap();
     let args = NodeArgs {
         bootstrap: bootstrap.clone(),

@@ -12,11 +12,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use smartmsg_domain::reactions::ReactionKind;
 use smartmsg_domain::{BatchSchedule, BatchSizing, CampaignSpec, Candidates, PolicySpec, Status};
 use smartmsg_engine::stream::KeyValueStore;
@@ -26,15 +25,7 @@ use smartmsg_rabbitmq::{RabbitConfig, RabbitDelayQueue};
 use smartmsg_service::sender::MessageRecord;
 use smartmsg_service::{CampaignSetup, PipelineSettings, Ports, Runtime, RuntimeOptions};
 
-fn env(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            eprintln!("skipping: {name} not set (scripts/test starts the servers)");
-            None
-        }
-    }
-}
+use smartmsg_tests::services::{env, topic_reader, unique_suffix};
 
 fn now_ms() -> u64 {
     SystemClock.now_ms()
@@ -88,14 +79,7 @@ fn a_campaign_runs_on_kafka_and_rabbitmq_and_survives_a_restart() {
         .enable_all()
         .build()
         .unwrap();
-    let uniq = format!(
-        "{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
+    let uniq = unique_suffix();
     let sent_topic = format!("smtest.sent.{uniq}");
     let rx_topic = format!("smtest.reactions.{uniq}");
     let dir = tempfile::tempdir().unwrap();
@@ -136,20 +120,12 @@ fn a_campaign_runs_on_kafka_and_rabbitmq_and_survives_a_restart() {
         runtime.start("dist").await.unwrap();
 
         // The channel: reads what was sent, reacts for every third user.
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("smtest-channel-{uniq}"))
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "6000")
-            .set("max.poll.interval.ms", "7000")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..2 {
-            tpl.add_partition_offset(&sent_topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
+        let consumer = topic_reader(
+            &bootstrap,
+            &sent_topic,
+            2,
+            &format!("smtest-channel-{uniq}"),
+        );
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .create()

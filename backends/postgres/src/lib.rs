@@ -27,13 +27,12 @@ use serde::{Deserialize, Serialize};
 use smartmsg_domain::{BatchRecord, Campaign, CampaignEvent, CreativeStats, Status};
 use smartmsg_engine::{
     Aggregate, BackendError, Checkpoint, EventCodec, EventLog, Projection, ProjectionError,
-    RecordedEvent, StreamId,
+    RecordedEvent,
 };
 use smartmsg_service::cluster::{OpenError, ShardOpener, ShardParts};
+use smartmsg_service::streams::CampaignStreams;
 use tokio_postgres::{Client, NoTls};
 
-/// The prefix of a campaign's stream in a runtime's log.
-const CAMPAIGN_PREFIX: &str = "campaign-";
 /// Longest schema name.
 pub const MAX_SCHEMA_LEN: usize = 48;
 
@@ -281,7 +280,7 @@ impl Projection for PgCampaigns {
         };
         let mut touched: BTreeMap<String, CampaignRow> = BTreeMap::new();
         for e in events {
-            let Some(id) = e.stream.as_str().strip_prefix(CAMPAIGN_PREFIX) else {
+            let Some(id) = CampaignStreams::campaign_of(e.stream.as_str()) else {
                 continue;
             };
             let id = id.to_owned();
@@ -463,9 +462,4 @@ impl<O: ShardOpener> ShardOpener for PgReadModels<O> {
         let model = PgCampaigns::connect(&self.url, &self.schema, name, log).await?;
         Ok(parts.with_projection(Box::new(model)))
     }
-}
-
-/// `StreamId` of a campaign's stream (for tests and tools).
-pub fn campaign_stream(id: &str) -> Option<StreamId> {
-    StreamId::new(format!("{CAMPAIGN_PREFIX}{id}")).ok()
 }

@@ -18,7 +18,8 @@ use smartmsg_engine::{
     AppendTx, EventCodec, EventLog, ExpectedVersion, NewEvent, Projection, ProjectionError,
     ProjectionRunner,
 };
-use smartmsg_postgres::{campaign_stream, PgCampaignReader, PgCampaigns};
+use smartmsg_postgres::{PgCampaignReader, PgCampaigns};
+use smartmsg_service::streams::CampaignStreams;
 
 fn url() -> Option<String> {
     match std::env::var("SMARTMSG_POSTGRES_URL") {
@@ -38,7 +39,7 @@ fn stamp(id: &str) -> CommandStamp {
 }
 
 async fn append(log: &dyn EventLog, ev: CampaignEvent) {
-    let stream = campaign_stream("c1").unwrap();
+    let stream = CampaignStreams::new("c1").unwrap().campaign;
     let e = NewEvent::new(ev.kind(), ev.schema(), 1, ev.encode().to_vec());
     log.append(AppendTx::single(stream, ExpectedVersion::Any, vec![e]))
         .await
