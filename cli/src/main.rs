@@ -317,6 +317,19 @@ fn serve_cmd(
         // the server cleanly.
         let shutdown = smartmsg_service::shutdown_signal();
         #[cfg(feature = "distributed")]
+        if let smartmsg_service::http::BackendConfig::Cluster(cc) = &c.backend {
+            let listener = tokio::net::TcpListener::bind(c.listen)
+                .await
+                .with_context(|| format!("listening on {}", c.listen))?;
+            eprintln!(
+                "smartmsg serve: listening on http://{} as an instance of the cluster {} ({} shards)",
+                c.listen, cc.name, cc.shards
+            );
+            let evaluator = Arc::new(evaluator::SlateEvaluator);
+            distributed::serve_cluster(c, listener, shutdown, Some(evaluator)).await?;
+            return anyhow::Ok(());
+        }
+        #[cfg(feature = "distributed")]
         let (ports, sources) = distributed::backend(&c).await?;
         #[cfg(not(feature = "distributed"))]
         let (ports, sources) = smartmsg_service::http::embedded_backend(&c)?;

@@ -222,11 +222,20 @@ topic = "{rx}"
     .unwrap();
     let mut next = 0;
     let first = read_sent(&mut src, &mut next, 100).await;
-    let page = get(
-        &client,
-        &format!("{url}/v1/campaigns/dist/batches/0/messages?limit=1000"),
-    )
-    .await;
+    // The views are published after the runtime's step: the batch can be
+    // on the topic a moment before the API shows it.
+    let page_url = format!("{url}/v1/campaigns/dist/batches/0/messages?limit=1000");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client
+        .get(&page_url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "batch 0 never shown");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let page = get(&client, &page_url).await;
     let planned: BTreeMap<String, u64> = page["messages"]
         .as_array()
         .unwrap()

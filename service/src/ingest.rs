@@ -67,29 +67,36 @@ impl Routes {
 
     /// Where a message goes: its campaign's pipeline stream, or why not.
     pub fn route(&self, payload: &[u8]) -> Result<(String, StreamId), String> {
-        #[derive(Deserialize)]
-        struct Probe<'a> {
-            #[serde(borrow)]
-            campaign: Option<Cow<'a, str>>,
-        }
-        if payload.len() > MAX_MESSAGE_BYTES {
-            return Err(format!(
-                "message is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
-                payload.len()
-            ));
-        }
-        let p: Probe<'_> =
-            serde_json::from_slice(payload).map_err(|e| format!("not a JSON object: {e}"))?;
-        let c = p.campaign.ok_or("no \"campaign\" field")?;
+        let c = campaign_of(payload)?;
         let g = self.0.read().unwrap_or_else(|e| e.into_inner());
-        match g.get(c.as_ref()) {
-            Some(s) => Ok((c.into_owned(), s.clone())),
+        match g.get(&c) {
+            Some(s) => Ok((c, s.clone())),
             None => Err(format!(
                 "unknown campaign {:?}",
                 c.chars().take(64).collect::<String>()
             )),
         }
     }
+}
+
+/// The campaign a reaction message names (its `"campaign"` field), or why
+/// it names none: larger than [`MAX_MESSAGE_BYTES`], not a JSON object, no
+/// such field.
+pub fn campaign_of(payload: &[u8]) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        campaign: Option<Cow<'a, str>>,
+    }
+    if payload.len() > MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "message is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
+            payload.len()
+        ));
+    }
+    let p: Probe<'_> =
+        serde_json::from_slice(payload).map_err(|e| format!("not a JSON object: {e}"))?;
+    Ok(p.campaign.ok_or("no \"campaign\" field")?.into_owned())
 }
 
 fn excerpt(payload: &[u8]) -> String {

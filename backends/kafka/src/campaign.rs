@@ -1,6 +1,6 @@
 //! The campaign runtime's edge ports on Kafka: [`KafkaSender`] (planned
-//! messages to a topic) and [`KafkaReactionSource`] (reactions from a
-//! topic).
+//! messages to a topic), [`KafkaReactionSource`] (reactions from a
+//! topic) and [`KafkaReactionSink`] (reactions into a cluster's topic).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use smartmsg_domain::OutgoingBatch;
+use smartmsg_service::cluster::{OpenError, ReactionSink, RoutedReaction};
 use smartmsg_service::ingest::{Incoming, Polled, ReactionSource};
 use smartmsg_service::sender::{records, SendError, Sender};
 
@@ -70,48 +71,121 @@ impl Sender for KafkaSender {
             batch: batch.key(),
             reason,
         };
-        let mut pending = std::collections::VecDeque::new();
+        let mut encoded = Vec::new();
         for r in records(batch) {
             let value = serde_json::to_vec(&r).map_err(|e| SendError::Rejected {
                 batch: batch.key(),
                 reason: e.to_string(),
             })?;
-            let key = r.user.to_string();
-            loop {
-                let record = FutureRecord::to(&self.topic)
-                    .key(&key)
-                    .payload(&value)
+            encoded.push((r.user.to_string(), value, r.id));
+        }
+        let mut out = Vec::with_capacity(encoded.len());
+        for (key, value, id) in &encoded {
+            out.push(
+                FutureRecord::to(&self.topic)
+                    .key(key.as_str())
+                    .payload(value.as_slice())
                     .headers(OwnedHeaders::new().insert(Header {
                         key: "message-id",
-                        value: Some(r.id.as_bytes()),
-                    }));
-                match self.producer.send_result(record) {
-                    Ok(f) => {
-                        pending.push_back(f);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        // Wait for the oldest delivery to make room.
-                        match pending.pop_front() {
-                            Some(f) => settle(f.await).map_err(unavailable)?,
-                            None => tokio::time::sleep(Duration::from_millis(10)).await,
-                        }
-                    }
-                    Err((e, _)) => return Err(unavailable(e.to_string())),
-                }
-            }
-            if pending.len() >= IN_FLIGHT {
-                if let Some(f) = pending.pop_front() {
-                    settle(f.await).map_err(unavailable)?;
-                }
-            }
+                        value: Some(id.as_bytes()),
+                    })),
+            );
         }
-        while let Some(f) = pending.pop_front() {
-            settle(f.await).map_err(unavailable)?;
-        }
+        produce_all(&self.producer, out)
+            .await
+            .map_err(unavailable)?;
         self.producer
             .flush(self.timeout)
             .map_err(|e| unavailable(e.to_string()))
+    }
+}
+
+/// Produces every record and returns once the broker acknowledged each
+/// (at most [`IN_FLIGHT`] awaited at once; a full local queue waits for
+/// the oldest delivery), or the first failure.
+async fn produce_all<'a>(
+    producer: &FutureProducer,
+    records: Vec<FutureRecord<'a, str, [u8]>>,
+) -> Result<(), String> {
+    let mut pending = std::collections::VecDeque::new();
+    for mut record in records {
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push_back(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    match pending.pop_front() {
+                        Some(f) => settle(f.await)?,
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
+        if pending.len() >= IN_FLIGHT {
+            if let Some(f) = pending.pop_front() {
+                settle(f.await)?;
+            }
+        }
+    }
+    while let Some(f) = pending.pop_front() {
+        settle(f.await)?;
+    }
+    Ok(())
+}
+
+/// Takes the reactions posted to any instance of a cluster into the
+/// reactions topic: each to its shard's partition (keyed by its campaign
+/// id, so Kafka's default partitioner would put it there too), with an
+/// idempotent producer (`acks=all`); `publish` returns once every record is
+/// acknowledged. Each shard's runtime reads its partition
+/// ([`KafkaReactionSource::with_partitions`]).
+pub struct KafkaReactionSink {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl std::fmt::Debug for KafkaReactionSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaReactionSink")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaReactionSink {
+    /// A sink into `topic` on the cluster at `bootstrap`.
+    pub fn new(bootstrap: &str, topic: &str) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(Self {
+            producer,
+            topic: topic.to_owned(),
+        })
+    }
+}
+
+#[async_trait]
+impl ReactionSink for KafkaReactionSink {
+    async fn publish(&self, reactions: Vec<RoutedReaction>) -> Result<(), OpenError> {
+        let mut records = Vec::with_capacity(reactions.len());
+        for r in &reactions {
+            records.push(
+                FutureRecord::to(&self.topic)
+                    .partition(i32::try_from(r.shard)?)
+                    .key(r.campaign.as_str())
+                    .payload(&r.payload[..]),
+            );
+        }
+        Ok(produce_all(&self.producer, records).await?)
     }
 }
 

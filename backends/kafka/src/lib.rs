@@ -87,7 +87,7 @@ pub mod shards;
 pub mod stream;
 mod writer;
 
-pub use campaign::{KafkaReactionSource, KafkaSender};
+pub use campaign::{KafkaReactionSink, KafkaReactionSource, KafkaSender};
 pub use config::{BeforeCommitHook, KafkaConfig};
 pub use envelope::partition_for;
 pub use error::KafkaLogError;

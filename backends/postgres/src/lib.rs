@@ -14,6 +14,8 @@
 //!   also feeds its [`PgCampaigns`] (the node follows it while the shard
 //!   runs there).
 //! - [`PgCampaignReader`]: reads the rows, from any instance.
+//! - [`PgShardDirectory`]: where each shard runs (`<schema>.shard_owners`)
+//!   and the rows, for `smartmsg serve` in cluster mode.
 //!
 //! The tables are created on first connect (under a transaction-scoped
 //! advisory lock, so instances starting together do not race).
@@ -29,7 +31,7 @@ use smartmsg_engine::{
     Aggregate, BackendError, Checkpoint, EventCodec, EventLog, Projection, ProjectionError,
     RecordedEvent,
 };
-use smartmsg_service::cluster::{OpenError, ShardOpener, ShardParts};
+use smartmsg_service::cluster::{OpenError, ShardDirectory, ShardOpener, ShardParts};
 use smartmsg_service::streams::CampaignStreams;
 use tokio_postgres::{Client, NoTls};
 
@@ -144,7 +146,12 @@ async fn create_tables(client: &mut Client, schema: &str) -> Result<(), PgError>
              row jsonb NOT NULL);
          CREATE TABLE IF NOT EXISTS {schema}.checkpoints (
              name text PRIMARY KEY,
-             position bigint NOT NULL);"
+             position bigint NOT NULL);
+         CREATE TABLE IF NOT EXISTS {schema}.shard_owners (
+             shard integer PRIMARY KEY,
+             address text NOT NULL,
+             member text NOT NULL,
+             claimed_at timestamptz NOT NULL DEFAULT now());"
     ))
     .await?;
     tx.commit().await?;
@@ -461,5 +468,108 @@ impl<O: ShardOpener> ShardOpener for PgReadModels<O> {
         let name = format!("{}shard-{shard}", self.prefix);
         let model = PgCampaigns::connect(&self.url, &self.schema, name, log).await?;
         Ok(parts.with_projection(Box::new(model)))
+    }
+}
+
+/// [`ShardDirectory`] in PostgreSQL: `<schema>.shard_owners` (shard →
+/// address, member, when) and the campaign rows. Connects again after the
+/// database went away (the call that found it away fails).
+pub struct PgShardDirectory {
+    url: String,
+    schema: String,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PgShardDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgShardDirectory")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgShardDirectory {
+    /// The directory in `schema` of the database at `url` (creates the
+    /// tables if needed).
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, PgError> {
+        check_schema(schema)?;
+        let mut client = connect(url).await?;
+        create_tables(&mut client, schema).await?;
+        Ok(Self {
+            url: url.to_owned(),
+            schema: schema.to_owned(),
+            client: tokio::sync::Mutex::new(Some(client)),
+        })
+    }
+
+    /// Runs `f` on the connection (opened again if it was lost); a failed
+    /// call drops the connection so that the next one reconnects.
+    async fn with<T>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>,
+        >,
+    ) -> Result<T, PgError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(connect(&self.url).await?);
+        }
+        let client = guard.as_ref().expect("connected above");
+        match f(client).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if client.is_closed() {
+                    *guard = None;
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ShardDirectory for PgShardDirectory {
+    async fn claim(&self, shard: u32, address: &str, member: &str) -> Result<(), OpenError> {
+        let sql = format!(
+            "INSERT INTO {}.shard_owners (shard, address, member, claimed_at)
+             VALUES ($1, $2, $3, now())
+             ON CONFLICT (shard) DO UPDATE
+             SET address = EXCLUDED.address, member = EXCLUDED.member, claimed_at = now()",
+            self.schema
+        );
+        let shard = i32::try_from(shard).map_err(|e| Box::new(e) as OpenError)?;
+        let (address, member) = (address.to_owned(), member.to_owned());
+        self.with(|c| {
+            Box::pin(async move {
+                c.execute(&sql, &[&shard, &address, &member]).await?;
+                Ok(())
+            })
+        })
+        .await
+        .map_err(|e| Box::new(e) as OpenError)
+    }
+
+    async fn owner(&self, shard: u32) -> Result<Option<String>, OpenError> {
+        let sql = format!(
+            "SELECT address FROM {}.shard_owners WHERE shard = $1",
+            self.schema
+        );
+        let shard = i32::try_from(shard).map_err(|e| Box::new(e) as OpenError)?;
+        let row = self
+            .with(|c| Box::pin(async move { c.query_opt(&sql, &[&shard]).await }))
+            .await
+            .map_err(|e| Box::new(e) as OpenError)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn campaigns(&self) -> Result<Vec<serde_json::Value>, OpenError> {
+        let sql = format!("SELECT row FROM {}.campaigns ORDER BY id", self.schema);
+        let rows = self
+            .with(|c| Box::pin(async move { c.query(&sql, &[]).await }))
+            .await
+            .map_err(|e| Box::new(e) as OpenError)?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 }

@@ -10,11 +10,16 @@
 //!   store, sources).
 //! - [`Node`]: follows the ownership, one [`crate::Runtime`] per owned
 //!   shard; [`NodeHandle`] routes requests to the shard's runtime.
+//! - [`ShardDirectory`] and [`ReactionSink`]: what the instances share so
+//!   that any of them answers any request (`smartmsg serve` in cluster
+//!   mode forwards a shard's requests to the instance that runs it).
 
+mod directory;
 mod node;
 mod ownership;
 mod shard;
 
+pub use directory::{ReactionSink, RoutedReaction, ShardDirectory};
 pub use node::{ClusterError, Node, NodeHandle, NodeOptions, OpenError, ShardOpener, ShardParts};
 pub use ownership::{FixedOwnership, ManualOwnership, Ownership, ShardOwnership};
 pub use shard::{murmur2, ShardMap, MAX_SHARDS};

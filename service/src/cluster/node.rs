@@ -189,6 +189,11 @@ impl NodeHandle {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// The running shards, as they change.
+    pub fn changes(&self) -> watch::Receiver<BTreeSet<u32>> {
+        self.running.clone()
+    }
+
     /// The runtime of `shard`, if it runs here.
     pub fn shard(&self, shard: u32) -> Option<RuntimeHandle> {
         self.shards

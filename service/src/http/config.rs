@@ -90,6 +90,81 @@ pub enum BackendConfig {
     /// pipelines' state store stays in `data_dir` (redb), snapshots are
     /// off. Needs a `smartmsg` built with the `distributed` feature.
     Distributed(DistributedConfig),
+    /// One instance of a cluster: the campaigns are split into shards,
+    /// each shard's log on Kafka, its delay queue on RabbitMQ, its
+    /// reactions in its partition of a Kafka topic, the read models in
+    /// PostgreSQL; Kafka's consumer-group protocol gives each instance its
+    /// shards. Needs a `smartmsg` built with the `distributed` feature.
+    Cluster(ClusterConfig),
+}
+
+/// The services of [`BackendConfig::Cluster`] and this instance's place
+/// in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ClusterConfig {
+    /// The cluster's name, the same on every instance: it names the
+    /// shards' logs (`<name>.shard-<s>`), the ownership group, the queues
+    /// and the PostgreSQL schema. Default `smartmsg`.
+    pub name: String,
+    /// The number of shards, the same on every instance and fixed for the
+    /// cluster's life (more shards than instances lets the work spread).
+    /// Default 8.
+    pub shards: u32,
+    /// Kafka `bootstrap.servers`. Default `127.0.0.1:9092`.
+    pub kafka_bootstrap: String,
+    /// The AMQP URL. Default `amqp://127.0.0.1:5672/%2f`.
+    pub rabbitmq_url: String,
+    /// The PostgreSQL connection string of the read models. Default
+    /// `postgres://postgres@127.0.0.1:5432/postgres`.
+    pub postgres_url: String,
+    /// The URL other instances forward a shard's requests to, when this
+    /// instance runs it. Default `http://<listen>`; set it when `listen`
+    /// is `0.0.0.0` or behind a proxy.
+    pub advertise: Option<String>,
+    /// This instance's name in the ownership group (logs and the shard
+    /// owners' table show it). Default: the advertised address.
+    pub member: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            name: "smartmsg".into(),
+            shards: 8,
+            kafka_bootstrap: "127.0.0.1:9092".into(),
+            rabbitmq_url: "amqp://127.0.0.1:5672/%2f".into(),
+            postgres_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            advertise: None,
+            member: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The reactions topic: one partition per shard.
+    pub fn reactions_topic(&self) -> String {
+        format!("smartmsg.{}.reactions", self.name)
+    }
+
+    /// The PostgreSQL schema of the read models and the owners' table.
+    pub fn schema(&self) -> String {
+        let mut s: String = self
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        s.insert_str(0, "smartmsg_");
+        s.truncate(48);
+        s
+    }
 }
 
 /// The Kafka log and RabbitMQ queue of [`BackendConfig::Distributed`].

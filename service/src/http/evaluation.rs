@@ -155,7 +155,10 @@ pub(crate) struct Jobs {
 impl Jobs {
     /// The jobs recorded in the log; those a restart interrupted are
     /// returned to be run again.
-    pub(crate) async fn load(log: &dyn EventLog) -> Result<(Self, Vec<u64>), String> {
+    pub(crate) async fn load(
+        log: &dyn EventLog,
+        shard: Option<u32>,
+    ) -> Result<(Self, Vec<u64>), String> {
         let stream = StreamId::new(EVALUATIONS).map_err(|e| e.to_string())?;
         let mut jobs = BTreeMap::new();
         for e in crate::read_stream_all(log, &stream)
@@ -166,14 +169,14 @@ impl Jobs {
                 REQUESTED => {
                     let j: EvaluationJob =
                         serde_json::from_slice(&e.payload).map_err(|e| e.to_string())?;
-                    if let Some(n) = number(&j.id) {
+                    if let Some(n) = number(shard, &j.id) {
                         jobs.insert(n, j);
                     }
                 }
                 FINISHED => {
                     let f: Finished =
                         serde_json::from_slice(&e.payload).map_err(|e| e.to_string())?;
-                    if let Some(j) = number(&f.id).and_then(|n| jobs.get_mut(&n)) {
+                    if let Some(j) = number(shard, &f.id).and_then(|n| jobs.get_mut(&n)) {
                         j.status = if f.error.is_some() {
                             JobStatus::Failed
                         } else {
@@ -224,8 +227,30 @@ impl Jobs {
     }
 }
 
-fn number(id: &str) -> Option<u64> {
-    id.strip_prefix("ev-")?.parse().ok()
+/// The number of job `id` (`ev-<n>`; `ev-<shard>-<n>` in a cluster).
+fn number(shard: Option<u32>, id: &str) -> Option<u64> {
+    let rest = id.strip_prefix("ev-")?;
+    let rest = match shard {
+        Some(s) => rest.strip_prefix(&format!("{s}-"))?,
+        None => rest,
+    };
+    rest.parse().ok()
+}
+
+/// The id of job `n` (see [`number`]).
+fn job_id(shard: Option<u32>, n: u64) -> String {
+    match shard {
+        Some(s) => format!("ev-{s}-{n}"),
+        None => format!("ev-{n}"),
+    }
+}
+
+/// The shard a cluster's job id names (`ev-<shard>-<n>`).
+pub(crate) fn job_shard(id: &str) -> Option<u32> {
+    let rest = id.strip_prefix("ev-")?;
+    let (s, n) = rest.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    s.parse().ok()
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
@@ -313,7 +338,7 @@ async fn post_inner(state: &AppState, body: &[u8]) -> Result<Response, Problem> 
         jobs.keys().next_back().map_or(1, |n| n + 1)
     };
     let job = EvaluationJob {
-        id: format!("ev-{n}"),
+        id: job_id(state.shard, n),
         status: JobStatus::Queued,
         request: req,
         requested_ms: now_ms(),
@@ -352,7 +377,7 @@ async fn post_inner(state: &AppState, body: &[u8]) -> Result<Response, Problem> 
     responses((status = 200, body = EvaluationJob), (status = 404, body = Problem)),
     security(("bearer" = [])))]
 pub(crate) async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match number(&id).and_then(|n| state.jobs.get(n)) {
+    match number(state.shard, &id).and_then(|n| state.jobs.get(n)) {
         Some(j) => json(StatusCode::OK, &j),
         None => Problem::not_found(format!("no evaluation {id:?}")).into_response(),
     }
@@ -386,7 +411,7 @@ pub(crate) fn spawn(state: AppState, n: u64) {
             Err(e) => (None, Some(e)),
         };
         let f = Finished {
-            id: format!("ev-{n}"),
+            id: job_id(state.shard, n),
             finished_ms,
             result: result.clone(),
             error: error.clone(),

@@ -21,6 +21,7 @@
 
 pub mod audience;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod evaluation;
 pub mod idempotency;
@@ -45,9 +46,10 @@ use crate::runtime::{Runtime, RuntimeOptions};
 use crate::sender::{OutboxSender, Sender, WebhookSender};
 use crate::{Ports, ReactionSource, RuntimeHandle};
 
+pub use cluster::{serve_cluster, ClusterParts};
 pub use config::{
-    BackendConfig, DistributedConfig, HttpLimits, Scope, SenderConfig, ServeConfig, SourceConfig,
-    TokenConfig,
+    BackendConfig, ClusterConfig, DistributedConfig, HttpLimits, Scope, SenderConfig, ServeConfig,
+    SourceConfig, TokenConfig,
 };
 pub use problem::Problem;
 
@@ -142,6 +144,9 @@ pub struct Shared {
     pub(crate) evaluator: Option<Arc<dyn evaluation::Evaluator>>,
     /// Evaluation jobs.
     pub(crate) jobs: evaluation::Jobs,
+    /// The cluster shard this state serves (its evaluation jobs are named
+    /// `ev-<shard>-<n>`), or `None` for a single server.
+    pub(crate) shard: Option<u32>,
 }
 
 /// The stream of campaign definitions and uploaded audiences.
@@ -199,6 +204,19 @@ impl AppState {
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
         evaluator: Option<Arc<dyn evaluation::Evaluator>>,
     ) -> Result<Self, ServeError> {
+        Self::open(handle, tokens, limits, uploads, metrics, evaluator, None).await
+    }
+
+    /// [`AppState::new`] for one shard of a cluster.
+    pub(crate) async fn open(
+        handle: RuntimeHandle,
+        tokens: Vec<TokenConfig>,
+        limits: HttpLimits,
+        uploads: PathBuf,
+        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+        evaluator: Option<Arc<dyn evaluation::Evaluator>>,
+        shard: Option<u32>,
+    ) -> Result<Self, ServeError> {
         let log = Arc::clone(handle.log());
         let idem = idempotency::Store::load(&*log)
             .await
@@ -207,7 +225,7 @@ impl AppState {
             .await
             .map_err(ServeError::Records)?;
         std::fs::create_dir_all(&uploads).map_err(|e| ServeError::Records(e.to_string()))?;
-        let (jobs, unfinished) = evaluation::Jobs::load(&*log)
+        let (jobs, unfinished) = evaluation::Jobs::load(&*log, shard)
             .await
             .map_err(ServeError::Records)?;
         let state = Self(Arc::new(Shared {
@@ -222,6 +240,7 @@ impl AppState {
             admin: Arc::default(),
             evaluator,
             jobs,
+            shard,
         }));
         // Jobs a restart interrupted run again.
         for n in unfinished {
@@ -364,8 +383,12 @@ fn needs_distributed(what: &str) -> ServeError {
 pub fn embedded_backend(
     config: &ServeConfig,
 ) -> Result<(Ports, Vec<Box<dyn ReactionSource>>), ServeError> {
-    if let BackendConfig::Distributed(_) = config.backend {
-        return Err(needs_distributed("backend.kind = \"distributed\""));
+    match config.backend {
+        BackendConfig::Distributed(_) => {
+            return Err(needs_distributed("backend.kind = \"distributed\""))
+        }
+        BackendConfig::Cluster(_) => return Err(needs_distributed("backend.kind = \"cluster\"")),
+        BackendConfig::Embedded => {}
     }
     let sender = plain_sender(&config.sender)?;
     let sources = config

@@ -110,7 +110,7 @@ fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
 }
 
-fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
+pub(crate) fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let mut r = (status, body).into_response();
     r.headers_mut().insert(
@@ -1050,61 +1050,11 @@ pub(crate) async fn reactions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let ctype = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
-        .to_ascii_lowercase();
-    let lines: Vec<Bytes> =
-        if ctype.starts_with("application/x-ndjson") || ctype.starts_with("application/jsonl") {
-            let mut v = Vec::new();
-            let mut start = 0;
-            for (i, &b) in body.iter().enumerate() {
-                if b == b'\n' {
-                    v.push(body.slice(start..i));
-                    start = i + 1;
-                }
-            }
-            if start < body.len() {
-                v.push(body.slice(start..));
-            }
-            v
-        } else if ctype.starts_with("application/json") {
-            vec![body]
-        } else {
-            return Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
-                "send application/json or application/x-ndjson",
-            )
-            .field("Content-Type")
-            .into_response();
+    let (numbers, lines) =
+        match reaction_lines(&headers, body, state.limits.max_reactions_per_request) {
+            Ok(v) => v,
+            Err(p) => return p.into_response(),
         };
-    let (numbers, lines): (Vec<u64>, Vec<Bytes>) = lines
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let t = if l.ends_with(b"\r") {
-                l.slice(..l.len() - 1)
-            } else {
-                l
-            };
-            (i as u64 + 1, t)
-        })
-        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
-        .unzip();
-    if lines.len() > state.limits.max_reactions_per_request {
-        return Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too-large",
-            format!(
-                "{} reactions; at most {} per request",
-                lines.len(),
-                state.limits.max_reactions_per_request
-            ),
-        )
-        .into_response();
-    }
     match state.handle.inbox().submit_many(lines).await {
         Err(e) => Problem::from(e).into_response(),
         Ok(results) => {
@@ -1133,6 +1083,66 @@ pub(crate) async fn reactions(
             json(StatusCode::OK, &a)
         }
     }
+}
+
+/// The reactions of a request body (`application/json`: one;
+/// `application/x-ndjson`: one per line, blank lines skipped), each with
+/// its line number; at most `max`.
+pub(crate) fn reaction_lines(
+    headers: &HeaderMap,
+    body: Bytes,
+    max: usize,
+) -> Result<(Vec<u64>, Vec<Bytes>), Problem> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_ascii_lowercase();
+    let lines: Vec<Bytes> =
+        if ctype.starts_with("application/x-ndjson") || ctype.starts_with("application/jsonl") {
+            let mut v = Vec::new();
+            let mut start = 0;
+            for (i, &b) in body.iter().enumerate() {
+                if b == b'\n' {
+                    v.push(body.slice(start..i));
+                    start = i + 1;
+                }
+            }
+            if start < body.len() {
+                v.push(body.slice(start..));
+            }
+            v
+        } else if ctype.starts_with("application/json") {
+            vec![body]
+        } else {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "send application/json or application/x-ndjson",
+            )
+            .field("Content-Type"));
+        };
+    let (numbers, lines): (Vec<u64>, Vec<Bytes>) = lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let t = if l.ends_with(b"\r") {
+                l.slice(..l.len() - 1)
+            } else {
+                l
+            };
+            (i as u64 + 1, t)
+        })
+        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+        .unzip();
+    if lines.len() > max {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("{} reactions; at most {} per request", lines.len(), max),
+        ));
+    }
+    Ok((numbers, lines))
 }
 
 /// Why a user's data is removed (optional body of `DELETE /v1/users/{user}`).

@@ -1,0 +1,433 @@
+//! `smartmsg serve` as a cluster (feature `distributed`), checked from
+//! outside as a user would run it: three `smartmsg serve` processes with
+//! the same `backend.kind = "cluster"` configuration (Kafka, RabbitMQ and
+//! PostgreSQL of the test script), campaigns defined, filled and started
+//! over HTTP on whichever instance (each request forwarded to the instance
+//! that runs the campaign's shard), reactions posted to any instance, one
+//! instance killed with SIGKILL after the first batches and a fourth
+//! started. Checked: every campaign completes; each message id is sent
+//! with one content and each campaign's distinct ids are its budget;
+//! every reaction posted is counted once in the read model (PostgreSQL,
+//! read through the API); every instance answers for every campaign.
+//!
+//! Needs `SMARTMSG_KAFKA_BOOTSTRAP`, `SMARTMSG_RABBITMQ_URL` and
+//! `SMARTMSG_POSTGRES_URL` (`scripts/test` starts all three); skips with a
+//! printed reason otherwise.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use smartmsg_engine::stream::Source;
+use smartmsg_kafka::KafkaTopicSource;
+
+const SHARDS: u32 = 4;
+const CAMPAIGNS: usize = 6;
+const BUDGET: u64 = 120;
+const BATCHES: u64 = 4;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `smartmsg serve` instance.
+struct Instance {
+    name: String,
+    url: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Instance {
+    fn start(dir: &Path, name: &str, config: &str) -> Self {
+        let port = free_port();
+        let home = dir.join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        let file = home.join("serve.toml");
+        std::fs::write(
+            &file,
+            format!("listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n{config}"),
+        )
+        .unwrap();
+        let log = home.join("server.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_smartmsg"))
+            .current_dir(&home)
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            name: name.to_owned(),
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            child,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The shards this instance serves, once it answers.
+    async fn shards(&mut self, client: &reqwest::Client) -> Option<BTreeSet<u32>> {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "{} exited: {}",
+            self.name,
+            self.log()
+        );
+        let r = client
+            .get(format!("{}/ready", self.url))
+            .send()
+            .await
+            .ok()?;
+        let v: Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+        Some(
+            v["shards"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s.as_u64().map(|s| s as u32))
+                .collect(),
+        )
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn stop(&mut self) {
+        let s = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(s.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "{}: SIGTERM: {status}", self.name);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SIGTERM did not stop {}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Sends a request until it is answered with something other than 503
+/// (a shard moving) or a refused connection; the final answer.
+async fn until_answered(
+    client: &reqwest::Client,
+    urls: &[String],
+    request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+) -> (reqwest::StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut i = 0;
+    loop {
+        let url = &urls[i % urls.len()];
+        i += 1;
+        if let Ok(r) = request(client, url).send().await {
+            let status = r.status();
+            if status != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                let v = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or(Value::Null);
+                return (status, v);
+            }
+        }
+        assert!(Instant::now() < deadline, "no answer from {urls:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_one_killed_one_added_nothing_lost_or_doubled() {
+    let (Ok(bootstrap), Ok(amqp), Ok(pg)) = (
+        std::env::var("SMARTMSG_KAFKA_BOOTSTRAP"),
+        std::env::var("SMARTMSG_RABBITMQ_URL"),
+        std::env::var("SMARTMSG_POSTGRES_URL"),
+    ) else {
+        eprintln!("skipping: SMARTMSG_KAFKA_BOOTSTRAP / SMARTMSG_RABBITMQ_URL / SMARTMSG_POSTGRES_URL not set (scripts/test sets them)");
+        return;
+    };
+    let uniq = now_ms();
+    let cluster = format!("sc{uniq}");
+    let sent = format!("smtest.cluster.sent.{uniq}");
+    smartmsg_kafka::stream::ensure_topics(&bootstrap, &[(&sent, 1)])
+        .await
+        .unwrap();
+    let config = format!(
+        r#"poll_interval_ms = 50
+
+[backend]
+kind = "cluster"
+name = "{cluster}"
+shards = {SHARDS}
+kafka_bootstrap = "{bootstrap}"
+rabbitmq_url = "{amqp}"
+postgres_url = "{pg}"
+
+[sender]
+kind = "kafka"
+bootstrap = "{bootstrap}"
+topic = "{sent}"
+
+[[tokens]]
+token = "w"
+scope = "admin"
+"#
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .default_headers({
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert("authorization", "Bearer w".parse().unwrap());
+            h
+        })
+        .build()
+        .unwrap();
+    let mut nodes: Vec<Instance> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Instance::start(tmp.path(), n, &config))
+        .collect();
+
+    // Every shard runs somewhere.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut all = BTreeSet::new();
+        for n in &mut nodes {
+            all.extend(n.shards(&client).await.unwrap_or_default());
+        }
+        if all.len() == SHARDS as usize {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shards running: {all:?}\n{}",
+            nodes.iter().map(Instance::log).collect::<String>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+
+    // Campaigns defined on one instance, filled on the next, started on the
+    // third: most requests are forwarded.
+    let ids: Vec<String> = (0..CAMPAIGNS).map(|i| format!("camp-{i}")).collect();
+    let mut csv = String::from("user,x,y\n");
+    for u in 0..300u32 {
+        csv.push_str(&format!(
+            "{u},{},{}\n",
+            (u % 7) as f32 / 7.0,
+            (u % 5) as f32 / 5.0
+        ));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let def = json!({
+            "id": id, "channel": "test", "creatives": ["a", "b"],
+            "budget": BUDGET, "batches": BATCHES, "interval_ms": 3_000,
+            "features": ["x", "y"], "reaction_horizon_ms": 3_000,
+            "pipeline": {"window_ms": 200, "grace_ms": 100}
+        });
+        let one = [urls[i % 3].clone()];
+        let (s, v) = until_answered(&client, &one, |c, u| {
+            c.post(format!("{u}/v1/campaigns"))
+                .header("content-type", "application/json")
+                .body(def.to_string())
+        })
+        .await;
+        assert!(s.is_success() || s == 409, "define {id}: {s} {v}");
+        let one = [urls[(i + 1) % 3].clone()];
+        let (s, v) = until_answered(&client, &one, |c, u| {
+            c.put(format!("{u}/v1/campaigns/{id}/audience"))
+                .header("content-type", "text/csv")
+                .body(csv.clone())
+        })
+        .await;
+        assert!(s.is_success(), "upload {id}: {s} {v}");
+        let one = [urls[(i + 2) % 3].clone()];
+        let (s, v) = until_answered(&client, &one, |c, u| {
+            c.post(format!("{u}/v1/campaigns/{id}/start"))
+        })
+        .await;
+        assert!(s.is_success(), "start {id}: {s} {v}");
+    }
+
+    // Read what is sent; every fourth user reacts, through any instance.
+    let mut src =
+        KafkaTopicSource::new(&bootstrap, &format!("reader-{cluster}"), &sent, 0, "sent").unwrap();
+    let mut next = 0u64;
+    let mut messages: BTreeMap<String, Value> = BTreeMap::new();
+    let mut reacted: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    let mut pending: Vec<String> = Vec::new();
+    let mut killed = false;
+    let mut added: Option<Instance> = None;
+    let mut rows: Vec<Value> = Vec::new();
+    let mut turn = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        for r in src.read(next, 1_000).await.unwrap() {
+            next = r.position + 1;
+            let m: Value = serde_json::from_slice(&r.value).unwrap();
+            let id = m["id"].as_str().unwrap().to_owned();
+            if let Some(before) = messages.get(&id) {
+                assert_eq!(before, &m, "message {id} sent with two contents");
+                continue;
+            }
+            let (campaign, user) = (
+                m["campaign"].as_str().unwrap().to_owned(),
+                m["user"].as_u64().unwrap(),
+            );
+            if user % 4 == 0 && reacted.entry(campaign.clone()).or_default().insert(user) {
+                pending.push(format!(
+                    "{{\"campaign\":\"{campaign}\",\"batch\":{},\"user\":{user},\"creative\":{},\"reaction\":\"clicked\",\"time_ms\":{}}}",
+                    m["batch"], m["creative"], now_ms()
+                ));
+            }
+            messages.insert(id, m);
+        }
+        if !pending.is_empty() {
+            turn += 1;
+            let url = &urls[turn % urls.len()];
+            let body = pending.join("\n");
+            if let Ok(r) = client
+                .post(format!("{url}/v1/reactions"))
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    let a: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                    assert_eq!(a["accepted"], pending.len() as u64, "{a}");
+                    pending.clear();
+                }
+            }
+        }
+        // After the first batches: kill c, start d.
+        if !killed && messages.len() as u64 >= CAMPAIGNS as u64 * BUDGET / BATCHES {
+            nodes[2].kill();
+            urls.retain(|u| *u != nodes[2].url);
+            killed = true;
+            added = Some(Instance::start(tmp.path(), "d", &config));
+            eprintln!("killed c after {} messages; started d", messages.len());
+        }
+        if let Some(d) = &mut added {
+            if d.shards(&client).await.is_some() && !urls.contains(&d.url) {
+                urls.push(d.url.clone());
+            }
+        }
+        let r = client.get(format!("{}/v1/campaigns", urls[0])).send().await;
+        if let Ok(r) = r {
+            if r.status().is_success() {
+                rows = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                let done = rows.len() == CAMPAIGNS
+                    && rows.iter().all(|r| r["status"] == "Completed")
+                    && pending.is_empty();
+                if done {
+                    break;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not complete: {rows:#?}\n{}",
+            nodes
+                .iter()
+                .chain(added.iter())
+                .map(|n| format!("--- {}\n{}", n.name, n.log()))
+                .collect::<String>()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(killed, "the kill happened");
+
+    // The counts, from outside.
+    for id in &ids {
+        let distinct = messages
+            .values()
+            .filter(|m| m["campaign"] == id.as_str())
+            .count() as u64;
+        assert_eq!(distinct, BUDGET, "{id}: distinct messages sent");
+        let row = rows.iter().find(|r| r["id"] == id.as_str()).unwrap();
+        assert_eq!(row["sent"], BUDGET, "{id}: {row}");
+        assert_eq!(
+            row["reactions"],
+            reacted.get(id).map_or(0, BTreeSet::len) as u64,
+            "{id}: every reaction counted once: {row}"
+        );
+        // Every live instance answers for every campaign, the same.
+        let mut seen = BTreeSet::new();
+        for u in &urls {
+            let (s, v) = until_answered(&client, std::slice::from_ref(u), |c, u| {
+                c.get(format!("{u}/v1/campaigns/{id}"))
+            })
+            .await;
+            assert!(s.is_success(), "GET {id} on {u}: {s} {v}");
+            seen.insert(v["live"]["sent"].to_string());
+        }
+        assert_eq!(seen.len(), 1, "{id}: instances disagree: {seen:?}");
+    }
+    // Requests for every shard: joined answers.
+    let (s, v) = until_answered(&client, &urls, |c, u| {
+        c.delete(format!("{u}/v1/users/4000000"))
+    })
+    .await;
+    assert!(s.is_success(), "{s} {v}");
+    assert_eq!(
+        v["shards"].as_object().map(|o| o.len()),
+        Some(SHARDS as usize),
+        "{v}"
+    );
+    let (s, v) = until_answered(&client, &urls, |c, u| c.get(format!("{u}/v1/evaluations"))).await;
+    assert!(s.is_success() && v.is_array(), "{s} {v}");
+
+    // Requests were forwarded (the instances' own count).
+    let mut forwarded = 0.0;
+    for u in &urls {
+        let t = client
+            .get(format!("{u}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        forwarded += t
+            .lines()
+            .filter(|l| l.starts_with("smartmsg_http_forwarded_total"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(forwarded > 0.0, "no request was forwarded");
+    eprintln!(
+        "{} messages, {} reactions, {forwarded} requests forwarded by the live instances",
+        messages.len(),
+        reacted.values().map(BTreeSet::len).sum::<usize>()
+    );
+
+    nodes[0].stop();
+    nodes[1].stop();
+    if let Some(mut d) = added {
+        d.stop();
+    }
+}
