@@ -35,9 +35,11 @@
 
 mod codec;
 mod driver;
+mod headers;
 mod io;
 mod log_store;
 mod memory_store;
+mod processor;
 mod runner;
 mod scoped_store;
 mod store;
@@ -48,9 +50,13 @@ mod window_store;
 
 pub use codec::{CodecError, Json, Reader, StateCodec};
 pub use driver::{DriverError, TestDriver};
+pub use headers::{HeaderError, Headers};
 pub use io::{envelope, EventLogSink, EventLogSource, StreamNamer};
 pub use log_store::{LogStore, LogStoreError};
 pub use memory_store::InMemoryStore;
+pub use processor::{
+    Processor, ProcessorContext, ProcessorStore, PunctuationType, Punctuation, PunctuatorId,
+};
 pub use runner::{
     OutputId, OutputRecord, RunnerConfig, RunnerError, Sink, SinkError, Source, SourceError,
     SourceRecord, StepReport, StreamRunner, PUNCTUATE,
@@ -62,12 +68,14 @@ pub use store::{
 };
 pub use task::{EncodedRecord, Input, StreamError, Task, TaskLimits, TaskMeta, TaskMetrics};
 pub use topology::{
-    BuildError, Data, KGroupedStream, KStream, KTable, Key, Predicate, TimeWindowedStream, Topology,
+    BuildError, Data, KGroupedStream, KStream, KTable, Key, Predicate, ProcessorStream,
+    TimeWindowedStream, Topology,
 };
 pub use window::{EmitStrategy, LateReason, LateRecord, Window, WindowError, Windowed, Windows};
 pub use window_store::WindowStore;
 
-/// A record: key, value and timestamp (milliseconds; it drives stream time).
+/// A record: key, value, timestamp (milliseconds; it drives stream time)
+/// and [`Headers`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record<K, V> {
     /// The key (joins and grouping use it).
@@ -76,15 +84,46 @@ pub struct Record<K, V> {
     pub value: V,
     /// Event time in milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
+    /// The headers (empty unless the source or a processor set some).
+    pub headers: Headers,
 }
 
 impl<K, V> Record<K, V> {
-    /// A record.
+    /// A record without headers.
     pub fn new(key: K, value: V, timestamp_ms: u64) -> Self {
         Self {
             key,
             value,
             timestamp_ms,
+            headers: Headers::new(),
+        }
+    }
+
+    /// This record with `headers` (replacing its own).
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// A record with another key and value and this record's timestamp and
+    /// headers (what `map` does).
+    pub fn with_key_value<K2, V2>(self, key: K2, value: V2) -> Record<K2, V2> {
+        Record {
+            key,
+            value,
+            timestamp_ms: self.timestamp_ms,
+            headers: self.headers,
+        }
+    }
+
+    /// A record with another value and this record's key, timestamp and
+    /// headers (what `map_values` does).
+    pub fn with_value<V2>(self, value: V2) -> Record<K, V2> {
+        Record {
+            key: self.key,
+            value,
+            timestamp_ms: self.timestamp_ms,
+            headers: self.headers,
         }
     }
 }
