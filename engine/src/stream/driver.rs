@@ -5,13 +5,13 @@ use std::hash::Hash;
 
 use super::codec::StateCodec;
 use super::headers::Headers;
-use crate::clock::{Clock, ManualClock};
 use super::memory_store::InMemoryStore;
 use super::store::{KeyValueStore, WriteBatch};
 use super::task::{StreamError, Task, TaskMetrics};
 use super::topology::{BuildError, Topology};
 use super::window::Windowed;
 use super::Record;
+use crate::clock::{Clock, ManualClock};
 
 /// Drives a [`Topology`] in a test, like Kafka Streams' `TopologyTestDriver`:
 /// pipe records in with their timestamps, move stream time, read what the
@@ -78,7 +78,9 @@ impl TestDriver {
     /// Reads the wall clock (moved by someone holding a clone of it) and
     /// fires the wall-clock punctuators that are due.
     pub fn tick_wall_clock(&mut self) -> Result<(), StreamError> {
-        self.task.punctuate_wall_clock(self.clock.now_ms()).map(|_| ())
+        self.task
+            .punctuate_wall_clock(self.clock.now_ms())
+            .map(|_| ())
     }
 
     /// The wall clock.
@@ -96,8 +98,10 @@ impl TestDriver {
         headers: Headers,
     ) -> Result<(), StreamError> {
         let h = self.task.input::<K, V>(input)?;
-        self.task
-            .process(h, Record::new(key, value, timestamp_ms).with_headers(headers))
+        self.task.process(
+            h,
+            Record::new(key, value, timestamp_ms).with_headers(headers),
+        )
     }
 
     /// Pipes one record into input `input` at `timestamp_ms`.

@@ -124,9 +124,7 @@ impl Headers {
 
     /// Every header, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.entries
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
+        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
     }
 
     /// The number of headers.

@@ -244,8 +244,7 @@ impl Sink for EventLogSink {
             let first = records[i].id;
             while i < records.len() {
                 let r = &records[i];
-                let (schema, payload) =
-                    envelope::encode_with_headers(&r.key, &r.value, &r.headers);
+                let (schema, payload) = envelope::encode_with_headers(&r.key, &r.value, &r.headers);
                 let ev = NewEvent::new(r.output.clone(), schema, r.timestamp_ms, payload);
                 let size = ev.size();
                 if size > limits.max_event_bytes {

@@ -55,7 +55,7 @@ pub use io::{envelope, EventLogSink, EventLogSource, StreamNamer};
 pub use log_store::{LogStore, LogStoreError};
 pub use memory_store::InMemoryStore;
 pub use processor::{
-    Processor, ProcessorContext, ProcessorStore, PunctuationType, Punctuation, PunctuatorId,
+    Processor, ProcessorContext, ProcessorStore, Punctuation, PunctuationType, PunctuatorId,
 };
 pub use runner::{
     OutputId, OutputRecord, RunnerConfig, RunnerError, Sink, SinkError, Source, SourceError,

@@ -10,10 +10,10 @@ use bytes::Bytes;
 
 use super::codec::{Reader, StateCodec};
 use super::headers::Headers;
-use crate::clock::Clock;
 use super::store::{check_keyspace, scan_all, KeyValueStore, StoreError, WriteBatch};
 use super::task::{EncodedRecord, StreamError, Task, TaskMeta};
 use super::topology::{BuildError, Topology};
+use crate::clock::Clock;
 use crate::error::{AppendError, BackendError, ReadError};
 
 /// The input name of a *punctuation*: a [`SourceRecord`] of this input
@@ -588,5 +588,40 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
     /// The store.
     pub fn store(&self) -> &Arc<dyn KeyValueStore> {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outbox entry written before headers existed still reads, and the
+    /// new format round-trips headers.
+    #[test]
+    fn outbox_entries_of_both_formats_decode() {
+        let mut r = OutputRecord {
+            id: OutputId {
+                commit: 7,
+                index: 3,
+            },
+            output: "out".into(),
+            key: b"k".to_vec(),
+            value: b"value".to_vec(),
+            timestamp_ms: 42,
+            headers: Headers::new(),
+        };
+        // The old format: output, key, timestamp, value.
+        let mut old = Vec::new();
+        r.output.encode_nested(&mut old);
+        r.key.encode_nested(&mut old);
+        r.timestamp_ms.encode(&mut old);
+        r.value.encode(&mut old);
+        assert_eq!(decode_output(&outbox_key(r.id), &old).unwrap(), r);
+        r.headers = Headers::new().with("h", b"1".to_vec()).unwrap();
+        let new = encode_output(&r);
+        assert_eq!(decode_output(&outbox_key(r.id), &new).unwrap(), r);
+        // Garbage is a typed error.
+        assert!(decode_output(&outbox_key(r.id), &[OUTBOX_V2, 0, 0]).is_err());
+        assert!(decode_output(&[1, 2], &new).is_err());
     }
 }

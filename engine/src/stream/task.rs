@@ -925,7 +925,13 @@ impl Task {
         value: &[u8],
         timestamp_ms: u64,
     ) -> Result<bool, StreamError> {
-        self.process_encoded(name, key, value, timestamp_ms, super::headers::Headers::new())
+        self.process_encoded(
+            name,
+            key,
+            value,
+            timestamp_ms,
+            super::headers::Headers::new(),
+        )
     }
 
     /// Processes an encoded record of the input `name` with its headers.

@@ -17,8 +17,8 @@ use super::codec::StateCodec;
 use super::processor::{Lifecycle, ProcNode, Processor};
 use super::store::{check_keyspace, StoreError};
 use super::task::{
-    Ctx, InputAny, KvState, Node, OutputAny, OutputBuf, Root, Signal, StateSlot, StreamError,
-    Task, TaskLimits, TaskMetrics, WindowState,
+    Ctx, InputAny, KvState, Node, OutputAny, OutputBuf, Root, Signal, StateSlot, StreamError, Task,
+    TaskLimits, TaskMetrics, WindowState,
 };
 use super::window::{EmitStrategy, LateReason, LateRecord, Windowed, Windows};
 use super::{Headers, Record};
@@ -604,7 +604,12 @@ impl<K: Data, V: Data> KStream<K, V> {
     /// stream, with the state stores `stores` attached (declared before
     /// with [`Topology::add_state_store`], or a DSL table or aggregate
     /// store). Its children are the streams of [`ProcessorStream::child`].
-    pub fn process<KO, VO, P>(&self, name: &str, processor: P, stores: &[&str]) -> ProcessorStream<KO, VO>
+    pub fn process<KO, VO, P>(
+        &self,
+        name: &str,
+        processor: P,
+        stores: &[&str],
+    ) -> ProcessorStream<KO, VO>
     where
         KO: Data,
         VO: Data,
@@ -613,7 +618,8 @@ impl<K: Data, V: Data> KStream<K, V> {
         let names: Rc<RefCell<Vec<String>>> = Rc::default();
         let mut g = self.g.borrow_mut();
         if g.processors.iter().any(|p| p == name) {
-            g.errors.push(BuildError::DuplicateProcessor(name.to_owned()));
+            g.errors
+                .push(BuildError::DuplicateProcessor(name.to_owned()));
         }
         g.processors.push(name.to_owned());
         let mut attached = Vec::with_capacity(stores.len());
