@@ -1,5 +1,5 @@
-//! Stream processing: a small Kafka-Streams-like DSL over records with a
-//! key, a value and a timestamp.
+//! Stream processing: a small Kafka-Streams-like DSL and Processor API over
+//! records with a key, a value, a timestamp and [`Headers`].
 //!
 //! - [`Topology`] declares inputs ([`Topology::stream`]) and chains
 //!   operators on [`KStream`]s: [`KStream::filter`], [`KStream::map`],
@@ -10,6 +10,29 @@
 //!   ([`KStream::to_table`]), [`KStream::group_by_key`], tumbling and
 //!   hopping [`Windows`] with a grace period, `aggregate` / `count` /
 //!   `reduce`, and [`KStream::to`] an output.
+//! - The **Processor API**: a [`Processor`] (init, process one
+//!   [`Record`], punctuate, close) added with [`KStream::process`] into the
+//!   same topology as the DSL; it forwards to named children
+//!   ([`ProcessorContext::forward`], [`ProcessorContext::forward_to`];
+//!   each [`ProcessorStream::child`] is a [`KStream`] feeding DSL operators,
+//!   other processors or outputs), reads and writes the key-value stores
+//!   attached to it by name ([`Topology::add_state_store`], or a DSL
+//!   table's store; [`ProcessorStore`]), and schedules punctuators
+//!   ([`ProcessorContext::schedule`]) on stream time or on wall-clock time
+//!   ([`PunctuationType`]). The task never reads a clock: its driver passes
+//!   wall-clock time from the [`crate::Clock`] port
+//!   ([`Task::punctuate_wall_clock`]; [`TestDriver::advance_wall_clock`]
+//!   with a [`crate::ManualClock`], [`StreamRunner::with_clock`]).
+//! - **Headers**: every [`Record`] carries ordered, bounded [`Headers`].
+//!   Sources read them ([`SourceRecord::headers`]; [`EventLogSource`] from
+//!   [`envelope`] schema 2), sinks write them ([`OutputRecord::headers`];
+//!   [`EventLogSink`] as envelope schema 2 when there are any, else the
+//!   old schema-1 bytes), and the runner's outbox keeps them. Operators
+//!   that pass a record on (filter, map, map_values, flat_map,
+//!   with_timestamp, branch, split_result, join, left_join, to, late
+//!   records) keep its headers; aggregations (aggregate, count, reduce,
+//!   windowed or not) emit new records **without** headers, and tables keep
+//!   values only.
 //! - **Stream time** is the largest record timestamp seen, never the wall
 //!   clock. A window closes when stream time reaches its end plus grace;
 //!   records for a closed window are late: counted and optionally sent to a

@@ -347,7 +347,7 @@ where
 
     /// The number of entries.
     pub fn len(&self) -> usize {
-        self.state.entries().count()
+        super::task::StateSlot::len(self.state)
     }
 
     /// Whether the store is empty.

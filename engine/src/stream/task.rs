@@ -106,6 +106,9 @@ pub enum StreamError {
         /// Why.
         reason: String,
     },
+    /// The task was closed ([`Task::close`]): it handles nothing more.
+    #[error("the task is closed")]
+    Closed,
     /// A record's headers are over the limits.
     #[error(transparent)]
     Headers(#[from] super::headers::HeaderError),
@@ -849,6 +852,8 @@ pub struct Task {
     pub(crate) input_types: Vec<std::any::TypeId>,
     /// Whether the processors were initialised.
     pub(crate) initialized: bool,
+    /// Whether the task was closed.
+    pub(crate) closed: bool,
 }
 
 impl std::fmt::Debug for Task {
@@ -991,12 +996,14 @@ impl Task {
         self.ctx.wall_time
     }
 
-    /// Closes the task's processors ([`super::Processor::close`]); they
-    /// handle nothing more. Idempotent.
+    /// Closes the task's processors ([`super::Processor::close`]); the task
+    /// handles nothing more ([`StreamError::Closed`]). Idempotent.
     pub fn close(&mut self) -> Result<(), StreamError> {
-        if self.initialized {
+        if self.initialized && !self.closed {
+            self.closed = true;
             self.signal(Signal::Close)?;
         }
+        self.closed = true;
         Ok(())
     }
 
@@ -1004,6 +1011,9 @@ impl Task {
     /// handle (after any restore).
     #[inline]
     fn ensure_init(&mut self) -> Result<(), StreamError> {
+        if self.closed {
+            return Err(StreamError::Closed);
+        }
         if !self.initialized {
             self.initialized = true;
             self.signal(Signal::Init)?;

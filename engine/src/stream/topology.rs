@@ -346,6 +346,7 @@ impl Topology {
             input_names,
             input_types,
             initialized: false,
+            closed: false,
         };
         task.set_meta(task.meta());
         Ok(task)
