@@ -409,7 +409,10 @@ fn dsl_and_processors_mix_in_one_topology() {
     d.close().unwrap();
     d.close().unwrap();
     assert_eq!(closed.load(Ordering::SeqCst), 1);
-    assert!(matches!(d.pipe("clicks", 1u32, 1u64, 200), Err(StreamError::Closed)));
+    assert!(matches!(
+        d.pipe("clicks", 1u32, 1u64, 200),
+        Err(StreamError::Closed)
+    ));
 }
 
 /// Forwards to a child it does not have, or reads a store it was not
