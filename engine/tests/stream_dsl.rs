@@ -492,6 +492,7 @@ async fn runner_commits_atomically_and_redelivers_idempotently() {
         key: b"u1".to_vec(),
         value: 2u64.to_bytes(),
         timestamp_ms: 0,
+        headers: Default::default(),
     };
     let again = vec![
         rec.clone(),

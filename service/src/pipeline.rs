@@ -288,6 +288,7 @@ pub fn expand_event(
         key,
         value,
         timestamp_ms: ts,
+        headers: Default::default(),
     };
     match e.kind.as_str() {
         REACTION => out.push(one(
@@ -332,6 +333,7 @@ pub fn expand_event(
                     key: Bytes::new(),
                     value: Bytes::from(serde_json::to_vec(&profile).unwrap_or_default()),
                     timestamp_ms: 0,
+                    headers: Default::default(),
                 });
             }
         }

@@ -113,6 +113,7 @@ impl smartmsg_engine::stream::Source for Counted {
                 key: Bytes::from(((i % 64) as u32).to_bytes()),
                 value: Bytes::from(i.to_bytes()),
                 timestamp_ms: i,
+                headers: Default::default(),
             })
             .collect())
     }

@@ -753,6 +753,8 @@ impl Source for KafkaTopicSource {
                         key: Bytes::copy_from_slice(m.key().unwrap_or(&[])),
                         value: Bytes::copy_from_slice(m.payload().unwrap_or(&[])),
                         timestamp_ms: m.timestamp().to_millis().unwrap_or(0).max(0) as u64,
+                        // Kafka record headers are not mapped yet.
+                        headers: Default::default(),
                     });
                 }
             }

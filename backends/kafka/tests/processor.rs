@@ -307,6 +307,7 @@ fn commit_records(commit: u64, keys: &[&str]) -> Vec<smartmsg_engine::stream::Ou
             key: k.as_bytes().to_vec(),
             value: (commit * 100 + i as u64).to_be_bytes().to_vec(),
             timestamp_ms: 1_000 + commit,
+            headers: Default::default(),
         })
         .collect()
 }

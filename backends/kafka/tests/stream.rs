@@ -127,6 +127,7 @@ fn runner_over_kafka_logs_delivers_each_output_once() {
             key: b"u1".to_vec(),
             value: 2u64.to_bytes(),
             timestamp_ms: 0,
+            headers: Default::default(),
         };
         let again = vec![
             rec.clone(),

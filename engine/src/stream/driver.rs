@@ -1,20 +1,28 @@
-//! [`TestDriver`]: run a topology in a test, with no disk, broker or clock.
+//! [`TestDriver`]: run a topology in a test, with no disk, broker or real
+//! clock.
 
 use std::hash::Hash;
 
 use super::codec::StateCodec;
+use super::headers::Headers;
 use super::memory_store::InMemoryStore;
 use super::store::{KeyValueStore, WriteBatch};
 use super::task::{StreamError, Task, TaskMetrics};
 use super::topology::{BuildError, Topology};
 use super::window::Windowed;
 use super::Record;
+use crate::clock::{Clock, ManualClock};
 
 /// Drives a [`Topology`] in a test, like Kafka Streams' `TopologyTestDriver`:
 /// pipe records in with their timestamps, move stream time, read what the
 /// outputs received and look into the state stores. Everything happens in
 /// memory, synchronously; stream time moves only with the records and
 /// [`TestDriver::advance_time`].
+///
+/// Wall-clock time is a [`ManualClock`] (at 0 unless given with
+/// [`TestDriver::with_clock`]): [`TestDriver::advance_wall_clock`] moves it
+/// and fires the processors' wall-clock punctuators that are due, with no
+/// sleeping.
 ///
 /// [`TestDriver::commit`] writes the state changes to an in-memory
 /// [`KeyValueStore`] (with its changelog), and [`TestDriver::restart`]
@@ -23,6 +31,7 @@ use super::Record;
 pub struct TestDriver {
     task: Task,
     store: InMemoryStore,
+    clock: ManualClock,
 }
 
 /// Why a [`TestDriver`] could not start.
@@ -40,12 +49,59 @@ pub enum DriverError {
 const META_SPACE: &str = "__driver";
 
 impl TestDriver {
-    /// Builds `topology` over an empty in-memory store.
+    /// Builds `topology` over an empty in-memory store, with a wall clock
+    /// at 0.
     pub fn new(topology: Topology) -> Result<Self, DriverError> {
-        Ok(Self {
+        Self::with_clock(topology, ManualClock::new(0))
+    }
+
+    /// Builds `topology` over an empty in-memory store, with `clock` as the
+    /// wall clock (a clone: moving either moves both). Initialises the
+    /// processors at the clock's time.
+    pub fn with_clock(topology: Topology, clock: ManualClock) -> Result<Self, DriverError> {
+        let mut d = Self {
             task: topology.build()?,
             store: InMemoryStore::new(),
-        })
+            clock,
+        };
+        d.tick_wall_clock()?;
+        Ok(d)
+    }
+
+    /// Moves the wall clock forward by `ms` and fires the wall-clock
+    /// punctuators that are due.
+    pub fn advance_wall_clock(&mut self, ms: u64) -> Result<(), StreamError> {
+        self.clock.advance(ms);
+        self.tick_wall_clock()
+    }
+
+    /// Reads the wall clock (moved by someone holding a clone of it) and
+    /// fires the wall-clock punctuators that are due.
+    pub fn tick_wall_clock(&mut self) -> Result<(), StreamError> {
+        self.task
+            .punctuate_wall_clock(self.clock.now_ms())
+            .map(|_| ())
+    }
+
+    /// The wall clock.
+    pub fn clock(&self) -> &ManualClock {
+        &self.clock
+    }
+
+    /// Pipes one record with headers into input `input`.
+    pub fn pipe_with_headers<K: 'static, V: 'static>(
+        &mut self,
+        input: &str,
+        key: K,
+        value: V,
+        timestamp_ms: u64,
+        headers: Headers,
+    ) -> Result<(), StreamError> {
+        let h = self.task.input::<K, V>(input)?;
+        self.task.process(
+            h,
+            Record::new(key, value, timestamp_ms).with_headers(headers),
+        )
     }
 
     /// Pipes one record into input `input` at `timestamp_ms`.
@@ -57,14 +113,7 @@ impl TestDriver {
         timestamp_ms: u64,
     ) -> Result<(), StreamError> {
         let h = self.task.input::<K, V>(input)?;
-        self.task.process(
-            h,
-            Record {
-                key,
-                value,
-                timestamp_ms,
-            },
-        )
+        self.task.process(h, Record::new(key, value, timestamp_ms))
     }
 
     /// Pipes records into input `input`, in order.
@@ -179,6 +228,11 @@ impl TestDriver {
         &mut self.task
     }
 
+    /// Closes the task's processors ([`Task::close`]).
+    pub fn close(&mut self) -> Result<(), StreamError> {
+        self.task.close()
+    }
+
     /// Simulates a restart: drops the task (and whatever it did since the
     /// last [`TestDriver::commit`], outputs not yet read included) and
     /// builds `topology` again from the committed store.
@@ -198,9 +252,12 @@ impl TestDriver {
                 })?;
             task.set_meta(meta);
         }
-        Ok(Self {
+        let mut d = Self {
             task,
             store: self.store,
-        })
+            clock: self.clock,
+        };
+        d.tick_wall_clock()?;
+        Ok(d)
     }
 }

@@ -5,16 +5,68 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::headers::Headers;
 use super::runner::{OutputRecord, Sink, SinkError, Source, SourceError, SourceRecord};
 use crate::append::{AppendTx, ExpectedVersion};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::log::EventLog;
 use crate::stream_id::StreamId;
 
-/// The payload format of stream outputs in the log: the key's length
-/// (4 bytes, big-endian), the key, then the value.
+/// The payload format of stream outputs in the log.
+///
+/// - Schema [`SCHEMA`] (1), a record without headers: the key's length
+///   (4 bytes, big-endian), the key, then the value.
+/// - Schema [`SCHEMA_WITH_HEADERS`] (2), a record with headers: the key's
+///   length and the key, the encoded [`Headers`]' length (4 bytes,
+///   big-endian) and the headers, then the value.
+///
+/// The event's `schema` says which; a record without headers is written
+/// exactly as before headers existed, and old events stay readable.
 pub mod envelope {
     use bytes::Bytes;
+
+    use crate::event::RecordedEvent;
+    use crate::stream::{Headers, StateCodec};
+
+    /// The event schema of an envelope without headers.
+    pub const SCHEMA: u16 = 1;
+    /// The event schema of an envelope with headers.
+    pub const SCHEMA_WITH_HEADERS: u16 = 2;
+
+    /// Encodes a key, headers and a value into one payload, and gives the
+    /// event schema to write it with ([`SCHEMA`] when `headers` is empty).
+    pub fn encode_with_headers(key: &[u8], value: &[u8], headers: &Headers) -> (u16, Vec<u8>) {
+        if headers.is_empty() {
+            return (SCHEMA, encode(key, value));
+        }
+        let h = headers.to_bytes();
+        let mut p = Vec::with_capacity(8 + key.len() + h.len() + value.len());
+        p.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        p.extend_from_slice(key);
+        p.extend_from_slice(&(h.len() as u32).to_be_bytes());
+        p.extend_from_slice(&h);
+        p.extend_from_slice(value);
+        (SCHEMA_WITH_HEADERS, p)
+    }
+
+    /// Splits an event's payload into key, value and headers according to
+    /// its schema; `None` if it is not an envelope of that schema (or its
+    /// headers do not decode or break the limits).
+    pub fn decode_event(e: &RecordedEvent) -> Option<(Bytes, Bytes, Headers)> {
+        match e.schema {
+            SCHEMA_WITH_HEADERS => {
+                let p = &e.payload;
+                let mut r = crate::bytes_in::Input::new(p);
+                r.prefixed_u32_be("envelope key").ok()?;
+                let key_end = r.position();
+                let h = r.prefixed_u32_be("envelope headers").ok()?;
+                let headers = Headers::decode(h).ok()?;
+                let end = r.position();
+                Some((p.slice(4..key_end), p.slice(end..), headers))
+            }
+            _ => decode(&e.payload).map(|(k, v)| (k, v, Headers::new())),
+        }
+    }
 
     /// Encodes a key and a value into one payload.
     pub fn encode(key: &[u8], value: &[u8]) -> Vec<u8> {
@@ -67,25 +119,28 @@ impl EventLogSource {
                 key: Bytes::copy_from_slice(e.stream.as_str().as_bytes()),
                 value: e.payload.clone(),
                 timestamp_ms: e.timestamp_ms,
+                headers: Headers::new(),
             }),
         )
     }
 
-    /// A source that reads envelope payloads (input = kind; key and value
-    /// from the envelope; a payload that is not an envelope becomes an
-    /// empty key with the whole payload as value).
+    /// A source that reads envelope payloads (input = kind; key, value
+    /// and headers from the envelope, by the event's schema; a payload
+    /// that is not an envelope becomes an empty key with the whole payload
+    /// as value and no headers).
     pub fn with_envelopes(log: Arc<dyn EventLog>) -> Self {
         Self::with_mapper(
             log,
             Box::new(|e| {
-                let (key, value) = envelope::decode(&e.payload)
-                    .unwrap_or_else(|| (Bytes::new(), e.payload.clone()));
+                let (key, value, headers) = envelope::decode_event(e)
+                    .unwrap_or_else(|| (Bytes::new(), e.payload.clone(), Headers::new()));
                 SourceRecord {
                     position: e.position,
                     input: e.kind.clone(),
                     key,
                     value,
                     timestamp_ms: e.timestamp_ms,
+                    headers,
                 }
             }),
         )
@@ -115,7 +170,8 @@ impl Source for EventLogSource {
 
 /// A [`Sink`] that appends outputs to an [`EventLog`]: each output becomes
 /// an event of kind = output name on the stream named after the output,
-/// with an envelope payload (key and value) and the record's timestamp.
+/// with an envelope payload (key, value, and headers if it has any: see
+/// [`envelope`]) and the record's timestamp.
 ///
 /// A commit's outputs go in as few transactions as the log's limits allow,
 /// each with an idempotency key derived from the runner and its first
@@ -188,8 +244,8 @@ impl Sink for EventLogSink {
             let first = records[i].id;
             while i < records.len() {
                 let r = &records[i];
-                let payload = envelope::encode(&r.key, &r.value);
-                let ev = NewEvent::new(r.output.clone(), 1, r.timestamp_ms, payload);
+                let (schema, payload) = envelope::encode_with_headers(&r.key, &r.value, &r.headers);
+                let ev = NewEvent::new(r.output.clone(), schema, r.timestamp_ms, payload);
                 let size = ev.size();
                 if size > limits.max_event_bytes {
                     return Err(SinkError::Invalid {

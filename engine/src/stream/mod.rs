@@ -1,5 +1,5 @@
-//! Stream processing: a small Kafka-Streams-like DSL over records with a
-//! key, a value and a timestamp.
+//! Stream processing: a small Kafka-Streams-like DSL and Processor API over
+//! records with a key, a value, a timestamp and [`Headers`].
 //!
 //! - [`Topology`] declares inputs ([`Topology::stream`]) and chains
 //!   operators on [`KStream`]s: [`KStream::filter`], [`KStream::map`],
@@ -10,6 +10,29 @@
 //!   ([`KStream::to_table`]), [`KStream::group_by_key`], tumbling and
 //!   hopping [`Windows`] with a grace period, `aggregate` / `count` /
 //!   `reduce`, and [`KStream::to`] an output.
+//! - The **Processor API**: a [`Processor`] (init, process one
+//!   [`Record`], punctuate, close) added with [`KStream::process`] into the
+//!   same topology as the DSL; it forwards to named children
+//!   ([`ProcessorContext::forward`], [`ProcessorContext::forward_to`];
+//!   each [`ProcessorStream::child`] is a [`KStream`] feeding DSL operators,
+//!   other processors or outputs), reads and writes the key-value stores
+//!   attached to it by name ([`Topology::add_state_store`], or a DSL
+//!   table's store; [`ProcessorStore`]), and schedules punctuators
+//!   ([`ProcessorContext::schedule`]) on stream time or on wall-clock time
+//!   ([`PunctuationType`]). The task never reads a clock: its driver passes
+//!   wall-clock time from the [`crate::Clock`] port
+//!   ([`Task::punctuate_wall_clock`]; [`TestDriver::advance_wall_clock`]
+//!   with a [`crate::ManualClock`], [`StreamRunner::with_clock`]).
+//! - **Headers**: every [`Record`] carries ordered, bounded [`Headers`].
+//!   Sources read them ([`SourceRecord::headers`]; [`EventLogSource`] from
+//!   [`envelope`] schema 2), sinks write them ([`OutputRecord::headers`];
+//!   [`EventLogSink`] as envelope schema 2 when there are any, else the
+//!   old schema-1 bytes), and the runner's outbox keeps them. Operators
+//!   that pass a record on (filter, map, map_values, flat_map,
+//!   with_timestamp, branch, split_result, join, left_join, to, late
+//!   records) keep its headers; aggregations (aggregate, count, reduce,
+//!   windowed or not) emit new records **without** headers, and tables keep
+//!   values only.
 //! - **Stream time** is the largest record timestamp seen, never the wall
 //!   clock. A window closes when stream time reaches its end plus grace;
 //!   records for a closed window are late: counted and optionally sent to a
@@ -35,9 +58,11 @@
 
 mod codec;
 mod driver;
+mod headers;
 mod io;
 mod log_store;
 mod memory_store;
+mod processor;
 mod runner;
 mod scoped_store;
 mod store;
@@ -48,9 +73,13 @@ mod window_store;
 
 pub use codec::{CodecError, Json, Reader, StateCodec};
 pub use driver::{DriverError, TestDriver};
+pub use headers::{HeaderError, Headers};
 pub use io::{envelope, EventLogSink, EventLogSource, StreamNamer};
 pub use log_store::{LogStore, LogStoreError};
 pub use memory_store::InMemoryStore;
+pub use processor::{
+    Processor, ProcessorContext, ProcessorStore, Punctuation, PunctuationType, PunctuatorId,
+};
 pub use runner::{
     OutputId, OutputRecord, RunnerConfig, RunnerError, Sink, SinkError, Source, SourceError,
     SourceRecord, StepReport, StreamRunner, PUNCTUATE,
@@ -62,12 +91,14 @@ pub use store::{
 };
 pub use task::{EncodedRecord, Input, StreamError, Task, TaskLimits, TaskMeta, TaskMetrics};
 pub use topology::{
-    BuildError, Data, KGroupedStream, KStream, KTable, Key, Predicate, TimeWindowedStream, Topology,
+    BuildError, Data, KGroupedStream, KStream, KTable, Key, Predicate, ProcessorStream,
+    TimeWindowedStream, Topology,
 };
 pub use window::{EmitStrategy, LateReason, LateRecord, Window, WindowError, Windowed, Windows};
 pub use window_store::WindowStore;
 
-/// A record: key, value and timestamp (milliseconds; it drives stream time).
+/// A record: key, value, timestamp (milliseconds; it drives stream time)
+/// and [`Headers`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record<K, V> {
     /// The key (joins and grouping use it).
@@ -76,15 +107,46 @@ pub struct Record<K, V> {
     pub value: V,
     /// Event time in milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
+    /// The headers (empty unless the source or a processor set some).
+    pub headers: Headers,
 }
 
 impl<K, V> Record<K, V> {
-    /// A record.
+    /// A record without headers.
     pub fn new(key: K, value: V, timestamp_ms: u64) -> Self {
         Self {
             key,
             value,
             timestamp_ms,
+            headers: Headers::new(),
+        }
+    }
+
+    /// This record with `headers` (replacing its own).
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// A record with another key and value and this record's timestamp and
+    /// headers (what `map` does).
+    pub fn with_key_value<K2, V2>(self, key: K2, value: V2) -> Record<K2, V2> {
+        Record {
+            key,
+            value,
+            timestamp_ms: self.timestamp_ms,
+            headers: self.headers,
+        }
+    }
+
+    /// A record with another value and this record's key, timestamp and
+    /// headers (what `map_values` does).
+    pub fn with_value<V2>(self, value: V2) -> Record<K, V2> {
+        Record {
+            key: self.key,
+            value,
+            timestamp_ms: self.timestamp_ms,
+            headers: self.headers,
         }
     }
 }

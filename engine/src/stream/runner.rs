@@ -9,9 +9,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::codec::{Reader, StateCodec};
+use super::headers::Headers;
 use super::store::{check_keyspace, scan_all, KeyValueStore, StoreError, WriteBatch};
 use super::task::{EncodedRecord, StreamError, Task, TaskMeta};
 use super::topology::{BuildError, Topology};
+use crate::clock::Clock;
 use crate::error::{AppendError, BackendError, ReadError};
 
 /// The input name of a *punctuation*: a [`SourceRecord`] of this input
@@ -36,6 +38,8 @@ pub struct SourceRecord {
     pub value: Bytes,
     /// Event time (drives stream time).
     pub timestamp_ms: u64,
+    /// The record's headers.
+    pub headers: Headers,
 }
 
 /// Why a source read failed.
@@ -83,6 +87,8 @@ pub struct OutputRecord {
     pub value: Vec<u8>,
     /// Its timestamp.
     pub timestamp_ms: u64,
+    /// Its headers.
+    pub headers: Headers,
 }
 
 /// Why a sink could not deliver.
@@ -237,6 +243,7 @@ pub struct StreamRunner<S, K> {
     delivered: Vec<Vec<u8>>,
     poisoned: bool,
     encoded: Vec<EncodedRecord>,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl<S, K> std::fmt::Debug for StreamRunner<S, K> {
@@ -257,15 +264,26 @@ fn outbox_key(id: OutputId) -> Vec<u8> {
     k
 }
 
+/// The first byte of an outbox entry with headers. An entry without one
+/// (written before headers existed) starts with the `u32` big-endian length
+/// of its output's name, at most [`super::MAX_KEYSPACE_LEN`]: its first byte
+/// is 0.
+const OUTBOX_V2: u8 = 1;
+
+/// An outbox entry: [`OUTBOX_V2`], the output's name, the key, the
+/// timestamp, the headers (each length-prefixed), then the value.
 fn encode_output(r: &OutputRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(r.key.len() + r.value.len() + r.output.len() + 24);
+    let mut v = Vec::with_capacity(r.key.len() + r.value.len() + r.output.len() + 32);
+    v.push(OUTBOX_V2);
     r.output.encode_nested(&mut v);
     r.key.encode_nested(&mut v);
     r.timestamp_ms.encode(&mut v);
+    r.headers.to_bytes().encode_nested(&mut v);
     r.value.encode(&mut v);
     v
 }
 
+/// Reads an outbox entry of either format.
 fn decode_output(k: &[u8], v: &[u8]) -> Result<OutputRecord, RunnerError> {
     let bad = |e: super::codec::CodecError| RunnerError::Corrupt(format!("outbox entry: {e}"));
     let mut r = Reader::new(k);
@@ -273,9 +291,18 @@ fn decode_output(k: &[u8], v: &[u8]) -> Result<OutputRecord, RunnerError> {
     let index = u32::decode_from(&mut r).map_err(bad)?;
     r.finish("outbox key").map_err(bad)?;
     let mut r = Reader::new(v);
+    let v2 = v.first() == Some(&OUTBOX_V2);
+    if v2 {
+        r.take(1, "outbox format").map_err(bad)?;
+    }
     let output = String::decode_nested(&mut r).map_err(bad)?;
     let key = Vec::<u8>::decode_nested(&mut r).map_err(bad)?;
     let timestamp_ms = u64::decode_from(&mut r).map_err(bad)?;
+    let headers = if v2 {
+        Headers::decode(r.prefixed("outbox headers").map_err(bad)?).map_err(bad)?
+    } else {
+        Headers::new()
+    };
     let value = r.rest().to_vec();
     Ok(OutputRecord {
         id: OutputId { commit, index },
@@ -283,6 +310,7 @@ fn decode_output(k: &[u8], v: &[u8]) -> Result<OutputRecord, RunnerError> {
         key,
         value,
         timestamp_ms,
+        headers,
     })
 }
 
@@ -384,7 +412,36 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
             delivered: Vec::new(),
             poisoned: false,
             encoded: Vec::new(),
+            clock: None,
         })
+    }
+
+    /// Gives the task wall-clock time from `clock`: each step reads it
+    /// after processing its records and fires the processors' wall-clock
+    /// punctuators that are due ([`Task::punctuate_wall_clock`]); their
+    /// effects are committed with the step. A step that reads no records
+    /// commits (at the same input position) when a wall-clock punctuator
+    /// fired. Wall-clock punctuations are not in the source, so unlike
+    /// everything else they are not replayed identically after a crash:
+    /// what one did is committed exactly once, or, if the runner crashed
+    /// before committing it, never, and the next firing comes with the
+    /// clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    fn tick_wall_clock(&mut self) -> Result<bool, RunnerError> {
+        let Some(clock) = &self.clock else {
+            return Ok(false);
+        };
+        match self.task.punctuate_wall_clock(clock.now_ms()) {
+            Ok(fired) => Ok(fired),
+            Err(e) => {
+                self.poisoned = true;
+                Err(e.into())
+            }
+        }
     }
 
     /// Delivers pending outputs, reads one batch, processes it and commits.
@@ -401,11 +458,14 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
         report.outputs += self.deliver().await?;
         let records = self.source.read(self.position, self.batch).await?;
         let Some(last) = records.last().map(|r| r.position) else {
+            if self.tick_wall_clock()? {
+                report.outputs += self.commit(self.position).await?;
+            }
             return Ok(report);
         };
         report.records = records.len();
         let mut next = self.position;
-        for r in &records {
+        for r in records {
             if r.position < next {
                 continue; // a source that repeats: already processed
             }
@@ -414,7 +474,7 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
                 self.task.advance_time(r.timestamp_ms).map(|()| true)
             } else {
                 self.task
-                    .process_bytes(&r.input, &r.key, &r.value, r.timestamp_ms)
+                    .process_encoded(&r.input, &r.key, &r.value, r.timestamp_ms, r.headers)
             };
             match processed {
                 Ok(true) => {}
@@ -426,6 +486,7 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
             }
         }
         debug_assert!(next > last || next == self.position);
+        self.tick_wall_clock()?;
         report.outputs += self.commit(next).await?;
         report.position = self.position;
         Ok(report)
@@ -467,6 +528,7 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
                 key: e.key,
                 value: e.value,
                 timestamp_ms: e.timestamp_ms,
+                headers: e.headers,
             };
             batch.put(&self.outbox, outbox_key(r.id), encode_output(&r));
             outputs.push(r);
@@ -526,5 +588,40 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
     /// The store.
     pub fn store(&self) -> &Arc<dyn KeyValueStore> {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outbox entry written before headers existed still reads, and the
+    /// new format round-trips headers.
+    #[test]
+    fn outbox_entries_of_both_formats_decode() {
+        let mut r = OutputRecord {
+            id: OutputId {
+                commit: 7,
+                index: 3,
+            },
+            output: "out".into(),
+            key: b"k".to_vec(),
+            value: b"value".to_vec(),
+            timestamp_ms: 42,
+            headers: Headers::new(),
+        };
+        // The old format: output, key, timestamp, value.
+        let mut old = Vec::new();
+        r.output.encode_nested(&mut old);
+        r.key.encode_nested(&mut old);
+        r.timestamp_ms.encode(&mut old);
+        r.value.encode(&mut old);
+        assert_eq!(decode_output(&outbox_key(r.id), &old).unwrap(), r);
+        r.headers = Headers::new().with("h", b"1".to_vec()).unwrap();
+        let new = encode_output(&r);
+        assert_eq!(decode_output(&outbox_key(r.id), &new).unwrap(), r);
+        // Garbage is a typed error.
+        assert!(decode_output(&outbox_key(r.id), &[OUTBOX_V2, 0, 0]).is_err());
+        assert!(decode_output(&[1, 2], &new).is_err());
     }
 }

@@ -74,9 +74,57 @@ pub enum StreamError {
     /// The state store failed.
     #[error("state store: {0}")]
     Store(#[from] StoreError),
+    /// A processor forwarded to a child it does not have.
+    #[error("processor {processor:?} has no child {child:?}")]
+    UnknownChild {
+        /// The processor.
+        processor: String,
+        /// The child asked for.
+        child: String,
+    },
+    /// A processor asked for a store that is not attached to it.
+    #[error("store {store:?} is not attached to processor {processor:?}")]
+    StoreNotAttached {
+        /// The processor.
+        processor: String,
+        /// The store asked for.
+        store: String,
+    },
+    /// A punctuator could not be scheduled.
+    #[error("processor {processor:?}: bad punctuator: {reason}")]
+    BadPunctuator {
+        /// The processor.
+        processor: String,
+        /// Why.
+        reason: String,
+    },
+    /// A processor's own error (see [`StreamError::processor`]).
+    #[error("processor {processor:?}: {reason}")]
+    Processor {
+        /// The processor.
+        processor: String,
+        /// Why.
+        reason: String,
+    },
+    /// The task was closed ([`Task::close`]): it handles nothing more.
+    #[error("the task is closed")]
+    Closed,
+    /// A record's headers are over the limits.
+    #[error(transparent)]
+    Headers(#[from] super::headers::HeaderError),
     /// A broken internal invariant (a bug): never caused by input.
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+impl StreamError {
+    /// A processor's own error, for a [`super::Processor`] to return.
+    pub fn processor(processor: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Processor {
+            processor: processor.into(),
+            reason: reason.into(),
+        }
+    }
 }
 
 /// The maxima a task enforces.
@@ -88,6 +136,8 @@ pub struct TaskLimits {
     pub max_state_entries: usize,
     /// Most output records buffered between two drains.
     pub max_pending_outputs: usize,
+    /// Most punctuators one processor may have scheduled at once.
+    pub max_punctuators: usize,
 }
 
 impl Default for TaskLimits {
@@ -95,6 +145,7 @@ impl Default for TaskLimits {
         Self {
             max_state_entries: 50_000_000,
             max_pending_outputs: 1_000_000,
+            max_punctuators: 1_024,
         }
     }
 }
@@ -147,6 +198,8 @@ pub struct EncodedRecord {
     pub value: Vec<u8>,
     /// The record's timestamp.
     pub timestamp_ms: u64,
+    /// The record's headers.
+    pub headers: super::headers::Headers,
 }
 
 // ---------------------------------------------------------------------------
@@ -232,6 +285,30 @@ pub(crate) struct Ctx {
     pub(crate) pending_outputs: usize,
     pub(crate) metrics: TaskMetrics,
     pub(crate) limits: TaskLimits,
+    /// Why the nodes' `advance` is being called.
+    pub(crate) signal: Signal,
+    /// The last wall-clock time the task was given.
+    pub(crate) wall_time: Option<u64>,
+    /// The earliest wall-clock time at which some punctuator is due (0: a
+    /// punctuator waits for the first wall-clock time to start counting).
+    pub(crate) next_wall: u64,
+    /// The earliest stream time at which some punctuator is due.
+    pub(crate) punct_deadline: u64,
+    /// Punctuations fired.
+    pub(crate) punctuations: u64,
+}
+
+/// Why a task walks its nodes' `advance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Signal {
+    /// Stream time moved: close due windows, fire stream-time punctuators.
+    StreamTime,
+    /// Wall-clock time moved: fire wall-clock punctuators.
+    WallClock,
+    /// Before the first record: initialise processors.
+    Init,
+    /// The task is closing: close processors.
+    Close,
 }
 
 impl Ctx {
@@ -363,10 +440,10 @@ where
         Ok(&e.v)
     }
 
-    pub(crate) fn remove(&mut self, k: &K) {
-        if self.map.remove(k).is_some() {
-            self.deleted.push(k.clone());
-        }
+    pub(crate) fn remove(&mut self, k: &K) -> Option<V> {
+        let e = self.map.remove(k)?;
+        self.deleted.push(k.clone());
+        Some(e.v)
     }
 
     fn check_room(&self) -> Result<(), StreamError> {
@@ -673,6 +750,7 @@ impl<K: StateCodec + Send + 'static, V: StateCodec + Send + 'static> OutputAny f
                 key: r.key.to_bytes(),
                 value: r.value.to_bytes(),
                 timestamp_ms: r.timestamp_ms,
+                headers: r.headers,
             });
         }
     }
@@ -698,6 +776,7 @@ pub(crate) trait InputAny: Send {
         key: &[u8],
         value: &[u8],
         ts: u64,
+        headers: super::headers::Headers,
     ) -> Result<(), StreamError>;
     fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError>;
 }
@@ -721,6 +800,7 @@ where
         key: &[u8],
         value: &[u8],
         ts: u64,
+        headers: super::headers::Headers,
     ) -> Result<(), StreamError> {
         let dec = |source| StreamError::Decode {
             what: "input",
@@ -735,6 +815,7 @@ where
                 key,
                 value,
                 timestamp_ms: ts,
+                headers,
             },
         )
     }
@@ -769,6 +850,10 @@ pub struct Task {
     pub(crate) inputs: Vec<Box<dyn InputAny>>,
     pub(crate) input_names: HashMap<String, usize>,
     pub(crate) input_types: Vec<std::any::TypeId>,
+    /// Whether the processors were initialised.
+    pub(crate) initialized: bool,
+    /// Whether the task was closed.
+    pub(crate) closed: bool,
 }
 
 impl std::fmt::Debug for Task {
@@ -824,6 +909,7 @@ impl Task {
         input: Input<K, V>,
         record: Record<K, V>,
     ) -> Result<(), StreamError> {
+        self.ensure_init()?;
         self.observe(record.timestamp_ms)?;
         self.ctx.metrics.processed += 1;
         let root = self
@@ -834,8 +920,9 @@ impl Task {
         root.node.process(&mut self.ctx, record)
     }
 
-    /// Processes an encoded record of the input `name`. Returns `false`
-    /// (and does nothing) when the topology has no such input.
+    /// Processes an encoded record of the input `name`, without headers.
+    /// Returns `false` (and does nothing) when the topology has no such
+    /// input.
     pub fn process_bytes(
         &mut self,
         name: &str,
@@ -843,19 +930,95 @@ impl Task {
         value: &[u8],
         timestamp_ms: u64,
     ) -> Result<bool, StreamError> {
+        self.process_encoded(
+            name,
+            key,
+            value,
+            timestamp_ms,
+            super::headers::Headers::new(),
+        )
+    }
+
+    /// Processes an encoded record of the input `name` with its headers.
+    /// Returns `false` (and does nothing) when the topology has no such
+    /// input.
+    pub fn process_encoded(
+        &mut self,
+        name: &str,
+        key: &[u8],
+        value: &[u8],
+        timestamp_ms: u64,
+        headers: super::headers::Headers,
+    ) -> Result<bool, StreamError> {
         let Some(&index) = self.input_names.get(name) else {
             return Ok(false);
         };
+        self.ensure_init()?;
         self.observe(timestamp_ms)?;
         self.ctx.metrics.processed += 1;
-        self.inputs[index].process_bytes(&mut self.ctx, key, value, timestamp_ms)?;
+        self.inputs[index].process_bytes(&mut self.ctx, key, value, timestamp_ms, headers)?;
         Ok(true)
     }
 
     /// Moves stream time forward to `to_ms` (never back), closing the
-    /// windows that are due.
+    /// windows and firing the stream-time punctuators that are due.
     pub fn advance_time(&mut self, to_ms: u64) -> Result<(), StreamError> {
+        self.ensure_init()?;
         self.observe(to_ms)
+    }
+
+    /// Tells the task the wall-clock time (read by its driver from a
+    /// [`crate::Clock`]; the task itself never reads one) and fires the
+    /// wall-clock punctuators that are due. An earlier time than the last
+    /// one given is ignored.
+    ///
+    /// Returns whether a punctuator fired.
+    pub fn punctuate_wall_clock(&mut self, now_ms: u64) -> Result<bool, StreamError> {
+        self.ensure_init()?;
+        if self.ctx.wall_time.is_some_and(|w| now_ms <= w) {
+            return Ok(false);
+        }
+        self.ctx.wall_time = Some(now_ms);
+        let before = self.ctx.punctuations;
+        if now_ms >= self.ctx.next_wall {
+            self.signal(Signal::WallClock)?;
+        }
+        Ok(self.ctx.punctuations != before)
+    }
+
+    /// Punctuations fired since the task was built (not persisted).
+    pub fn punctuations(&self) -> u64 {
+        self.ctx.punctuations
+    }
+
+    /// The last wall-clock time given to [`Task::punctuate_wall_clock`].
+    pub fn wall_clock_ms(&self) -> Option<u64> {
+        self.ctx.wall_time
+    }
+
+    /// Closes the task's processors ([`super::Processor::close`]); the task
+    /// handles nothing more ([`StreamError::Closed`]). Idempotent.
+    pub fn close(&mut self) -> Result<(), StreamError> {
+        if self.initialized && !self.closed {
+            self.closed = true;
+            self.signal(Signal::Close)?;
+        }
+        self.closed = true;
+        Ok(())
+    }
+
+    /// Initialises the processors, once, before the first thing they
+    /// handle (after any restore).
+    #[inline]
+    fn ensure_init(&mut self) -> Result<(), StreamError> {
+        if self.closed {
+            return Err(StreamError::Closed);
+        }
+        if !self.initialized {
+            self.initialized = true;
+            self.signal(Signal::Init)?;
+        }
+        Ok(())
     }
 
     #[inline]
@@ -863,24 +1026,32 @@ impl Task {
         if ts > self.ctx.stream_time {
             self.ctx.stream_time = ts;
             if ts >= self.ctx.next_deadline {
-                self.run_advance()?;
+                self.signal(Signal::StreamTime)?;
             }
         }
         Ok(())
     }
 
-    fn run_advance(&mut self) -> Result<(), StreamError> {
+    /// Walks every node's `advance` for `signal`, then recomputes the
+    /// deadlines.
+    fn signal(&mut self, signal: Signal) -> Result<(), StreamError> {
+        self.ctx.signal = signal;
+        self.ctx.punct_deadline = u64::MAX;
+        self.ctx.next_wall = u64::MAX;
         for root in &mut self.inputs {
             root.advance(&mut self.ctx)?;
         }
-        self.ctx.next_deadline = self
-            .ctx
+        self.ctx.next_deadline = self.states_deadline().min(self.ctx.punct_deadline);
+        Ok(())
+    }
+
+    fn states_deadline(&self) -> u64 {
+        self.ctx
             .states
             .iter()
             .map(|s| s.next_deadline())
             .min()
-            .unwrap_or(u64::MAX);
-        Ok(())
+            .unwrap_or(u64::MAX)
     }
 
     /// The stream time.
@@ -905,13 +1076,7 @@ impl Task {
     pub fn set_meta(&mut self, meta: TaskMeta) {
         self.ctx.stream_time = meta.stream_time_ms;
         self.ctx.metrics = meta.metrics;
-        self.ctx.next_deadline = self
-            .ctx
-            .states
-            .iter()
-            .map(|s| s.next_deadline())
-            .min()
-            .unwrap_or(u64::MAX);
+        self.ctx.next_deadline = self.states_deadline().min(self.ctx.punct_deadline);
     }
 
     /// Takes the records buffered for output `name`.

@@ -14,13 +14,14 @@ use std::marker::PhantomData;
 use std::rc::Rc;
 
 use super::codec::StateCodec;
+use super::processor::{Lifecycle, ProcNode, Processor};
 use super::store::{check_keyspace, StoreError};
 use super::task::{
-    Ctx, InputAny, KvState, Node, OutputAny, OutputBuf, Root, StateSlot, StreamError, Task,
+    Ctx, InputAny, KvState, Node, OutputAny, OutputBuf, Root, Signal, StateSlot, StreamError, Task,
     TaskLimits, TaskMetrics, WindowState,
 };
 use super::window::{EmitStrategy, LateReason, LateRecord, Windowed, Windows};
-use super::Record;
+use super::{Headers, Record};
 
 /// What the DSL's keys and values must be: owned, clonable (a record that
 /// fans out to several children is cloned) and sendable.
@@ -55,6 +56,18 @@ pub enum BuildError {
     /// A table used by a join belongs to another topology.
     #[error("table {0:?} belongs to another topology")]
     ForeignTable(String),
+    /// Two processors with the same name.
+    #[error("processor {0:?} is declared twice")]
+    DuplicateProcessor(String),
+    /// A processor is attached to a store that was not declared (before
+    /// it).
+    #[error("processor {processor:?} is attached to undeclared store {store:?}")]
+    UnknownStore {
+        /// The processor.
+        processor: String,
+        /// The store.
+        store: String,
+    },
     /// A broken internal invariant (a bug).
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -82,6 +95,7 @@ struct Graph {
     inputs: Vec<InputSpec>,
     states: Vec<Box<dyn StateSlot>>,
     outputs: Vec<(TypeId, Box<dyn OutputAny>)>,
+    processors: Vec<String>,
     errors: Vec<BuildError>,
     limits: TaskLimits,
 }
@@ -252,6 +266,21 @@ impl Topology {
         }
     }
 
+    /// Declares a key-value state store `name` for processors to attach
+    /// (see [`KStream::process`]). Its working set lives in the task, is
+    /// written behind to the [`KeyValueStore`](super::KeyValueStore) at
+    /// each commit (keyspace `name`, with its changelog) and restored from
+    /// it on start, like the DSL's tables.
+    pub fn add_state_store<K, V>(&self, name: &str)
+    where
+        K: Key,
+        V: Data + StateCodec,
+    {
+        let mut g = self.g.borrow_mut();
+        let max = g.limits.max_state_entries;
+        g.add_state(Box::new(KvState::<K, V>::new(name, max)));
+    }
+
     /// Builds the task. The topology is consumed: build a new one (call the
     /// function that declares it again) for another task.
     pub fn build(self) -> Result<Task, BuildError> {
@@ -307,10 +336,17 @@ impl Topology {
                 pending_outputs: 0,
                 metrics: TaskMetrics::default(),
                 limits: g.limits,
+                signal: Signal::StreamTime,
+                wall_time: None,
+                next_wall: u64::MAX,
+                punct_deadline: u64::MAX,
+                punctuations: 0,
             },
             inputs,
             input_names,
             input_types,
+            initialized: false,
+            closed: false,
         };
         task.set_meta(task.meta());
         Ok(task)
@@ -328,7 +364,7 @@ pub(crate) enum Fanout<K, V> {
 }
 
 impl<K: Data, V: Data> Fanout<K, V> {
-    fn from_any(children: Vec<BuiltAny>) -> Result<Self, BuildError> {
+    pub(crate) fn from_any(children: Vec<BuiltAny>) -> Result<Self, BuildError> {
         let mut v = Vec::with_capacity(children.len());
         for c in children {
             v.push(
@@ -351,7 +387,7 @@ impl<K: Data, V: Data> Fanout<K, V> {
     }
 
     #[inline]
-    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+    pub(crate) fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
         match self {
             Fanout::None => Ok(()),
             Fanout::One(n) => n.process(ctx, rec),
@@ -368,7 +404,7 @@ impl<K: Data, V: Data> Fanout<K, V> {
     }
 
     #[inline]
-    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+    pub(crate) fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
         match self {
             Fanout::None => Ok(()),
             Fanout::One(n) => n.advance(ctx),
@@ -565,6 +601,73 @@ impl<K: Data, V: Data> KStream<K, V> {
         }
     }
 
+    /// Adds the [`Processor`] `processor`, named `name`, fed by this
+    /// stream, with the state stores `stores` attached (declared before
+    /// with [`Topology::add_state_store`], or a DSL table or aggregate
+    /// store). Its children are the streams of [`ProcessorStream::child`].
+    pub fn process<KO, VO, P>(
+        &self,
+        name: &str,
+        processor: P,
+        stores: &[&str],
+    ) -> ProcessorStream<KO, VO>
+    where
+        KO: Data,
+        VO: Data,
+        P: Processor<K, V, KO, VO>,
+    {
+        let names: Rc<RefCell<Vec<String>>> = Rc::default();
+        let mut g = self.g.borrow_mut();
+        if g.processors.iter().any(|p| p == name) {
+            g.errors
+                .push(BuildError::DuplicateProcessor(name.to_owned()));
+        }
+        g.processors.push(name.to_owned());
+        let mut attached = Vec::with_capacity(stores.len());
+        for &store in stores {
+            match g.states.iter().position(|s| s.name() == store) {
+                Some(i) => attached.push((store.to_owned(), i)),
+                None => g.errors.push(BuildError::UnknownStore {
+                    processor: name.to_owned(),
+                    store: store.to_owned(),
+                }),
+            }
+        }
+        let proc_name = name.to_owned();
+        let child_names = Rc::clone(&names);
+        let id = g.add_node(
+            Some((self.node, self.port)),
+            0,
+            Box::new(move |ports| {
+                let names = child_names.borrow().clone();
+                if names.len() != ports.len() {
+                    return Err(BuildError::Internal("processor ports"));
+                }
+                let mut children = Vec::with_capacity(ports.len());
+                for (n, p) in names.into_iter().zip(ports) {
+                    children.push((n, Fanout::<KO, VO>::from_any(p)?));
+                }
+                let node = ProcNode {
+                    name: proc_name,
+                    proc: processor,
+                    children,
+                    stores: attached,
+                    puncts: Vec::new(),
+                    next_id: 0,
+                    state: Lifecycle::New,
+                };
+                Ok(Box::new(Box::new(node) as Box<dyn Node<K, V>>) as BuiltAny)
+            }),
+        );
+        drop(g);
+        ProcessorStream {
+            g: self.g.clone(),
+            node: id,
+            names,
+            _t: PhantomData,
+        }
+    }
+
     /// Groups by the record key, for aggregations.
     pub fn group_by_key(&self) -> KGroupedStream<K, V>
     where
@@ -668,6 +771,53 @@ impl<K: Data, T: Data, E: Data> KStream<K, Result<T, E>> {
                 _t: PhantomData,
             },
         )
+    }
+}
+
+/// A [`Processor`] in a topology under construction (from
+/// [`KStream::process`]): name its children to route its records onward.
+pub struct ProcessorStream<K, V> {
+    g: Rc<RefCell<Graph>>,
+    node: usize,
+    names: Rc<RefCell<Vec<String>>>,
+    _t: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> std::fmt::Debug for ProcessorStream<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessorStream")
+            .field("node", &self.node)
+            .field("children", &self.names.borrow())
+            .finish()
+    }
+}
+
+impl<K: Data, V: Data> ProcessorStream<K, V> {
+    /// The stream of the processor's child `name`: the records it sends
+    /// with [`ProcessorContext::forward_to`]`(name, ..)` and with
+    /// [`ProcessorContext::forward`] (to every child). Asking for the same
+    /// name again gives the same child.
+    pub fn child(&self, name: &str) -> KStream<K, V> {
+        let existing = self.names.borrow().iter().position(|n| n == name);
+        let port = match existing {
+            Some(p) => p,
+            None => {
+                let mut g = self.g.borrow_mut();
+                let mut names = self.names.borrow_mut();
+                match g.nodes.get_mut(self.node) {
+                    Some(spec) => spec.ports.push(Vec::new()),
+                    None => g.errors.push(BuildError::Internal("no processor node")),
+                }
+                names.push(name.to_owned());
+                names.len() - 1
+            }
+        };
+        KStream {
+            g: self.g.clone(),
+            node: self.node,
+            port,
+            _t: PhantomData,
+        }
     }
 }
 
@@ -886,13 +1036,20 @@ where
 {
     #[inline]
     fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
-        let (key, value) = (self.f)(rec.key, rec.value);
+        let Record {
+            key,
+            value,
+            timestamp_ms,
+            headers,
+        } = rec;
+        let (key, value) = (self.f)(key, value);
         self.next.process(
             ctx,
             Record {
                 key,
                 value,
-                timestamp_ms: rec.timestamp_ms,
+                timestamp_ms,
+                headers,
             },
         )
     }
@@ -912,13 +1069,20 @@ where
 {
     #[inline]
     fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
-        let value = (self.f)(rec.value);
+        let Record {
+            key,
+            value,
+            timestamp_ms,
+            headers,
+        } = rec;
+        let value = (self.f)(value);
         self.next.process(
             ctx,
             Record {
-                key: rec.key,
+                key,
                 value,
-                timestamp_ms: rec.timestamp_ms,
+                timestamp_ms,
+                headers,
             },
         )
     }
@@ -955,13 +1119,20 @@ where
 {
     #[inline]
     fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
-        for (key, value) in (self.f)(rec.key, rec.value) {
+        let Record {
+            key,
+            value,
+            timestamp_ms,
+            headers,
+        } = rec;
+        for (key, value) in (self.f)(key, value) {
             self.next.process(
                 ctx,
                 Record {
                     key,
                     value,
-                    timestamp_ms: rec.timestamp_ms,
+                    timestamp_ms,
+                    headers: headers.clone(),
                 },
             )?;
         }
@@ -1006,6 +1177,7 @@ impl<K: Data, T: Data, E: Data> Node<K, Result<T, E>> for Split<K, T, E> {
             key,
             value,
             timestamp_ms,
+            headers,
         } = rec;
         match value {
             Ok(value) => self.oks.process(
@@ -1014,6 +1186,7 @@ impl<K: Data, T: Data, E: Data> Node<K, Result<T, E>> for Split<K, T, E> {
                     key,
                     value,
                     timestamp_ms,
+                    headers,
                 },
             ),
             Err(value) => self.errs.process(
@@ -1022,6 +1195,7 @@ impl<K: Data, T: Data, E: Data> Node<K, Result<T, E>> for Split<K, T, E> {
                     key,
                     value,
                     timestamp_ms,
+                    headers,
                 },
             ),
         }
@@ -1098,6 +1272,7 @@ where
                     key: rec.key,
                     value,
                     timestamp_ms: rec.timestamp_ms,
+                    headers: rec.headers,
                 },
             ),
             None => Ok(()),
@@ -1131,6 +1306,7 @@ where
                 key: rec.key,
                 value,
                 timestamp_ms: rec.timestamp_ms,
+                headers: rec.headers,
             },
         )
     }
@@ -1162,12 +1338,14 @@ where
                 .update(&rec.key, init, |a| agg(&rec.key, v, a))?
                 .clone()
         };
+        // An aggregate is a new record: the input's headers stay behind.
         self.next.process(
             ctx,
             Record {
                 key: rec.key,
                 value,
                 timestamp_ms: rec.timestamp_ms,
+                headers: Headers::new(),
             },
         )
     }
@@ -1199,6 +1377,7 @@ where
             key,
             value,
             timestamp_ms: ts,
+            headers,
         } = rec;
         let stream_time = ctx.stream_time;
         let mut value = Some(value);
@@ -1222,6 +1401,7 @@ where
                             },
                         },
                         timestamp_ms: ts,
+                        headers: headers.clone(),
                     };
                     ctx.emit(out, late)?;
                 }
@@ -1238,6 +1418,7 @@ where
                     },
                     value: slot.agg.clone(),
                     timestamp_ms: slot.max_ts,
+                    headers: Headers::new(),
                 });
             }
             if new_start && close < ctx.next_deadline {
@@ -1269,6 +1450,7 @@ where
                         key,
                         value,
                         timestamp_ms: ts,
+                        headers: Headers::new(),
                     },
                 );
             }
