@@ -128,13 +128,14 @@ pub async fn serve_cluster(
     };
     let mut sc = ShardsConfig::new(&cc.kafka_bootstrap, &cc.name, map);
     sc.reactions_topic = Some(cc.reactions_topic());
+    sc.replication_factor = cc.replication_factor;
     let mut options = RuntimeOptions::default();
     options.poll_interval_ms = config.poll_interval_ms.max(1);
     let shards = KafkaShards::new(sc, queue, Arc::new(SystemClock), sender(&config)?, options)
         .await
         .map_err(|e| anyhow::anyhow!("the shards on Kafka at {}: {e}", cc.kafka_bootstrap))?;
     let schema = cc.schema();
-    let opener = PgReadModels::new(shards, &cc.postgres_url, &schema, &cc.name)
+    let opener = PgReadModels::new(shards, &cc.postgres_url, &schema, &format!("{}.", cc.name))
         .context("the read models")?;
     let directory = PgShardDirectory::connect(&cc.postgres_url, &schema)
         .await

@@ -52,6 +52,9 @@ pub struct ShardsConfig {
     /// Partitions of each shard's log topic (default 1: a shard's log has
     /// one writer anyway).
     pub log_partitions: u32,
+    /// Replication factor of each shard's log topics when they are created
+    /// (default 1: a single broker; use 3 on a real cluster).
+    pub replication_factor: i32,
     /// The reactions topic (one partition per shard), if reactions come
     /// from Kafka.
     pub reactions_topic: Option<String>,
@@ -65,14 +68,17 @@ impl ShardsConfig {
             cluster: cluster.into(),
             map,
             log_partitions: 1,
+            replication_factor: 1,
             reactions_topic: None,
         }
     }
 
     /// The event log configuration of `shard`.
     pub fn log_config(&self, shard: u32) -> KafkaConfig {
-        KafkaConfig::new(&self.bootstrap, format!("{}.shard-{shard}", self.cluster))
-            .with_partitions(self.log_partitions)
+        let mut c = KafkaConfig::new(&self.bootstrap, format!("{}.shard-{shard}", self.cluster))
+            .with_partitions(self.log_partitions);
+        c.replication_factor = self.replication_factor;
+        c
     }
 }
 

@@ -114,6 +114,10 @@ pub struct ClusterConfig {
     pub shards: u32,
     /// Kafka `bootstrap.servers`. Default `127.0.0.1:9092`.
     pub kafka_bootstrap: String,
+    /// Replication factor of the shards' log topics when they are created.
+    /// Default 1 (a single broker; use 3 on a real cluster, and create the
+    /// reactions and ownership topics beforehand with it too).
+    pub replication_factor: i32,
     /// The AMQP URL. Default `amqp://127.0.0.1:5672/%2f`.
     pub rabbitmq_url: String,
     /// The PostgreSQL connection string of the read models. Default
@@ -134,6 +138,7 @@ impl Default for ClusterConfig {
             name: "smartmsg".into(),
             shards: 8,
             kafka_bootstrap: "127.0.0.1:9092".into(),
+            replication_factor: 1,
             rabbitmq_url: "amqp://127.0.0.1:5672/%2f".into(),
             postgres_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
             advertise: None,
