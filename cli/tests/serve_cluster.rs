@@ -159,29 +159,36 @@ async fn until_answered(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_instances_one_killed_one_added_nothing_lost_or_doubled() {
-    let (Ok(bootstrap), Ok(amqp), Ok(pg)) = (
+/// The test script's services, or `None` (the test then skips).
+fn services() -> Option<(String, String, String)> {
+    match (
         std::env::var("SMARTMSG_KAFKA_BOOTSTRAP"),
         std::env::var("SMARTMSG_RABBITMQ_URL"),
         std::env::var("SMARTMSG_POSTGRES_URL"),
-    ) else {
-        eprintln!("skipping: SMARTMSG_KAFKA_BOOTSTRAP / SMARTMSG_RABBITMQ_URL / SMARTMSG_POSTGRES_URL not set (scripts/test sets them)");
-        return;
-    };
-    let uniq = now_ms();
-    let cluster = format!("sc{uniq}");
-    let sent = format!("smtest.cluster.sent.{uniq}");
-    smartmsg_kafka::stream::ensure_topics(&bootstrap, &[(&sent, 1)])
-        .await
-        .unwrap();
-    let config = format!(
+    ) {
+        (Ok(k), Ok(r), Ok(p)) => Some((k, r, p)),
+        _ => {
+            eprintln!("skipping: SMARTMSG_KAFKA_BOOTSTRAP / SMARTMSG_RABBITMQ_URL / SMARTMSG_POSTGRES_URL not set (scripts/test sets them)");
+            None
+        }
+    }
+}
+
+/// The `[backend]`, `[sender]` and token of every instance of `cluster`.
+fn cluster_config(
+    cluster: &str,
+    shards: u32,
+    sent: &str,
+    services: &(String, String, String),
+) -> String {
+    let (bootstrap, amqp, pg) = services;
+    format!(
         r#"poll_interval_ms = 50
 
 [backend]
 kind = "cluster"
 name = "{cluster}"
-shards = {SHARDS}
+shards = {shards}
 kafka_bootstrap = "{bootstrap}"
 rabbitmq_url = "{amqp}"
 postgres_url = "{pg}"
@@ -195,9 +202,12 @@ topic = "{sent}"
 token = "w"
 scope = "admin"
 "#
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::builder()
+    )
+}
+
+/// A client with the instances' admin token.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .default_headers({
             let mut h = reqwest::header::HeaderMap::new();
@@ -205,21 +215,19 @@ scope = "admin"
             h
         })
         .build()
-        .unwrap();
-    let mut nodes: Vec<Instance> = ["a", "b", "c"]
-        .iter()
-        .map(|n| Instance::start(tmp.path(), n, &config))
-        .collect();
+        .unwrap()
+}
 
-    // Every shard runs somewhere.
+/// Waits until every one of `shards` runs on one of `nodes`.
+async fn wait_all_shards(client: &reqwest::Client, nodes: &mut [Instance], shards: u32) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let mut all = BTreeSet::new();
-        for n in &mut nodes {
-            all.extend(n.shards(&client).await.unwrap_or_default());
+        for n in nodes.iter_mut() {
+            all.extend(n.shards(client).await.unwrap_or_default());
         }
-        if all.len() == SHARDS as usize {
-            break;
+        if all.len() == shards as usize {
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -228,6 +236,54 @@ scope = "admin"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Defines campaign `id` on `urls[0]`, uploads `csv` on `urls[1]` and
+/// starts it on `urls[2]` (indices modulo the count), each retried while
+/// its shard moves.
+async fn create(client: &reqwest::Client, urls: &[String], id: &str, def: &Value, csv: &str) {
+    let at = |i: usize| [urls[i % urls.len()].clone()];
+    let (s, v) = until_answered(client, &at(0), |c, u| {
+        c.post(format!("{u}/v1/campaigns"))
+            .header("content-type", "application/json")
+            .body(def.to_string())
+    })
+    .await;
+    assert!(s.is_success() || s == 409, "define {id}: {s} {v}");
+    let (s, v) = until_answered(client, &at(1), |c, u| {
+        c.put(format!("{u}/v1/campaigns/{id}/audience"))
+            .header("content-type", "text/csv")
+            .body(csv.to_owned())
+    })
+    .await;
+    assert!(s.is_success(), "upload {id}: {s} {v}");
+    let (s, v) = until_answered(client, &at(2), |c, u| {
+        c.post(format!("{u}/v1/campaigns/{id}/start"))
+    })
+    .await;
+    assert!(s.is_success(), "start {id}: {s} {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_one_killed_one_added_nothing_lost_or_doubled() {
+    let Some(svc) = services() else { return };
+    let bootstrap = svc.0.clone();
+    let uniq = now_ms();
+    let cluster = format!("sc{uniq}");
+    let sent = format!("smtest.cluster.sent.{uniq}");
+    smartmsg_kafka::stream::ensure_topics(&bootstrap, &[(&sent, 1)])
+        .await
+        .unwrap();
+    let config = cluster_config(&cluster, SHARDS, &sent, &svc);
+    let tmp = tempfile::tempdir().unwrap();
+    let client = client();
+    let mut nodes: Vec<Instance> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Instance::start(tmp.path(), n, &config))
+        .collect();
+
+    // Every shard runs somewhere.
+    wait_all_shards(&client, &mut nodes, SHARDS).await;
     let mut urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
 
     // Campaigns defined on one instance, filled on the next, started on the
@@ -248,28 +304,8 @@ scope = "admin"
             "features": ["x", "y"], "reaction_horizon_ms": 3_000,
             "pipeline": {"window_ms": 200, "grace_ms": 100}
         });
-        let one = [urls[i % 3].clone()];
-        let (s, v) = until_answered(&client, &one, |c, u| {
-            c.post(format!("{u}/v1/campaigns"))
-                .header("content-type", "application/json")
-                .body(def.to_string())
-        })
-        .await;
-        assert!(s.is_success() || s == 409, "define {id}: {s} {v}");
-        let one = [urls[(i + 1) % 3].clone()];
-        let (s, v) = until_answered(&client, &one, |c, u| {
-            c.put(format!("{u}/v1/campaigns/{id}/audience"))
-                .header("content-type", "text/csv")
-                .body(csv.clone())
-        })
-        .await;
-        assert!(s.is_success(), "upload {id}: {s} {v}");
-        let one = [urls[(i + 2) % 3].clone()];
-        let (s, v) = until_answered(&client, &one, |c, u| {
-            c.post(format!("{u}/v1/campaigns/{id}/start"))
-        })
-        .await;
-        assert!(s.is_success(), "start {id}: {s} {v}");
+        let order: Vec<String> = (0..3).map(|k| urls[(i + k) % 3].clone()).collect();
+        create(&client, &order, id, &def, &csv).await;
     }
 
     // Read what is sent; every fourth user reacts, through any instance.
@@ -430,4 +466,152 @@ scope = "admin"
     if let Some(mut d) = added {
         d.stop();
     }
+}
+
+/// One run of the throughput benchmark: `instances` instances of a fresh
+/// cluster; returns (campaigns/s planned, reactions/s counted).
+async fn throughput(
+    svc: &(String, String, String),
+    instances: usize,
+    campaigns: usize,
+) -> (f64, f64) {
+    const USERS: u32 = 2_000;
+    const FIRST_BATCH: u64 = 500;
+    let uniq = now_ms();
+    let cluster = format!("sb{uniq}");
+    let sent = format!("smtest.cluster.bench.{uniq}");
+    smartmsg_kafka::stream::ensure_topics(&svc.0, &[(&sent, 1)])
+        .await
+        .unwrap();
+    let config = cluster_config(&cluster, SHARDS, &sent, svc);
+    let tmp = tempfile::tempdir().unwrap();
+    let client = client();
+    let mut nodes: Vec<Instance> = (0..instances)
+        .map(|i| Instance::start(tmp.path(), &format!("n{i}"), &config))
+        .collect();
+    wait_all_shards(&client, &mut nodes, SHARDS).await;
+    // Let the group settle (joins after the first assignment move shards).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    wait_all_shards(&client, &mut nodes, SHARDS).await;
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let mut csv = String::from("user,x,y\n");
+    for u in 0..USERS {
+        csv.push_str(&format!(
+            "{u},{},{}\n",
+            (u % 7) as f32 / 7.0,
+            (u % 5) as f32 / 5.0
+        ));
+    }
+    // Campaigns: defined, filled and started through the instances in
+    // turn; timed until every first batch is sent (the read model).
+    let t0 = Instant::now();
+    for i in 0..campaigns {
+        let def = json!({
+            "id": format!("b{i}"), "channel": "bench", "creatives": ["a", "b", "c"],
+            "budget": 2 * FIRST_BATCH, "batches": 2, "interval_ms": 3_600_000,
+            "features": ["x", "y"], "reaction_horizon_ms": 3_600_000,
+            "pipeline": {"window_ms": 200, "grace_ms": 100}
+        });
+        let order: Vec<String> = (0..3).map(|k| urls[(i + k) % urls.len()].clone()).collect();
+        create(&client, &order, &format!("b{i}"), &def, &csv).await;
+    }
+    let sum = |rows: &[Value], field: &str| -> u64 {
+        rows.iter().map(|r| r[field].as_u64().unwrap_or(0)).sum()
+    };
+    let rows_now = || async {
+        let r = client
+            .get(format!("{}/v1/campaigns", urls[0]))
+            .send()
+            .await
+            .ok()?;
+        serde_json::from_slice::<Vec<Value>>(&r.bytes().await.ok()?).ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(rows) = rows_now().await {
+            if rows.len() == campaigns && sum(&rows, "sent") == campaigns as u64 * FIRST_BATCH {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "first batches not sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let planned = campaigns as f64 / t0.elapsed().as_secs_f64();
+    // Reactions: every message of the first batches reacts, posted as
+    // JSON Lines of 1,000 through the instances in turn; timed until the
+    // read model counts them all.
+    let mut src =
+        KafkaTopicSource::new(&svc.0, &format!("reader-{cluster}"), &sent, 0, "sent").unwrap();
+    let mut lines = Vec::new();
+    let mut next = 0;
+    while (lines.len() as u64) < campaigns as u64 * FIRST_BATCH {
+        for r in src.read(next, 5_000).await.unwrap() {
+            next = r.position + 1;
+            let m: Value = serde_json::from_slice(&r.value).unwrap();
+            lines.push(format!(
+                "{{\"campaign\":{},\"batch\":0,\"user\":{},\"creative\":{},\"reaction\":\"clicked\",\"time_ms\":{}}}",
+                m["campaign"], m["user"], m["creative"], now_ms()
+            ));
+        }
+    }
+    let total = lines.len() as u64;
+    let t1 = Instant::now();
+    for (i, chunk) in lines.chunks(1_000).enumerate() {
+        let body = chunk.join("\n");
+        let (s, v) = until_answered(&client, &[urls[i % urls.len()].clone()], |c, u| {
+            c.post(format!("{u}/v1/reactions"))
+                .header("content-type", "application/x-ndjson")
+                .body(body.clone())
+        })
+        .await;
+        assert!(s.is_success(), "{s} {v}");
+    }
+    loop {
+        if let Some(rows) = rows_now().await {
+            if sum(&rows, "reactions") == total {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(300),
+            "reactions not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reactions = total as f64 / t1.elapsed().as_secs_f64();
+    for n in &mut nodes {
+        n.stop();
+    }
+    (planned, reactions)
+}
+
+/// Issue 16's benchmark (ignored by the test command; about 3 minutes):
+/// campaigns planned per second and reactions counted per second with 1, 2
+/// and 3 instances of one cluster on this machine, end to end through the
+/// API, Kafka, RabbitMQ and PostgreSQL. On 2 cores more instances share
+/// the same CPU: this shows the protocol's overhead, not a speed-up.
+///
+/// `source .services/env && cargo test --release -p smartmsg-cli
+/// --features distributed --test serve_cluster -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run with --ignored"]
+async fn cluster_throughput_with_one_two_and_three_instances() {
+    let Some(svc) = services() else { return };
+    let campaigns = 16;
+    let mut out = Vec::new();
+    for n in 1..=3 {
+        let (p, r) = throughput(&svc, n, campaigns).await;
+        eprintln!("{n} instance(s): {p:.2} campaigns/s planned, {r:.0} reactions/s counted");
+        out.push((n, p, r));
+    }
+    eprintln!("| instances | campaigns/s planned | reactions/s counted | vs 1 instance |");
+    eprintln!("|---|---|---|---|");
+    for (n, p, r) in &out {
+        eprintln!(
+            "| {n} | {p:.2} | {r:.0} | {:.2} / {:.2} |",
+            p / out[0].1,
+            r / out[0].2
+        );
+    }
+    assert!(out.iter().all(|(_, p, r)| *p > 0.0 && *r > 0.0));
 }
