@@ -14,9 +14,9 @@ use crate::stream_id::StreamId;
 
 /// The payload format of stream outputs in the log.
 ///
-/// - Schema [`SCHEMA`] (1), a record without headers: the key's length
+/// - Schema [`SCHEMA`](envelope::SCHEMA) (1), a record without headers: the key's length
 ///   (4 bytes, big-endian), the key, then the value.
-/// - Schema [`SCHEMA_WITH_HEADERS`] (2), a record with headers: the key's
+/// - Schema [`SCHEMA_WITH_HEADERS`](envelope::SCHEMA_WITH_HEADERS) (2), a record with headers: the key's
 ///   length and the key, the encoded [`Headers`]' length (4 bytes,
 ///   big-endian) and the headers, then the value.
 ///

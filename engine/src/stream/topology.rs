@@ -794,8 +794,8 @@ impl<K, V> std::fmt::Debug for ProcessorStream<K, V> {
 
 impl<K: Data, V: Data> ProcessorStream<K, V> {
     /// The stream of the processor's child `name`: the records it sends
-    /// with [`ProcessorContext::forward_to`]`(name, ..)` and with
-    /// [`ProcessorContext::forward`] (to every child). Asking for the same
+    /// with [`ProcessorContext::forward_to`](super::ProcessorContext::forward_to)`(name, ..)` and with
+    /// [`ProcessorContext::forward`](super::ProcessorContext::forward) (to every child). Asking for the same
     /// name again gives the same child.
     pub fn child(&self, name: &str) -> KStream<K, V> {
         let existing = self.names.borrow().iter().position(|n| n == name);
