@@ -112,7 +112,15 @@ pub async fn serve_cluster(
         .with_context(|| format!("backend.shards = {}: 1 to {MAX_SHARDS}", cc.shards))?;
     let advertise = match &cc.advertise {
         Some(a) => a.clone(),
-        None => format!("http://{}", listener.local_addr()?),
+        None => {
+            let addr = listener.local_addr()?;
+            if addr.ip().is_unspecified() {
+                anyhow::bail!(
+                    "listening on {addr}: set backend.advertise to the URL the other instances reach this one at"
+                );
+            }
+            format!("http://{addr}")
+        }
     };
     let member = cc.member.clone().unwrap_or_else(|| advertise.clone());
     let queue: QueueOpener = {

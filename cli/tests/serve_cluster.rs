@@ -308,6 +308,40 @@ async fn three_instances_one_killed_one_added_nothing_lost_or_doubled() {
         create(&client, &order, id, &def, &csv).await;
     }
 
+    // The forwarding header cannot put a campaign into another shard, name
+    // a shard the cluster lacks, or go around the token.
+    let map = smartmsg_service::cluster::ShardMap::new(SHARDS).unwrap();
+    let wrong = (map.shard_of("stray") + 1) % SHARDS;
+    let r = client
+        .post(format!("{}/v1/campaigns", urls[0]))
+        .header("x-smartmsg-shard", wrong.to_string())
+        .header("content-type", "application/json")
+        .body(json!({"id": "stray", "channel": "t", "creatives": ["a"], "budget": 1, "batches": 1, "interval_ms": 1, "features": []}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421, "a definition forced into shard {wrong}");
+    let r = client
+        .get(format!("{}/v1/campaigns/camp-0", urls[0]))
+        .header("x-smartmsg-shard", "99")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client
+        .get(format!("{}/v1/campaigns/camp%2D0", urls[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "an encoded id");
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/campaigns/camp-0", urls[1]))
+        .header("x-smartmsg-shard", map.shard_of("camp-0").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the header goes around no token");
+
     // Read what is sent; every fourth user reacts, through any instance.
     let mut src =
         KafkaTopicSource::new(&bootstrap, &format!("reader-{cluster}"), &sent, 0, "sent").unwrap();

@@ -14,11 +14,25 @@ use bytes::Bytes;
 use smartmsg_embedded::{EmbeddedDelayQueue, EmbeddedQueueConfig, RedbSnapshots};
 use smartmsg_engine::{DelayQueue, Job, JobId, Snapshot, SnapshotStore, StreamId};
 
-/// Runs `call` and reports whether the counter moved while it ran.
+/// Runs `call` and reports whether it let the thread go while it ran: it
+/// returned `Pending` at least once, or the counter moved meanwhile. A call
+/// that commits in place does neither. (The counter alone is not enough:
+/// when the work off the thread finishes before the scheduler's next turn,
+/// the call's task is run again before the counter's.)
 async fn moved_during<T>(turns: &AtomicU64, call: impl std::future::Future<Output = T>) -> bool {
+    use std::task::Poll;
     let before = turns.load(Ordering::SeqCst);
-    call.await;
-    turns.load(Ordering::SeqCst) > before
+    let mut call = std::pin::pin!(call);
+    let mut pending = false;
+    std::future::poll_fn(|cx| match call.as_mut().poll(cx) {
+        Poll::Ready(_) => Poll::Ready(()),
+        Poll::Pending => {
+            pending = true;
+            Poll::Pending
+        }
+    })
+    .await;
+    pending || turns.load(Ordering::SeqCst) > before
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -49,6 +49,9 @@ pub enum PgError {
     /// The database failed.
     #[error("postgresql: {0}")]
     Db(#[from] tokio_postgres::Error),
+    /// A call took longer than allowed.
+    #[error("postgresql did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     /// A stored row could not be read back.
     #[error("a stored row of campaign {campaign} is not readable: {reason}")]
     Row {
@@ -471,6 +474,9 @@ impl<O: ShardOpener> ShardOpener for PgReadModels<O> {
     }
 }
 
+/// Longest a directory call may take (connecting included).
+pub const DIRECTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// [`ShardDirectory`] in PostgreSQL: `<schema>.shard_owners` (shard →
 /// address, member, when) and the campaign rows. Connects again after the
 /// database went away (the call that found it away fails).
@@ -513,17 +519,26 @@ impl PgShardDirectory {
         >,
     ) -> Result<T, PgError> {
         let mut guard = self.client.lock().await;
+        let timed_out = || PgError::Timeout(DIRECTORY_TIMEOUT);
         if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(connect(&self.url).await?);
+            let c = tokio::time::timeout(DIRECTORY_TIMEOUT, connect(&self.url))
+                .await
+                .map_err(|_| timed_out())??;
+            *guard = Some(c);
         }
         let client = guard.as_ref().expect("connected above");
-        match f(client).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
+        match tokio::time::timeout(DIRECTORY_TIMEOUT, f(client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
                 if client.is_closed() {
                     *guard = None;
                 }
                 Err(e.into())
+            }
+            Err(_) => {
+                // A half-open connection: drop it, connect again next time.
+                *guard = None;
+                Err(timed_out())
             }
         }
     }

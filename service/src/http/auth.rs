@@ -61,16 +61,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether `path` is open to anyone: `/health`, `/ready`, `/openapi.json`
+/// and the dashboard page.
+pub fn is_open(path: &str) -> bool {
+    matches!(
+        path,
+        "/health" | "/ready" | "/openapi.json" | "/" | "/dashboard"
+    )
+}
+
 /// The middleware: `/health`, `/ready`, `/openapi.json` and the dashboard
 /// page are open; everything else needs a token of the right scope (when
 /// tokens are configured).
 pub async fn require(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let open = matches!(
-        path,
-        "/health" | "/ready" | "/openapi.json" | "/" | "/dashboard"
-    );
-    if !open {
+    if !is_open(path) {
         let want = needed(req.method(), path);
         let h = req
             .headers()

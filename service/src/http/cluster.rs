@@ -129,8 +129,13 @@ pub async fn serve_cluster(
     if config.tokens.is_empty() {
         tracing::warn!("no tokens configured: every request is allowed");
     }
+    // No total timeout (an upload may stream for minutes), but a stalled
+    // peer is given up; no proxies, no redirects between instances.
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
+        .read_timeout(Duration::from_secs(60))
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| ServeError::Records(format!("the forwarding client: {e}")))?;
     let cluster = Cluster(Arc::new(Inner {
@@ -149,10 +154,7 @@ pub async fn serve_cluster(
         let _ = node_stopped.await;
     }));
     let follower = tokio::spawn(follow(cluster.clone()));
-    let app = Router::new()
-        .fallback(dispatch)
-        .with_state(cluster.clone())
-        .layer(axum::extract::DefaultBodyLimit::disable());
+    let app = Router::new().fallback(dispatch).with_state(cluster.clone());
     tracing::info!(addr = ?listener.local_addr().ok(), advertise = %cluster.parts.advertise, "serving as a cluster instance");
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -173,8 +175,13 @@ pub async fn serve_cluster(
     })
 }
 
+/// How often an instance claims its shards again (a claim another
+/// instance overwrote late, after the shard had moved here, is mended
+/// within this).
+const RECLAIM: Duration = Duration::from_secs(5);
+
 /// Keeps an API for every shard running here, and claims each in the
-/// directory once its API is ready.
+/// directory once its API is ready (and again every [`RECLAIM`]).
 async fn follow(c: Cluster) {
     let mut changes = c.node.changes();
     loop {
@@ -193,73 +200,68 @@ async fn follow(c: Cluster) {
             let Some(handle) = c.node.shard(s) else {
                 continue;
             };
-            let current = c
-                .apps
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&s)
-                .is_some_and(|a| Arc::ptr_eq(&a.log, handle.log()));
-            if current {
-                continue;
-            }
-            let log = Arc::clone(handle.log());
-            let state = AppState::open(
-                handle,
-                c.tokens.to_vec(),
-                c.limits,
-                c.uploads.join(format!("shard-{s}")),
-                Some(super::prometheus()),
-                c.evaluator.clone(),
-                Some(s),
-            )
-            .await;
-            let state = match state {
-                Ok(st) => st,
-                Err(e) => {
-                    tracing::warn!(shard = s, error = %e, "the shard's API did not open; trying again");
-                    retry = true;
+            if c.app(s).is_none() {
+                let log = Arc::clone(handle.log());
+                let state = AppState::open(
+                    handle,
+                    c.tokens.to_vec(),
+                    c.limits,
+                    c.uploads.join(format!("shard-{s}")),
+                    Some(super::prometheus()),
+                    c.evaluator.clone(),
+                    Some(s),
+                )
+                .await;
+                let state = match state {
+                    Ok(st) => st,
+                    Err(e) => {
+                        tracing::warn!(shard = s, error = %e, "the shard's API did not open; trying again");
+                        retry = true;
+                        continue;
+                    }
+                };
+                // The shard may have moved on while its API opened.
+                if !c.node.shard(s).is_some_and(|h| Arc::ptr_eq(h.log(), &log)) {
                     continue;
                 }
-            };
-            if let Err(e) = c
-                .parts
-                .directory
-                .claim(s, &c.parts.advertise, &c.parts.member)
-                .await
-            {
-                tracing::warn!(shard = s, error = %e, "could not claim the shard in the directory; trying again");
-                retry = true;
-                continue;
+                let router = super::router(state);
+                c.apps
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(s, ShardApp { log, router });
+                tracing::info!(shard = s, "serving the shard");
             }
-            let router = super::router(state);
-            c.apps
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(s, ShardApp { log, router });
-            tracing::info!(shard = s, "serving the shard");
+            if c.app(s).is_some() {
+                if let Err(e) = c
+                    .parts
+                    .directory
+                    .claim(s, &c.parts.advertise, &c.parts.member)
+                    .await
+                {
+                    tracing::warn!(shard = s, error = %e, "could not claim the shard in the directory; trying again");
+                    retry = true;
+                }
+            }
         }
+        let wait = if retry {
+            Duration::from_secs(1)
+        } else {
+            RECLAIM
+        };
         tokio::select! {
             changed = changes.changed() => if changed.is_err() {
                 return;
             },
-            () = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
-}
-
-/// Paths anyone may read (the single server's open paths).
-fn open_path(path: &str) -> bool {
-    matches!(
-        path,
-        "/health" | "/ready" | "/openapi.json" | "/" | "/dashboard"
-    ) || path.starts_with("/assets/")
 }
 
 /// Every request: see the [module](self) docs.
 async fn dispatch(State(c): State<Cluster>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    if !open_path(&path) {
+    if !auth::is_open(&path) {
         let h = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -269,18 +271,29 @@ async fn dispatch(State(c): State<Cluster>, req: Request) -> Response {
             return p.into_response();
         }
     }
-    if let Some(v) = req.headers().get(SHARD_HEADER) {
-        return match v.to_str().ok().and_then(|v| v.parse::<u32>().ok()) {
-            Some(s) => match c.app(s) {
-                Some(app) => call(app.router, req).await,
-                None => moving(s),
-            },
-            None => Problem::bad_request(format!("{SHARD_HEADER} is not a shard"))
-                .field(SHARD_HEADER)
-                .into_response(),
-        };
-    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let ["v1", "campaigns", id, ..] = segments.as_slice() {
+        if id.contains('%') {
+            // Ids are letters, digits, `-`, `_` and `.`: an encoded one
+            // would be hashed to another shard than the one it decodes to.
+            return Problem::bad_request("a campaign id is letters, digits, -, _ and . only")
+                .field("id")
+                .into_response();
+        }
+    }
+    if let Some(v) = req.headers().get(SHARD_HEADER) {
+        let s = match v.to_str().ok().and_then(|v| v.parse::<u32>().ok()) {
+            Some(s) if s < c.map.shards() => s,
+            _ => {
+                return Problem::bad_request(format!(
+                    "{SHARD_HEADER} is not a shard of this cluster"
+                ))
+                .field(SHARD_HEADER)
+                .into_response()
+            }
+        };
+        return c.forwarded(s, &method, &segments, req).await;
+    }
     match (&method, segments.as_slice()) {
         (&Method::POST, ["v1", "campaigns"]) => c.by_body_field(req, "id").await,
         (&Method::GET, ["v1", "campaigns"]) => c.list().await,
@@ -304,6 +317,15 @@ async fn dispatch(State(c): State<Cluster>, req: Request) -> Response {
             None => unavailable("no shard runs on this instance yet"),
         },
     }
+}
+
+/// The string `field` of a JSON object body, if any.
+fn field_of(body: &[u8], field: &str) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get(field)?
+        .as_str()
+        .map(str::to_owned)
 }
 
 async fn call(router: Router, req: Request) -> Response {
@@ -346,12 +368,87 @@ fn hop_by_hop(name: &header::HeaderName) -> bool {
 }
 
 impl Cluster {
+    /// Shard `shard`'s API, if the shard's runtime runs here now (the
+    /// node forgets a shard's runtime as soon as it starts stopping it).
     fn app(&self, shard: u32) -> Option<ShardApp> {
-        self.apps
+        let app = self
+            .apps
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&shard)
-            .cloned()
+            .cloned()?;
+        self.node
+            .shard(shard)
+            .is_some_and(|h| Arc::ptr_eq(h.log(), &app.log))
+            .then_some(app)
+    }
+
+    /// A request another instance forwarded for shard `s`: answered here if
+    /// `s` runs here and the request is about `s` (a client cannot put a
+    /// campaign into another shard with the header), else 503 or 421.
+    async fn forwarded(
+        &self,
+        s: u32,
+        method: &Method,
+        segments: &[&str],
+        req: Request,
+    ) -> Response {
+        let misdirected = |what: &str| {
+            Problem::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected",
+                format!("{what} is not in shard {s}"),
+            )
+            .into_response()
+        };
+        let req = match (method, segments) {
+            (_, ["v1", "campaigns", id, ..]) if self.map.shard_of(id) != s => {
+                return misdirected(&format!("campaign {id:?}"))
+            }
+            (_, ["v1", "evaluations", job]) if evaluation::job_shard(job) != Some(s) => {
+                return misdirected(&format!("evaluation {job:?}"))
+            }
+            (&Method::POST, ["v1", kind @ ("campaigns" | "evaluations")]) => {
+                let field = if *kind == "campaigns" {
+                    "id"
+                } else {
+                    "campaign"
+                };
+                let (parts, bytes) = match self.body(req, self.limits.max_json_bytes).await {
+                    Ok(x) => x,
+                    Err(r) => return r,
+                };
+                if let Some(id) = field_of(&bytes, field) {
+                    if self.map.shard_of(&id) != s {
+                        return misdirected(&format!("campaign {id:?}"));
+                    }
+                }
+                Request::from_parts(parts, Body::from(bytes))
+            }
+            _ => req,
+        };
+        match self.app(s) {
+            Some(app) => call(app.router, req).await,
+            None => moving(s),
+        }
+    }
+
+    /// `req`'s head and its body, at most `limit` bytes (else 413).
+    async fn body(
+        &self,
+        req: Request,
+        limit: usize,
+    ) -> Result<(axum::http::request::Parts, Bytes), Response> {
+        let (parts, body) = req.into_parts();
+        match axum::body::to_bytes(body, limit).await {
+            Ok(b) => Ok((parts, b)),
+            Err(_) => Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!("the body is over {limit} bytes (or was cut off)"),
+            )
+            .into_response()),
+        }
     }
 
     fn any_app(&self) -> Option<ShardApp> {
@@ -425,21 +522,11 @@ impl Cluster {
 
     /// A command whose campaign is named in its JSON body (`field`).
     async fn by_body_field(&self, req: Request, field: &str) -> Response {
-        let (parts, body) = req.into_parts();
-        let bytes = match axum::body::to_bytes(body, self.limits.max_json_bytes).await {
-            Ok(b) => b,
-            Err(_) => {
-                return Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too-large",
-                    format!("the body is over {} bytes", self.limits.max_json_bytes),
-                )
-                .into_response()
-            }
+        let (parts, bytes) = match self.body(req, self.limits.max_json_bytes).await {
+            Ok(x) => x,
+            Err(r) => return r,
         };
-        let id = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get(field)?.as_str().map(str::to_owned));
+        let id = field_of(&bytes, field);
         let req = Request::from_parts(parts, Body::from(bytes));
         match id {
             Some(id) => {
@@ -467,17 +554,9 @@ impl Cluster {
     }
 
     async fn reactions(&self, req: Request) -> Response {
-        let (parts, body) = req.into_parts();
-        let body = match axum::body::to_bytes(body, self.limits.max_reactions_bytes).await {
-            Ok(b) => b,
-            Err(_) => {
-                return Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too-large",
-                    format!("the body is over {} bytes", self.limits.max_reactions_bytes),
-                )
-                .into_response()
-            }
+        let (parts, body) = match self.body(req, self.limits.max_reactions_bytes).await {
+            Ok(x) => x,
+            Err(r) => return r,
         };
         let (numbers, lines) =
             match reaction_lines(&parts.headers, body, self.limits.max_reactions_per_request) {
@@ -561,14 +640,9 @@ impl Cluster {
     }
 
     async fn remove_user(&self, req: Request) -> Response {
-        let (parts, body) = req.into_parts();
-        let Ok(body) = axum::body::to_bytes(body, self.limits.max_json_bytes).await else {
-            return Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-large",
-                "the body is too large",
-            )
-            .into_response();
+        let (parts, body) = match self.body(req, self.limits.max_json_bytes).await {
+            Ok(x) => x,
+            Err(r) => return r,
         };
         match self
             .every_shard(&parts.method, &parts.uri, &parts.headers, &body)
