@@ -36,7 +36,7 @@ use tower::ServiceExt;
 
 use super::config::{HttpLimits, ServeConfig, TokenConfig};
 use super::problem::Problem;
-use super::routes::{json, reaction_lines, ReactionResult, ReactionsAnswer};
+use super::routes::{json, reaction_lines, ReactionsAnswer};
 use super::{auth, evaluation, AppState, ServeError};
 use crate::cluster::{Node, NodeHandle, ReactionSink, RoutedReaction, ShardDirectory, ShardMap};
 
@@ -563,11 +563,7 @@ impl Cluster {
                 Ok(v) => v,
                 Err(p) => return p.into_response(),
             };
-        let mut answer = ReactionsAnswer {
-            accepted: 0,
-            unrouted: 0,
-            results: Vec::new(),
-        };
+        let mut answer = ReactionsAnswer::default();
         let mut routed = Vec::with_capacity(lines.len());
         for (line, payload) in numbers.into_iter().zip(lines) {
             let campaign = match crate::ingest::campaign_of(&payload) {
@@ -578,14 +574,7 @@ impl Cluster {
                 Err(reason) => {
                     // Still handed on: the shard's runtime records it as an
                     // unrouted dead letter with this reason.
-                    answer.unrouted += 1;
-                    if answer.results.len() < 100 {
-                        answer.results.push(ReactionResult {
-                            line,
-                            status: "unrouted".into(),
-                            reason: Some(reason),
-                        });
-                    }
+                    answer.add_unrouted(line, reason);
                     String::new()
                 }
             };
@@ -599,9 +588,7 @@ impl Cluster {
             tracing::warn!(error = %e, "publishing reactions failed");
             return unavailable("the reactions could not be stored; send them again");
         }
-        metrics::counter!("smartmsg_reactions_accepted_total").increment(answer.accepted);
-        metrics::counter!("smartmsg_reactions_unrouted_total").increment(answer.unrouted);
-        json(StatusCode::OK, &answer)
+        answer.into_response()
     }
 
     /// Sends a copy of a bodiless-or-small request to every shard; the

@@ -1029,7 +1029,7 @@ pub struct ReactionResult {
 }
 
 /// The answer to a reactions request.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReactionsAnswer {
     /// Reactions accepted.
     pub accepted: u64,
@@ -1037,6 +1037,28 @@ pub struct ReactionsAnswer {
     pub unrouted: u64,
     /// The unrouted ones (at most 100), with their lines and reasons.
     pub results: Vec<ReactionResult>,
+}
+
+impl ReactionsAnswer {
+    /// Counts an unrouted reaction; the first 100 are listed with their
+    /// lines and reasons.
+    pub(crate) fn add_unrouted(&mut self, line: u64, reason: String) {
+        self.unrouted += 1;
+        if self.results.len() < 100 {
+            self.results.push(ReactionResult {
+                line,
+                status: "unrouted".into(),
+                reason: Some(reason),
+            });
+        }
+    }
+
+    /// The answer (200), counted in the metrics.
+    pub(crate) fn into_response(self) -> Response {
+        metrics::counter!("smartmsg_reactions_accepted_total").increment(self.accepted);
+        metrics::counter!("smartmsg_reactions_unrouted_total").increment(self.unrouted);
+        json(StatusCode::OK, &self)
+    }
 }
 
 /// Posts reactions: one JSON object (`application/json`), or many, one
@@ -1058,29 +1080,14 @@ pub(crate) async fn reactions(
     match state.handle.inbox().submit_many(lines).await {
         Err(e) => Problem::from(e).into_response(),
         Ok(results) => {
-            let mut a = ReactionsAnswer {
-                accepted: 0,
-                unrouted: 0,
-                results: Vec::new(),
-            };
+            let mut a = ReactionsAnswer::default();
             for (line, r) in numbers.iter().zip(results) {
                 match r {
                     Submitted::Accepted { .. } => a.accepted += 1,
-                    Submitted::Unrouted { reason } => {
-                        a.unrouted += 1;
-                        if a.results.len() < 100 {
-                            a.results.push(ReactionResult {
-                                line: *line,
-                                status: "unrouted".into(),
-                                reason: Some(reason),
-                            });
-                        }
-                    }
+                    Submitted::Unrouted { reason } => a.add_unrouted(*line, reason),
                 }
             }
-            metrics::counter!("smartmsg_reactions_accepted_total").increment(a.accepted);
-            metrics::counter!("smartmsg_reactions_unrouted_total").increment(a.unrouted);
-            json(StatusCode::OK, &a)
+            a.into_response()
         }
     }
 }
