@@ -48,7 +48,22 @@ impl Ctl {
         Ok(ctl)
     }
 
+    /// The broker's dead-letter retry interval in ms: a job that expires
+    /// while the broker boots waits that long (see `docs/deployment.md`).
+    fn dlx_retry_ms(&self) -> String {
+        self.output(&[
+            "eval",
+            "application:get_env(rabbit, dead_letter_worker_publisher_confirm_timeout).",
+        ])
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+    }
+
     fn run(&self, args: &[&str]) -> Result<(), String> {
+        self.output(args).map(|_| ())
+    }
+
+    fn output(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(&self.bin)
             .arg("-n")
             .arg("rabbit@localhost")
@@ -63,7 +78,7 @@ impl Ctl {
             .output()
             .map_err(|e| format!("running rabbitmqctl: {e}"))?;
         if out.status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(format!(
                 "rabbitmqctl {args:?} failed: {}{}",
@@ -195,7 +210,11 @@ async fn every_job_fires_across_a_broker_crash() {
         *count.entry(f.lease.job.id.to_string()).or_default() += 1;
     }
     let lost: Vec<_> = due.keys().filter(|id| !count.contains_key(*id)).collect();
-    assert!(lost.is_empty(), "lost across the crash: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "lost across the crash: {lost:?} (the broker's dead-letter retry: {})",
+        ctl.dlx_retry_ms()
+    );
     let twice = count.values().filter(|c| **c > 1).count();
     eprintln!(
         "all {n} jobs fired after the crash ({} deliveries, {twice} jobs twice)",
@@ -289,7 +308,11 @@ async fn every_job_fires_across_a_broker_restart() {
         *count.entry(f.lease.job.id.to_string()).or_default() += 1;
     }
     for id in due.keys() {
-        assert!(count.contains_key(id), "job {id} never fired");
+        assert!(
+            count.contains_key(id),
+            "job {id} never fired (the broker's dead-letter retry: {})",
+            ctl.dlx_retry_ms()
+        );
     }
     // The lease lost with the broker's connection comes back, and the lost
     // delivery counts: attempt 2.
