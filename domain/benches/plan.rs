@@ -3,6 +3,8 @@
 //! ```sh
 //! cargo bench -p smartmsg-domain --bench plan            # full run
 //! cargo bench -p smartmsg-domain --bench plan -- --quick # fewer repetitions
+//! cargo bench -p smartmsg-domain --bench plan -- "1 draw" --reps 200 # only the cases
+//!                                        # whose name holds "1 draw", 200 runs each (profiling)
 //! ```
 //!
 //! Plans one batch of 10,000 for 300,000 candidates × 4 creatives × 16
@@ -35,7 +37,46 @@ struct Row {
     note: String,
 }
 
-fn measure(name: &str, runs: usize, note: impl Fn(Duration) -> String, mut f: impl FnMut()) -> Row {
+/// The command line: `--quick`, `--reps N` (runs per case), and a filter
+/// (a case runs when its name holds it). Cargo's own `--bench` is ignored.
+struct Args {
+    quick: bool,
+    reps: Option<usize>,
+    filter: Option<String>,
+}
+
+fn args() -> &'static Args {
+    static ARGS: std::sync::OnceLock<Args> = std::sync::OnceLock::new();
+    ARGS.get_or_init(|| {
+        let mut out = Args {
+            quick: false,
+            reps: None,
+            filter: None,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--quick" => out.quick = true,
+                "--reps" => out.reps = it.next().and_then(|n| n.parse().ok()),
+                "--bench" => {}
+                _ if !a.starts_with('-') => out.filter = Some(a),
+                _ => {}
+            }
+        }
+        out
+    })
+}
+
+fn measure(
+    name: &str,
+    runs: usize,
+    note: impl Fn(Duration) -> String,
+    mut f: impl FnMut(),
+) -> Option<Row> {
+    if args().filter.as_deref().is_some_and(|w| !name.contains(w)) {
+        return None;
+    }
+    let runs = args().reps.unwrap_or(runs);
     f(); // warm-up
     let mut times: Vec<Duration> = (0..runs)
         .map(|_| {
@@ -46,13 +87,13 @@ fn measure(name: &str, runs: usize, note: impl Fn(Duration) -> String, mut f: im
         .collect();
     times.sort();
     let median = times[times.len() / 2];
-    Row {
+    Some(Row {
         name: name.to_owned(),
         median,
         min: times[0],
         runs,
         note: note(median),
-    }
+    })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -60,7 +101,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = args().quick;
     let reps = |n: usize| if quick { n.div_ceil(3).max(1) } else { n };
     let mut rng = ChaCha8Rng::seed_from_u64(42);
 
@@ -164,7 +205,7 @@ fn main() {
                 black_box(d);
             },
         );
-        rows.push(row);
+        rows.extend(row);
     };
     plan_row(
         "plan integrated, 1 draw (score + top-B)",
@@ -266,7 +307,7 @@ fn main() {
     let base = Integrated::new(CREATIVES, DIM, cfg(1)).unwrap();
     let rate =
         |n: usize| move |d: Duration| format!("{:.2} M rows/s", n as f64 / d.as_secs_f64() / 1e6);
-    rows.push(measure(
+    rows.extend(measure(
         "update integrated: 10,000 per-user outcomes",
         reps(9),
         rate(per_user.len()),
@@ -276,7 +317,7 @@ fn main() {
             black_box(m);
         },
     ));
-    rows.push(measure(
+    rows.extend(measure(
         &format!(
             "update integrated: one window, {} creative x bucket rows",
             buckets.len()
@@ -297,7 +338,7 @@ fn main() {
         c
     })
     .unwrap();
-    rows.push(measure(
+    rows.extend(measure(
         "update integrated (linear): 10,000 per-user outcomes",
         reps(9),
         rate(per_user.len()),
@@ -307,7 +348,7 @@ fn main() {
             black_box(m);
         },
     ));
-    rows.push(measure(
+    rows.extend(measure(
         "update creative-thompson: 10,000 per-user outcomes",
         reps(15),
         rate(per_user.len()),

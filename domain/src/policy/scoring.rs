@@ -15,6 +15,7 @@
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use wide::f32x8;
 
 use crate::data::Candidates;
 use crate::model::GaussianWeights;
@@ -121,8 +122,27 @@ pub(crate) fn workers(n: usize) -> usize {
     std::thread::available_parallelism().map_or(1, |c| c.get().min(8))
 }
 
+/// Candidates per register tile of [`fill_moments`]: one [`f32x8`] (two
+/// SSE registers, one AVX register). Its lanes are independent: a
+/// product and a sum per lane, never fused, so the results do not depend
+/// on the vector width the machine has.
+const LANES: usize = 8;
+
+/// Rows of `L⁻¹` per register tile of [`fill_moments`]: `ROWS × LANES`
+/// partial sums stay in registers while the block's feature columns
+/// stream past once for the rows together.
+const ROWS: usize = 4;
+
 /// The moments of candidates `first..first + mean.len() / m` into `mean`
 /// and `sd` (see [`Moments::new`]).
+///
+/// Per block of [`BLOCK`] candidates (features transposed) and model, the
+/// products run in register tiles of [`ROWS`] rows of `L⁻¹` by [`LANES`]
+/// candidates: each feature column is loaded once per tile, not once per
+/// row, and no partial sum goes back to memory until its row ends. Every
+/// candidate's sums run in the same order as a plain row-by-row loop
+/// (each row from its intercept up, the squares from the first row down),
+/// so the results are the same to the bit (tested against it).
 fn fill_moments(
     means: &[Vec<f32>],
     invs: &[Vec<f32>],
@@ -135,11 +155,39 @@ fn fill_moments(
     let dim = candidates.dim();
     let n1 = dim + 1;
     let n = mean.len() / m.max(1);
-    // cols[j * BLOCK + u]: feature j of the block's candidate u.
+    // cols[j * BLOCK + u]: feature j of the block's candidate u (lanes past
+    // the last candidate keep stale values; their results are not read).
     let mut cols = vec![0f32; dim * BLOCK];
-    let mut t = [0f32; BLOCK];
     let mut v = [0f32; BLOCK];
     let mut mu_acc = [0f32; BLOCK];
+    // Every weight is splatted over the lanes once, not once per use.
+    let means: Vec<Vec<f32x8>> = means
+        .iter()
+        .map(|mu| mu.iter().map(|&w| f32x8::splat(w)).collect())
+        .collect();
+    // Each model's whole tiles of rows, laid out once.
+    let tiles: Vec<Vec<Tile>> = invs
+        .iter()
+        .map(|inv| {
+            (0..n1 / ROWS)
+                .map(|q| Tile::new(inv, n1, q * ROWS))
+                .collect()
+        })
+        .collect();
+    // And the rows after the last whole tile.
+    let rests: Vec<Vec<Vec<f32x8>>> = invs
+        .iter()
+        .map(|inv| {
+            (n1 / ROWS * ROWS..n1)
+                .map(|i| {
+                    inv[i * n1..=i * n1 + i]
+                        .iter()
+                        .map(|&w| f32x8::splat(w))
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
     for start in (0..n).step_by(BLOCK) {
         let len = BLOCK.min(n - start);
         for u in 0..len {
@@ -147,36 +195,95 @@ fn fill_moments(
                 cols[j * BLOCK + u] = xj;
             }
         }
-        for (k, (mu, inv)) in means.iter().zip(invs).enumerate() {
+        for (k, ((mu, tiles), rest)) in means.iter().zip(&tiles).zip(&rests).enumerate() {
             // The mean: mu₀ + Σ_j mu_{j+1} x_j.
-            mu_acc[..len].fill(mu[0]);
-            for j in 0..dim {
-                let w = mu[j + 1];
-                let col = &cols[j * BLOCK..j * BLOCK + len];
-                for (a, &x) in mu_acc[..len].iter_mut().zip(col) {
-                    *a += w * x;
+            for g in (0..BLOCK).step_by(LANES) {
+                let mut acc = mu[0];
+                for (&w, col) in mu[1..].iter().zip(cols.chunks_exact(BLOCK)) {
+                    acc += w * lane(col, g);
                 }
+                mu_acc[g..g + LANES].copy_from_slice(&acc.to_array());
             }
             // The variance: Σ_i (row_i · x̃)², row_i of L⁻¹ (lower
-            // triangular, x̃ = (1, x)).
-            v[..len].fill(0.0);
-            for i in 0..n1 {
-                let row = &inv[i * n1..i * n1 + i + 1];
-                t[..len].fill(row[0]);
-                for (j, &w) in row[1..].iter().enumerate() {
-                    let col = &cols[j * BLOCK..j * BLOCK + len];
-                    for (a, &x) in t[..len].iter_mut().zip(col) {
-                        *a += w * x;
+            // triangular, x̃ = (1, x)), rows in tiles of ROWS.
+            v.fill(0.0);
+            for (q, tile) in tiles.iter().enumerate() {
+                let i0 = q * ROWS;
+                for g in (0..BLOCK).step_by(LANES) {
+                    let mut t: [f32x8; ROWS] = tile.head;
+                    // The columns every row of the tile has.
+                    for (w, col) in tile.body.chunks_exact(ROWS).zip(cols.chunks_exact(BLOCK)) {
+                        let x = lane(col, g);
+                        for (tr, &wr) in t.iter_mut().zip(w) {
+                            *tr += wr * x;
+                        }
                     }
+                    // Row i0 + r has r more.
+                    let mut tail = tile.tail.iter();
+                    for (r, tr) in t.iter_mut().enumerate().skip(1) {
+                        for col in cols.chunks_exact(BLOCK).skip(i0).take(r) {
+                            let w = tail.next().copied().unwrap_or(f32x8::ZERO);
+                            *tr += w * lane(col, g);
+                        }
+                    }
+                    let mut var = lane(&v, g);
+                    for tr in t {
+                        var += tr * tr;
+                    }
+                    v[g..g + LANES].copy_from_slice(&var.to_array());
                 }
-                for (a, &x) in v[..len].iter_mut().zip(&t[..len]) {
-                    *a += x * x;
+            }
+            for row in rest {
+                for g in (0..BLOCK).step_by(LANES) {
+                    let mut t = row[0];
+                    for (&w, col) in row[1..].iter().zip(cols.chunks_exact(BLOCK)) {
+                        t += w * lane(col, g);
+                    }
+                    let var = lane(&v, g) + t * t;
+                    v[g..g + LANES].copy_from_slice(&var.to_array());
                 }
             }
             for u in 0..len {
                 mean[(start + u) * m + k] = mu_acc[u];
                 sd[(start + u) * m + k] = v[u].sqrt();
             }
+        }
+    }
+}
+
+/// The candidates `g..g + LANES` of one feature column of a block.
+#[inline(always)]
+fn lane(col: &[f32], g: usize) -> f32x8 {
+    let mut x = [0f32; LANES];
+    x.copy_from_slice(&col[g..g + LANES]);
+    f32x8::from(x)
+}
+
+/// The weights of rows `i0..i0 + ROWS` of `L⁻¹`, laid out for
+/// [`fill_moments`]' register tiles.
+struct Tile {
+    /// Each row's intercept weight.
+    head: [f32x8; ROWS],
+    /// `body[j * ROWS + r]`: row `i0 + r`'s weight of feature `j < i0`.
+    body: Vec<f32x8>,
+    /// Row `i0 + r`'s weights of features `i0..i0 + r`, rows in order.
+    tail: Vec<f32x8>,
+}
+
+impl Tile {
+    /// Rows `i0..i0 + ROWS` of the `n1 × n1` row-major `inv`.
+    fn new(inv: &[f32], n1: usize, i0: usize) -> Self {
+        let at = |r: usize, j: usize| f32x8::splat(inv[(i0 + r) * n1 + j]);
+        Self {
+            head: std::array::from_fn(|r| at(r, 0)),
+            body: (0..i0)
+                .flat_map(|j| (0..ROWS).map(move |r| (r, j)))
+                .map(|(r, j)| at(r, j + 1))
+                .collect(),
+            tail: (1..ROWS)
+                .flat_map(|r| (i0..i0 + r).map(move |j| (r, j)))
+                .map(|(r, j)| at(r, j + 1))
+                .collect(),
         }
     }
 }
@@ -189,31 +296,81 @@ impl Moments {
     /// means' gap, `θ² = s_c² + s_b²` and `Q` the normal upper tail).
     /// In `f32`, `φ(u) − u Q(u)` interpolated in a table (see
     /// [`gain_table`]): no exponential per pair.
+    ///
+    /// Whole groups of [`LANES`] candidates take their square roots and
+    /// divisions as vectors (the same IEEE operations per lane, so the
+    /// same results to the bit as [`ambiguity_of`] one candidate at a
+    /// time, which the rest take; tested).
     pub fn ambiguity(&self) -> Vec<f32> {
         let m = self.models;
         let table = gain_table();
-        self.mean
-            .chunks_exact(m)
-            .zip(self.sd.chunks_exact(m))
-            .map(|(mean, sd)| {
+        let n = self.mean.len().checked_div(m).unwrap_or(0);
+        let mut out = Vec::with_capacity(n);
+        let whole = n / LANES * LANES;
+        for (mean, sd) in self.mean[..whole * m]
+            .chunks_exact(LANES * m)
+            .zip(self.sd[..whole * m].chunks_exact(LANES * m))
+        {
+            let best: [usize; LANES] = std::array::from_fn(|l| {
+                let row = &mean[l * m..(l + 1) * m];
                 let mut b = 0;
                 for c in 1..m {
-                    if mean[c] > mean[b] {
+                    if row[c] > row[b] {
                         b = c;
                     }
                 }
-                let (mb, sb2) = (mean[b], sd[b] * sd[b]);
-                let mut sum = 0f32;
-                for c in 0..m {
-                    let theta = (sb2 + sd[c] * sd[c]).sqrt();
-                    if c != b && theta > 0.0 {
-                        sum += theta * gain(table, (mb - mean[c]) / theta);
+                b
+            });
+            let mb = f32x8::from(std::array::from_fn::<f32, LANES, _>(|l| {
+                mean[l * m + best[l]]
+            }));
+            let sb = f32x8::from(std::array::from_fn::<f32, LANES, _>(|l| {
+                sd[l * m + best[l]]
+            }));
+            let sb2 = sb * sb;
+            let mut sum = [0f32; LANES];
+            for c in 0..m {
+                let sc = f32x8::from(std::array::from_fn::<f32, LANES, _>(|l| sd[l * m + c]));
+                let mc = f32x8::from(std::array::from_fn::<f32, LANES, _>(|l| mean[l * m + c]));
+                let theta = (sb2 + sc * sc).sqrt();
+                let u = ((mb - mc) / theta).to_array();
+                for (l, (&th, s)) in theta.to_array().iter().zip(&mut sum).enumerate() {
+                    if c != best[l] && th > 0.0 {
+                        *s += th * gain(table, u[l]);
                     }
                 }
-                sum.max(0.0)
-            })
-            .collect()
+            }
+            out.extend(sum.iter().map(|s| s.max(0.0)));
+        }
+        out.extend(
+            self.mean[whole * m..]
+                .chunks_exact(m.max(1))
+                .zip(self.sd[whole * m..].chunks_exact(m.max(1)))
+                .map(|(mean, sd)| ambiguity_of(mean, sd, table)),
+        );
+        out
     }
+}
+
+/// One candidate's ambiguity (see [`Moments::ambiguity`]) from its
+/// models' means and standard deviations.
+fn ambiguity_of(mean: &[f32], sd: &[f32], table: &[f32]) -> f32 {
+    let m = mean.len();
+    let mut b = 0;
+    for c in 1..m {
+        if mean[c] > mean[b] {
+            b = c;
+        }
+    }
+    let (mb, sb2) = (mean[b], sd[b] * sd[b]);
+    let mut sum = 0f32;
+    for c in 0..m {
+        let theta = (sb2 + sd[c] * sd[c]).sqrt();
+        if c != b && theta > 0.0 {
+            sum += theta * gain(table, (mb - mean[c]) / theta);
+        }
+    }
+    sum.max(0.0)
 }
 
 /// Steps per unit of `u` in [`gain_table`].
@@ -726,6 +883,103 @@ mod tests {
             let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
             let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((dot(&a, &b) - naive).abs() < 1e-4, "len {len}");
+        }
+    }
+
+    /// The row-by-row moments (the tiles' reference): per candidate and
+    /// model, each row of `L⁻¹` from its intercept up, the squares from
+    /// the first row down.
+    fn rowwise_moments(
+        means: &[Vec<f32>],
+        invs: &[Vec<f32>],
+        c: &Candidates,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (m, n1) = (means.len(), c.dim() + 1);
+        let (mut mean, mut sd) = (Vec::new(), Vec::new());
+        for x in c.rows() {
+            for (mu, inv) in means.iter().zip(invs) {
+                let mut a = mu[0];
+                for (j, &xj) in x.iter().enumerate() {
+                    a += mu[j + 1] * xj;
+                }
+                let mut v = 0f32;
+                for i in 0..n1 {
+                    let mut t = inv[i * n1];
+                    for (j, &xj) in x.iter().enumerate().take(i) {
+                        t += inv[i * n1 + j + 1] * xj;
+                    }
+                    v += t * t;
+                }
+                mean.push(a);
+                sd.push(v.sqrt());
+            }
+        }
+        assert_eq!(mean.len(), c.len() * m);
+        (mean, sd)
+    }
+
+    #[test]
+    fn tiled_moments_equal_the_rowwise_sums_to_the_bit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for dim in 1..=21 {
+            let n = rng.random_range(1..3 * BLOCK + 5);
+            let features: Vec<f32> = (0..n * dim).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let c = Candidates::from_parts(dim, (0..n as u32).collect(), features).unwrap();
+            let n1 = dim + 1;
+            let m = 3;
+            let means: Vec<Vec<f32>> = (0..m)
+                .map(|_| (0..n1).map(|_| rng.random_range(-1.0..1.0)).collect())
+                .collect();
+            let invs: Vec<Vec<f32>> = (0..m)
+                .map(|_| {
+                    (0..n1 * n1)
+                        .map(|e| {
+                            if e % n1 <= e / n1 {
+                                rng.random_range(-2.0..2.0)
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let (mut mean, mut sd) = (vec![0f32; n * m], vec![0f32; n * m]);
+            fill_moments(&means, &invs, &c, 0, &mut mean, &mut sd);
+            let (want_mean, want_sd) = rowwise_moments(&means, &invs, &c);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&mean), bits(&want_mean), "means, dim {dim}, n {n}");
+            assert_eq!(bits(&sd), bits(&want_sd), "sds, dim {dim}, n {n}");
+        }
+    }
+
+    #[test]
+    fn vector_ambiguity_equals_the_scalar_one_to_the_bit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for m in 1..=6 {
+            let n = rng.random_range(0..5 * LANES + 3);
+            // Ties, zero deviations and spread-out means included.
+            let pick = |rng: &mut ChaCha8Rng, hi: f32| match rng.random_range(0..4) {
+                0 => 0.0,
+                1 => 1.0,
+                _ => rng.random_range(0.0..hi),
+            };
+            let mean: Vec<f32> = (0..n * m).map(|_| pick(&mut rng, 4.0) - 2.0).collect();
+            let sd: Vec<f32> = (0..n * m).map(|_| pick(&mut rng, 3.0)).collect();
+            let mo = Moments {
+                mean: mean.clone(),
+                sd: sd.clone(),
+                models: m,
+            };
+            let got = mo.ambiguity();
+            let want: Vec<f32> = mean
+                .chunks_exact(m)
+                .zip(sd.chunks_exact(m))
+                .map(|(a, b)| ambiguity_of(a, b, gain_table()))
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "m {m}, n {n}");
         }
     }
 
