@@ -202,6 +202,15 @@ impl TestDriver {
         self.task.window_entries(store)
     }
 
+    /// Every open session of the session store `store`.
+    pub fn session_entries<K, A>(&self, store: &str) -> Result<Vec<(Windowed<K>, A)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        A: Clone + StateCodec + Send + 'static,
+    {
+        self.task.session_entries(store)
+    }
+
     /// The task's counters (processed, late records).
     pub fn metrics(&self) -> TaskMetrics {
         self.task.metrics()

@@ -65,6 +65,8 @@ mod memory_store;
 mod processor;
 mod runner;
 mod scoped_store;
+mod session;
+mod session_store;
 mod store;
 mod task;
 mod topology;
@@ -85,6 +87,7 @@ pub use runner::{
     SourceRecord, StepReport, StreamRunner, PUNCTUATE,
 };
 pub use scoped_store::ScopedStore;
+pub use session::{SessionWindowedStream, SessionWindows};
 pub use store::{
     changelog_blob, check_keyspace, prefixed, restore_from_changelog, scan_all, BatchOp,
     ChangelogEntry, Entries, KeyValueStore, StoreError, StoreLimits, WriteBatch, MAX_KEYSPACE_LEN,

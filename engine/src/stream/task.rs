@@ -1209,6 +1209,22 @@ impl Task {
             .cloned())
     }
 
+    /// Every open session of the session store `name` (of a
+    /// [`super::SessionWindowedStream`] aggregation), by session end, then
+    /// encoded key.
+    pub fn session_entries<K, A>(&self, name: &str) -> Result<Vec<(Windowed<K>, A)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        A: Clone + StateCodec + Send + 'static,
+    {
+        Ok(self
+            .typed::<super::session_store::SessionState<K, A>>(name)?
+            .entries()
+            .into_iter()
+            .map(|(w, a)| (w, a.clone()))
+            .collect())
+    }
+
     /// Every open window entry of the window store `name`, sorted by window
     /// then encoded key.
     pub fn window_entries<K, A>(&self, name: &str) -> Result<Vec<(Windowed<K>, A)>, StreamError>

@@ -451,8 +451,24 @@ impl<K, V> std::fmt::Debug for KStream<K, V> {
 }
 
 impl<K: Data, V: Data> KStream<K, V> {
+    /// Declares a state store (checked for its name at build).
+    pub(crate) fn add_state(&self, make: impl FnOnce(usize) -> Box<dyn StateSlot>) -> usize {
+        let mut g = self.g.borrow_mut();
+        let max = g.limits.max_state_entries;
+        g.add_state(make(max))
+    }
+
+    /// Declares (or finds) the output `name` of `(K2, V2)` records.
+    pub(crate) fn add_output<K2, V2>(&self, name: &str) -> usize
+    where
+        K2: StateCodec + Send + 'static,
+        V2: StateCodec + Send + 'static,
+    {
+        self.g.borrow_mut().add_output::<K2, V2>(name)
+    }
+
     /// Adds a child node with one output port of `(K2, V2)`.
-    fn child<K2: Data, V2: Data, N>(
+    pub(crate) fn child<K2: Data, V2: Data, N>(
         &self,
         make: impl FnOnce(Fanout<K2, V2>) -> N + 'static,
     ) -> KStream<K2, V2>
@@ -848,7 +864,7 @@ impl<K, V> KTable<K, V> {
 
 /// A stream grouped by key, ready to aggregate.
 pub struct KGroupedStream<K, V> {
-    stream: KStream<K, V>,
+    pub(crate) stream: KStream<K, V>,
 }
 
 impl<K: Key, V: Data> KGroupedStream<K, V> {
