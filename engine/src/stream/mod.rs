@@ -60,6 +60,8 @@ mod codec;
 mod driver;
 mod headers;
 mod io;
+mod join;
+mod join_store;
 mod log_store;
 mod memory_store;
 mod processor;
@@ -77,6 +79,7 @@ pub use codec::{CodecError, Json, Reader, StateCodec};
 pub use driver::{DriverError, TestDriver};
 pub use headers::{HeaderError, Headers};
 pub use io::{envelope, EventLogSink, EventLogSource, StreamNamer};
+pub use join::JoinWindows;
 pub use log_store::{LogStore, LogStoreError};
 pub use memory_store::InMemoryStore;
 pub use processor::{

@@ -1225,6 +1225,23 @@ impl Task {
             .collect())
     }
 
+    /// The records a stream-stream join's store `name` keeps, as `(left,
+    /// timestamp, key)` (`left` false for the right side), left side first,
+    /// each side by timestamp then arrival.
+    pub fn join_buffer<K, VL, VR>(&self, name: &str) -> Result<Vec<(bool, u64, K)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        VL: StateCodec + Send + 'static,
+        VR: StateCodec + Send + 'static,
+    {
+        Ok(self
+            .typed::<super::join_store::JoinState<K, VL, VR>>(name)?
+            .records()
+            .into_iter()
+            .map(|(side, ts, k)| (side == 0, ts, k))
+            .collect())
+    }
+
     /// Every open window entry of the window store `name`, sorted by window
     /// then encoded key.
     pub fn window_entries<K, A>(&self, name: &str) -> Result<Vec<(Windowed<K>, A)>, StreamError>
