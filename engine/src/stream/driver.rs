@@ -202,6 +202,26 @@ impl TestDriver {
         self.task.window_entries(store)
     }
 
+    /// Every open session of the session store `store`.
+    pub fn session_entries<K, A>(&self, store: &str) -> Result<Vec<(Windowed<K>, A)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        A: Clone + StateCodec + Send + 'static,
+    {
+        self.task.session_entries(store)
+    }
+
+    /// The records the stream-stream join store `store` keeps, as `(left,
+    /// timestamp, key)`.
+    pub fn join_buffer<K, VL, VR>(&self, store: &str) -> Result<Vec<(bool, u64, K)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        VL: StateCodec + Send + 'static,
+        VR: StateCodec + Send + 'static,
+    {
+        self.task.join_buffer::<K, VL, VR>(store)
+    }
+
     /// The task's counters (processed, late records).
     pub fn metrics(&self) -> TaskMetrics {
         self.task.metrics()

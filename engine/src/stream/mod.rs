@@ -7,9 +7,13 @@
 //!   (and [`KStream::split_result`] for valid / dead-letter splits),
 //!   stream-table joins ([`KStream::join`], [`KStream::left_join`]) with a
 //!   [`KTable`] materialised from a changelog stream
-//!   ([`KStream::to_table`]), [`KStream::group_by_key`], tumbling and
-//!   hopping [`Windows`] with a grace period, `aggregate` / `count` /
-//!   `reduce`, and [`KStream::to`] an output.
+//!   ([`KStream::to_table`]), [`KStream::merge`], stream-stream joins
+//!   within [`JoinWindows`] ([`KStream::join_stream`],
+//!   [`KStream::left_join_stream`], [`KStream::outer_join_stream`]),
+//!   [`KStream::group_by_key`], tumbling and hopping [`Windows`] with a
+//!   grace period, [`SessionWindows`] (an inactivity gap and a grace
+//!   period; [`KGroupedStream::windowed_by_session`]), `aggregate` /
+//!   `count` / `reduce`, and [`KStream::to`] an output.
 //! - The **Processor API**: a [`Processor`] (init, process one
 //!   [`Record`], punctuate, close) added with [`KStream::process`] into the
 //!   same topology as the DSL; it forwards to named children
@@ -29,10 +33,11 @@
 //!   [`EventLogSink`] as envelope schema 2 when there are any, else the
 //!   old schema-1 bytes), and the runner's outbox keeps them. Operators
 //!   that pass a record on (filter, map, map_values, flat_map,
-//!   with_timestamp, branch, split_result, join, left_join, to, late
-//!   records) keep its headers; aggregations (aggregate, count, reduce,
-//!   windowed or not) emit new records **without** headers, and tables keep
-//!   values only.
+//!   with_timestamp, branch, split_result, merge, join, left_join, to, late
+//!   records) keep its headers; a stream-stream join's pair has the
+//!   headers of the record that completed it, an unmatched record its own;
+//!   aggregations (aggregate, count, reduce, windowed or not) emit new
+//!   records **without** headers, and tables keep values only.
 //! - **Stream time** is the largest record timestamp seen, never the wall
 //!   clock. A window closes when stream time reaches its end plus grace;
 //!   records for a closed window are late: counted and optionally sent to a
@@ -60,11 +65,15 @@ mod codec;
 mod driver;
 mod headers;
 mod io;
+mod join;
+mod join_store;
 mod log_store;
 mod memory_store;
 mod processor;
 mod runner;
 mod scoped_store;
+mod session;
+mod session_store;
 mod store;
 mod task;
 mod topology;
@@ -75,6 +84,7 @@ pub use codec::{CodecError, Json, Reader, StateCodec};
 pub use driver::{DriverError, TestDriver};
 pub use headers::{HeaderError, Headers};
 pub use io::{envelope, EventLogSink, EventLogSource, StreamNamer};
+pub use join::JoinWindows;
 pub use log_store::{LogStore, LogStoreError};
 pub use memory_store::InMemoryStore;
 pub use processor::{
@@ -85,6 +95,7 @@ pub use runner::{
     SourceRecord, StepReport, StreamRunner, PUNCTUATE,
 };
 pub use scoped_store::ScopedStore;
+pub use session::{SessionWindowedStream, SessionWindows};
 pub use store::{
     changelog_blob, check_keyspace, prefixed, restore_from_changelog, scan_all, BatchOp,
     ChangelogEntry, Entries, KeyValueStore, StoreError, StoreLimits, WriteBatch, MAX_KEYSPACE_LEN,

@@ -1209,6 +1209,39 @@ impl Task {
             .cloned())
     }
 
+    /// Every open session of the session store `name` (of a
+    /// [`super::SessionWindowedStream`] aggregation), by session end, then
+    /// encoded key.
+    pub fn session_entries<K, A>(&self, name: &str) -> Result<Vec<(Windowed<K>, A)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        A: Clone + StateCodec + Send + 'static,
+    {
+        Ok(self
+            .typed::<super::session_store::SessionState<K, A>>(name)?
+            .entries()
+            .into_iter()
+            .map(|(w, a)| (w, a.clone()))
+            .collect())
+    }
+
+    /// The records a stream-stream join's store `name` keeps, as `(left,
+    /// timestamp, key)` (`left` false for the right side), left side first,
+    /// each side by timestamp then arrival.
+    pub fn join_buffer<K, VL, VR>(&self, name: &str) -> Result<Vec<(bool, u64, K)>, StreamError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        VL: StateCodec + Send + 'static,
+        VR: StateCodec + Send + 'static,
+    {
+        Ok(self
+            .typed::<super::join_store::JoinState<K, VL, VR>>(name)?
+            .records()
+            .into_iter()
+            .map(|(side, ts, k)| (side == 0, ts, k))
+            .collect())
+    }
+
     /// Every open window entry of the window store `name`, sorted by window
     /// then encoded key.
     pub fn window_entries<K, A>(&self, name: &str) -> Result<Vec<(Windowed<K>, A)>, StreamError>

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::marker::PhantomData;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use super::codec::StateCodec;
 use super::processor::{Lifecycle, ProcNode, Processor};
@@ -56,6 +57,10 @@ pub enum BuildError {
     /// A table used by a join belongs to another topology.
     #[error("table {0:?} belongs to another topology")]
     ForeignTable(String),
+    /// A stream merged or joined with this one belongs to another
+    /// topology (the name is the operator's).
+    #[error("{0}: the other stream belongs to another topology")]
+    ForeignStream(String),
     /// Two processors with the same name.
     #[error("processor {0:?} is declared twice")]
     DuplicateProcessor(String),
@@ -451,8 +456,36 @@ impl<K, V> std::fmt::Debug for KStream<K, V> {
 }
 
 impl<K: Data, V: Data> KStream<K, V> {
+    /// Declares a state store (checked for its name at build).
+    pub(crate) fn add_state(&self, make: impl FnOnce(usize) -> Box<dyn StateSlot>) -> usize {
+        let mut g = self.g.borrow_mut();
+        let max = g.limits.max_state_entries;
+        g.add_state(make(max))
+    }
+
+    /// Declares (or finds) the output `name` of `(K2, V2)` records.
+    pub(crate) fn add_output<K2, V2>(&self, name: &str) -> usize
+    where
+        K2: StateCodec + Send + 'static,
+        V2: StateCodec + Send + 'static,
+    {
+        self.g.borrow_mut().add_output::<K2, V2>(name)
+    }
+
+    /// Whether `other` is of this topology; records a build error if not.
+    pub(crate) fn check_same<K2, V2>(&self, other: &KStream<K2, V2>, operator: &str) -> bool {
+        let same = Rc::ptr_eq(&self.g, &other.g);
+        if !same {
+            self.g
+                .borrow_mut()
+                .errors
+                .push(BuildError::ForeignStream(operator.to_owned()));
+        }
+        same
+    }
+
     /// Adds a child node with one output port of `(K2, V2)`.
-    fn child<K2: Data, V2: Data, N>(
+    pub(crate) fn child<K2: Data, V2: Data, N>(
         &self,
         make: impl FnOnce(Fanout<K2, V2>) -> N + 'static,
     ) -> KStream<K2, V2>
@@ -668,6 +701,55 @@ impl<K: Data, V: Data> KStream<K, V> {
         }
     }
 
+    /// Merges this stream with `other`: the result has the records of
+    /// both, each passed on as it arrives (with its timestamp and
+    /// headers). Both must be streams of this topology
+    /// ([`BuildError::ForeignStream`] otherwise).
+    pub fn merge(&self, other: &KStream<K, V>) -> KStream<K, V> {
+        if !self.check_same(other, "merge") {
+            return self.clone(); // the build fails: ForeignStream
+        }
+        // One downstream fan-out, reached from both parents. The node under
+        // `self` owns the walk of stream-time signals (`advance`); the one
+        // under `other` only passes records (every node is walked once).
+        let shared: SharedFanout<K, V> = Arc::new(Mutex::new(None));
+        let fill = Arc::clone(&shared);
+        let mut g = self.g.borrow_mut();
+        let id = g.add_node(
+            Some((self.node, self.port)),
+            1,
+            Box::new(move |ports| {
+                let next = Fanout::<K, V>::from_ports(ports)?;
+                *fill
+                    .lock()
+                    .map_err(|_| BuildError::Internal("merge lock"))? = Some(next);
+                let node = MergeIn {
+                    target: fill,
+                    walks: true,
+                };
+                Ok(Box::new(Box::new(node) as Box<dyn Node<K, V>>) as BuiltAny)
+            }),
+        );
+        g.add_node(
+            Some((other.node, other.port)),
+            0,
+            Box::new(move |_| {
+                let node = MergeIn {
+                    target: shared,
+                    walks: false,
+                };
+                Ok(Box::new(Box::new(node) as Box<dyn Node<K, V>>) as BuiltAny)
+            }),
+        );
+        drop(g);
+        KStream {
+            g: self.g.clone(),
+            node: id,
+            port: 0,
+            _t: PhantomData,
+        }
+    }
+
     /// Groups by the record key, for aggregations.
     pub fn group_by_key(&self) -> KGroupedStream<K, V>
     where
@@ -848,7 +930,7 @@ impl<K, V> KTable<K, V> {
 
 /// A stream grouped by key, ready to aggregate.
 pub struct KGroupedStream<K, V> {
-    stream: KStream<K, V>,
+    pub(crate) stream: KStream<K, V>,
 }
 
 impl<K: Key, V: Data> KGroupedStream<K, V> {
@@ -1003,6 +1085,47 @@ impl<K: Data, V: Data> Node<K, V> for Pass<K, V> {
     }
     fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
         self.next.advance(ctx)
+    }
+}
+
+type SharedFanout<K, V> = Arc<Mutex<Option<Fanout<K, V>>>>;
+
+/// One parent's entry into a merged stream (see [`KStream::merge`]).
+struct MergeIn<K, V> {
+    target: SharedFanout<K, V>,
+    /// Whether this entry passes stream-time signals on (only one does).
+    walks: bool,
+}
+
+impl<K: Data, V: Data> MergeIn<K, V> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Fanout<K, V>) -> Result<T, StreamError>,
+    ) -> Result<T, StreamError> {
+        // A topology is a tree below each merge, so the lock is never held
+        // when a record comes back here; `try_lock` turns a bug into an
+        // error rather than a deadlock.
+        let mut next = self
+            .target
+            .try_lock()
+            .map_err(|_| StreamError::Internal("merge re-entered"))?;
+        f(next
+            .as_mut()
+            .ok_or(StreamError::Internal("merge not built"))?)
+    }
+}
+
+impl<K: Data, V: Data> Node<K, V> for MergeIn<K, V> {
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        self.with(|next| next.process(ctx, rec))
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        if self.walks {
+            self.with(|next| next.advance(ctx))
+        } else {
+            Ok(())
+        }
     }
 }
 

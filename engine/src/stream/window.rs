@@ -1,5 +1,6 @@
 //! Time windows: tumbling and hopping, each with a grace period, and what
-//! happens to records that arrive after their window closed.
+//! happens to records that arrive after their window closed (session
+//! windows are in `session.rs`, join windows in `join.rs`).
 
 use std::fmt;
 
@@ -75,6 +76,9 @@ pub enum WindowError {
         /// The advance.
         advance_ms: u64,
     },
+    /// A session window's inactivity gap is 0.
+    #[error("session inactivity gap must be positive")]
+    ZeroGap,
     /// A record would fall into more windows than
     /// [`Windows::MAX_WINDOWS_PER_RECORD`].
     #[error("size / advance = {windows} windows per record; the limit is {max}")]
@@ -200,7 +204,9 @@ pub enum EmitStrategy {
 #[non_exhaustive]
 pub enum LateReason {
     /// The record's window had closed: stream time had reached the
-    /// window's end plus the grace period.
+    /// window's end plus the grace period (for a session window, the
+    /// session the record would have started, `[ts, ts + 1)`, whose end
+    /// plus gap plus grace stream time had reached).
     WindowClosed {
         /// The window.
         window: Window,
