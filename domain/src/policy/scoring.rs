@@ -296,59 +296,14 @@ impl Moments {
     /// means' gap, `θ² = s_c² + s_b²` and `Q` the normal upper tail).
     /// In `f32`, `φ(u) − u Q(u)` interpolated in a table (see
     /// [`gain_table`]): no exponential per pair.
-    ///
-    /// Whole groups of [`LANES`] candidates take their square roots and
-    /// divisions as vectors (the same IEEE operations per lane, so the
-    /// same results to the bit as [`ambiguity_of`] one candidate at a
-    /// time, which the rest take; tested).
     pub fn ambiguity(&self) -> Vec<f32> {
-        let m = self.models;
+        let m = self.models.max(1);
         let table = gain_table();
-        let n = self.mean.len().checked_div(m).unwrap_or(0);
-        let mut out = Vec::with_capacity(n);
-        let whole = n / LANES * LANES;
-        for (mean, sd) in self.mean[..whole * m]
-            .chunks_exact(LANES * m)
-            .zip(self.sd[..whole * m].chunks_exact(LANES * m))
-        {
-            let best: [usize; LANES] = std::array::from_fn(|l| {
-                let row = &mean[l * m..(l + 1) * m];
-                let mut b = 0;
-                for c in 1..m {
-                    if row[c] > row[b] {
-                        b = c;
-                    }
-                }
-                b
-            });
-            let mb = f32x8::from(std::array::from_fn::<f32, LANES, _>(|l| {
-                mean[l * m + best[l]]
-            }));
-            let sb = f32x8::from(std::array::from_fn::<f32, LANES, _>(|l| {
-                sd[l * m + best[l]]
-            }));
-            let sb2 = sb * sb;
-            let mut sum = [0f32; LANES];
-            for c in 0..m {
-                let sc = f32x8::from(std::array::from_fn::<f32, LANES, _>(|l| sd[l * m + c]));
-                let mc = f32x8::from(std::array::from_fn::<f32, LANES, _>(|l| mean[l * m + c]));
-                let theta = (sb2 + sc * sc).sqrt();
-                let u = ((mb - mc) / theta).to_array();
-                for (l, (&th, s)) in theta.to_array().iter().zip(&mut sum).enumerate() {
-                    if c != best[l] && th > 0.0 {
-                        *s += th * gain(table, u[l]);
-                    }
-                }
-            }
-            out.extend(sum.iter().map(|s| s.max(0.0)));
-        }
-        out.extend(
-            self.mean[whole * m..]
-                .chunks_exact(m.max(1))
-                .zip(self.sd[whole * m..].chunks_exact(m.max(1)))
-                .map(|(mean, sd)| ambiguity_of(mean, sd, table)),
-        );
-        out
+        self.mean
+            .chunks_exact(m)
+            .zip(self.sd.chunks_exact(m))
+            .map(|(mean, sd)| ambiguity_of(mean, sd, table))
+            .collect()
     }
 }
 
@@ -950,36 +905,6 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&mean), bits(&want_mean), "means, dim {dim}, n {n}");
             assert_eq!(bits(&sd), bits(&want_sd), "sds, dim {dim}, n {n}");
-        }
-    }
-
-    #[test]
-    fn vector_ambiguity_equals_the_scalar_one_to_the_bit() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
-        for m in 1..=6 {
-            let n = rng.random_range(0..5 * LANES + 3);
-            // Ties, zero deviations and spread-out means included.
-            let pick = |rng: &mut ChaCha8Rng, hi: f32| match rng.random_range(0..4) {
-                0 => 0.0,
-                1 => 1.0,
-                _ => rng.random_range(0.0..hi),
-            };
-            let mean: Vec<f32> = (0..n * m).map(|_| pick(&mut rng, 4.0) - 2.0).collect();
-            let sd: Vec<f32> = (0..n * m).map(|_| pick(&mut rng, 3.0)).collect();
-            let mo = Moments {
-                mean: mean.clone(),
-                sd: sd.clone(),
-                models: m,
-            };
-            let got = mo.ambiguity();
-            let want: Vec<f32> = mean
-                .chunks_exact(m)
-                .zip(sd.chunks_exact(m))
-                .map(|(a, b)| ambiguity_of(a, b, gain_table()))
-                .collect();
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "m {m}, n {n}");
         }
     }
 
