@@ -456,8 +456,23 @@ check_loopback_only() {
     fi
 }
 
+# Close every descriptor this script inherited beyond stdin, stdout and
+# stderr, so that no server started from here keeps one open: run under
+# `flock FILE scripts/services.sh start` (or from a test holding a lock),
+# the servers would otherwise hold that lock for as long as they run.
+# Descriptors 10 and up are bash's own (255 reads this script), and
+# inherited ones are the lowest free numbers, so 3 to 9 are closed.
+close_inherited_fds() {
+    local fd
+    for fd in 3 4 5 6 7 8 9; do
+        [[ -e /proc/$$/fd/$fd ]] && eval "exec $fd>&-"
+    done
+    return 0
+}
+
 # Serialise start/stop between concurrent callers.
 with_lock() {
+    close_inherited_fds
     mkdir -p "$SVC"
     exec 9>"$SVC/.lock"
     flock -w 300 9 || die "could not take $SVC/.lock within 300s (another start/stop running?)"

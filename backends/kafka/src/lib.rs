@@ -80,6 +80,7 @@ pub mod envelope;
 #[cfg(not(feature = "internals"))]
 mod envelope;
 pub mod error;
+pub mod headers;
 pub mod log;
 pub mod ownership;
 mod reader;

@@ -34,6 +34,12 @@
 //! by input partition yet, so several instances of one group would each
 //! hold part of the input but restore the whole changelog).
 //!
+//! # Headers
+//!
+//! Records keep their headers both ways, as Kafka record headers (see
+//! [`crate::headers`]: a null value reads as empty; headers past the
+//! engine's limits leave one header saying why).
+//!
 //! # Source and sink for the runner
 //!
 //! [`KafkaTopicSource`] reads one partition of a topic; the record's offset
@@ -41,8 +47,8 @@
 //! group offsets are committed). [`KafkaTopicSink`] produces each runner
 //! commit's outputs in one transaction together with a progress record
 //! (the runner's last delivered commit, in a compacted topic), each output
-//! with headers naming the runner and the output id (`smartmsg-runner`,
-//! `smartmsg-output`); a commit re-delivered after a crash (the runner's
+//! with its own headers followed by two naming the runner and the output id
+//! (`smartmsg-runner`, `smartmsg-output`); a commit re-delivered after a crash (the runner's
 //! outbox) is recognised from the progress record and produced no second
 //! time, which is the exactly-once contract of [`Sink`]. Same condition on
 //! aborted records as above.
@@ -57,7 +63,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::{
@@ -449,11 +455,12 @@ impl KafkaStreamProcessor {
                         continue;
                     };
                     let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as u64;
-                    self.task.process_bytes(
+                    self.task.process_encoded(
                         input,
                         m.key().unwrap_or(&[]),
                         m.payload().unwrap_or(&[]),
                         ts,
+                        crate::headers::from_kafka(m.headers()),
                     )?;
                 }
             }
@@ -493,10 +500,13 @@ impl KafkaStreamProcessor {
             .map_err(|e| KafkaStreamError::kafka("begin_transaction", e))?;
         for o in &outputs {
             let topic = format!("{}{}", self.config.output_prefix, o.output);
-            let rec = BaseRecord::<[u8], [u8]>::to(&topic)
+            let mut rec = BaseRecord::<[u8], [u8]>::to(&topic)
                 .key(o.key.as_slice())
                 .payload(o.value.as_slice())
                 .timestamp(o.timestamp_ms as i64);
+            if !o.headers.is_empty() {
+                rec = rec.headers(crate::headers::to_kafka(&o.headers, &[]));
+            }
             self.send(rec)?;
         }
         let mut changelog = 0usize;
@@ -753,8 +763,7 @@ impl Source for KafkaTopicSource {
                         key: Bytes::copy_from_slice(m.key().unwrap_or(&[])),
                         value: Bytes::copy_from_slice(m.payload().unwrap_or(&[])),
                         timestamp_ms: m.timestamp().to_millis().unwrap_or(0).max(0) as u64,
-                        // Kafka record headers are not mapped yet.
-                        headers: Default::default(),
+                        headers: crate::headers::from_kafka(m.headers()),
                     });
                 }
             }
@@ -969,15 +978,10 @@ impl KafkaTopicSink {
             for r in records {
                 let topic = format!("{prefix}{}", r.output);
                 let id = format!("{}:{}", r.id.commit, r.id.index);
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "smartmsg-runner",
-                        value: Some(runner),
-                    })
-                    .insert(Header {
-                        key: "smartmsg-output",
-                        value: Some(&id),
-                    });
+                let headers = crate::headers::to_kafka(
+                    &r.headers,
+                    &[("smartmsg-runner", runner), ("smartmsg-output", &id)],
+                );
                 let rec = BaseRecord::<[u8], [u8]>::to(&topic)
                     .key(r.key.as_slice())
                     .payload(r.value.as_slice())

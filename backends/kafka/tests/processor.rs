@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::{
@@ -37,28 +37,57 @@ fn topology() -> Topology {
     t
 }
 
+/// One record's Kafka headers to produce (a `None` value is null).
+type KafkaPairs<'a> = Vec<(&'a str, Option<&'a [u8]>)>;
+
 fn produce(bootstrap: &str, topic: &str, keys: &[&str]) {
+    let none: Vec<KafkaPairs<'_>> = vec![Vec::new(); keys.len()];
+    produce_with_headers(bootstrap, topic, keys, &none);
+}
+
+/// Produces `keys[i]` (value "x") with `headers[i]` (a `None` value is a
+/// null header).
+fn produce_with_headers(bootstrap: &str, topic: &str, keys: &[&str], headers: &[KafkaPairs<'_>]) {
     let p: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .create()
         .unwrap();
-    for (i, k) in keys.iter().enumerate() {
-        p.send(
-            BaseRecord::<str, str>::to(topic)
-                .key(k)
-                .payload("x")
-                .partition(0)
-                .timestamp(1_000 + i as i64),
-        )
-        .map_err(|(e, _)| e)
-        .unwrap();
+    for (i, (k, hs)) in keys.iter().zip(headers).enumerate() {
+        let mut rec = BaseRecord::<str, str>::to(topic)
+            .key(k)
+            .payload("x")
+            .partition(0)
+            .timestamp(1_000 + i as i64);
+        if !hs.is_empty() {
+            let mut kafka = OwnedHeaders::new();
+            for &(key, value) in hs {
+                kafka = kafka.insert(Header { key, value });
+            }
+            rec = rec.headers(kafka);
+        }
+        p.send(rec).map_err(|(e, _)| e).unwrap();
     }
     p.flush(Duration::from_secs(30)).unwrap();
 }
 
 /// Every record of partition 0 of `topic` (read_committed), as (key, value).
 fn read_all(bootstrap: &str, topic: &str, want: usize) -> Vec<(String, Vec<u8>)> {
+    read_with_headers(bootstrap, topic, want)
+        .into_iter()
+        .map(|(k, v, _)| (k, v))
+        .collect()
+}
+
+/// Kafka headers read back (a null value as `None`).
+type ReadPairs = Vec<(String, Option<Vec<u8>>)>;
+
+/// A record read back: key, value and its Kafka headers.
+type ReadBack = (String, Vec<u8>, ReadPairs);
+
+/// Every record of partition 0 of `topic` (read_committed) with its
+/// headers.
+fn read_with_headers(bootstrap: &str, topic: &str, want: usize) -> Vec<ReadBack> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("{topic}.reader"))
@@ -78,9 +107,18 @@ fn read_all(bootstrap: &str, topic: &str, want: usize) -> Vec<(String, Vec<u8>)>
         match c.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 quiet_since = None;
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 out.push((
                     String::from_utf8_lossy(m.key().unwrap_or(&[])).into_owned(),
                     m.payload().unwrap_or(&[]).to_vec(),
+                    headers,
                 ));
             }
             Some(Err(e)) => panic!("reading {topic}: {e}"),
@@ -435,4 +473,122 @@ fn processor_aborted_step_is_redone_once() {
              records to read_committed consumers (tansu 0.6), outputs seen: {seen:?}"
         );
     }
+}
+
+/// A topology that keeps each record's headers: the clicks of key "a"
+/// and "b", values upper-cased.
+fn passing_topology() -> Topology {
+    let t = Topology::new();
+    t.stream::<Bytes, Bytes>("clicks")
+        .filter(|k, _| k.as_ref() != b"drop")
+        .map_values(|v| Bytes::from(v.to_ascii_uppercase()))
+        .to("passed");
+    t
+}
+
+/// What the header tests produce: per record its key and headers (one
+/// repeated name, a binary value, a null value, none at all).
+fn header_input() -> (Vec<&'static str>, Vec<KafkaPairs<'static>>) {
+    let keys = vec!["a", "drop", "b", "a"];
+    let headers = vec![
+        vec![("trace", Some(&b"t0"[..])), ("trace", Some(&b"t0b"[..]))],
+        vec![("trace", Some(&b"t1"[..]))],
+        vec![("bin", Some(&[0u8, 255, 9][..])), ("nothing", None)],
+        vec![],
+    ];
+    (keys, headers)
+}
+
+/// The headers the passed records must carry, before any the writer adds.
+fn header_want() -> Vec<(String, ReadPairs)> {
+    let h = |pairs: &[(&str, &[u8])]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Some(v.to_vec())))
+            .collect::<Vec<_>>()
+    };
+    vec![
+        ("a".into(), h(&[("trace", b"t0"), ("trace", b"t0b")])),
+        // A null header value reads as empty.
+        ("b".into(), h(&[("bin", &[0, 255, 9]), ("nothing", b"")])),
+        ("a".into(), Vec::new()),
+    ]
+}
+
+#[test]
+fn headers_pass_through_the_runner_on_topics() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let app = common::unique_log("hdrrun");
+    let input = format!("{app}.clicks");
+    let prefix = format!("{app}.out.");
+    let output = format!("{prefix}passed");
+    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
+        .unwrap();
+    let (keys, headers) = header_input();
+    produce_with_headers(&bootstrap, &input, &keys, &headers);
+    rt.block_on(async {
+        let store: std::sync::Arc<dyn KeyValueStore> = std::sync::Arc::new(InMemoryStore::new());
+        let mut runner = StreamRunner::open(
+            passing_topology(),
+            store,
+            KafkaTopicSource::new(&bootstrap, &app, &input, 0, "clicks").unwrap(),
+            KafkaTopicSink::new(&bootstrap, &prefix).unwrap(),
+            RunnerConfig::new("hdr"),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let mut done = 0;
+        while done < 4 && start.elapsed() < Duration::from_secs(60) {
+            done += runner.step().await.unwrap().records;
+        }
+        assert_eq!(done, 4);
+    });
+    let got = read_with_headers(&bootstrap, &output, 3);
+    assert_eq!(got.len(), 3, "{got:?}");
+    for ((key, value, headers), (want_key, want)) in got.iter().zip(header_want()) {
+        assert_eq!(key, &want_key);
+        assert_eq!(value, b"X");
+        // The record's own headers first, then the sink's two.
+        assert_eq!(headers[..want.len()], want[..], "{key}");
+        let own: Vec<&str> = headers[want.len()..]
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(own, ["smartmsg-runner", "smartmsg-output"]);
+    }
+}
+
+#[test]
+fn headers_pass_through_the_kafka_processor() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let app = common::unique_log("hdrproc");
+    let input = format!("{app}.clicks");
+    let prefix = format!("{app}.out.");
+    let output = format!("{prefix}passed");
+    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
+        .unwrap();
+    let (keys, headers) = header_input();
+    produce_with_headers(&bootstrap, &input, &keys, &headers);
+    let cfg = ProcessorConfig::new(&bootstrap, &app)
+        .with_input(&input, "clicks")
+        .with_output_prefix(&prefix);
+    let mut p = rt
+        .block_on(KafkaStreamProcessor::open(passing_topology(), cfg))
+        .unwrap();
+    assert_eq!(step_until(&mut p, 4), 4);
+    let got = read_with_headers(&bootstrap, &output, 3);
+    let got: Vec<_> = got
+        .into_iter()
+        .map(|(k, v, h)| {
+            assert_eq!(v, b"X");
+            (k, h)
+        })
+        .collect();
+    assert_eq!(got, header_want());
 }
