@@ -202,33 +202,17 @@ where
         Ok((ts, seq))
     }
 
-    /// Keeps a left record.
-    pub(crate) fn push_left(
+    /// Keeps a record of side `S`.
+    pub(crate) fn push<S: Side<K, VL, VR>>(
         &mut self,
         key: K,
         ts: u64,
-        value: VL,
+        value: S::This,
         headers: Headers,
         matched: bool,
     ) -> Result<(), StreamError> {
         let pos = self.next_pos(ts)?;
-        self.left
-            .insert(pos, new_entry(key, value, headers, matched));
-        Ok(())
-    }
-
-    /// Keeps a right record.
-    pub(crate) fn push_right(
-        &mut self,
-        key: K,
-        ts: u64,
-        value: VR,
-        headers: Headers,
-        matched: bool,
-    ) -> Result<(), StreamError> {
-        let pos = self.next_pos(ts)?;
-        self.right
-            .insert(pos, new_entry(key, value, headers, matched));
+        S::this(self).insert(pos, new_entry(key, value, headers, matched));
         Ok(())
     }
 
@@ -260,6 +244,62 @@ where
             .iter()
             .map(|(p, b)| (1, p.0, b.key.clone()));
         l.chain(r).collect()
+    }
+}
+
+/// One side of a join, seen from a record arriving on it: its own
+/// buffer, the other side's, and which way round a pair goes.
+pub(crate) trait Side<K, VL, VR> {
+    /// Whether this is the left side.
+    const LEFT: bool;
+    /// This side's values.
+    type This: StateCodec;
+    /// The other side's values.
+    type Other: StateCodec;
+    /// This side's buffer.
+    fn this(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, Self::This>;
+    /// The other side's buffer.
+    fn other(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, Self::Other>;
+    /// A value of this side and one of the other, as `(left, right)`.
+    fn pair<'a>(
+        this: Option<&'a Self::This>,
+        other: Option<&'a Self::Other>,
+    ) -> (Option<&'a VL>, Option<&'a VR>);
+}
+
+/// The left side of a join.
+pub(crate) struct Left;
+
+/// The right side of a join.
+pub(crate) struct Right;
+
+impl<K, VL: StateCodec, VR: StateCodec> Side<K, VL, VR> for Left {
+    const LEFT: bool = true;
+    type This = VL;
+    type Other = VR;
+    fn this(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, VL> {
+        &mut state.left
+    }
+    fn other(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, VR> {
+        &mut state.right
+    }
+    fn pair<'a>(this: Option<&'a VL>, other: Option<&'a VR>) -> (Option<&'a VL>, Option<&'a VR>) {
+        (this, other)
+    }
+}
+
+impl<K, VL: StateCodec, VR: StateCodec> Side<K, VL, VR> for Right {
+    const LEFT: bool = false;
+    type This = VR;
+    type Other = VL;
+    fn this(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, VR> {
+        &mut state.right
+    }
+    fn other(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, VL> {
+        &mut state.left
+    }
+    fn pair<'a>(this: Option<&'a VR>, other: Option<&'a VL>) -> (Option<&'a VL>, Option<&'a VR>) {
+        (other, this)
     }
 }
 
