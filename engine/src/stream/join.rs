@@ -341,18 +341,6 @@ where
             }
         }
     }
-
-    fn send_pending(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
-        let mut pending = std::mem::take(&mut self.pending);
-        let mut result = Ok(());
-        for r in pending.drain(..) {
-            if result.is_ok() {
-                result = self.next.process(ctx, r);
-            }
-        }
-        self.pending = pending;
-        result
-    }
 }
 
 impl<J, K, VL, VR, VO> Node<K, JoinIn<VL, VR>> for StreamJoin<J, K, VL, VR, VO>
@@ -378,7 +366,7 @@ where
             JoinIn::Left(value) => self.arrive::<Left>(ctx, key, value, ts, headers),
             JoinIn::Right(value) => self.arrive::<Right>(ctx, key, value, ts, headers),
         };
-        let sent = self.send_pending(ctx);
+        let sent = self.next.process_each(ctx, self.pending.drain(..));
         done.and(sent)
     }
 
@@ -394,9 +382,8 @@ where
         self.unmatched::<Right>(&mut expired.1, &mut unmatched);
         self.expired = expired;
         unmatched.sort_unstable_by_key(|u| (u.0, u.1, u.2));
-        for (_, _, _, rec) in unmatched {
-            self.next.process(ctx, rec)?;
-        }
+        self.next
+            .process_each(ctx, unmatched.into_iter().map(|u| u.3))?;
         self.next.advance(ctx)
     }
 }
