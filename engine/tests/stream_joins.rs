@@ -4,19 +4,19 @@
 //! mid-stream), and the exactly-once runner on the in-memory log across
 //! reopens.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
+use common::{append_then_close, crash_and_reopen, open_on_log, replay_with_crash, FAR};
 use proptest::prelude::*;
 use smartmsg_engine::memory::InMemoryLog;
 use smartmsg_engine::stream::{
-    envelope, BuildError, EventLogSink, EventLogSource, Headers, InMemoryStore, JoinWindows,
-    KeyValueStore, OutputRecord, Record, RunnerConfig, Sink, SinkError, StateCodec, StreamRunner,
-    TestDriver, Topology, PUNCTUATE,
+    envelope, BuildError, Headers, InMemoryStore, JoinWindows, KeyValueStore, Record, RunnerConfig,
+    StateCodec, TestDriver, Topology,
 };
-use smartmsg_engine::{AppendTx, EventLog, ExpectedVersion, NewEvent, StreamId};
+use smartmsg_engine::{EventLog, NewEvent};
 
 fn hdr(id: u8) -> Headers {
     Headers::new()
@@ -251,8 +251,6 @@ fn ev() -> impl Strategy<Value = Ev> {
 /// An output: step, key, (left id, right id), timestamp, header id.
 type Out = (usize, u8, Pair, u64, u8);
 
-const FAR: u64 = 1_000_000;
-
 #[derive(Debug, Clone)]
 struct Rec {
     left: bool,
@@ -396,24 +394,10 @@ fn apply(d: &mut TestDriver, e: Ev, id: &mut u8) {
 /// `commit_at`.
 fn run(events: &[Ev], top: impl Fn() -> Topology, commit_at: usize, lost: usize) -> Got {
     let mut got = Got::default();
-    let mut d = TestDriver::new(top()).unwrap();
-    let (mut id, mut step, mut crashed) = (0u8, 0usize, false);
-    while step < events.len() {
-        if step == commit_at && !crashed {
-            d.commit().unwrap();
-            let mut lost_id = id;
-            for &e in events.iter().skip(step).take(lost) {
-                apply(&mut d, e, &mut lost_id);
-            }
-            d = d.restart(top()).unwrap();
-            crashed = true;
-            continue;
-        }
-        apply(&mut d, events[step], &mut id);
-        collect(&mut d, step, &mut got);
+    let mut d = replay_with_crash(events, top, commit_at, lost, apply, |d, step| {
+        collect(d, step, &mut got);
         got.kept.push(d.join_buffer::<u8, u8, u8>("inner").unwrap());
-        step += 1;
-    }
+    });
     d.advance_time(FAR).unwrap();
     collect(&mut d, events.len(), &mut got);
     for store in ["inner", "left-join", "outer-join"] {
@@ -451,30 +435,6 @@ proptest! {
 // ---------------------------------------------------------------------------
 // The runner on the in-memory log.
 
-/// A sink that fails its first `fail` sends (a crash between a commit and
-/// its delivery), then delivers to the log.
-struct FlakySink {
-    inner: EventLogSink,
-    fail: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Sink for FlakySink {
-    async fn send(&mut self, runner: &str, records: &[OutputRecord]) -> Result<(), SinkError> {
-        if self
-            .fail
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(SinkError::Invalid {
-                output: "any".into(),
-                reason: "simulated crash".into(),
-            });
-        }
-        self.inner.send(runner, records).await
-    }
-}
-
 fn outer_only() -> Topology {
     let t = Topology::new();
     let l = t.stream::<u8, u8>("left");
@@ -502,7 +462,7 @@ async fn runner_is_exactly_once_across_reopens() {
         (true, 2, 151),
     ];
     let log = Arc::new(InMemoryLog::new());
-    let mut events: Vec<NewEvent> = records
+    let events: Vec<NewEvent> = records
         .iter()
         .enumerate()
         .map(|(i, &(left, k, ts))| {
@@ -511,14 +471,7 @@ async fn runner_is_exactly_once_across_reopens() {
             NewEvent::new(if left { "left" } else { "right" }, schema, ts, payload)
         })
         .collect();
-    events.push(NewEvent::new(PUNCTUATE, 1, FAR, Bytes::new()));
-    log.append(AppendTx::single(
-        StreamId::new("input").unwrap(),
-        ExpectedVersion::Any,
-        events,
-    ))
-    .await
-    .unwrap();
+    append_then_close(&log, events).await;
 
     // What the TestDriver gives for the same input, uninterrupted.
     let mut d = TestDriver::new(outer_only()).unwrap();
@@ -542,34 +495,17 @@ async fn runner_is_exactly_once_across_reopens() {
     let store: Arc<dyn KeyValueStore> = Arc::new(InMemoryStore::new());
     let fail = Arc::new(AtomicUsize::new(0));
     let open = || {
-        StreamRunner::open(
+        open_on_log(
             outer_only(),
-            store.clone(),
-            EventLogSource::with_envelopes(log.clone()),
-            FlakySink {
-                inner: EventLogSink::new(log.clone()),
-                fail: fail.clone(),
-            },
+            &store,
+            &log,
+            &fail,
             RunnerConfig::new("joins").with_batch(3),
         )
-        .unwrap()
     };
-    // Crash after a commit and its delivery.
-    let mut r = open();
-    r.step().await.unwrap();
-    drop(r);
-    // Crash after a commit, before its delivery: the outbox holds it.
-    let mut r = open();
-    fail.store(1, Ordering::SeqCst);
-    assert!(r.step().await.is_err());
-    drop(r);
-    // Then a crash after every step: each step's task is restored from the
-    // store (the records and outputs of the log make about 12 steps).
-    for _ in 0..20 {
-        let mut r = open();
-        r.step().await.unwrap();
-    }
-    let mut r = open();
+    // Crashes at every step (the records and outputs of the log make about
+    // 12 steps).
+    let mut r = crash_and_reopen(open, &fail).await;
     assert_eq!(r.run_until_idle().await.unwrap().records, 0);
     assert!(r
         .task()

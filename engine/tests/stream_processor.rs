@@ -4,19 +4,21 @@
 //! operator, and the exactly-once runner with a processor and a store
 //! across crashes.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use bytes::Bytes;
+use common::open_on_log;
 use proptest::prelude::*;
 use smartmsg_engine::memory::InMemoryLog;
 use smartmsg_engine::stream::{
     envelope, BuildError, EmitStrategy, EventLogSink, EventLogSource, Headers, InMemoryStore,
-    KeyValueStore, OutputRecord, Processor, ProcessorContext, Punctuation, PunctuationType,
-    PunctuatorId, Record, RunnerConfig, RunnerError, Sink, SinkError, StateCodec, StreamError,
-    StreamRunner, TestDriver, Topology, Windowed, Windows,
+    KeyValueStore, Processor, ProcessorContext, Punctuation, PunctuationType, PunctuatorId, Record,
+    RunnerConfig, RunnerError, StateCodec, StreamError, StreamRunner, TestDriver, Topology,
+    Windowed, Windows,
 };
 use smartmsg_engine::stream::{ChangelogEntry, Entries, StoreError, WriteBatch};
 use smartmsg_engine::{AppendTx, EventLog, ExpectedVersion, ManualClock, NewEvent, StreamId};
@@ -555,30 +557,6 @@ fn every_stateless_operator_and_join_keeps_headers() {
 // ---------------------------------------------------------------------------
 // On the log, through the exactly-once runner.
 
-/// A sink that fails its first `fail` sends (a crash between a commit and
-/// its delivery), then delivers through the log sink.
-struct FlakySink {
-    inner: EventLogSink,
-    fail: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Sink for FlakySink {
-    async fn send(&mut self, runner: &str, records: &[OutputRecord]) -> Result<(), SinkError> {
-        if self
-            .fail
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(SinkError::Invalid {
-                output: "any".into(),
-                reason: "simulated crash".into(),
-            });
-        }
-        self.inner.send(runner, records).await
-    }
-}
-
 /// A store whose next `fail` writes fail (a crash after processing,
 /// before the commit).
 struct CrashingStore {
@@ -686,17 +664,13 @@ async fn runner_with_a_processor_and_store_is_exactly_once_across_crashes() {
     let fail = Arc::new(AtomicUsize::new(0));
     append_adds(&log, &[("a", 1), ("b", 2), ("a", 3), ("b", 4), ("a", 5)], 0).await;
     let open = || {
-        StreamRunner::open(
+        open_on_log(
             log_topology(),
-            store.clone(),
-            EventLogSource::with_envelopes(log.clone()),
-            FlakySink {
-                inner: EventLogSink::new(log.clone()),
-                fail: fail.clone(),
-            },
+            &store,
+            &log,
+            &fail,
             RunnerConfig::new("sums").with_batch(2),
         )
-        .unwrap()
     };
     // Crash 1: after a commit and its delivery.
     let mut r = open();

@@ -3,20 +3,22 @@
 //! grace, both emit strategies, a crash and restore mid-stream), and the
 //! exactly-once runner on the in-memory log across reopens.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use bytes::Bytes;
+use common::{append_then_close, crash_and_reopen, open_on_log, replay_with_crash, FAR};
 use proptest::prelude::*;
 use smartmsg_engine::memory::InMemoryLog;
 use smartmsg_engine::stream::{
-    envelope, EmitStrategy, EventLogSink, EventLogSource, InMemoryStore, KeyValueStore, LateReason,
-    LateRecord, OutputRecord, Record, RunnerConfig, SessionWindows, Sink, SinkError, StateCodec,
-    StreamRunner, TestDriver, Topology, Window, WindowError, Windowed, PUNCTUATE,
+    envelope, Data, EmitStrategy, InMemoryStore, Key, KeyValueStore, LateReason, LateRecord,
+    Record, RunnerConfig, SessionWindowedStream, SessionWindows, StateCodec, TestDriver, Topology,
+    Window, WindowError, Windowed,
 };
-use smartmsg_engine::{AppendTx, EventLog, ExpectedVersion, NewEvent, StreamId};
+use smartmsg_engine::{EventLog, NewEvent};
 
 fn w(start: u64, end: u64) -> Window {
     Window {
@@ -32,9 +34,16 @@ fn wk(key: &str, start: u64, end: u64) -> Windowed<String> {
     }
 }
 
-fn counts(gap: u64, grace: u64, emit: EmitStrategy) -> Topology {
-    let t = Topology::new();
-    t.stream::<String, u32>("clicks")
+/// The input `input` of `t` grouped by key in sessions of `gap` and
+/// `grace`, emitted on `emit`, with late records sent to "late".
+fn sessions_of<K: Key, V: Data + StateCodec>(
+    t: &Topology,
+    input: &str,
+    gap: u64,
+    grace: u64,
+    emit: EmitStrategy,
+) -> SessionWindowedStream<K, V> {
+    t.stream::<K, V>(input)
         .group_by_key()
         .windowed_by_session(
             SessionWindows::with_inactivity_gap(gap)
@@ -43,6 +52,11 @@ fn counts(gap: u64, grace: u64, emit: EmitStrategy) -> Topology {
         )
         .emit(emit)
         .late_records_to("late")
+}
+
+fn counts(gap: u64, grace: u64, emit: EmitStrategy) -> Topology {
+    let t = Topology::new();
+    sessions_of::<String, u32>(&t, "clicks", gap, grace, emit)
         .count("sessions")
         .to("out");
     t
@@ -280,8 +294,6 @@ type Out = (usize, u8, u64, u64, Option<Vec<u8>>, u64);
 /// A late record: step, key, record id, its reason's fields.
 type Late = (usize, u8, u8, Window, u64, u64);
 
-const FAR: u64 = 1_000_000;
-
 #[derive(Debug, Clone)]
 struct Sess {
     key: u8,
@@ -413,15 +425,7 @@ fn model(events: &[Ev], gap: u64, grace: u64, emit: EmitStrategy) -> (Vec<Out>, 
 /// Sessions of the records' ids (sorted), with late records sent out.
 fn id_sessions(gap: u64, grace: u64, emit: EmitStrategy) -> Topology {
     let t = Topology::new();
-    t.stream::<u8, u8>("in")
-        .group_by_key()
-        .windowed_by_session(
-            SessionWindows::with_inactivity_gap(gap)
-                .unwrap()
-                .grace(grace),
-        )
-        .emit(emit)
-        .late_records_to("late")
+    sessions_of::<u8, u8>(&t, "in", gap, grace, emit)
         .aggregate(
             "sessions",
             Vec::new,
@@ -493,25 +497,9 @@ fn run(
     lost: usize,
 ) -> (Vec<Out>, Vec<Late>) {
     let (mut out, mut late) = (Vec::new(), Vec::new());
-    let mut d = TestDriver::new(top()).unwrap();
-    let mut id = 0u8;
-    let mut crashed = false;
-    let mut step = 0;
-    while step < events.len() {
-        if step == commit_at && !crashed {
-            d.commit().unwrap();
-            let mut lost_id = id;
-            for &e in events.iter().skip(step).take(lost) {
-                apply(&mut d, e, &mut lost_id);
-            }
-            d = d.restart(top()).unwrap();
-            crashed = true;
-            continue;
-        }
-        apply(&mut d, events[step], &mut id);
-        collect(&mut d, step, &mut out, &mut late);
-        step += 1;
-    }
+    let mut d = replay_with_crash(events, top, commit_at, lost, apply, |d, step| {
+        collect(d, step, &mut out, &mut late)
+    });
     d.advance_time(FAR).unwrap();
     collect(&mut d, events.len(), &mut out, &mut late);
     (out, late)
@@ -559,30 +547,6 @@ proptest! {
 // ---------------------------------------------------------------------------
 // The runner on the in-memory log.
 
-/// A sink that fails its first `fail` sends (a crash between a commit and
-/// its delivery), then delivers to the log.
-struct FlakySink {
-    inner: EventLogSink,
-    fail: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Sink for FlakySink {
-    async fn send(&mut self, runner: &str, records: &[OutputRecord]) -> Result<(), SinkError> {
-        if self
-            .fail
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(SinkError::Invalid {
-                output: "any".into(),
-                reason: "simulated crash".into(),
-            });
-        }
-        self.inner.send(runner, records).await
-    }
-}
-
 #[tokio::test]
 async fn runner_is_exactly_once_across_reopens() {
     let (gap, grace) = (10, 5);
@@ -604,7 +568,7 @@ async fn runner_is_exactly_once_across_reopens() {
         (1, 75),
     ];
     let log = Arc::new(InMemoryLog::new());
-    let mut events: Vec<NewEvent> = records
+    let events: Vec<NewEvent> = records
         .iter()
         .enumerate()
         .map(|(i, &(k, ts))| {
@@ -612,14 +576,7 @@ async fn runner_is_exactly_once_across_reopens() {
             NewEvent::new("in", 1, ts, payload)
         })
         .collect();
-    events.push(NewEvent::new(PUNCTUATE, 1, FAR, Bytes::new()));
-    log.append(AppendTx::single(
-        StreamId::new("input").unwrap(),
-        ExpectedVersion::Any,
-        events,
-    ))
-    .await
-    .unwrap();
+    append_then_close(&log, events).await;
 
     // What the TestDriver gives for the same input, uninterrupted.
     let mut d = TestDriver::new(id_sessions(gap, grace, EmitStrategy::OnUpdate)).unwrap();
@@ -638,34 +595,17 @@ async fn runner_is_exactly_once_across_reopens() {
     let store: Arc<dyn KeyValueStore> = Arc::new(InMemoryStore::new());
     let fail = Arc::new(AtomicUsize::new(0));
     let open = || {
-        StreamRunner::open(
+        open_on_log(
             id_sessions(gap, grace, EmitStrategy::OnUpdate),
-            store.clone(),
-            EventLogSource::with_envelopes(log.clone()),
-            FlakySink {
-                inner: EventLogSink::new(log.clone()),
-                fail: fail.clone(),
-            },
+            &store,
+            &log,
+            &fail,
             RunnerConfig::new("sessions").with_batch(3),
         )
-        .unwrap()
     };
-    // Crash after a commit and its delivery.
-    let mut r = open();
-    r.step().await.unwrap();
-    drop(r);
-    // Crash after a commit, before its delivery: the outbox holds it.
-    let mut r = open();
-    fail.store(1, Ordering::SeqCst);
-    assert!(r.step().await.is_err());
-    drop(r);
-    // Then a crash after every step: each step's task is restored from the
-    // store (the records and outputs of the log make about 12 steps).
-    for _ in 0..20 {
-        let mut r = open();
-        r.step().await.unwrap();
-    }
-    let mut r = open();
+    // Crashes at every step (the records and outputs of the log make about
+    // 12 steps).
+    let mut r = crash_and_reopen(open, &fail).await;
     assert_eq!(r.run_until_idle().await.unwrap().records, 0);
     assert!(r
         .task()

@@ -3,7 +3,7 @@
 //! [`KStream::outer_join_stream`].
 
 use super::codec::StateCodec;
-use super::join_store::{Expired, JoinState, Pos};
+use super::join_store::{Buffered, Expired, JoinState, Left, Pos, Right, Side};
 use super::task::{Ctx, Node, StreamError};
 use super::topology::{Data, Fanout, KStream, Key};
 use super::{Headers, Record};
@@ -89,6 +89,17 @@ pub(crate) enum JoinIn<L, R> {
 struct Outer {
     left: bool,
     right: bool,
+}
+
+impl Outer {
+    /// Whether side `S`, then the other side, is emitted unmatched.
+    fn sides<K, VL, VR, S: Side<K, VL, VR>>(self) -> (bool, bool) {
+        if S::LEFT {
+            (self.left, self.right)
+        } else {
+            (self.right, self.left)
+        }
+    }
 }
 
 impl<K: Key, V: Data + StateCodec> KStream<K, V> {
@@ -229,6 +240,10 @@ impl<K: Key, V: Data + StateCodec> KStream<K, V> {
     }
 }
 
+/// An unmatched record to send, keyed for order: timestamp, side (`0`
+/// left), arrival.
+type Unmatched<K, V> = (u64, u8, u64, Record<K, V>);
+
 /// The node of a stream-stream join, fed by both sides (merged).
 struct StreamJoin<J, K, VL, VR, VO> {
     state: usize,
@@ -249,32 +264,42 @@ where
     VO: Data,
     J: FnMut(Option<&VL>, Option<&VR>) -> Option<VO> + Send,
 {
-    fn left(&mut self, ctx: &mut Ctx, rec: Record<K, VL>) -> Result<(), StreamError> {
-        let Record {
-            key,
-            value,
-            timestamp_ms: ts,
-            headers,
-        } = rec;
+    /// A record of side `S` arrives: joins the other side's records in
+    /// its window, then is kept (unless it is late).
+    fn arrive<S: Side<K, VL, VR>>(
+        &mut self,
+        ctx: &mut Ctx,
+        key: K,
+        value: S::This,
+        ts: u64,
+        headers: Headers,
+    ) -> Result<(), StreamError> {
         let w = self.windows;
-        if ts.saturating_add(w.after_ms).saturating_add(w.grace_ms) < ctx.stream_time {
+        // How far before and after a record of this side the other side's
+        // records join it.
+        let (back, ahead) = if S::LEFT {
+            (w.before_ms, w.after_ms)
+        } else {
+            (w.after_ms, w.before_ms)
+        };
+        let (this_outer, other_outer) = self.outer.sides::<K, VL, VR, S>();
+        if ts.saturating_add(ahead).saturating_add(w.grace_ms) < ctx.stream_time {
             ctx.metrics.late_records += 1;
             return Ok(());
         }
         let state = ctx.state_mut::<JoinState<K, VL, VR>>(self.state)?;
-        let (lo, hi) = (
-            ts.saturating_sub(w.before_ms),
-            ts.saturating_add(w.after_ms),
-        );
-        state.right.find(&key, lo, hi, &mut self.hits);
+        let (lo, hi) = (ts.saturating_sub(back), ts.saturating_add(ahead));
+        let other = S::other(state);
+        other.find(&key, lo, hi, &mut self.hits);
         for &pos in &self.hits {
-            if self.outer.right {
-                state.right.set_matched(pos);
+            if other_outer {
+                other.set_matched(pos);
             }
-            let Some(r) = state.right.get(pos) else {
+            let Some(o) = other.get(pos) else {
                 continue;
             };
-            if let Some(value) = (self.joiner)(Some(&value), Some(&r.value)) {
+            let (l, r) = S::pair(Some(&value), Some(&o.value));
+            if let Some(value) = (self.joiner)(l, r) {
                 self.pending.push(Record {
                     key: key.clone(),
                     value,
@@ -284,73 +309,37 @@ where
             }
         }
         let matched = !self.hits.is_empty();
-        let kept = if self.outer.left {
-            headers
-        } else {
-            Headers::new()
-        };
-        state.push_left(key, ts, value, kept, matched)?;
+        let kept = if this_outer { headers } else { Headers::new() };
+        state.push::<S>(key, ts, value, kept, matched)?;
         let expiry = state.expiry_ms(ts);
         ctx.next_deadline = ctx.next_deadline.min(expiry);
         Ok(())
     }
 
-    fn right(&mut self, ctx: &mut Ctx, rec: Record<K, VR>) -> Result<(), StreamError> {
-        let Record {
-            key,
-            value,
-            timestamp_ms: ts,
-            headers,
-        } = rec;
-        let w = self.windows;
-        if ts.saturating_add(w.before_ms).saturating_add(w.grace_ms) < ctx.stream_time {
-            ctx.metrics.late_records += 1;
-            return Ok(());
-        }
-        let state = ctx.state_mut::<JoinState<K, VL, VR>>(self.state)?;
-        let (lo, hi) = (
-            ts.saturating_sub(w.after_ms),
-            ts.saturating_add(w.before_ms),
-        );
-        state.left.find(&key, lo, hi, &mut self.hits);
-        for &pos in &self.hits {
-            if self.outer.left {
-                state.left.set_matched(pos);
-            }
-            let Some(l) = state.left.get(pos) else {
-                continue;
-            };
-            if let Some(value) = (self.joiner)(Some(&l.value), Some(&value)) {
-                self.pending.push(Record {
-                    key: key.clone(),
-                    value,
-                    timestamp_ms: ts.max(pos.0),
-                    headers: headers.clone(),
-                });
+    /// The expired records of side `S` that joined nothing, sent by an
+    /// outer side, into `out`, each tagged `(timestamp, side, arrival)`
+    /// to be sent in that order.
+    fn unmatched<S: Side<K, VL, VR>>(
+        &mut self,
+        expired: &mut Vec<(Pos, Buffered<K, S::This>)>,
+        out: &mut Vec<Unmatched<K, VO>>,
+    ) {
+        let (outer, _) = self.outer.sides::<K, VL, VR, S>();
+        let side = u8::from(!S::LEFT);
+        for (pos, b) in expired.drain(..) {
+            if outer && !b.matched {
+                let (l, r) = S::pair(Some(&b.value), None);
+                if let Some(value) = (self.joiner)(l, r) {
+                    let rec = Record {
+                        key: b.key,
+                        value,
+                        timestamp_ms: pos.0,
+                        headers: b.headers,
+                    };
+                    out.push((pos.0, side, pos.1, rec));
+                }
             }
         }
-        let matched = !self.hits.is_empty();
-        let kept = if self.outer.right {
-            headers
-        } else {
-            Headers::new()
-        };
-        state.push_right(key, ts, value, kept, matched)?;
-        let expiry = state.expiry_ms(ts);
-        ctx.next_deadline = ctx.next_deadline.min(expiry);
-        Ok(())
-    }
-
-    fn send_pending(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
-        let mut pending = std::mem::take(&mut self.pending);
-        let mut result = Ok(());
-        for r in pending.drain(..) {
-            if result.is_ok() {
-                result = self.next.process(ctx, r);
-            }
-        }
-        self.pending = pending;
-        result
     }
 }
 
@@ -370,30 +359,14 @@ where
         let Record {
             key,
             value,
-            timestamp_ms,
+            timestamp_ms: ts,
             headers,
         } = rec;
         let done = match value {
-            JoinIn::Left(value) => self.left(
-                ctx,
-                Record {
-                    key,
-                    value,
-                    timestamp_ms,
-                    headers,
-                },
-            ),
-            JoinIn::Right(value) => self.right(
-                ctx,
-                Record {
-                    key,
-                    value,
-                    timestamp_ms,
-                    headers,
-                },
-            ),
+            JoinIn::Left(value) => self.arrive::<Left>(ctx, key, value, ts, headers),
+            JoinIn::Right(value) => self.arrive::<Right>(ctx, key, value, ts, headers),
         };
-        let sent = self.send_pending(ctx);
+        let sent = self.next.process_each(ctx, self.pending.drain(..));
         done.and(sent)
     }
 
@@ -404,38 +377,13 @@ where
             .expire(stream_time, &mut expired);
         // Unmatched records of the outer sides, by timestamp, then side
         // (left first), then arrival.
-        let mut unmatched: Vec<(u64, u8, u64, Record<K, VO>)> = Vec::new();
-        for (pos, b) in expired.0.drain(..) {
-            if self.outer.left && !b.matched {
-                if let Some(value) = (self.joiner)(Some(&b.value), None) {
-                    let rec = Record {
-                        key: b.key,
-                        value,
-                        timestamp_ms: pos.0,
-                        headers: b.headers,
-                    };
-                    unmatched.push((pos.0, 0, pos.1, rec));
-                }
-            }
-        }
-        for (pos, b) in expired.1.drain(..) {
-            if self.outer.right && !b.matched {
-                if let Some(value) = (self.joiner)(None, Some(&b.value)) {
-                    let rec = Record {
-                        key: b.key,
-                        value,
-                        timestamp_ms: pos.0,
-                        headers: b.headers,
-                    };
-                    unmatched.push((pos.0, 1, pos.1, rec));
-                }
-            }
-        }
+        let mut unmatched = Vec::new();
+        self.unmatched::<Left>(&mut expired.0, &mut unmatched);
+        self.unmatched::<Right>(&mut expired.1, &mut unmatched);
         self.expired = expired;
         unmatched.sort_unstable_by_key(|u| (u.0, u.1, u.2));
-        for (_, _, _, rec) in unmatched {
-            self.next.process(ctx, rec)?;
-        }
+        self.next
+            .process_each(ctx, unmatched.into_iter().map(|u| u.3))?;
         self.next.advance(ctx)
     }
 }

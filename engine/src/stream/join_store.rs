@@ -1,5 +1,6 @@
 //! The records a stream-stream join keeps: one buffer per side, in the
-//! task, written behind to one [`KeyValueStore`] keyspace at commit and
+//! task, written behind to one
+//! [`KeyValueStore`](super::store::KeyValueStore) keyspace at commit and
 //! read back on restore.
 //!
 //! Stored layout, one entry per buffered record: key = the side (`0`
@@ -10,13 +11,12 @@
 //! encoded value. A record leaves the buffer (and the store) when stream
 //! time passes its timestamp plus the join's retention.
 
-use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hash;
 
-use super::codec::{Reader, StateCodec};
+use super::codec::{CodecError, Reader, StateCodec};
 use super::headers::Headers;
-use super::store::{scan_all, KeyValueStore, WriteBatch};
+use super::store::WriteBatch;
 use super::task::{FxMap, StateSlot, StreamError};
 
 /// A buffered record's place: timestamp, then sequence number.
@@ -202,33 +202,25 @@ where
         Ok((ts, seq))
     }
 
-    /// Keeps a left record.
-    pub(crate) fn push_left(
+    /// Keeps a record of side `S`.
+    pub(crate) fn push<S: Side<K, VL, VR>>(
         &mut self,
         key: K,
         ts: u64,
-        value: VL,
+        value: S::This,
         headers: Headers,
         matched: bool,
     ) -> Result<(), StreamError> {
         let pos = self.next_pos(ts)?;
-        self.left
-            .insert(pos, new_entry(key, value, headers, matched));
+        S::this(self).insert(pos, new_entry(key, value, headers, matched));
         Ok(())
     }
 
-    /// Keeps a right record.
-    pub(crate) fn push_right(
-        &mut self,
-        key: K,
-        ts: u64,
-        value: VR,
-        headers: Headers,
-        matched: bool,
-    ) -> Result<(), StreamError> {
-        let pos = self.next_pos(ts)?;
-        self.right
-            .insert(pos, new_entry(key, value, headers, matched));
+    /// Adds a stored entry of side `S` (during a restore).
+    fn load<S: Side<K, VL, VR>>(&mut self, k: &[u8], v: &[u8]) -> Result<(), CodecError> {
+        let (_, pos, b) = decode_entry::<K, S::This>(k, v)?;
+        self.next_seq = self.next_seq.max(pos.1.wrapping_add(1));
+        S::this(self).insert(pos, b);
         Ok(())
     }
 
@@ -263,6 +255,62 @@ where
     }
 }
 
+/// One side of a join, seen from a record arriving on it: its own
+/// buffer, the other side's, and which way round a pair goes.
+pub(crate) trait Side<K, VL, VR> {
+    /// Whether this is the left side.
+    const LEFT: bool;
+    /// This side's values.
+    type This: StateCodec;
+    /// The other side's values.
+    type Other: StateCodec;
+    /// This side's buffer.
+    fn this(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, Self::This>;
+    /// The other side's buffer.
+    fn other(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, Self::Other>;
+    /// A value of this side and one of the other, as `(left, right)`.
+    fn pair<'a>(
+        this: Option<&'a Self::This>,
+        other: Option<&'a Self::Other>,
+    ) -> (Option<&'a VL>, Option<&'a VR>);
+}
+
+/// The left side of a join.
+pub(crate) struct Left;
+
+/// The right side of a join.
+pub(crate) struct Right;
+
+impl<K, VL: StateCodec, VR: StateCodec> Side<K, VL, VR> for Left {
+    const LEFT: bool = true;
+    type This = VL;
+    type Other = VR;
+    fn this(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, VL> {
+        &mut state.left
+    }
+    fn other(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, VR> {
+        &mut state.right
+    }
+    fn pair<'a>(this: Option<&'a VL>, other: Option<&'a VR>) -> (Option<&'a VL>, Option<&'a VR>) {
+        (this, other)
+    }
+}
+
+impl<K, VL: StateCodec, VR: StateCodec> Side<K, VL, VR> for Right {
+    const LEFT: bool = false;
+    type This = VR;
+    type Other = VL;
+    fn this(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, VR> {
+        &mut state.right
+    }
+    fn other(state: &mut JoinState<K, VL, VR>) -> &mut SideBuf<K, VL> {
+        &mut state.left
+    }
+    fn pair<'a>(this: Option<&'a VR>, other: Option<&'a VL>) -> (Option<&'a VL>, Option<&'a VR>) {
+        (other, this)
+    }
+}
+
 fn new_entry<K, V>(key: K, value: V, headers: Headers, matched: bool) -> Buffered<K, V> {
     Buffered {
         key,
@@ -277,7 +325,7 @@ fn new_entry<K, V>(key: K, value: V, headers: Headers, matched: bool) -> Buffere
 fn decode_entry<K: StateCodec, V: StateCodec>(
     k: &[u8],
     v: &[u8],
-) -> Result<(u8, Pos, Buffered<K, V>), super::codec::CodecError> {
+) -> Result<(u8, Pos, Buffered<K, V>), CodecError> {
     let mut r = Reader::new(k);
     let side = r.array::<1>("join side")?[0];
     let ts = u64::decode_from(&mut r)?;
@@ -310,12 +358,6 @@ where
     fn name(&self) -> &str {
         &self.name
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
     fn flush(&mut self, batch: &mut WriteBatch) {
         for k in self.deleted.drain(..) {
             batch.delete(&self.name, k);
@@ -323,38 +365,22 @@ where
         self.left.flush(&self.name, batch);
         self.right.flush(&self.name, batch);
     }
-    fn restore(&mut self, store: &dyn KeyValueStore) -> Result<(), StreamError> {
+    fn reset(&mut self) {
         self.left.clear();
         self.right.clear();
         self.deleted.clear();
         self.next_seq = 0;
-        for (k, v) in scan_all(store, &self.name)? {
-            let dec = |source| StreamError::Decode {
-                what: "store",
-                name: self.name.clone(),
-                source,
-            };
-            // Only the first byte says which side: decode by it.
-            match k.first() {
-                Some(0) => {
-                    let (_, pos, b) = decode_entry::<K, VL>(&k, &v).map_err(dec)?;
-                    self.next_seq = self.next_seq.max(pos.1.wrapping_add(1));
-                    self.left.insert(pos, b);
-                }
-                Some(1) => {
-                    let (_, pos, b) = decode_entry::<K, VR>(&k, &v).map_err(dec)?;
-                    self.next_seq = self.next_seq.max(pos.1.wrapping_add(1));
-                    self.right.insert(pos, b);
-                }
-                _ => {
-                    return Err(dec(super::codec::CodecError::Invalid {
-                        what: "join side",
-                        reason: format!("entry key starts with {:?}", k.first()),
-                    }))
-                }
-            }
+    }
+    fn load_entry(&mut self, k: &[u8], v: &[u8]) -> Result<(), CodecError> {
+        // Only the first byte says which side: decode by it.
+        match k.first() {
+            Some(0) => self.load::<Left>(k, v),
+            Some(1) => self.load::<Right>(k, v),
+            _ => Err(CodecError::Invalid {
+                what: "join side",
+                reason: format!("entry key starts with {:?}", k.first()),
+            }),
         }
-        Ok(())
     }
     fn next_deadline(&self) -> u64 {
         match (self.left.first_ts(), self.right.first_ts()) {

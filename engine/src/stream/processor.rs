@@ -243,7 +243,7 @@ impl<K: Data, V: Data> ProcessorContext<'_, K, V> {
             .ctx
             .states
             .get_mut(index)
-            .and_then(|s| s.as_any_mut().downcast_mut::<KvState<SK, SV>>())
+            .and_then(|s| s.downcast_mut::<KvState<SK, SV>>())
             .ok_or_else(|| StreamError::WrongType {
                 what: "store",
                 name: name.to_owned(),

@@ -363,18 +363,6 @@ where
         }
         Ok(())
     }
-
-    fn send_pending(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
-        let mut pending = std::mem::take(&mut self.pending);
-        let mut result = Ok(());
-        for r in pending.drain(..) {
-            if result.is_ok() {
-                result = self.next.process(ctx, r);
-            }
-        }
-        self.pending = pending;
-        result
-    }
 }
 
 impl<K, V, A, S> Node<K, V> for SessionAgg<S, K, V, A>
@@ -418,7 +406,7 @@ where
             }
         }
         let added = self.add(ctx, key, value, ts);
-        let sent = self.send_pending(ctx);
+        let sent = self.next.process_each(ctx, self.pending.drain(..));
         added.and(sent)
     }
 
@@ -427,22 +415,21 @@ where
         let mut closed = std::mem::take(&mut self.closed);
         ctx.state_mut::<SessionState<K, A>>(self.state)?
             .close(stream_time, &mut closed)?;
-        let mut result = Ok(());
-        for (key, value, ts) in closed.drain(..) {
-            if result.is_ok() && self.emit == EmitStrategy::OnWindowClose {
-                result = self.next.process(
-                    ctx,
-                    Record {
-                        key,
-                        value: Some(value),
-                        timestamp_ms: ts,
-                        headers: Headers::new(),
-                    },
-                );
-            }
-        }
+        let emit = self.emit == EmitStrategy::OnWindowClose;
+        let sent = self.next.process_each(
+            ctx,
+            closed
+                .drain(..)
+                .filter(|_| emit)
+                .map(|(key, value, ts)| Record {
+                    key,
+                    value: Some(value),
+                    timestamp_ms: ts,
+                    headers: Headers::new(),
+                }),
+        );
         self.closed = closed;
-        result?;
+        sent?;
         self.next.advance(ctx)
     }
 }

@@ -1,5 +1,6 @@
 //! The open sessions of a session-windowed aggregation: their working set
-//! in the task, written behind to a [`KeyValueStore`] keyspace at commit
+//! in the task, written behind to a
+//! [`KeyValueStore`](super::store::KeyValueStore) keyspace at commit
 //! and read back on restore.
 //!
 //! Stored layout, one entry per open session: key = the session's last
@@ -10,13 +11,12 @@
 //! is deleted and the new one written; a closed session's entry is
 //! deleted.
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::hash::Hash;
 
-use super::codec::{Reader, StateCodec};
+use super::codec::{CodecError, Reader, StateCodec};
 use super::session::SessionWindows;
-use super::store::{scan_all, KeyValueStore, WriteBatch};
+use super::store::WriteBatch;
 use super::task::{FxMap, StateSlot, StreamError};
 use super::window::Windowed;
 
@@ -245,12 +245,6 @@ where
     fn name(&self) -> &str {
         &self.name
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
     fn flush(&mut self, batch: &mut WriteBatch) {
         for k in self.deleted.drain(..) {
             batch.delete(&self.name, k);
@@ -266,25 +260,20 @@ where
             }
         }
     }
-    fn restore(&mut self, store: &dyn KeyValueStore) -> Result<(), StreamError> {
+    fn reset(&mut self) {
         self.keys.clear();
         self.by_end.clear();
         self.dirty.clear();
         self.deleted.clear();
         self.entries = 0;
-        for (k, v) in scan_all(store, &self.name)? {
-            let dec = |source| StreamError::Decode {
-                what: "store",
-                name: self.name.clone(),
-                source,
-            };
-            let mut r = Reader::new(&k);
-            let end = u64::decode_from(&mut r).map_err(dec)?;
-            let start = u64::decode_from(&mut r).map_err(dec)?;
-            let key = K::decode(r.rest()).map_err(dec)?;
-            let agg = A::decode(&v).map_err(dec)?;
-            self.put(key, start, end, agg, Some((start, end)), false);
-        }
+    }
+    fn load_entry(&mut self, k: &[u8], v: &[u8]) -> Result<(), CodecError> {
+        let mut r = Reader::new(k);
+        let end = u64::decode_from(&mut r)?;
+        let start = u64::decode_from(&mut r)?;
+        let key = K::decode(r.rest())?;
+        let agg = A::decode(v)?;
+        self.put(key, start, end, agg, Some((start, end)), false);
         Ok(())
     }
     fn next_deadline(&self) -> u64 {

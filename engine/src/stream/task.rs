@@ -316,7 +316,7 @@ impl Ctx {
     pub(crate) fn state_mut<S: 'static>(&mut self, id: usize) -> Result<&mut S, StreamError> {
         self.states
             .get_mut(id)
-            .and_then(|s| s.as_any_mut().downcast_mut::<S>())
+            .and_then(|s| s.downcast_mut::<S>())
             .ok_or(StreamError::Internal("state slot of another type"))
     }
 
@@ -342,20 +342,47 @@ impl Ctx {
     }
 }
 
-/// A state store's in-memory working set, type-erased.
-pub(crate) trait StateSlot: Send {
+/// A state store's in-memory working set, type-erased (`dyn StateSlot`'s
+/// `downcast_ref` and `downcast_mut` give it back typed).
+pub(crate) trait StateSlot: Any + Send {
     fn name(&self) -> &str;
-    fn as_any(&self) -> &dyn Any;
-    fn as_any_mut(&mut self) -> &mut dyn Any;
     /// Writes every change since the last flush into `batch`.
     fn flush(&mut self, batch: &mut WriteBatch);
+    /// Empties the working set (before a restore).
+    fn reset(&mut self);
+    /// Adds one stored entry, as [`flush`](StateSlot::flush) wrote it, to
+    /// the working set (during a restore).
+    fn load_entry(&mut self, key: &[u8], value: &[u8]) -> Result<(), CodecError>;
     /// Replaces the working set with the store's contents.
-    fn restore(&mut self, store: &dyn KeyValueStore) -> Result<(), StreamError>;
+    fn restore(&mut self, store: &dyn KeyValueStore) -> Result<(), StreamError> {
+        self.reset();
+        for (k, v) in scan_all(store, self.name())? {
+            self.load_entry(&k, &v)
+                .map_err(|source| StreamError::Decode {
+                    what: "store",
+                    name: self.name().to_owned(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
     /// The earliest stream time at which this slot has work to do.
     fn next_deadline(&self) -> u64 {
         u64::MAX
     }
     fn len(&self) -> usize;
+}
+
+impl dyn StateSlot {
+    /// The working set as its own type, if it is an `S`.
+    pub(crate) fn downcast_ref<S: 'static>(&self) -> Option<&S> {
+        (self as &dyn Any).downcast_ref()
+    }
+
+    /// The working set as its own type, if it is an `S`.
+    pub(crate) fn downcast_mut<S: 'static>(&mut self) -> Option<&mut S> {
+        (self as &mut dyn Any).downcast_mut()
+    }
 }
 
 struct KvEntry<V> {
@@ -469,12 +496,6 @@ where
     fn name(&self) -> &str {
         &self.name
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
     fn flush(&mut self, batch: &mut WriteBatch) {
         for k in self.deleted.drain(..) {
             batch.delete(&self.name, k.to_bytes());
@@ -488,20 +509,15 @@ where
             }
         }
     }
-    fn restore(&mut self, store: &dyn KeyValueStore) -> Result<(), StreamError> {
+    fn reset(&mut self) {
         self.map.clear();
         self.dirty.clear();
         self.deleted.clear();
-        for (k, v) in scan_all(store, &self.name)? {
-            let dec = |source| StreamError::Decode {
-                what: "store",
-                name: self.name.clone(),
-                source,
-            };
-            let k = K::decode(&k).map_err(dec)?;
-            let v = V::decode(&v).map_err(dec)?;
-            self.map.insert(k, KvEntry { v, dirty: false });
-        }
+    }
+    fn load_entry(&mut self, k: &[u8], v: &[u8]) -> Result<(), CodecError> {
+        let k = K::decode(k)?;
+        let v = V::decode(v)?;
+        self.map.insert(k, KvEntry { v, dirty: false });
         Ok(())
     }
     fn len(&self) -> usize {
@@ -652,12 +668,6 @@ where
     fn name(&self) -> &str {
         &self.name
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
     fn flush(&mut self, batch: &mut WriteBatch) {
         for (start, k) in self.deleted.drain(..) {
             batch.delete(&self.name, window_key(start, &k));
@@ -676,34 +686,29 @@ where
             }
         }
     }
-    fn restore(&mut self, store: &dyn KeyValueStore) -> Result<(), StreamError> {
+    fn reset(&mut self) {
         self.open.clear();
         self.dirty.clear();
         self.deleted.clear();
         self.entries = 0;
-        for (k, v) in scan_all(store, &self.name)? {
-            let dec = |source| StreamError::Decode {
-                what: "store",
-                name: self.name.clone(),
-                source,
-            };
-            let mut r = super::codec::Reader::new(&k);
-            let start = u64::decode_from(&mut r).map_err(dec)?;
-            let key = K::decode(r.rest()).map_err(dec)?;
-            let mut r = super::codec::Reader::new(&v);
-            let max_ts = u64::decode_from(&mut r).map_err(dec)?;
-            let agg = A::decode(r.rest()).map_err(dec)?;
-            self.entries += 1;
-            self.open.entry(start).or_default().insert(
-                key,
-                WSlot {
-                    agg,
-                    max_ts,
-                    dirty: false,
-                    persisted: true,
-                },
-            );
-        }
+    }
+    fn load_entry(&mut self, k: &[u8], v: &[u8]) -> Result<(), CodecError> {
+        let mut r = super::codec::Reader::new(k);
+        let start = u64::decode_from(&mut r)?;
+        let key = K::decode(r.rest())?;
+        let mut r = super::codec::Reader::new(v);
+        let max_ts = u64::decode_from(&mut r)?;
+        let agg = A::decode(r.rest())?;
+        self.entries += 1;
+        self.open.entry(start).or_default().insert(
+            key,
+            WSlot {
+                agg,
+                max_ts,
+                dirty: false,
+                persisted: true,
+            },
+        );
         Ok(())
     }
     fn next_deadline(&self) -> u64 {
@@ -1158,7 +1163,6 @@ impl Task {
 
     fn typed<S: 'static>(&self, name: &str) -> Result<&S, StreamError> {
         self.slot(name)?
-            .as_any()
             .downcast_ref::<S>()
             .ok_or_else(|| StreamError::WrongType {
                 what: "store",

@@ -408,6 +408,19 @@ impl<K: Data, V: Data> Fanout<K, V> {
         }
     }
 
+    /// Sends `recs` in order, stopping at the first error (the rest of
+    /// `recs` is dropped: a drain is emptied either way).
+    pub(crate) fn process_each(
+        &mut self,
+        ctx: &mut Ctx,
+        recs: impl IntoIterator<Item = Record<K, V>>,
+    ) -> Result<(), StreamError> {
+        for rec in recs {
+            self.process(ctx, rec)?;
+        }
+        Ok(())
+    }
+
     #[inline]
     pub(crate) fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
         match self {
@@ -1548,15 +1561,7 @@ where
                 ctx.next_deadline = close;
             }
         }
-        let mut pending = std::mem::take(&mut self.pending);
-        let mut result = Ok(());
-        for r in pending.drain(..) {
-            if result.is_ok() {
-                result = self.next.process(ctx, r);
-            }
-        }
-        self.pending = pending;
-        result
+        self.next.process_each(ctx, self.pending.drain(..))
     }
 
     fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
@@ -1564,22 +1569,21 @@ where
         let mut closed = std::mem::take(&mut self.closed);
         ctx.state_mut::<WindowState<K, A>>(self.state)?
             .close(stream_time, &mut closed);
-        let mut result = Ok(());
-        for (key, value, ts) in closed.drain(..) {
-            if result.is_ok() && self.emit == EmitStrategy::OnWindowClose {
-                result = self.next.process(
-                    ctx,
-                    Record {
-                        key,
-                        value,
-                        timestamp_ms: ts,
-                        headers: Headers::new(),
-                    },
-                );
-            }
-        }
+        let emit = self.emit == EmitStrategy::OnWindowClose;
+        let sent = self.next.process_each(
+            ctx,
+            closed
+                .drain(..)
+                .filter(|_| emit)
+                .map(|(key, value, ts)| Record {
+                    key,
+                    value,
+                    timestamp_ms: ts,
+                    headers: Headers::new(),
+                }),
+        );
         self.closed = closed;
-        result?;
+        sent?;
         self.next.advance(ctx)
     }
 }
