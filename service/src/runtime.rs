@@ -466,6 +466,28 @@ pub struct Runtime {
     /// The removed users, shared with readers (the HTTP service filters
     /// them out of what it shows).
     removed_shared: Removed,
+    /// Where the current step's time went (logged at debug level).
+    timing: StepTiming,
+}
+
+/// Where one step's time went, logged at debug level when the step did
+/// something.
+#[derive(Debug, Default)]
+struct StepTiming {
+    ingest: std::time::Duration,
+    ticks: u32,
+    tick_time: std::time::Duration,
+    runs: u32,
+    commits: u64,
+    run_time: std::time::Duration,
+    read_time: std::time::Duration,
+    commands: u32,
+    late_commands: u32,
+    command_time: std::time::Duration,
+    feedback: u32,
+    feedback_time: std::time::Duration,
+    late_read: u32,
+    windows_read: u32,
 }
 
 /// The removed users, readable without waiting for the runtime.
@@ -620,6 +642,7 @@ impl Runtime {
             stats: Arc::default(),
             removed: BTreeMap::new(),
             removed_shared: Removed::default(),
+            timing: StepTiming::default(),
         };
         for e in read_from(&*rt.ports.log, &StreamId::new(REMOVALS)?, 1).await? {
             if e.kind == USER_REMOVED_KIND {
@@ -1232,6 +1255,8 @@ impl Runtime {
     pub async fn step(&mut self, now_ms: u64) -> Result<StepReport, RuntimeError> {
         let mut report = StepReport::default();
         let log = Arc::clone(&self.ports.log);
+        let step_started = std::time::Instant::now();
+        self.timing = StepTiming::default();
         for s in &mut self.sources {
             // At most MAX_INGEST_POLLS polls per source and step, so that a
             // backlog does not keep the campaigns waiting.
@@ -1260,10 +1285,12 @@ impl Runtime {
                 }
             }
         }
+        self.timing.ingest = step_started.elapsed();
         let ids: Vec<String> = self.campaigns.keys().cloned().collect();
         for id in &ids {
             self.drive_isolated(id, now_ms, false, &mut report).await?;
         }
+        let drive_time = step_started.elapsed();
         let leases = self
             .ports
             .queue
@@ -1373,6 +1400,31 @@ impl Runtime {
         }
         report.next_wake_ms = self.next_wake(now_ms).await?;
         self.publish_views();
+        let t = &self.timing;
+        if report.ingested > 0 || t.commits > 0 || t.commands > 0 || report.jobs > 0 {
+            tracing::debug!(
+                ingested = report.ingested,
+                ingest_ms = t.ingest.as_millis() as u64,
+                drive_ms = drive_time.saturating_sub(t.ingest).as_millis() as u64,
+                step_ms = step_started.elapsed().as_millis() as u64,
+                ticks = t.ticks,
+                tick_ms = t.tick_time.as_millis() as u64,
+                runs = t.runs,
+                commits = t.commits,
+                run_ms = t.run_time.as_millis() as u64,
+                read_ms = t.read_time.as_millis() as u64,
+                windows_read = t.windows_read,
+                late_read = t.late_read,
+                commands = t.commands,
+                late_commands = t.late_commands,
+                command_ms = t.command_time.as_millis() as u64,
+                feedback = t.feedback,
+                feedback_ms = t.feedback_time.as_millis() as u64,
+                jobs = report.jobs,
+                lag_ms = self.ports.clock.now_ms().saturating_sub(now_ms),
+                "step timing"
+            );
+        }
         Ok(report)
     }
 
@@ -1482,7 +1534,14 @@ impl Runtime {
             }
             live.driver.scheduled(&ready.schedule);
             for cmd in ready.commands {
-                match self.execute_on(live, cmd).await {
+                let started = std::time::Instant::now();
+                self.timing.commands += 1;
+                if cmd.id.starts_with("late-") {
+                    self.timing.late_commands += 1;
+                }
+                let r = self.execute_on(live, cmd).await;
+                self.timing.command_time += started.elapsed();
+                match r {
                     Ok(()) => {}
                     Err(RuntimeError::Refused {
                         campaign,
@@ -1507,6 +1566,8 @@ impl Runtime {
                     })
                     .collect();
                 let n = events.len() as u64;
+                let started = std::time::Instant::now();
+                self.timing.feedback += 1;
                 let appended = log
                     .append(AppendTx::single(
                         live.streams.feedback.clone(),
@@ -1514,6 +1575,7 @@ impl Runtime {
                         events,
                     ))
                     .await;
+                self.timing.feedback_time += started.elapsed();
                 match appended {
                     Ok(_) => live.feedback_v += n,
                     // The stream moved on (an append whose answer was lost
@@ -1631,6 +1693,7 @@ impl Runtime {
         let dirty = v > live.tick_v || live.open_windows;
         let due = now_ms >= live.tick_ms.saturating_add(live.pipeline.window_ms.max(1));
         if (force && now_ms > live.tick_ms) || (dirty && due) {
+            let started = std::time::Instant::now();
             let r = log
                 .append(AppendTx::single(
                     live.streams.pipeline.clone(),
@@ -1638,6 +1701,8 @@ impl Runtime {
                     vec![tick_event(now_ms)],
                 ))
                 .await?;
+            self.timing.ticks += 1;
+            self.timing.tick_time += started.elapsed();
             live.tick_ms = now_ms;
             live.tick_v = r.versions.first().map_or(v + 1, |(_, v)| *v);
             live.untickled = false;
@@ -1651,8 +1716,12 @@ impl Runtime {
             return Ok(());
         };
         let before = runner.next_commit();
+        let started = std::time::Instant::now();
         let r = runner.run_until_idle().await;
         let after = runner.next_commit();
+        self.timing.runs += 1;
+        self.timing.commits += after.saturating_sub(before);
+        self.timing.run_time += started.elapsed();
         live.pipeline_processed = runner.position() >> crate::pipeline::SUB_BITS;
         live.open_windows = runner
             .task()
@@ -1690,7 +1759,13 @@ impl Runtime {
                 )));
             }
         }
-        read_outputs(log, live).await
+        let started = std::time::Instant::now();
+        let (w, l) = (live.windows_v, live.late_v);
+        let r = read_outputs(log, live).await;
+        self.timing.read_time += started.elapsed();
+        self.timing.windows_read += (live.windows_v - w) as u32;
+        self.timing.late_read += (live.late_v - l) as u32;
+        r
     }
 }
 
