@@ -11,7 +11,10 @@
 //!    when windows may have closed), reads the pipeline's new outputs into
 //!    the driver, and performs what the driver asks (record windows,
 //!    record feedback, announce a batch to the pipeline, hand a batch to
-//!    the sender, record it as sent, schedule jobs);
+//!    the sender, record it as sent, schedule jobs); the commands it asks
+//!    for at once (closed windows, late reactions' corrections) are
+//!    decided in order and appended in one transaction
+//!    ([`Repository::execute_all_from`]), not one each;
 //! 3. takes the due jobs from the delay queue: for each, brings its
 //!    campaign up to date (ticking the pipeline at `now` so that the
 //!    windows due are closed and the feedback is recorded), asks the driver
@@ -483,6 +486,7 @@ struct StepTiming {
     read_time: std::time::Duration,
     commands: u32,
     late_commands: u32,
+    batches: u32,
     command_time: std::time::Duration,
     feedback: u32,
     feedback_time: std::time::Duration,
@@ -1089,6 +1093,82 @@ impl Runtime {
         catch_up(&*self.ports.log, live).await
     }
 
+    /// Executes `cmds` in order in as few appends as the log's limits
+    /// allow (usually one): the windows and late reactions a step reads
+    /// cost one transaction, not one each. A command refused on the
+    /// driver's state is executed again alone, which decides it on a fresh
+    /// load and reports a refusal; so is every command when the campaign
+    /// stream moved on. Commands keep their ids, so each still takes effect
+    /// once, whichever way it went.
+    async fn execute_all_on(
+        &mut self,
+        live: &mut Live,
+        cmds: Vec<CampaignCommand>,
+    ) -> Result<(), RuntimeError> {
+        let mut rest = &cmds[..];
+        while rest.len() > 1 {
+            let known = Known {
+                state: live.driver.campaign(),
+                version: live.campaign_v,
+            };
+            let r = self
+                .repo
+                .execute_all_from(
+                    &live.streams.campaign,
+                    known,
+                    rest,
+                    CommandOptions::default(),
+                )
+                .await
+                .map_err(|e| RuntimeError::Command {
+                    campaign: live.id.clone(),
+                    command: rest[0].id.clone(),
+                    source: Box::new(e),
+                })?;
+            let Some(done) = r.filter(|d| d.taken > 0) else {
+                // Another writer moved the stream: one by one, from fresh
+                // loads.
+                break;
+            };
+            self.timing.batches += 1;
+            let (taken, after) = rest.split_at(done.taken.min(rest.len()));
+            for cmd in taken {
+                live.driver.executed(&cmd.id);
+            }
+            catch_up(&*self.ports.log, live).await?;
+            for (cmd, outcome) in taken.iter().zip(done.outcomes) {
+                if outcome.is_err() {
+                    self.execute_reporting(live, cmd.clone()).await?;
+                }
+            }
+            rest = after;
+        }
+        for cmd in rest {
+            self.execute_reporting(live, cmd.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// [`execute_on`](Self::execute_on), with a refusal reported and the
+    /// command dropped.
+    async fn execute_reporting(
+        &mut self,
+        live: &mut Live,
+        cmd: CampaignCommand,
+    ) -> Result<(), RuntimeError> {
+        match self.execute_on(live, cmd).await {
+            Err(RuntimeError::Refused {
+                campaign,
+                command,
+                source,
+            }) => {
+                tracing::warn!(%campaign, %command, reason = %source, "the campaign refused a command; dropped");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// Executes a lifecycle command on campaign `id` (`Start`, `Pause`,
     /// `Resume`, `Cancel`; the command id makes retries harmless). Command
     /// ids of the forms the runtime uses itself (`create`, `start-due`,
@@ -1417,6 +1497,7 @@ impl Runtime {
                 late_read = t.late_read,
                 commands = t.commands,
                 late_commands = t.late_commands,
+                batches = t.batches,
                 command_ms = t.command_time.as_millis() as u64,
                 feedback = t.feedback,
                 feedback_ms = t.feedback_time.as_millis() as u64,
@@ -1533,26 +1614,16 @@ impl Runtime {
                 self.ports.queue.schedule(job.clone()).await?;
             }
             live.driver.scheduled(&ready.schedule);
-            for cmd in ready.commands {
-                let started = std::time::Instant::now();
-                self.timing.commands += 1;
-                if cmd.id.starts_with("late-") {
-                    self.timing.late_commands += 1;
-                }
-                let r = self.execute_on(live, cmd).await;
-                self.timing.command_time += started.elapsed();
-                match r {
-                    Ok(()) => {}
-                    Err(RuntimeError::Refused {
-                        campaign,
-                        command,
-                        source,
-                    }) => {
-                        tracing::warn!(%campaign, %command, reason = %source, "the campaign refused a command; dropped");
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            let started = std::time::Instant::now();
+            self.timing.commands += ready.commands.len() as u32;
+            self.timing.late_commands += ready
+                .commands
+                .iter()
+                .filter(|c| c.id.starts_with("late-"))
+                .count() as u32;
+            let r = self.execute_all_on(live, ready.commands).await;
+            self.timing.command_time += started.elapsed();
+            r?;
             for f in ready.feedback {
                 // Large feedback is split into parts, all in one
                 // transaction.
