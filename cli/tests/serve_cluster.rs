@@ -68,7 +68,10 @@ impl Instance {
             .current_dir(&home)
             .args(["serve", "--config"])
             .arg(&file)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SERVE_CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
@@ -519,9 +522,17 @@ async fn throughput(
         .unwrap();
     let config = cluster_config(&cluster, SHARDS, &sent, svc);
     let tmp = tempfile::tempdir().unwrap();
+    // SERVE_CLUSTER_KEEP=1 keeps the instances' directories and logs.
+    let (dir, _tmp) = if std::env::var_os("SERVE_CLUSTER_KEEP").is_some() {
+        let kept = tmp.keep();
+        eprintln!("{instances} instance(s): logs in {}", kept.display());
+        (kept, None)
+    } else {
+        (tmp.path().to_owned(), Some(tmp))
+    };
     let client = client();
     let mut nodes: Vec<Instance> = (0..instances)
-        .map(|i| Instance::start(tmp.path(), &format!("n{i}"), &config))
+        .map(|i| Instance::start(&dir, &format!("n{i}"), &config))
         .collect();
     wait_all_shards(&client, &mut nodes, SHARDS).await;
     // Let the group settle (joins after the first assignment move shards).
@@ -589,8 +600,19 @@ async fn throughput(
         }
     }
     let total = lines.len() as u64;
+    // Campaign events before the reactions: those after them say how the
+    // reactions were recorded (a window per campaign, or late corrections).
+    let events_before = loop {
+        if let Some(rows) = rows_now().await {
+            break sum(&rows, "version");
+        }
+        assert!(Instant::now() < deadline, "no read model");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let t1 = Instant::now();
+    let mut posts = Vec::new();
     for (i, chunk) in lines.chunks(1_000).enumerate() {
+        let started = Instant::now();
         let body = chunk.join("\n");
         let (s, v) = until_answered(&client, &[urls[i % urls.len()].clone()], |c, u| {
             c.post(format!("{u}/v1/reactions"))
@@ -599,11 +621,13 @@ async fn throughput(
         })
         .await;
         assert!(s.is_success(), "{s} {v}");
+        posts.push(started.elapsed().as_millis());
     }
-    loop {
+    let posted = t1.elapsed();
+    let events_after = loop {
         if let Some(rows) = rows_now().await {
             if sum(&rows, "reactions") == total {
-                break;
+                break sum(&rows, "version");
             }
         }
         assert!(
@@ -611,8 +635,16 @@ async fn throughput(
             "reactions not counted"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let reactions = total as f64 / t1.elapsed().as_secs_f64();
+    };
+    let counted = t1.elapsed();
+    let reactions = total as f64 / counted.as_secs_f64();
+    eprintln!(
+        "{instances} instance(s): {total} reactions posted in {:.2} s (each POST of 1,000, ms: {posts:?}), \
+         counted after {:.2} s, recorded as {} campaign events",
+        posted.as_secs_f64(),
+        counted.as_secs_f64(),
+        events_after - events_before
+    );
     for n in &mut nodes {
         n.stop();
     }
@@ -627,13 +659,25 @@ async fn throughput(
 ///
 /// `source .services/env && cargo test --release -p smartmsg-cli
 /// --features distributed --test serve_cluster -- --ignored --nocapture`
+///
+/// Each run also prints how long each POST took, when PostgreSQL counted
+/// every reaction and how many campaign events recorded them (one window
+/// per campaign, plus one correction per late reaction). To look closer:
+/// `SERVE_CLUSTER_INSTANCES=3,1` runs only these counts in this order,
+/// `SERVE_CLUSTER_KEEP=1` keeps each instance's directory and log, and
+/// `SERVE_CLUSTER_LOG` is the instances' `RUST_LOG` (default `info`;
+/// `smartmsg_service::runtime=debug` logs where each step's time went).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run with --ignored"]
 async fn cluster_throughput_with_one_two_and_three_instances() {
     let Some(svc) = services() else { return };
     let campaigns = 16;
     let mut out = Vec::new();
-    for n in 1..=3 {
+    // SERVE_CLUSTER_INSTANCES="3,1" runs only these counts, in this order.
+    let counts: Vec<usize> = std::env::var("SERVE_CLUSTER_INSTANCES")
+        .map(|v| v.split(',').map(|n| n.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![1, 2, 3]);
+    for n in counts {
         let (p, r) = throughput(&svc, n, campaigns).await;
         eprintln!("{n} instance(s): {p:.2} campaigns/s planned, {r:.0} reactions/s counted");
         out.push((n, p, r));

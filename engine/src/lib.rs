@@ -56,8 +56,8 @@ pub use projection::{
     ProjectionRunner,
 };
 pub use repository::{
-    Appended, CommandOptions, ConfigError, Executed, Known, Loaded, Repository, RepositoryConfig,
-    RepositoryError,
+    Appended, AppendedAll, CommandOptions, ConfigError, Executed, Known, Loaded, Repository,
+    RepositoryConfig, RepositoryError,
 };
 pub use scheduler::{
     job_idempotency_key, RunReport, Scheduler, SchedulerConfig, SchedulerConfigError,

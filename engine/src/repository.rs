@@ -16,6 +16,9 @@
 //!   [`RepositoryConfig::max_conflict_retries`] times, then gives up with
 //!   [`RepositoryError::Conflict`]. After a successful append that crosses a
 //!   multiple of [`RepositoryConfig::snapshot_every`] it saves a snapshot.
+//! - [`Repository::execute_from`] decides on a state the caller already
+//!   holds; [`Repository::execute_all_from`] decides several commands in
+//!   order that way and appends all their events in one transaction.
 //!
 //! # Idempotency
 //!
@@ -211,6 +214,27 @@ impl<A: Aggregate> From<Executed<A>> for Appended<A::Event> {
     }
 }
 
+/// What [`Repository::execute_all_from`] did.
+#[derive(Debug)]
+pub struct AppendedAll<E, R> {
+    /// How many commands, from the front, were decided: the ones after did
+    /// not fit the same transaction (the log's limits) and were not
+    /// looked at.
+    pub taken: usize,
+    /// The stream version after them (unchanged if they produced no
+    /// events).
+    pub version: u64,
+    /// Where the transaction landed; `None` when no command produced
+    /// events and nothing was appended.
+    pub append: Option<AppendResult>,
+    /// Every taken command's events, in order, as appended.
+    pub events: Vec<E>,
+    /// For each taken command: how many of `events` it produced, or why
+    /// it was refused (decided on the known state and the commands before
+    /// it; a refused command appends nothing).
+    pub outcomes: Vec<Result<usize, R>>,
+}
+
 /// What [`Repository::execute`] did.
 pub struct Executed<A: Aggregate> {
     /// The stream version after the command (unchanged if it produced no
@@ -357,6 +381,17 @@ impl<A> fmt::Debug for Repository<A> {
 enum Attempt<A: Aggregate> {
     Done(Executed<A>),
     Conflict { actual: u64, loaded: u64 },
+}
+
+/// `events` as the log stores them, at `now_ms`, with `options`' metadata.
+fn encode<E: EventCodec>(events: &[E], options: &CommandOptions, now_ms: u64) -> Vec<NewEvent> {
+    events
+        .iter()
+        .map(|e| {
+            NewEvent::new(e.kind(), e.schema(), now_ms, e.encode())
+                .with_metadata(options.metadata.clone())
+        })
+        .collect()
 }
 
 /// The stream's version after an append of `count` events at `version`.
@@ -595,6 +630,106 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
+    /// Several commands in one transaction: decides `commands` in order,
+    /// each on the state `known` reflects plus the events of the commands
+    /// before it (on a copy), and appends all their events at once,
+    /// expecting `known.version`. So they take effect together or not at
+    /// all, as executing them one after another with
+    /// [`execute_from`](Self::execute_from) would have decided them, at
+    /// the cost of one append instead of one per command.
+    ///
+    /// A refused command is left out (its outcome says why) and the others
+    /// go on. Commands are taken from the front while their events fit
+    /// one transaction of the log's [`Limits`] (the first is always
+    /// taken); [`AppendedAll::taken`] says how many. `Ok(None)`: the stream
+    /// is no longer at `known.version` (another writer), nothing was
+    /// appended; reload, or execute the commands one by one. The caller
+    /// applies the returned events to its own state.
+    pub async fn execute_all_from(
+        &self,
+        stream: &StreamId,
+        known: Known<'_, A>,
+        commands: &[A::Command],
+        options: CommandOptions,
+    ) -> Result<Option<AppendedAll<A::Event, A::Error>>, RepositoryError<A::Error>>
+    where
+        A: Clone,
+    {
+        let limits = self.log.limits();
+        let version = known.version;
+        let now_ms = self.clock.now_ms();
+        let mut state: Option<A> = None;
+        let mut events: Vec<A::Event> = Vec::new();
+        let mut encoded: Vec<NewEvent> = Vec::new();
+        let mut outcomes = Vec::with_capacity(commands.len());
+        let mut bytes = 0usize;
+        for command in commands {
+            let ctx = DecideCtx {
+                stream: stream.clone(),
+                version: version + events.len() as u64,
+                now_ms,
+            };
+            let current = state.as_ref().unwrap_or(known.state);
+            let decided = match current.decide(command, &ctx) {
+                Ok(decided) => decided,
+                Err(e) => {
+                    outcomes.push(Err(e));
+                    continue;
+                }
+            };
+            let new = encode(&decided, &options, now_ms);
+            let size: usize = new.iter().map(NewEvent::size).sum();
+            if !outcomes.is_empty()
+                && (events.len() + decided.len() > limits.max_tx_events
+                    || bytes + size > limits.max_tx_bytes)
+            {
+                break;
+            }
+            bytes += size;
+            encoded.extend(new);
+            if !decided.is_empty() {
+                // The commands after see this one's effect.
+                let state = state.get_or_insert_with(|| known.state.clone());
+                for e in &decided {
+                    state.evolve(e);
+                }
+            }
+            outcomes.push(Ok(decided.len()));
+            events.extend(decided);
+        }
+        let taken = outcomes.len();
+        if events.is_empty() {
+            return Ok(Some(AppendedAll {
+                taken,
+                version,
+                append: None,
+                events,
+                outcomes,
+            }));
+        }
+        let (result, bytes) = match self
+            .append_encoded(stream, version, encoded, &options)
+            .await?
+        {
+            Ok(r) => r,
+            Err(_conflict) => return Ok(None),
+        };
+        let new_version = new_version_of(&result, stream, version, events.len());
+        if self.snapshot_due(stream, version, new_version, bytes) {
+            if let Some(state) = &state {
+                self.snapshot_after_command(stream, state, new_version)
+                    .await;
+            }
+        }
+        Ok(Some(AppendedAll {
+            taken,
+            version: new_version,
+            append: Some(result),
+            events,
+            outcomes,
+        }))
+    }
+
     /// One attempt on a borrowed state; `None` on a concurrency conflict.
     async fn attempt_known(
         &self,
@@ -657,13 +792,18 @@ impl<A: Aggregate> Repository<A> {
         options: &CommandOptions,
         now_ms: u64,
     ) -> Result<Result<(AppendResult, u64), u64>, RepositoryError<A::Error>> {
-        let new_events: Vec<NewEvent> = events
-            .iter()
-            .map(|e| {
-                NewEvent::new(e.kind(), e.schema(), now_ms, e.encode())
-                    .with_metadata(options.metadata.clone())
-            })
-            .collect();
+        self.append_encoded(stream, version, encode(events, options, now_ms), options)
+            .await
+    }
+
+    /// [`append_events`](Self::append_events) of events already encoded.
+    async fn append_encoded(
+        &self,
+        stream: &StreamId,
+        version: u64,
+        new_events: Vec<NewEvent>,
+        options: &CommandOptions,
+    ) -> Result<Result<(AppendResult, u64), u64>, RepositoryError<A::Error>> {
         let bytes = new_events.iter().map(|e| e.payload.len() as u64).sum();
         let mut tx = AppendTx::single(stream.clone(), ExpectedVersion::Exact(version), new_events);
         if let Some(key) = &options.idempotency_key {
@@ -1273,6 +1413,130 @@ mod tests {
         assert_eq!(l.version, 2);
         assert_eq!(l.state, ex.state);
         assert_eq!(l.state.opened_at, 5_000);
+    }
+
+    #[tokio::test]
+    async fn execute_all_from_decides_in_order_and_appends_once() {
+        let log = Arc::new(SpyLog::new());
+        let r = repo(log.clone());
+        let s = sid("acc-1");
+        r.execute(&s, &open("ann"), CommandOptions::default())
+            .await
+            .unwrap();
+        let loaded = r.load(&s).await.unwrap();
+        let appends = log.appends.load(Ordering::SeqCst);
+        let commands = [
+            deposit("d1", 30),
+            // Refused: only the deposit before it makes the balance.
+            AccountCommand::Withdraw { amount: 50 },
+            AccountCommand::Withdraw { amount: 20 },
+            // Already counted by the first: no events.
+            deposit("d1", 30),
+            deposit("d2", 5),
+        ];
+        let known = Known {
+            state: &loaded.state,
+            version: loaded.version,
+        };
+        let done = r
+            .execute_all_from(&s, known, &commands, CommandOptions::default())
+            .await
+            .unwrap()
+            .expect("no other writer");
+        assert_eq!(log.appends.load(Ordering::SeqCst), appends + 1);
+        assert_eq!(done.taken, 5);
+        assert_eq!(done.version, 4);
+        assert_eq!(done.events.len(), 3);
+        let counts: Vec<Option<usize>> = done
+            .outcomes
+            .iter()
+            .map(|o| o.as_ref().ok().copied())
+            .collect();
+        assert_eq!(counts, [Some(1), None, Some(1), Some(0), Some(1)]);
+        assert!(matches!(
+            done.outcomes[1],
+            Err(AccountError::Insufficient {
+                balance: 30,
+                requested: 50
+            })
+        ));
+        // The caller's state was not touched; the log has the result.
+        assert_eq!(loaded.state.balance, 0);
+        let after = r.load(&s).await.unwrap();
+        assert_eq!((after.version, after.state.balance), (4, 15));
+    }
+
+    #[tokio::test]
+    async fn execute_all_from_on_a_stale_state_appends_nothing() {
+        let log = Arc::new(InMemoryLog::new());
+        let r = repo(log.clone());
+        let s = sid("acc-1");
+        r.execute(&s, &open("ann"), CommandOptions::default())
+            .await
+            .unwrap();
+        let stale = r.load(&s).await.unwrap();
+        r.execute(&s, &deposit("d1", 1), CommandOptions::default())
+            .await
+            .unwrap();
+        let known = Known {
+            state: &stale.state,
+            version: stale.version,
+        };
+        let done = r
+            .execute_all_from(
+                &s,
+                known,
+                &[deposit("d2", 1), deposit("d3", 1)],
+                CommandOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(done.is_none());
+        assert_eq!(log.stream_version(&s).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn execute_all_from_takes_what_fits_one_transaction() {
+        let limits = Limits {
+            max_tx_events: 2,
+            ..Limits::default()
+        };
+        let log = Arc::new(InMemoryLog::with_limits(limits));
+        let r = repo(log.clone());
+        let s = sid("acc-1");
+        let commands = [open("ann"), deposit("d1", 1), deposit("d2", 1)];
+        let empty = Account::default();
+        let done = r
+            .execute_all_from(
+                &s,
+                Known {
+                    state: &empty,
+                    version: 0,
+                },
+                &commands,
+                CommandOptions::default(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((done.taken, done.version, done.events.len()), (2, 2, 2));
+        // Nothing taken produces nothing appended.
+        let loaded = r.load(&s).await.unwrap();
+        let done = r
+            .execute_all_from(
+                &s,
+                Known {
+                    state: &loaded.state,
+                    version: loaded.version,
+                },
+                &[deposit("d1", 1)],
+                CommandOptions::default(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((done.taken, done.version), (1, 2));
+        assert!(done.append.is_none());
     }
 
     #[tokio::test]

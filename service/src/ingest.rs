@@ -302,6 +302,14 @@ pub async fn ingest_once(
         return Ok(0);
     }
     let n = polled.messages.len();
+    if let Some(oldest) = polled.messages.iter().filter_map(|m| m.arrival_ms).min() {
+        tracing::debug!(
+            source = %name,
+            messages = n,
+            oldest_lag_ms = now_ms.saturating_sub(oldest),
+            "source polled"
+        );
+    }
     let mut tx = AppendTx::single(
         cursor_stream,
         ExpectedVersion::Exact(version),

@@ -11,7 +11,10 @@
 //!    when windows may have closed), reads the pipeline's new outputs into
 //!    the driver, and performs what the driver asks (record windows,
 //!    record feedback, announce a batch to the pipeline, hand a batch to
-//!    the sender, record it as sent, schedule jobs);
+//!    the sender, record it as sent, schedule jobs); the commands it asks
+//!    for at once (closed windows, late reactions' corrections) are
+//!    decided in order and appended in one transaction
+//!    ([`Repository::execute_all_from`]), not one each;
 //! 3. takes the due jobs from the delay queue: for each, brings its
 //!    campaign up to date (ticking the pipeline at `now` so that the
 //!    windows due are closed and the feedback is recorded), asks the driver
@@ -466,6 +469,29 @@ pub struct Runtime {
     /// The removed users, shared with readers (the HTTP service filters
     /// them out of what it shows).
     removed_shared: Removed,
+    /// Where the current step's time went (logged at debug level).
+    timing: StepTiming,
+}
+
+/// Where one step's time went, logged at debug level when the step did
+/// something.
+#[derive(Debug, Default)]
+struct StepTiming {
+    ingest: std::time::Duration,
+    ticks: u32,
+    tick_time: std::time::Duration,
+    runs: u32,
+    commits: u64,
+    run_time: std::time::Duration,
+    read_time: std::time::Duration,
+    commands: u32,
+    late_commands: u32,
+    batches: u32,
+    command_time: std::time::Duration,
+    feedback: u32,
+    feedback_time: std::time::Duration,
+    late_read: u32,
+    windows_read: u32,
 }
 
 /// The removed users, readable without waiting for the runtime.
@@ -620,6 +646,7 @@ impl Runtime {
             stats: Arc::default(),
             removed: BTreeMap::new(),
             removed_shared: Removed::default(),
+            timing: StepTiming::default(),
         };
         for e in read_from(&*rt.ports.log, &StreamId::new(REMOVALS)?, 1).await? {
             if e.kind == USER_REMOVED_KIND {
@@ -1066,6 +1093,82 @@ impl Runtime {
         catch_up(&*self.ports.log, live).await
     }
 
+    /// Executes `cmds` in order in as few appends as the log's limits
+    /// allow (usually one): the windows and late reactions a step reads
+    /// cost one transaction, not one each. A command refused on the
+    /// driver's state is executed again alone, which decides it on a fresh
+    /// load and reports a refusal; so is every command when the campaign
+    /// stream moved on. Commands keep their ids, so each still takes effect
+    /// once, whichever way it went.
+    async fn execute_all_on(
+        &mut self,
+        live: &mut Live,
+        cmds: Vec<CampaignCommand>,
+    ) -> Result<(), RuntimeError> {
+        let mut rest = &cmds[..];
+        while rest.len() > 1 {
+            let known = Known {
+                state: live.driver.campaign(),
+                version: live.campaign_v,
+            };
+            let r = self
+                .repo
+                .execute_all_from(
+                    &live.streams.campaign,
+                    known,
+                    rest,
+                    CommandOptions::default(),
+                )
+                .await
+                .map_err(|e| RuntimeError::Command {
+                    campaign: live.id.clone(),
+                    command: rest[0].id.clone(),
+                    source: Box::new(e),
+                })?;
+            let Some(done) = r.filter(|d| d.taken > 0) else {
+                // Another writer moved the stream: one by one, from fresh
+                // loads.
+                break;
+            };
+            self.timing.batches += 1;
+            let (taken, after) = rest.split_at(done.taken.min(rest.len()));
+            for cmd in taken {
+                live.driver.executed(&cmd.id);
+            }
+            catch_up(&*self.ports.log, live).await?;
+            for (cmd, outcome) in taken.iter().zip(done.outcomes) {
+                if outcome.is_err() {
+                    self.execute_reporting(live, cmd.clone()).await?;
+                }
+            }
+            rest = after;
+        }
+        for cmd in rest {
+            self.execute_reporting(live, cmd.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// [`execute_on`](Self::execute_on), with a refusal reported and the
+    /// command dropped.
+    async fn execute_reporting(
+        &mut self,
+        live: &mut Live,
+        cmd: CampaignCommand,
+    ) -> Result<(), RuntimeError> {
+        match self.execute_on(live, cmd).await {
+            Err(RuntimeError::Refused {
+                campaign,
+                command,
+                source,
+            }) => {
+                tracing::warn!(%campaign, %command, reason = %source, "the campaign refused a command; dropped");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// Executes a lifecycle command on campaign `id` (`Start`, `Pause`,
     /// `Resume`, `Cancel`; the command id makes retries harmless). Command
     /// ids of the forms the runtime uses itself (`create`, `start-due`,
@@ -1232,6 +1335,8 @@ impl Runtime {
     pub async fn step(&mut self, now_ms: u64) -> Result<StepReport, RuntimeError> {
         let mut report = StepReport::default();
         let log = Arc::clone(&self.ports.log);
+        let step_started = std::time::Instant::now();
+        self.timing = StepTiming::default();
         for s in &mut self.sources {
             // At most MAX_INGEST_POLLS polls per source and step, so that a
             // backlog does not keep the campaigns waiting.
@@ -1260,10 +1365,12 @@ impl Runtime {
                 }
             }
         }
+        self.timing.ingest = step_started.elapsed();
         let ids: Vec<String> = self.campaigns.keys().cloned().collect();
         for id in &ids {
             self.drive_isolated(id, now_ms, false, &mut report).await?;
         }
+        let drive_time = step_started.elapsed();
         let leases = self
             .ports
             .queue
@@ -1373,6 +1480,32 @@ impl Runtime {
         }
         report.next_wake_ms = self.next_wake(now_ms).await?;
         self.publish_views();
+        let t = &self.timing;
+        if report.ingested > 0 || t.commits > 0 || t.commands > 0 || report.jobs > 0 {
+            tracing::debug!(
+                ingested = report.ingested,
+                ingest_ms = t.ingest.as_millis() as u64,
+                drive_ms = drive_time.saturating_sub(t.ingest).as_millis() as u64,
+                step_ms = step_started.elapsed().as_millis() as u64,
+                ticks = t.ticks,
+                tick_ms = t.tick_time.as_millis() as u64,
+                runs = t.runs,
+                commits = t.commits,
+                run_ms = t.run_time.as_millis() as u64,
+                read_ms = t.read_time.as_millis() as u64,
+                windows_read = t.windows_read,
+                late_read = t.late_read,
+                commands = t.commands,
+                late_commands = t.late_commands,
+                batches = t.batches,
+                command_ms = t.command_time.as_millis() as u64,
+                feedback = t.feedback,
+                feedback_ms = t.feedback_time.as_millis() as u64,
+                jobs = report.jobs,
+                lag_ms = self.ports.clock.now_ms().saturating_sub(now_ms),
+                "step timing"
+            );
+        }
         Ok(report)
     }
 
@@ -1481,19 +1614,16 @@ impl Runtime {
                 self.ports.queue.schedule(job.clone()).await?;
             }
             live.driver.scheduled(&ready.schedule);
-            for cmd in ready.commands {
-                match self.execute_on(live, cmd).await {
-                    Ok(()) => {}
-                    Err(RuntimeError::Refused {
-                        campaign,
-                        command,
-                        source,
-                    }) => {
-                        tracing::warn!(%campaign, %command, reason = %source, "the campaign refused a command; dropped");
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            let started = std::time::Instant::now();
+            self.timing.commands += ready.commands.len() as u32;
+            self.timing.late_commands += ready
+                .commands
+                .iter()
+                .filter(|c| c.id.starts_with("late-"))
+                .count() as u32;
+            let r = self.execute_all_on(live, ready.commands).await;
+            self.timing.command_time += started.elapsed();
+            r?;
             for f in ready.feedback {
                 // Large feedback is split into parts, all in one
                 // transaction.
@@ -1507,6 +1637,8 @@ impl Runtime {
                     })
                     .collect();
                 let n = events.len() as u64;
+                let started = std::time::Instant::now();
+                self.timing.feedback += 1;
                 let appended = log
                     .append(AppendTx::single(
                         live.streams.feedback.clone(),
@@ -1514,6 +1646,7 @@ impl Runtime {
                         events,
                     ))
                     .await;
+                self.timing.feedback_time += started.elapsed();
                 match appended {
                     Ok(_) => live.feedback_v += n,
                     // The stream moved on (an append whose answer was lost
@@ -1631,6 +1764,7 @@ impl Runtime {
         let dirty = v > live.tick_v || live.open_windows;
         let due = now_ms >= live.tick_ms.saturating_add(live.pipeline.window_ms.max(1));
         if (force && now_ms > live.tick_ms) || (dirty && due) {
+            let started = std::time::Instant::now();
             let r = log
                 .append(AppendTx::single(
                     live.streams.pipeline.clone(),
@@ -1638,6 +1772,8 @@ impl Runtime {
                     vec![tick_event(now_ms)],
                 ))
                 .await?;
+            self.timing.ticks += 1;
+            self.timing.tick_time += started.elapsed();
             live.tick_ms = now_ms;
             live.tick_v = r.versions.first().map_or(v + 1, |(_, v)| *v);
             live.untickled = false;
@@ -1651,8 +1787,12 @@ impl Runtime {
             return Ok(());
         };
         let before = runner.next_commit();
+        let started = std::time::Instant::now();
         let r = runner.run_until_idle().await;
         let after = runner.next_commit();
+        self.timing.runs += 1;
+        self.timing.commits += after.saturating_sub(before);
+        self.timing.run_time += started.elapsed();
         live.pipeline_processed = runner.position() >> crate::pipeline::SUB_BITS;
         live.open_windows = runner
             .task()
@@ -1690,7 +1830,13 @@ impl Runtime {
                 )));
             }
         }
-        read_outputs(log, live).await
+        let started = std::time::Instant::now();
+        let (w, l) = (live.windows_v, live.late_v);
+        let r = read_outputs(log, live).await;
+        self.timing.read_time += started.elapsed();
+        self.timing.windows_read += (live.windows_v - w) as u32;
+        self.timing.late_read += (live.late_v - l) as u32;
+        r
     }
 }
 

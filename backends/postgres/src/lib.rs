@@ -284,6 +284,7 @@ impl Projection for PgCampaigns {
         events: &[RecordedEvent],
         next_checkpoint: Checkpoint,
     ) -> Result<(), ProjectionError> {
+        let started = std::time::Instant::now();
         let expected = match self.at {
             Some(at) => at,
             None => self.checkpoint().await?,
@@ -365,6 +366,20 @@ impl Projection for PgCampaigns {
         .map_err(store_err)?;
         tx.commit().await.map_err(store_err)?;
         self.at = Some(next_checkpoint);
+        if !touched.is_empty() {
+            let newest = events.iter().map(|e| e.timestamp_ms).max().unwrap_or(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            tracing::debug!(
+                projection = %self.name,
+                events = events.len(),
+                rows = touched.len(),
+                apply_ms = started.elapsed().as_millis() as u64,
+                lag_ms = now.saturating_sub(newest),
+                "projected"
+            );
+        }
         Ok(())
     }
 }
