@@ -651,7 +651,7 @@ async fn throughput(
     (planned, reactions)
 }
 
-/// Issue 16's benchmark (ignored by the test command; about 3 minutes):
+/// Issue 16's benchmark (ignored by the test command; about 1.5 minutes):
 /// campaigns planned per second and reactions counted per second with 1, 2
 /// and 3 instances of one cluster on this machine, end to end through the
 /// API, Kafka, RabbitMQ and PostgreSQL. On 2 cores more instances share
