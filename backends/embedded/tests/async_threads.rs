@@ -99,10 +99,20 @@ async fn another_task_runs_while_commits_are_under_way() {
     }
     counter.abort();
     assert_eq!(calls, 80);
-    assert!(
-        stalled.is_empty(),
-        "these calls held the runtime's only thread: {stalled:?}"
-    );
+    // A call done off the thread can still look stalled now and then: its
+    // blocking work may finish before the call's first poll (seen in CI on
+    // a loaded machine). A call done in place stalls every time, so each
+    // kind must let the thread go in most of its 20 calls.
+    for kind in ["schedule_many", "poll_due", "ack", "snapshot save"] {
+        let n = stalled
+            .iter()
+            .filter(|s| s.starts_with(&format!("{kind} #")))
+            .count();
+        assert!(
+            n < 10,
+            "{kind} held the runtime's only thread in {n} of 20 calls: {stalled:?}"
+        );
+    }
     assert_eq!(q.len().await.unwrap(), 0);
 }
 
@@ -187,8 +197,10 @@ async fn another_task_runs_while_a_stream_runner_commits_to_redb() {
     }
     counter.abort();
     assert_eq!(runner.position(), 2_000);
+    // As above: a step done off the thread may look stalled now and then;
+    // a step that commits in place stalls every time.
     assert!(
-        stalled.is_empty(),
+        stalled.len() < 10,
         "these steps' commits held the runtime's only thread: {stalled:?}"
     );
 }
