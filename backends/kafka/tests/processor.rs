@@ -28,6 +28,30 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A test's fresh topics: input `<app>.clicks` and output
+/// `<app>.out.<output>` (one partition each), created.
+struct Topics {
+    app: String,
+    input: String,
+    prefix: String,
+    output: String,
+}
+
+fn topics(rt: &tokio::runtime::Runtime, bootstrap: &str, name: &str, output: &str) -> Topics {
+    let app = common::unique_log(name);
+    let input = format!("{app}.clicks");
+    let prefix = format!("{app}.out.");
+    let output = format!("{prefix}{output}");
+    rt.block_on(ensure_topics(bootstrap, &[(&input, 1), (&output, 1)]))
+        .unwrap();
+    Topics {
+        app,
+        input,
+        prefix,
+        output,
+    }
+}
+
 fn topology() -> Topology {
     let t = Topology::new();
     t.stream::<Bytes, Bytes>("clicks")
@@ -159,12 +183,12 @@ fn processor_restart_resumes_from_committed_offsets_with_restored_state() {
         return;
     };
     let rt = runtime();
-    let app = common::unique_log("proc");
-    let input = format!("{app}.clicks");
-    let prefix = format!("{app}.out.");
-    let output = format!("{prefix}counts");
-    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
-        .unwrap();
+    let Topics {
+        app,
+        input,
+        prefix,
+        output,
+    } = topics(&rt, &bootstrap, "proc", "counts");
     produce(&bootstrap, &input, &["a", "b", "a"]);
 
     let cfg = ProcessorConfig::new(&bootstrap, &app)
@@ -221,12 +245,12 @@ fn processor_aborted_step_is_invisible() {
     };
     let hides_aborted = common::broker_hides_aborted(&bootstrap);
     let rt = runtime();
-    let app = common::unique_log("procabort");
-    let input = format!("{app}.clicks");
-    let prefix = format!("{app}.out.");
-    let output = format!("{prefix}counts");
-    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
-        .unwrap();
+    let Topics {
+        app,
+        input,
+        prefix,
+        output,
+    } = topics(&rt, &bootstrap, "procabort", "counts");
     produce(&bootstrap, &input, &["a", "a"]);
     let cfg = ProcessorConfig::new(&bootstrap, &app)
         .with_input(&input, "clicks")
@@ -301,12 +325,12 @@ fn topic_source_and_sink_drive_the_runner() {
         return;
     };
     let rt = runtime();
-    let app = common::unique_log("runner");
-    let input = format!("{app}.clicks");
-    let prefix = format!("{app}.out.");
-    let output = format!("{prefix}counts");
-    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
-        .unwrap();
+    let Topics {
+        app,
+        input,
+        prefix,
+        output,
+    } = topics(&rt, &bootstrap, "runner", "counts");
     produce(&bootstrap, &input, &["a", "b", "a", "a"]);
     rt.block_on(async {
         let store: std::sync::Arc<dyn KeyValueStore> = std::sync::Arc::new(InMemoryStore::new());
@@ -405,12 +429,12 @@ fn processor_aborted_step_is_redone_once() {
     };
     let hides_aborted = common::broker_hides_aborted(&bootstrap);
     let rt = runtime();
-    let app = common::unique_log("procredo");
-    let input = format!("{app}.clicks");
-    let prefix = format!("{app}.out.");
-    let output = format!("{prefix}counts");
-    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
-        .unwrap();
+    let Topics {
+        app,
+        input,
+        prefix,
+        output,
+    } = topics(&rt, &bootstrap, "procredo", "counts");
     produce(&bootstrap, &input, &["a", "b", "a", "b"]);
     let cfg = ProcessorConfig::new(&bootstrap, &app)
         .with_input(&input, "clicks")
@@ -521,12 +545,12 @@ fn headers_pass_through_the_runner_on_topics() {
         return;
     };
     let rt = runtime();
-    let app = common::unique_log("hdrrun");
-    let input = format!("{app}.clicks");
-    let prefix = format!("{app}.out.");
-    let output = format!("{prefix}passed");
-    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
-        .unwrap();
+    let Topics {
+        app,
+        input,
+        prefix,
+        output,
+    } = topics(&rt, &bootstrap, "hdrrun", "passed");
     let (keys, headers) = header_input();
     produce_with_headers(&bootstrap, &input, &keys, &headers);
     rt.block_on(async {
@@ -567,12 +591,12 @@ fn headers_pass_through_the_kafka_processor() {
         return;
     };
     let rt = runtime();
-    let app = common::unique_log("hdrproc");
-    let input = format!("{app}.clicks");
-    let prefix = format!("{app}.out.");
-    let output = format!("{prefix}passed");
-    rt.block_on(ensure_topics(&bootstrap, &[(&input, 1), (&output, 1)]))
-        .unwrap();
+    let Topics {
+        app,
+        input,
+        prefix,
+        output,
+    } = topics(&rt, &bootstrap, "hdrproc", "passed");
     let (keys, headers) = header_input();
     produce_with_headers(&bootstrap, &input, &keys, &headers);
     let cfg = ProcessorConfig::new(&bootstrap, &app)
