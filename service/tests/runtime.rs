@@ -95,6 +95,59 @@ fn ports(dir: &std::path::Path, clock: &ManualClock, sender: Arc<Recording>) -> 
     embedded_ports(dir, c, Arc::new(clock.clone()), sender).unwrap()
 }
 
+/// One test's data directory, population, clock and recording sender.
+struct Fixture {
+    dir: tempfile::TempDir,
+    pop: Population,
+    clock: ManualClock,
+    sender: Arc<Recording>,
+}
+
+impl Fixture {
+    /// A fresh directory, the clock at `now_ms`.
+    fn new(now_ms: u64) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            pop: population(),
+            clock: ManualClock::new(now_ms),
+            sender: Arc::new(Recording::default()),
+        }
+    }
+
+    /// The runtime over the fixture's directory, opened (or reopened).
+    async fn open(&self) -> Runtime {
+        self.open_with(RuntimeOptions::default()).await
+    }
+
+    async fn open_with(&self, options: RuntimeOptions) -> Runtime {
+        Runtime::open(
+            ports(self.dir.path(), &self.clock, self.sender.clone()),
+            options,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Opened, with campaign `c1` over the whole population started.
+    async fn started(&self) -> Runtime {
+        let mut rt = self.open().await;
+        rt.create_campaign(setup("c1", self.pop.candidates.clone()))
+            .await
+            .unwrap();
+        rt.start("c1").await.unwrap();
+        rt
+    }
+}
+
+/// The reaction line of `user` clicking `creative` of batch `batch` of
+/// campaign `c1` at `time_ms`.
+fn clicked(batch: u32, user: u32, creative: u16, time_ms: u64) -> bytes::Bytes {
+    format!(
+        r#"{{"campaign":"c1","batch":{batch},"user":{user},"creative":{creative},"reaction":"clicked","time_ms":{time_ms}}}"#
+    )
+    .into()
+}
+
 /// Reactions of the users of `batch` who react (by the true model, the
 /// same draw whatever the run), `delay` after the batch was sent.
 fn reactions(pop: &Population, b: &OutgoingBatch, sent: u64, delay: u64) -> Vec<bytes::Bytes> {
@@ -120,22 +173,11 @@ fn reactions(pop: &Population, b: &OutgoingBatch, sent: u64, delay: u64) -> Vec<
 /// runtime before each step (`crash_every`). Returns the batches sent, the
 /// reactions submitted, and the final view.
 async fn run(
-    dir: &std::path::Path,
+    fx: &Fixture,
     reopen: bool,
 ) -> (Vec<OutgoingBatch>, u64, smartmsg_service::CampaignView) {
-    let pop = population();
-    let clock = ManualClock::new(START - 1_000);
-    let sender = Arc::new(Recording::default());
-    let mut rt = Runtime::open(
-        ports(dir, &clock, sender.clone()),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
-    rt.create_campaign(setup("c1", pop.candidates.clone()))
-        .await
-        .unwrap();
-    rt.start("c1").await.unwrap();
+    let (pop, clock, sender) = (&fx.pop, &fx.clock, &fx.sender);
+    let mut rt = fx.started().await;
     let mut submitted = 0u64;
     let mut fed_reactions = 0usize;
     let times: Vec<u64> = (0..3)
@@ -145,19 +187,14 @@ async fn run(
     for &t in &times {
         if reopen {
             drop(rt);
-            rt = Runtime::open(
-                ports(dir, &clock, sender.clone()),
-                RuntimeOptions::default(),
-            )
-            .await
-            .unwrap();
+            rt = fx.open().await;
         }
         clock.set(t);
         rt.step(t).await.unwrap();
         // Reactions to every batch sent so far and not yet answered.
         let sent = sender.batches.lock().unwrap().clone();
         for b in sent.iter().skip(fed_reactions) {
-            let rs = reactions(&pop, b, t, 5 * 60_000);
+            let rs = reactions(pop, b, t, 5 * 60_000);
             submitted += rs.len() as u64;
             for r in rt.inbox().submit_many(rs).await.unwrap() {
                 assert!(matches!(r, Submitted::Accepted { .. }), "{r:?}");
@@ -177,8 +214,7 @@ async fn run(
 
 #[tokio::test]
 async fn a_campaign_runs_to_completion_and_learns() {
-    let dir = tempfile::tempdir().unwrap();
-    let (batches, submitted, view) = run(dir.path(), false).await;
+    let (batches, submitted, view) = run(&Fixture::new(START - 1_000), false).await;
     assert_eq!(view.status, Some(Status::Completed), "{view:?}");
     assert_eq!(view.sent, 600);
     assert_eq!(batches.len(), 3, "each batch sent once");
@@ -199,10 +235,8 @@ async fn a_campaign_runs_to_completion_and_learns() {
 /// Reopening the runtime before every step gives the very same campaign.
 #[tokio::test]
 async fn a_reopened_runtime_resumes_exactly() {
-    let a = tempfile::tempdir().unwrap();
-    let b = tempfile::tempdir().unwrap();
-    let (straight, s1, v1) = run(a.path(), false).await;
-    let (reopened, s2, v2) = run(b.path(), true).await;
+    let (straight, s1, v1) = run(&Fixture::new(START - 1_000), false).await;
+    let (reopened, s2, v2) = run(&Fixture::new(START - 1_000), true).await;
     assert_eq!(s1, s2);
     assert_eq!(v1, v2);
     assert_eq!(straight, reopened, "same plans, same order");
@@ -210,21 +244,9 @@ async fn a_reopened_runtime_resumes_exactly() {
 
 #[tokio::test]
 async fn a_failing_sender_is_retried_and_nothing_is_recorded_before_its_ack() {
-    let dir = tempfile::tempdir().unwrap();
-    let pop = population();
-    let clock = ManualClock::new(START);
-    let sender = Arc::new(Recording::default());
-    *sender.fail.lock().unwrap() = 2;
-    let mut rt = Runtime::open(
-        ports(dir.path(), &clock, sender.clone()),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
-    rt.create_campaign(setup("c1", pop.candidates.clone()))
-        .await
-        .unwrap();
-    rt.start("c1").await.unwrap();
+    let fx = Fixture::new(START);
+    *fx.sender.fail.lock().unwrap() = 2;
+    let mut rt = fx.started().await;
     let r = rt.step(START).await.unwrap();
     assert_eq!(r.send_failures, 1);
     let v = rt.view("c1").unwrap();
@@ -247,20 +269,8 @@ async fn a_failing_sender_is_retried_and_nothing_is_recorded_before_its_ack() {
 
 #[tokio::test]
 async fn bad_reactions_are_dead_lettered_with_their_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let pop = population();
-    let clock = ManualClock::new(START);
-    let sender = Arc::new(Recording::default());
-    let mut rt = Runtime::open(
-        ports(dir.path(), &clock, sender.clone()),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
-    rt.create_campaign(setup("c1", pop.candidates.clone()))
-        .await
-        .unwrap();
-    rt.start("c1").await.unwrap();
+    let fx = Fixture::new(START);
+    let mut rt = fx.started().await;
     rt.step(START).await.unwrap();
     let inbox = rt.inbox();
     let cases: Vec<(&[u8], &str)> = vec![
@@ -317,13 +327,9 @@ async fn bad_reactions_are_dead_lettered_with_their_reason() {
 
 #[tokio::test]
 async fn bad_setups_are_refused_before_anything_is_stored() {
-    let dir = tempfile::tempdir().unwrap();
-    let pop = population();
-    let clock = ManualClock::new(START);
-    let sender = Arc::new(Recording::default());
-    let mut rt = Runtime::open(ports(dir.path(), &clock, sender), RuntimeOptions::default())
-        .await
-        .unwrap();
+    let fx = Fixture::new(START);
+    let pop = &fx.pop;
+    let mut rt = fx.open().await;
     let head = rt.ports().log.head().await.unwrap();
     assert!(rt
         .create_campaign(setup("bad id", pop.candidates.clone()))
@@ -392,10 +398,8 @@ impl smartmsg_service::Hooks for CrashAt {
 /// campaign completes with every batch sent once and the same reactions.
 #[tokio::test]
 async fn crashes_at_every_point_with_time_passing_in_between() {
-    let dir = tempfile::tempdir().unwrap();
-    let pop = population();
-    let clock = ManualClock::new(START);
-    let sender = Arc::new(Recording::default());
+    let fx = Fixture::new(START);
+    let (pop, clock, sender) = (&fx.pop, &fx.clock, &fx.sender);
     let hooks = Arc::new(CrashAt(Mutex::new(vec![
         "before-plan",
         "after-plan-before-ack",
@@ -409,11 +413,7 @@ async fn crashes_at_every_point_with_time_passing_in_between() {
         built.hooks = hooks.clone();
         built
     };
-    let open = || async {
-        Runtime::open(ports(dir.path(), &clock, sender.clone()), options())
-            .await
-            .unwrap()
-    };
+    let open = || fx.open_with(options());
     let mut rt = open().await;
     rt.create_campaign(setup("c1", pop.candidates.clone()))
         .await
@@ -438,7 +438,7 @@ async fn crashes_at_every_point_with_time_passing_in_between() {
         }
         let sent = sender.batches.lock().unwrap().clone();
         for b in sent.iter().skip(answered) {
-            let rs = reactions(&pop, b, t, 60_000);
+            let rs = reactions(pop, b, t, 60_000);
             submitted += rs.len() as u64;
             rt.inbox().submit_many(rs).await.unwrap();
         }
@@ -477,20 +477,9 @@ async fn crashes_at_every_point_with_time_passing_in_between() {
 /// got is a dead letter with that reason.
 #[tokio::test]
 async fn reactions_to_a_batch_still_being_sent_wait_for_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let pop = population();
-    let clock = ManualClock::new(START);
-    let sender = Arc::new(Recording::default());
-    let mut rt = Runtime::open(
-        ports(dir.path(), &clock, sender.clone()),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
-    rt.create_campaign(setup("c1", pop.candidates.clone()))
-        .await
-        .unwrap();
-    rt.start("c1").await.unwrap();
+    let fx = Fixture::new(START);
+    let (clock, sender) = (&fx.clock, &fx.sender);
+    let mut rt = fx.started().await;
     rt.step(START).await.unwrap();
     // Batch 1 fails to go (the receiver took part of it, say).
     *sender.fail.lock().unwrap() = 3;
@@ -503,21 +492,10 @@ async fn reactions_to_a_batch_still_being_sent_wait_for_it() {
     // creative.
     let mut msgs: Vec<bytes::Bytes> = plan
         .iter()
-        .map(|(u, c, _)| {
-            format!(
-                r#"{{"campaign":"c1","batch":1,"user":{u},"creative":{c},"reaction":"clicked","time_ms":{}}}"#,
-                t1 + 1_000
-            )
-            .into()
-        })
+        .map(|(u, c, _)| clicked(1, u, c, t1 + 1_000))
         .collect();
     let (u0, c0, _) = plan.iter().next().unwrap();
-    msgs[0] = format!(
-        r#"{{"campaign":"c1","batch":1,"user":{u0},"creative":{},"reaction":"clicked","time_ms":{}}}"#,
-        1 - c0,
-        t1 + 1_000
-    )
-    .into();
+    msgs[0] = clicked(1, u0, 1 - c0, t1 + 1_000);
     rt.inbox().submit_many(msgs).await.unwrap();
     // Windows close while the batch still fails to go.
     for t in [t1 + 120_000, t1 + 240_000] {
@@ -562,33 +540,16 @@ async fn reactions_to_a_batch_still_being_sent_wait_for_it() {
 /// on 1,500 of them), and a reopened runtime counts none of them again.
 #[tokio::test]
 async fn late_reactions_are_counted_once_each_in_one_append() {
-    let dir = tempfile::tempdir().unwrap();
-    let pop = population();
-    let clock = ManualClock::new(START);
-    let sender = Arc::new(Recording::default());
-    let mut rt = Runtime::open(
-        ports(dir.path(), &clock, sender.clone()),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
-    rt.create_campaign(setup("c1", pop.candidates.clone()))
-        .await
-        .unwrap();
-    rt.start("c1").await.unwrap();
+    let fx = Fixture::new(START);
+    let clock = &fx.clock;
+    let mut rt = fx.started().await;
     rt.step(START).await.unwrap();
     let plan = rt.driver("c1").unwrap().plans()[0].clone();
-    let clicked = |(u, c): (u32, u16)| -> bytes::Bytes {
-        format!(
-            r#"{{"campaign":"c1","batch":0,"user":{u},"creative":{c},"reaction":"clicked","time_ms":{}}}"#,
-            START + 1_000
-        )
-        .into()
-    };
+    let in_batch_0 = |(u, c): (u32, u16)| clicked(0, u, c, START + 1_000);
     let users: Vec<(u32, u16)> = plan.iter().map(|(u, c, _)| (u, c)).collect();
     // One reaction in time; its window (one minute, 10 s grace) closes.
     rt.inbox()
-        .submit_many(vec![clicked(users[0])])
+        .submit_many(vec![in_batch_0(users[0])])
         .await
         .unwrap();
     let t = START + 120_000;
@@ -596,7 +557,7 @@ async fn late_reactions_are_counted_once_each_in_one_append() {
     rt.step(t).await.unwrap();
     assert_eq!(rt.view("c1").unwrap().reactions, 1);
     // 40 more reactions of that window arrive: late.
-    let late: Vec<bytes::Bytes> = users[1..41].iter().map(|&uc| clicked(uc)).collect();
+    let late: Vec<bytes::Bytes> = users[1..41].iter().map(|&uc| in_batch_0(uc)).collect();
     rt.inbox().submit_many(late).await.unwrap();
     let log = Arc::clone(&rt.ports().log);
     let campaign = smartmsg_service::streams::CampaignStreams::new("c1")
@@ -621,12 +582,7 @@ async fn late_reactions_are_counted_once_each_in_one_append() {
     // Reopened, the runtime reads the same corrections and counts none
     // of them again.
     drop((log, rt));
-    let mut rt = Runtime::open(
-        ports(dir.path(), &clock, sender.clone()),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let mut rt = fx.open().await;
     let t = START + 130_000;
     clock.set(t);
     rt.step(t).await.unwrap();
@@ -639,16 +595,11 @@ async fn late_reactions_are_counted_once_each_in_one_append() {
 /// nothing to wake up for.
 #[tokio::test]
 async fn a_finished_runtime_sleeps() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, _, v) = run(dir.path(), false).await;
+    let fx = Fixture::new(START - 1_000);
+    let (_, _, v) = run(&fx, false).await;
     assert_eq!(v.status, Some(Status::Completed));
-    let clock = ManualClock::new(START + 5 * HOUR);
-    let mut rt = Runtime::open(
-        ports(dir.path(), &clock, Arc::new(Recording::default())),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
+    fx.clock.set(START + 5 * HOUR);
+    let mut rt = fx.open().await;
     rt.flush(START + 5 * HOUR).await.unwrap();
     let r = rt.step(START + 5 * HOUR + 1).await.unwrap();
     assert_eq!(r.next_wake_ms, None, "{r:?}");
@@ -659,23 +610,9 @@ async fn a_finished_runtime_sleeps() {
 /// removal survives a reopen.
 #[tokio::test]
 async fn a_removed_user_is_never_messaged_again_and_leaves_the_pipeline() {
-    let dir = tempfile::tempdir().unwrap();
-    let pop = population();
-    let clock = ManualClock::new(START);
-    let sender = Arc::new(Recording::default());
-    let open = || async {
-        Runtime::open(
-            ports(dir.path(), &clock, sender.clone()),
-            RuntimeOptions::default(),
-        )
-        .await
-        .unwrap()
-    };
-    let mut rt = open().await;
-    rt.create_campaign(setup("c1", pop.candidates.clone()))
-        .await
-        .unwrap();
-    rt.start("c1").await.unwrap();
+    let fx = Fixture::new(START);
+    let (pop, clock, sender) = (&fx.pop, &fx.clock, &fx.sender);
+    let mut rt = fx.started().await;
     rt.step(START).await.unwrap();
     let b0 = sender.batches.lock().unwrap()[0].clone();
     let (sent_user, sent_creative, _) = b0.decisions.iter().next().unwrap();
@@ -698,16 +635,12 @@ async fn a_removed_user_is_never_messaged_again_and_leaves_the_pipeline() {
     assert!(!again.recorded, "a second removal does nothing");
     assert_eq!(again.removed_ms, r.removed_ms);
     // Reactions of the removed user and of another after the removal.
-    let reaction = |u: u32, c: u16| {
-        format!(
-            r#"{{"campaign":"c1","batch":0,"user":{u},"creative":{c},"reaction":"clicked","time_ms":{}}}"#,
-            START + 60_000
-        )
-        .into_bytes()
-    };
     for (u, c) in [(sent_user, sent_creative), (other_user, other_creative)] {
         assert!(matches!(
-            rt.inbox().submit(reaction(u, c)).await.unwrap(),
+            rt.inbox()
+                .submit(clicked(0, u, c, START + 60_000))
+                .await
+                .unwrap(),
             Submitted::Accepted { .. }
         ));
     }
@@ -730,7 +663,7 @@ async fn a_removed_user_is_never_messaged_again_and_leaves_the_pipeline() {
     assert!(text.contains("unknown_user"), "{text}");
     // Reopened: still removed; the next batches never hold them.
     drop(rt);
-    let mut rt = open().await;
+    let mut rt = fx.open().await;
     assert!(rt.is_removed(sent_user) && rt.is_removed(future_user));
     for t in [START + HOUR, START + 2 * HOUR] {
         clock.set(t);
@@ -753,11 +686,9 @@ async fn campaigns_with_one_audience_store_it_once() {
     use smartmsg_service::runtime::read_registered;
     use smartmsg_service::streams::CampaignStreams;
 
-    let dir = tempfile::tempdir().unwrap();
-    let pop = population();
-    let clock = ManualClock::new(START - 1_000);
-    let sender = Arc::new(Recording::default());
-    let p = ports(dir.path(), &clock, sender.clone());
+    let fx = Fixture::new(START - 1_000);
+    let (pop, clock, sender) = (&fx.pop, &fx.clock, &fx.sender);
+    let p = ports(fx.dir.path(), clock, sender.clone());
     let log = Arc::clone(&p.log);
     let mut rt = Runtime::open(p, RuntimeOptions::default()).await.unwrap();
     let mut other = pop.candidates.clone();
@@ -799,12 +730,7 @@ async fn campaigns_with_one_audience_store_it_once() {
     // Reopened: every campaign loads its audience and runs to its budget.
     drop(log);
     drop(rt);
-    let mut rt = Runtime::open(
-        ports(dir.path(), &clock, sender.clone()),
-        RuntimeOptions::default(),
-    )
-    .await
-    .unwrap();
+    let mut rt = fx.open().await;
     for t in (0..4).map(|b| START + b * HOUR) {
         clock.set(t);
         rt.step(t).await.unwrap();
