@@ -21,6 +21,15 @@ use smartmsg_service::{CampaignSetup, Runtime, RuntimeOptions, WebhookSender};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The libraries' warnings (a torn tail cut at recovery, a refused
+    // job, a failing sender) on stderr; `RUST_LOG` selects more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     // The channel: a local HTTP receiver standing in for the messenger.
     let (to_users, mut delivered) = tokio::sync::mpsc::channel::<WebhookRequest>(64);
     let deliver = move |Json(req): Json<WebhookRequest>| async move {

@@ -154,6 +154,15 @@ fn repository(
 }
 
 fn main() -> anyhow::Result<()> {
+    // The libraries' warnings (a torn tail cut at recovery, a refused
+    // job, a failing sender) on stderr; `RUST_LOG` selects more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let dir = std::env::args()
         .nth(1)
         .map(PathBuf::from)
