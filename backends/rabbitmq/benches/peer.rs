@@ -100,9 +100,8 @@ impl Mode {
 // statistics and formatting
 
 /// Median, min and max of samples.
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
+fn stats(v: Vec<f64>) -> (f64, f64, f64) {
+    smartmsg_engine::testkit::stats::median_min_max(&v)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
