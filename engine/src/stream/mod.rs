@@ -70,6 +70,7 @@ mod join_store;
 mod log_store;
 mod memory_store;
 mod processor;
+mod query;
 mod runner;
 mod scoped_store;
 mod session;
@@ -90,6 +91,7 @@ pub use memory_store::InMemoryStore;
 pub use processor::{
     Processor, ProcessorContext, ProcessorStore, Punctuation, PunctuationType, PunctuatorId,
 };
+pub use query::{QueryError, StoreReader, WindowStoreReader, MAX_QUERY_TRIES, MAX_WINDOW_FETCH};
 pub use runner::{
     OutputId, OutputRecord, RunnerConfig, RunnerError, Sink, SinkError, Source, SourceError,
     SourceRecord, StepReport, StreamRunner, PUNCTUATE,
@@ -102,8 +104,8 @@ pub use store::{
 };
 pub use task::{EncodedRecord, Input, StreamError, Task, TaskLimits, TaskMeta, TaskMetrics};
 pub use topology::{
-    BuildError, Data, KGroupedStream, KStream, KTable, Key, Predicate, ProcessorStream,
-    TimeWindowedStream, Topology,
+    BuildError, Data, GlobalKTable, KGroupedStream, KStream, KTable, Key, Predicate,
+    ProcessorStream, TimeWindowedStream, Topology,
 };
 pub use window::{EmitStrategy, LateReason, LateRecord, Window, WindowError, Windowed, Windows};
 pub use window_store::WindowStore;
