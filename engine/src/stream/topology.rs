@@ -1,4 +1,4 @@
-//! The DSL: [`Topology`], [`KStream`], [`KTable`], [`KGroupedStream`] and
+//! The DSL: [`Topology`], [`KStream`], [`KTable`], [`GlobalKTable`], [`KGroupedStream`] and
 //! [`TimeWindowedStream`], and the nodes they build.
 //!
 //! Each operator is a node that owns its user closure (monomorphised) and
