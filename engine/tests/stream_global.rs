@@ -114,6 +114,23 @@ fn global_sources_are_checked_at_build() {
     t.add_state_store::<u8, u8>("g");
     t.global_table::<u8, u8>("p", "g");
     assert!(matches!(t.build(), Err(BuildError::DuplicateStore(n)) if n == "g"));
+    // A tombstone (what a Kafka topic holds) removes its key from a plain
+    // global table too.
+    let t = Topology::new();
+    t.global_table::<u8, u8>("p", "g");
+    let mut d = TestDriver::new(t).unwrap();
+    d.pipe("p", 1u8, 10u8, 0).unwrap();
+    d.pipe("p", 2u8, 20u8, 0).unwrap();
+    assert!(d
+        .task()
+        .delete_global_encoded("p", &1u8.to_bytes())
+        .unwrap());
+    assert!(!d
+        .task()
+        .delete_global_encoded("nope", &1u8.to_bytes())
+        .unwrap());
+    assert!(d.task().delete_global_encoded("p", &[]).is_err()); // bad key
+    assert_eq!(d.table_entries::<u8, u8>("g").unwrap(), vec![(2, 20)]);
     // Wrong types when piping are typed errors.
     let mut d = TestDriver::new(shop()).unwrap();
     assert!(d.pipe("products", 1u8, 2u8, 0).is_err());

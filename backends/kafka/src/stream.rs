@@ -200,7 +200,9 @@ impl ProcessorConfig {
     /// offsets are never committed: every open reads it again from the
     /// beginning (the table has no changelog). Values are the engine's
     /// encoding of the source's value type (`Option<V>` for
-    /// [`Topology::global_table_with_deletes`]).
+    /// [`Topology::global_table_with_deletes`]); a tombstone (a record
+    /// with no value) removes its key from the table, as in Kafka
+    /// Streams.
     pub fn with_global_input(
         mut self,
         topic: impl Into<String>,
@@ -460,11 +462,17 @@ impl GlobalReader {
         let Some(source) = self.inputs.get(m.topic()) else {
             return Ok(());
         };
+        let key = m.key().unwrap_or(&[]);
+        let Some(value) = m.payload() else {
+            // A tombstone: the key leaves the table.
+            task.delete_global_encoded(source, key)?;
+            return Ok(());
+        };
         let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as u64;
         task.process_global_encoded(
             source,
-            m.key().unwrap_or(&[]),
-            m.payload().unwrap_or(&[]),
+            key,
+            value,
             ts,
             crate::headers::from_kafka(m.headers()),
         )?;

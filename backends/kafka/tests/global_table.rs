@@ -38,7 +38,8 @@ fn shop() -> Topology {
     t
 }
 
-/// Produces `(key, value)` pairs to partition `partition` of `topic`.
+/// Produces `(key, value)` pairs to partition `partition` of `topic`
+/// (an empty value as a tombstone: no value).
 fn produce(bootstrap: &str, topic: &str, partition: i32, records: &[(&str, &str)]) {
     let p: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -46,11 +47,13 @@ fn produce(bootstrap: &str, topic: &str, partition: i32, records: &[(&str, &str)
         .create()
         .unwrap();
     for (k, v) in records {
-        let rec = BaseRecord::<str, str>::to(topic)
+        let mut rec = BaseRecord::<str, str>::to(topic)
             .key(k)
-            .payload(v)
             .partition(partition)
             .timestamp(1_000);
+        if !v.is_empty() {
+            rec = rec.payload(v);
+        }
         p.send(rec).map_err(|(e, _)| e).unwrap();
     }
     p.flush(Duration::from_secs(30)).unwrap();
@@ -169,8 +172,10 @@ fn the_kafka_processor_bootstraps_and_rebuilds_a_global_table_from_its_topic() {
     );
 
     // A reopen rebuilds the table from the topic: nothing of it is in the
-    // changelog (the topology has no other store: only meta records).
-    produce(&bootstrap, &global, 0, &[("p1", "11")]);
+    // changelog (the topology has no other store: only meta records). A
+    // tombstone (no value) removes its key.
+    produce(&bootstrap, &global, 0, &[("p1", "11"), ("p3", "30")]);
+    produce(&bootstrap, &global, 0, &[("p3", "")]);
     let mut p = rt
         .block_on(KafkaStreamProcessor::open(shop(), cfg))
         .unwrap();

@@ -836,6 +836,56 @@ pub(crate) trait InputAny: Send {
     fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError>;
     /// Encodes `rec` if it is a `Record` of this input's types.
     fn encode_record(&self, rec: &dyn Any) -> Option<(Vec<u8>, Vec<u8>)>;
+    /// Removes the encoded key `key` from the table this input writes (a
+    /// global table's source given a tombstone). Returns `false` for an
+    /// input that writes no table.
+    fn delete_bytes(&mut self, _ctx: &mut Ctx, _key: &[u8]) -> Result<bool, StreamError> {
+        Ok(false)
+    }
+}
+
+/// The source of a global table: its [`Root`] (typed records go through
+/// it) and the table's state slot (tombstones remove keys from it).
+pub(crate) struct GlobalRoot<K, V, VT> {
+    pub(crate) root: Root<K, V>,
+    pub(crate) state: usize,
+    pub(crate) _t: PhantomData<fn(VT)>,
+}
+
+impl<K, V, VT> InputAny for GlobalRoot<K, V, VT>
+where
+    K: Clone + Eq + Hash + StateCodec + Send + 'static,
+    V: StateCodec + Send + 'static,
+    VT: StateCodec + Send + 'static,
+{
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        &mut self.root
+    }
+    fn process_bytes(
+        &mut self,
+        ctx: &mut Ctx,
+        key: &[u8],
+        value: &[u8],
+        ts: u64,
+        headers: super::headers::Headers,
+    ) -> Result<(), StreamError> {
+        self.root.process_bytes(ctx, key, value, ts, headers)
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.root.advance(ctx)
+    }
+    fn encode_record(&self, rec: &dyn Any) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.root.encode_record(rec)
+    }
+    fn delete_bytes(&mut self, ctx: &mut Ctx, key: &[u8]) -> Result<bool, StreamError> {
+        let key = K::decode(key).map_err(|source| StreamError::Decode {
+            what: "input",
+            name: self.root.name.clone(),
+            source,
+        })?;
+        ctx.state_mut::<KvState<K, VT>>(self.state)?.remove(&key);
+        Ok(true)
+    }
 }
 
 pub(crate) struct Root<K, V> {
@@ -1018,6 +1068,29 @@ impl Task {
             .get_mut(index)
             .ok_or(StreamError::Internal("global input missing"))?;
         root.process_bytes(&mut self.ctx, key, value, timestamp_ms, headers)?;
+        self.global_updates += 1;
+        Ok(true)
+    }
+
+    /// Applies a **tombstone** (a record with no value, as a Kafka topic
+    /// holds them) of the global table source `name`: removes the encoded
+    /// key `key` from its table, whatever the table's value type (plain
+    /// or with deletes). Returns `false` (and does nothing) when `name` is
+    /// not a global source.
+    pub fn delete_global_encoded(&mut self, name: &str, key: &[u8]) -> Result<bool, StreamError> {
+        let Some(&index) = self.global_names.get(name) else {
+            return Ok(false);
+        };
+        if self.closed {
+            return Err(StreamError::Closed);
+        }
+        let root = self
+            .global_inputs
+            .get_mut(index)
+            .ok_or(StreamError::Internal("global input missing"))?;
+        if !root.delete_bytes(&mut self.ctx, key)? {
+            return Err(StreamError::Internal("global source writes no table"));
+        }
         self.global_updates += 1;
         Ok(true)
     }

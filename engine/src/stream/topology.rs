@@ -18,8 +18,8 @@ use super::codec::StateCodec;
 use super::processor::{Lifecycle, ProcNode, Processor};
 use super::store::{check_keyspace, StoreError};
 use super::task::{
-    Ctx, InputAny, KvState, Node, OutputAny, OutputBuf, Root, Signal, StateSlot, StreamError, Task,
-    TaskLimits, TaskMetrics, WindowState,
+    Ctx, GlobalRoot, InputAny, KvState, Node, OutputAny, OutputBuf, Root, Signal, StateSlot,
+    StreamError, Task, TaskLimits, TaskMetrics, WindowState,
 };
 use super::window::{EmitStrategy, LateReason, LateRecord, Windowed, Windows};
 use super::{Headers, Record};
@@ -369,9 +369,13 @@ impl Topology {
                 let node = *built
                     .downcast::<Box<dyn Node<K, V>>>()
                     .map_err(|_| BuildError::Internal("global source node type"))?;
-                Ok(Box::new(Root {
-                    name: input_name,
-                    node,
+                Ok(Box::new(GlobalRoot {
+                    root: Root {
+                        name: input_name,
+                        node,
+                    },
+                    state,
+                    _t: PhantomData::<fn(VT)>,
                 }) as Box<dyn InputAny>)
             })),
         });
