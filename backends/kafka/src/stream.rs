@@ -142,6 +142,9 @@ pub struct ProcessorConfig {
     pub group_id: String,
     /// Input topics and the topology input each feeds: `(topic, input)`.
     pub inputs: Vec<(String, String)>,
+    /// Global tables' source topics and the topology's global source each
+    /// feeds: `(topic, source)` (see [`ProcessorConfig::with_global_input`]).
+    pub global_inputs: Vec<(String, String)>,
     /// Output `name` goes to topic `<output_prefix><name>`.
     pub output_prefix: String,
     /// The changelog topic (one partition);
@@ -172,6 +175,7 @@ impl ProcessorConfig {
             changelog_topic: format!("smartmsg.{application}.changelog"),
             application,
             inputs: Vec::new(),
+            global_inputs: Vec::new(),
             output_prefix: String::new(),
             max_batch: 500,
             session_timeout: Duration::from_millis(6000),
@@ -185,6 +189,26 @@ impl ProcessorConfig {
     /// Reads `topic` as the topology input `input`.
     pub fn with_input(mut self, topic: impl Into<String>, input: impl Into<String>) -> Self {
         self.inputs.push((topic.into(), input.into()));
+        self
+    }
+
+    /// Reads every partition of `topic` as the source `source` of a global
+    /// table ([`Topology::global_table`]): from its beginning to its end
+    /// when the processor opens, before any input record (the bootstrap;
+    /// bounded by `restore_timeout`), then, at the start of each step,
+    /// what it gained since (at most `max_batch` records per step). Its
+    /// offsets are never committed: every open reads it again from the
+    /// beginning (the table has no changelog). Values are the engine's
+    /// encoding of the source's value type (`Option<V>` for
+    /// [`Topology::global_table_with_deletes`]); a tombstone (a record
+    /// with no value) removes its key from the table, as in Kafka
+    /// Streams.
+    pub fn with_global_input(
+        mut self,
+        topic: impl Into<String>,
+        source: impl Into<String>,
+    ) -> Self {
+        self.global_inputs.push((topic.into(), source.into()));
         self
     }
 
@@ -302,6 +326,158 @@ pub struct KafkaStreamProcessor {
     inputs: HashMap<String, String>,
     restore: RestoreStats,
     poisoned: bool,
+    /// The global tables' sources, when the topology has any.
+    global: Option<GlobalReader>,
+}
+
+/// Reads the global tables' source topics (assigned, no group offsets).
+struct GlobalReader {
+    consumer: BaseConsumer,
+    /// Topic → global source name.
+    inputs: HashMap<String, String>,
+}
+
+impl GlobalReader {
+    /// Assigns every partition of the global topics from the beginning and
+    /// applies them to `task` up to their end.
+    fn bootstrap(
+        config: &ProcessorConfig,
+        task: &mut Task,
+    ) -> Result<Option<Self>, KafkaStreamError> {
+        if config.global_inputs.is_empty() {
+            return Ok(None);
+        }
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap)
+            .set("group.id", format!("{}.global", config.group_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .create()
+            .map_err(|e| KafkaStreamError::kafka("create global consumer", e))?;
+        let mut tpl = TopicPartitionList::new();
+        // (topic, partition) → end offset, for the partitions not read to
+        // their end yet.
+        let mut pending: HashMap<(String, i32), i64> = HashMap::new();
+        for (topic, _) in &config.global_inputs {
+            let md = consumer
+                .fetch_metadata(Some(topic), config.request_timeout)
+                .map_err(|e| KafkaStreamError::kafka("global topic metadata", e))?;
+            let partitions: Vec<i32> = md
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if partitions.is_empty() {
+                return Err(KafkaStreamError::Config(format!(
+                    "global topic {topic:?} has no partitions (does it exist?)"
+                )));
+            }
+            for p in partitions {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)
+                    .map_err(|e| KafkaStreamError::kafka("assign global topic", e))?;
+                let (_, end) = consumer
+                    .fetch_watermarks(topic, p, config.request_timeout)
+                    .map_err(|e| KafkaStreamError::kafka("global topic watermarks", e))?;
+                if end > 0 {
+                    pending.insert((topic.clone(), p), end);
+                }
+            }
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| KafkaStreamError::kafka("assign global topics", e))?;
+        let reader = Self {
+            consumer,
+            inputs: config.global_inputs.iter().cloned().collect(),
+        };
+        let deadline = Instant::now() + config.restore_timeout;
+        while !pending.is_empty() {
+            if Instant::now() >= deadline {
+                let ((_, at), end) = pending
+                    .iter()
+                    .next()
+                    .map(|(k, e)| (k.clone(), *e))
+                    .unwrap_or_default();
+                return Err(KafkaStreamError::RestoreTimeout {
+                    at: i64::from(at),
+                    end,
+                });
+            }
+            match reader.consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    // The end of what read_committed shows (markers may sit
+                    // between it and the high watermark): done with the
+                    // partitions `p` whose position reached their end.
+                    let position = reader
+                        .consumer
+                        .position()
+                        .map_err(|e| KafkaStreamError::kafka("global position", e))?;
+                    pending.retain(|(t, q), end| {
+                        *q != p
+                            || !matches!(
+                                position.find_partition(t, *q).map(|e| e.offset()),
+                                Some(Offset::Offset(o)) if o >= *end
+                            )
+                    });
+                }
+                Some(Err(e)) => return Err(KafkaStreamError::kafka("read global topic", e)),
+                Some(Ok(m)) => {
+                    let key = (m.topic().to_owned(), m.partition());
+                    if pending.get(&key).is_some_and(|end| m.offset() + 1 >= *end) {
+                        pending.remove(&key);
+                    }
+                    reader.apply(task, &m)?;
+                }
+            }
+        }
+        Ok(Some(reader))
+    }
+
+    /// Applies what the global topics gained (at most `max` records, no
+    /// waiting).
+    fn catch_up(&mut self, task: &mut Task, max: usize) -> Result<usize, KafkaStreamError> {
+        let mut n = 0;
+        while n < max {
+            match self.consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) => return Err(KafkaStreamError::kafka("read global topic", e)),
+                Some(Ok(m)) => {
+                    self.apply(task, &m)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn apply(
+        &self,
+        task: &mut Task,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<(), KafkaStreamError> {
+        let Some(source) = self.inputs.get(m.topic()) else {
+            return Ok(());
+        };
+        let key = m.key().unwrap_or(&[]);
+        let Some(value) = m.payload() else {
+            // A tombstone: the key leaves the table.
+            task.delete_global_encoded(source, key)?;
+            return Ok(());
+        };
+        let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as u64;
+        task.process_global_encoded(
+            source,
+            key,
+            value,
+            ts,
+            crate::headers::from_kafka(m.headers()),
+        )?;
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for KafkaStreamProcessor {
@@ -318,8 +494,11 @@ impl std::fmt::Debug for KafkaStreamProcessor {
 impl KafkaStreamProcessor {
     /// Builds `topology`, creates the changelog topic if needed, fences an
     /// earlier instance, restores the state from the changelog topic (read
-    /// to its end) and subscribes to the inputs (resuming from the group's
-    /// committed offsets; from the beginning when it has none).
+    /// to its end), rebuilds the global tables from their topics (read
+    /// from the beginning to their end: see
+    /// [`ProcessorConfig::with_global_input`]) and subscribes to the inputs
+    /// (resuming from the group's committed offsets; from the beginning
+    /// when it has none).
     ///
     /// Blocks on Kafka calls; call it off an async executor's threads.
     pub async fn open(
@@ -351,6 +530,7 @@ impl KafkaStreamProcessor {
             .map_err(|e| KafkaStreamError::kafka("init_transactions", e))?;
 
         let restore = restore(&config, &mut task)?;
+        let global = GlobalReader::bootstrap(&config, &mut task)?;
 
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap)
@@ -382,6 +562,7 @@ impl KafkaStreamProcessor {
             inputs,
             restore,
             poisoned: false,
+            global,
         })
     }
 
@@ -434,6 +615,9 @@ impl KafkaStreamProcessor {
         wait: Duration,
         commit: bool,
     ) -> Result<ProcessorStep, KafkaStreamError> {
+        if let Some(global) = self.global.as_mut() {
+            global.catch_up(&mut self.task, self.config.max_batch)?;
+        }
         let deadline = Instant::now() + wait;
         let mut records = 0usize;
         while records < self.config.max_batch {

@@ -2,10 +2,12 @@
 //! clock.
 
 use std::hash::Hash;
+use std::sync::Arc;
 
 use super::codec::StateCodec;
 use super::headers::Headers;
 use super::memory_store::InMemoryStore;
+use super::query::{CommitMark, QueryError, StoreReader, WindowStoreReader};
 use super::store::{KeyValueStore, WriteBatch};
 use super::task::{StreamError, Task, TaskMetrics};
 use super::topology::{BuildError, Topology};
@@ -27,12 +29,37 @@ use crate::clock::{Clock, ManualClock};
 /// [`TestDriver::commit`] writes the state changes to an in-memory
 /// [`KeyValueStore`] (with its changelog), and [`TestDriver::restart`]
 /// rebuilds the task from it, to test recovery.
+///
+/// Piping into the source of a [`super::GlobalKTable`] updates the table
+/// at once (it does not move stream time). The driver keeps those records
+/// as the global source's log, and a restart rebuilds the global tables by
+/// applying them again, in order, before anything else: like a runner
+/// reading its global source from the start (they are not lost with the
+/// uncommitted stream records, being in their own source).
+///
+/// [`TestDriver::query_store`] and [`TestDriver::query_window_store`] read
+/// the committed store, as a runner's interactive queries do.
 #[derive(Debug)]
 pub struct TestDriver {
     task: Task,
-    store: InMemoryStore,
+    store: Arc<InMemoryStore>,
     clock: ManualClock,
+    /// What was piped into global sources: the global source's log.
+    global_log: Vec<GlobalRecord>,
 }
+
+/// A record piped into a global table's source.
+#[derive(Debug, Clone)]
+struct GlobalRecord {
+    input: String,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    timestamp_ms: u64,
+    headers: Headers,
+}
+
+/// Most records a [`TestDriver`] keeps for its global sources.
+const MAX_GLOBAL_LOG: usize = 1_000_000;
 
 /// Why a [`TestDriver`] could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +88,9 @@ impl TestDriver {
     pub fn with_clock(topology: Topology, clock: ManualClock) -> Result<Self, DriverError> {
         let mut d = Self {
             task: topology.build()?,
-            store: InMemoryStore::new(),
+            store: Arc::new(InMemoryStore::new()),
             clock,
+            global_log: Vec::new(),
         };
         d.tick_wall_clock()?;
         Ok(d)
@@ -97,14 +125,43 @@ impl TestDriver {
         timestamp_ms: u64,
         headers: Headers,
     ) -> Result<(), StreamError> {
-        let h = self.task.input::<K, V>(input)?;
-        self.task.process(
-            h,
+        self.pipe_record(
+            input,
             Record::new(key, value, timestamp_ms).with_headers(headers),
         )
     }
 
-    /// Pipes one record into input `input` at `timestamp_ms`.
+    /// Pipes one record; a global source's is also kept for restarts.
+    fn pipe_record<K: 'static, V: 'static>(
+        &mut self,
+        input: &str,
+        record: Record<K, V>,
+    ) -> Result<(), StreamError> {
+        let h = self.task.input::<K, V>(input)?;
+        if self.task.is_global_source(input) {
+            if self.global_log.len() >= MAX_GLOBAL_LOG {
+                return Err(StreamError::StateFull {
+                    store: input.to_owned(),
+                    max: MAX_GLOBAL_LOG,
+                });
+            }
+            let (key, value) = self
+                .task
+                .encode_input(h, &record)
+                .ok_or(StreamError::Internal("global source record type"))?;
+            self.global_log.push(GlobalRecord {
+                input: input.to_owned(),
+                key,
+                value,
+                timestamp_ms: record.timestamp_ms,
+                headers: record.headers.clone(),
+            });
+        }
+        self.task.process(h, record)
+    }
+
+    /// Pipes one record into input `input` at `timestamp_ms` (or into
+    /// the source of a global table: it updates the table at once).
     pub fn pipe<K: 'static, V: 'static>(
         &mut self,
         input: &str,
@@ -112,8 +169,7 @@ impl TestDriver {
         value: V,
         timestamp_ms: u64,
     ) -> Result<(), StreamError> {
-        let h = self.task.input::<K, V>(input)?;
-        self.task.process(h, Record::new(key, value, timestamp_ms))
+        self.pipe_record(input, Record::new(key, value, timestamp_ms))
     }
 
     /// Pipes records into input `input`, in order.
@@ -122,9 +178,8 @@ impl TestDriver {
         input: &str,
         records: impl IntoIterator<Item = Record<K, V>>,
     ) -> Result<(), StreamError> {
-        let h = self.task.input::<K, V>(input)?;
         for r in records {
-            self.task.process(h, r)?;
+            self.pipe_record(input, r)?;
         }
         Ok(())
     }
@@ -243,6 +298,37 @@ impl TestDriver {
         &self.store
     }
 
+    /// A reader of the committed state of the key-value store `name` (as
+    /// of the last [`TestDriver::commit`]); see [`StoreReader`].
+    pub fn query_store<K, V>(&self, name: &str) -> Result<StoreReader<K, V>, QueryError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        V: StateCodec + Send + 'static,
+    {
+        StoreReader::new(&self.task, self.shared_store(), name)
+    }
+
+    /// A reader of the committed state of the window store `name`; see
+    /// [`WindowStoreReader`].
+    pub fn query_window_store<K, A>(
+        &self,
+        name: &str,
+    ) -> Result<WindowStoreReader<K, A>, QueryError>
+    where
+        K: Clone + Eq + Hash + StateCodec + Send + 'static,
+        A: StateCodec + Send + 'static,
+    {
+        let mark = CommitMark {
+            space: META_SPACE.to_owned(),
+            key: b"meta".to_vec(),
+        };
+        WindowStoreReader::new(&self.task, self.shared_store(), name, Some(mark))
+    }
+
+    fn shared_store(&self) -> Arc<dyn KeyValueStore> {
+        Arc::clone(&self.store) as Arc<dyn KeyValueStore>
+    }
+
     /// The task.
     pub fn task(&mut self) -> &mut Task {
         &mut self.task
@@ -255,10 +341,20 @@ impl TestDriver {
 
     /// Simulates a restart: drops the task (and whatever it did since the
     /// last [`TestDriver::commit`], outputs not yet read included) and
-    /// builds `topology` again from the committed store.
+    /// builds `topology` again from the committed store; its global tables
+    /// are rebuilt from what was piped into their sources.
     pub fn restart(self, topology: Topology) -> Result<Self, DriverError> {
         let mut task = topology.build()?;
-        task.restore(&self.store)?;
+        task.restore(&*self.store)?;
+        for r in &self.global_log {
+            task.process_global_encoded(
+                &r.input,
+                &r.key,
+                &r.value,
+                r.timestamp_ms,
+                r.headers.clone(),
+            )?;
+        }
         if let Some(meta) = self
             .store
             .get(META_SPACE, b"meta")
@@ -276,6 +372,7 @@ impl TestDriver {
             task,
             store: self.store,
             clock: self.clock,
+            global_log: self.global_log,
         };
         d.tick_wall_clock()?;
         Ok(d)

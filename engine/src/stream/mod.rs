@@ -7,7 +7,11 @@
 //!   (and [`KStream::split_result`] for valid / dead-letter splits),
 //!   stream-table joins ([`KStream::join`], [`KStream::left_join`]) with a
 //!   [`KTable`] materialised from a changelog stream
-//!   ([`KStream::to_table`]), [`KStream::merge`], stream-stream joins
+//!   ([`KStream::to_table`]), joins with a [`GlobalKTable`]
+//!   ([`Topology::global_table`]: fed from its own source, replicated to
+//!   every task, never committed but rebuilt from its source on start;
+//!   [`KStream::join_global`], [`KStream::left_join_global`] by a key the
+//!   stream computes), [`KStream::merge`], stream-stream joins
 //!   within [`JoinWindows`] ([`KStream::join_stream`],
 //!   [`KStream::left_join_stream`], [`KStream::outer_join_stream`]),
 //!   [`KStream::group_by_key`], tumbling and hopping [`Windows`] with a
@@ -58,7 +62,16 @@
 //!   outputs (into an outbox) and the next input position in one atomic
 //!   batch, then hands the outputs to the sink under idempotency keys.
 //!   [`EventLogSource`] and [`EventLogSink`] connect it to any
-//!   [`crate::EventLog`].
+//!   [`crate::EventLog`]. A second source feeds the global tables
+//!   ([`StreamRunner::with_global_source`]): read to its head before the
+//!   first stream record, then caught up at each step, outside the
+//!   checkpoint.
+//! - **Interactive queries**: [`StoreReader`] and [`WindowStoreReader`]
+//!   ([`StreamRunner::query_store`], [`StreamRunner::query_window_store`],
+//!   the same on [`TestDriver`]) read a store's last committed state
+//!   (never the task's uncommitted working set) from any thread: key
+//!   lookups, ranges in encoded-key order, window fetches; typed
+//!   [`QueryError`]s.
 //! - [`TestDriver`] runs a topology in a test with no disk or server.
 
 mod codec;
@@ -70,6 +83,7 @@ mod join_store;
 mod log_store;
 mod memory_store;
 mod processor;
+mod query;
 mod runner;
 mod scoped_store;
 mod session;
@@ -90,6 +104,7 @@ pub use memory_store::InMemoryStore;
 pub use processor::{
     Processor, ProcessorContext, ProcessorStore, Punctuation, PunctuationType, PunctuatorId,
 };
+pub use query::{QueryError, StoreReader, WindowStoreReader, MAX_QUERY_TRIES, MAX_WINDOW_FETCH};
 pub use runner::{
     OutputId, OutputRecord, RunnerConfig, RunnerError, Sink, SinkError, Source, SourceError,
     SourceRecord, StepReport, StreamRunner, PUNCTUATE,
@@ -102,8 +117,8 @@ pub use store::{
 };
 pub use task::{EncodedRecord, Input, StreamError, Task, TaskLimits, TaskMeta, TaskMetrics};
 pub use topology::{
-    BuildError, Data, KGroupedStream, KStream, KTable, Key, Predicate, ProcessorStream,
-    TimeWindowedStream, Topology,
+    BuildError, Data, GlobalKTable, KGroupedStream, KStream, KTable, Key, Predicate,
+    ProcessorStream, TimeWindowedStream, Topology,
 };
 pub use window::{EmitStrategy, LateReason, LateRecord, Window, WindowError, Windowed, Windows};
 pub use window_store::WindowStore;

@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use super::codec::{Reader, StateCodec};
 use super::headers::Headers;
+use super::query::{CommitMark, QueryError, StoreReader, WindowStoreReader};
 use super::store::{check_keyspace, scan_all, KeyValueStore, StoreError, WriteBatch};
 use super::task::{EncodedRecord, StreamError, Task, TaskMeta};
 use super::topology::{BuildError, Topology};
@@ -193,10 +194,18 @@ pub struct StepReport {
     pub outputs: usize,
     /// The committed input position after the step.
     pub position: u64,
+    /// Global-table records applied by the step (from the global source,
+    /// before the step's stream records; the bootstrap's are counted by
+    /// the first step).
+    pub global: usize,
 }
 
 const META_SPACE: &str = "__runner";
 const MAX_NAME: usize = 64;
+/// Most reads of the global source per step after the bootstrap (so a
+/// global source that grows faster than it is read cannot stall the
+/// stream: the rest is read by the next steps).
+const MAX_GLOBAL_READS_PER_STEP: usize = 16;
 
 /// A [`Task`] fed from a [`Source`], delivering to a [`Sink`], committing
 /// to a [`KeyValueStore`].
@@ -227,6 +236,25 @@ const MAX_NAME: usize = 64;
 ///
 /// The source must give the same records at the same positions on every
 /// read (a log does).
+///
+/// # Global tables
+///
+/// A topology with [`GlobalKTable`](super::GlobalKTable)s reads their
+/// records from a second source, [`StreamRunner::with_global_source`]
+/// (records of inputs that are not global sources are ignored there, and
+/// the main source's records of global sources are skipped). The first
+/// step reads it from position 0 until it has nothing more (the
+/// bootstrap) before reading any stream record; every later step first
+/// reads what it gained since (at most 16 batches), then the stream
+/// records. The global position lives in memory only: it is not in the
+/// checkpoint, and reopening the runner rebuilds the tables from position
+/// 0. See [`GlobalKTable`](super::GlobalKTable) for what a join sees.
+///
+/// # Interactive queries
+///
+/// [`StreamRunner::query_store`] and [`StreamRunner::query_window_store`]
+/// give readers of the committed state of a store (see [`StoreReader`]),
+/// usable from other threads while the runner steps.
 pub struct StreamRunner<S, K> {
     name: String,
     outbox: String,
@@ -244,6 +272,12 @@ pub struct StreamRunner<S, K> {
     poisoned: bool,
     encoded: Vec<EncodedRecord>,
     clock: Option<Arc<dyn Clock>>,
+    /// The global tables' source.
+    global: Option<Box<dyn Source>>,
+    /// The next position to read in the global source (in memory only).
+    global_position: u64,
+    /// Whether the global source was read to its head since the open.
+    bootstrapped: bool,
 }
 
 impl<S, K> std::fmt::Debug for StreamRunner<S, K> {
@@ -413,7 +447,102 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
             poisoned: false,
             encoded: Vec::new(),
             clock: None,
+            global: None,
+            global_position: 0,
+            bootstrapped: false,
         })
+    }
+
+    /// Feeds the topology's global tables from `source` (see "Global
+    /// tables" above): read from position 0 to its head by the first step,
+    /// before any stream record, then caught up at the start of each step.
+    pub fn with_global_source(mut self, source: impl Source + 'static) -> Self {
+        self.global = Some(Box::new(source));
+        self
+    }
+
+    /// The next position the runner reads in its global source (0 after an
+    /// open: the global tables are rebuilt from the start).
+    pub fn global_position(&self) -> u64 {
+        self.global_position
+    }
+
+    /// Whether the global tables were bootstrapped (their source read to
+    /// its head) since the runner was opened.
+    pub fn is_bootstrapped(&self) -> bool {
+        self.bootstrapped
+    }
+
+    /// Reads the global source: to its head when not bootstrapped yet,
+    /// else at most [`MAX_GLOBAL_READS_PER_STEP`] batches. Returns the
+    /// global records applied.
+    async fn update_globals(&mut self) -> Result<usize, RunnerError> {
+        let Some(source) = self.global.as_mut() else {
+            self.bootstrapped = true;
+            return Ok(0);
+        };
+        let mut applied = 0;
+        let mut reads = 0;
+        loop {
+            if self.bootstrapped && reads >= MAX_GLOBAL_READS_PER_STEP {
+                return Ok(applied);
+            }
+            reads += 1;
+            let records = source.read(self.global_position, self.batch).await?;
+            if records.is_empty() {
+                self.bootstrapped = true;
+                return Ok(applied);
+            }
+            for r in records {
+                if r.position < self.global_position {
+                    continue;
+                }
+                self.global_position = r.position + 1;
+                match self.task.process_global_encoded(
+                    &r.input,
+                    &r.key,
+                    &r.value,
+                    r.timestamp_ms,
+                    r.headers,
+                ) {
+                    Ok(true) => applied += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.poisoned = true;
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A reader of the committed state of the key-value store `name` (a
+    /// table, a non-windowed aggregate, a processor's store): see
+    /// [`StoreReader`]. Typed errors for an unknown name, another kind of
+    /// store or other types, and a global table's store.
+    pub fn query_store<KK, V>(&self, name: &str) -> Result<StoreReader<KK, V>, QueryError>
+    where
+        KK: Clone + Eq + std::hash::Hash + StateCodec + Send + 'static,
+        V: StateCodec + Send + 'static,
+    {
+        StoreReader::new(&self.task, Arc::clone(&self.store), name)
+    }
+
+    /// A reader of the committed state of the window store `name` (a
+    /// tumbling or hopping windowed aggregation): see [`WindowStoreReader`].
+    pub fn query_window_store<KK, A>(
+        &self,
+        name: &str,
+    ) -> Result<WindowStoreReader<KK, A>, QueryError>
+    where
+        KK: Clone + Eq + std::hash::Hash + StateCodec + Send + 'static,
+        A: StateCodec + Send + 'static,
+    {
+        let mark = CommitMark {
+            space: META_SPACE.to_owned(),
+            key: self.name.as_bytes().to_vec(),
+        };
+        WindowStoreReader::new(&self.task, Arc::clone(&self.store), name, Some(mark))
     }
 
     /// Gives the task wall-clock time from `clock`: each step reads it
@@ -456,6 +585,7 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
             ..StepReport::default()
         };
         report.outputs += self.deliver().await?;
+        report.global = self.update_globals().await?;
         let records = self.source.read(self.position, self.batch).await?;
         let Some(last) = records.last().map(|r| r.position) else {
             if self.tick_wall_clock()? {
@@ -500,6 +630,7 @@ impl<S: Source, K: Sink> StreamRunner<S, K> {
             total.records += r.records;
             total.skipped += r.skipped;
             total.outputs += r.outputs;
+            total.global += r.global;
             total.position = r.position;
             if r.records == 0 {
                 return Ok(total);

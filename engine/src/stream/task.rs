@@ -398,6 +398,9 @@ pub(crate) struct KvState<K, V> {
     dirty: Vec<K>,
     deleted: Vec<K>,
     max_entries: usize,
+    /// Whether commits write it to the store (false for a global table,
+    /// rebuilt from its source instead).
+    persist: bool,
 }
 
 impl<K, V> KvState<K, V>
@@ -412,7 +415,22 @@ where
             dirty: Vec::new(),
             deleted: Vec::new(),
             max_entries,
+            persist: true,
         }
+    }
+
+    /// A table that is never written to the store nor restored from it:
+    /// a global table's working set, rebuilt from its source.
+    pub(crate) fn global(name: &str, max_entries: usize) -> Self {
+        Self {
+            persist: false,
+            ..Self::new(name, max_entries)
+        }
+    }
+
+    /// Whether commits write it to the store (false for a global table).
+    pub(crate) fn persisted(&self) -> bool {
+        self.persist
     }
 
     #[inline]
@@ -497,6 +515,16 @@ where
         &self.name
     }
     fn flush(&mut self, batch: &mut WriteBatch) {
+        if !self.persist {
+            // A global table has no changelog: forget what changed.
+            for k in self.dirty.drain(..) {
+                if let Some(e) = self.map.get_mut(&k) {
+                    e.dirty = false;
+                }
+            }
+            self.deleted.clear();
+            return;
+        }
         for k in self.deleted.drain(..) {
             batch.delete(&self.name, k.to_bytes());
         }
@@ -518,6 +546,23 @@ where
         let k = K::decode(k)?;
         let v = V::decode(v)?;
         self.map.insert(k, KvEntry { v, dirty: false });
+        Ok(())
+    }
+    fn restore(&mut self, store: &dyn KeyValueStore) -> Result<(), StreamError> {
+        if !self.persist {
+            // A global table is rebuilt from its source, never from the
+            // store: it keeps what it holds.
+            return Ok(());
+        }
+        self.reset();
+        for (k, v) in scan_all(store, &self.name)? {
+            self.load_entry(&k, &v)
+                .map_err(|source| StreamError::Decode {
+                    what: "store",
+                    name: self.name.clone(),
+                    source,
+                })?;
+        }
         Ok(())
     }
     fn len(&self) -> usize {
@@ -637,6 +682,11 @@ where
                 out.push((Windowed { key, window }, slot.agg, slot.max_ts));
             }
         }
+    }
+
+    /// The windows this store aggregates over.
+    pub(crate) fn windows(&self) -> Windows {
+        self.windows
     }
 
     pub(crate) fn get(&self, start: u64, k: &K) -> Option<&A> {
@@ -784,6 +834,58 @@ pub(crate) trait InputAny: Send {
         headers: super::headers::Headers,
     ) -> Result<(), StreamError>;
     fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError>;
+    /// Encodes `rec` if it is a `Record` of this input's types.
+    fn encode_record(&self, rec: &dyn Any) -> Option<(Vec<u8>, Vec<u8>)>;
+    /// Removes the encoded key `key` from the table this input writes (a
+    /// global table's source given a tombstone). Returns `false` for an
+    /// input that writes no table.
+    fn delete_bytes(&mut self, _ctx: &mut Ctx, _key: &[u8]) -> Result<bool, StreamError> {
+        Ok(false)
+    }
+}
+
+/// The source of a global table: its [`Root`] (typed records go through
+/// it) and the table's state slot (tombstones remove keys from it).
+pub(crate) struct GlobalRoot<K, V, VT> {
+    pub(crate) root: Root<K, V>,
+    pub(crate) state: usize,
+    pub(crate) _t: PhantomData<fn(VT)>,
+}
+
+impl<K, V, VT> InputAny for GlobalRoot<K, V, VT>
+where
+    K: Clone + Eq + Hash + StateCodec + Send + 'static,
+    V: StateCodec + Send + 'static,
+    VT: StateCodec + Send + 'static,
+{
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        &mut self.root
+    }
+    fn process_bytes(
+        &mut self,
+        ctx: &mut Ctx,
+        key: &[u8],
+        value: &[u8],
+        ts: u64,
+        headers: super::headers::Headers,
+    ) -> Result<(), StreamError> {
+        self.root.process_bytes(ctx, key, value, ts, headers)
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.root.advance(ctx)
+    }
+    fn encode_record(&self, rec: &dyn Any) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.root.encode_record(rec)
+    }
+    fn delete_bytes(&mut self, ctx: &mut Ctx, key: &[u8]) -> Result<bool, StreamError> {
+        let key = K::decode(key).map_err(|source| StreamError::Decode {
+            what: "input",
+            name: self.root.name.clone(),
+            source,
+        })?;
+        ctx.state_mut::<KvState<K, VT>>(self.state)?.remove(&key);
+        Ok(true)
+    }
 }
 
 pub(crate) struct Root<K, V> {
@@ -827,12 +929,18 @@ where
     fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
         self.node.advance(ctx)
     }
+    fn encode_record(&self, rec: &dyn Any) -> Option<(Vec<u8>, Vec<u8>)> {
+        let rec = rec.downcast_ref::<Record<K, V>>()?;
+        Some((rec.key.to_bytes(), rec.value.to_bytes()))
+    }
 }
 
 /// A typed handle on an input of a [`Task`] (see [`Task::input`]).
 #[derive(Debug)]
 pub struct Input<K, V> {
     index: usize,
+    /// Whether it is the source of a global table.
+    global: bool,
     _t: PhantomData<fn(K, V)>,
 }
 
@@ -855,6 +963,13 @@ pub struct Task {
     pub(crate) inputs: Vec<Box<dyn InputAny>>,
     pub(crate) input_names: HashMap<String, usize>,
     pub(crate) input_types: Vec<std::any::TypeId>,
+    /// The sources of global tables: not stream inputs (they never move
+    /// stream time), each writing one global table.
+    pub(crate) global_inputs: Vec<Box<dyn InputAny>>,
+    pub(crate) global_names: HashMap<String, usize>,
+    pub(crate) global_types: Vec<std::any::TypeId>,
+    /// Global-table updates applied since the task was built.
+    pub(crate) global_updates: u64,
     /// Whether the processors were initialised.
     pub(crate) initialized: bool,
     /// Whether the task was closed.
@@ -866,6 +981,10 @@ impl std::fmt::Debug for Task {
         f.debug_struct("Task")
             .field("stream_time", &self.ctx.stream_time)
             .field("inputs", &self.input_names.keys().collect::<Vec<_>>())
+            .field(
+                "global_sources",
+                &self.global_names.keys().collect::<Vec<_>>(),
+            )
             .field(
                 "stores",
                 &self.ctx.states.iter().map(|s| s.name()).collect::<Vec<_>>(),
@@ -885,15 +1004,19 @@ impl std::fmt::Debug for Task {
 
 impl Task {
     /// A typed handle on the input `name` (declared with
-    /// [`super::Topology::stream`] with the same types).
+    /// [`super::Topology::stream`] with the same types), or on the source
+    /// of a global table (declared with [`super::Topology::global_table`]).
     pub fn input<K: 'static, V: 'static>(&self, name: &str) -> Result<Input<K, V>, StreamError> {
-        let index = *self
-            .input_names
-            .get(name)
-            .ok_or_else(|| StreamError::UnknownInput {
+        let (index, global, ty) = if let Some(&i) = self.input_names.get(name) {
+            (i, false, self.input_types.get(i))
+        } else if let Some(&i) = self.global_names.get(name) {
+            (i, true, self.global_types.get(i))
+        } else {
+            return Err(StreamError::UnknownInput {
                 name: name.to_owned(),
-            })?;
-        if self.input_types[index] != std::any::TypeId::of::<(K, V)>() {
+            });
+        };
+        if ty != Some(&std::any::TypeId::of::<(K, V)>()) {
             return Err(StreamError::WrongType {
                 what: "input",
                 name: name.to_owned(),
@@ -901,19 +1024,105 @@ impl Task {
         }
         Ok(Input {
             index,
+            global,
             _t: PhantomData,
         })
     }
 
+    /// Whether `name` is the source of a global table.
+    pub fn is_global_source(&self, name: &str) -> bool {
+        self.global_names.contains_key(name)
+    }
+
+    /// The names of the global tables' sources.
+    pub fn global_sources(&self) -> Vec<&str> {
+        self.global_names.keys().map(String::as_str).collect()
+    }
+
+    /// Global-table updates applied since the task was built (not
+    /// persisted: a restart applies the whole source again).
+    pub fn global_updates(&self) -> u64 {
+        self.global_updates
+    }
+
+    /// Applies an encoded record of the global table source `name` to its
+    /// table (a [`super::GlobalKTable`]): it neither moves stream time nor
+    /// counts as processed, and it is not part of any commit. Returns
+    /// `false` (and does nothing) when `name` is not a global source.
+    pub fn process_global_encoded(
+        &mut self,
+        name: &str,
+        key: &[u8],
+        value: &[u8],
+        timestamp_ms: u64,
+        headers: super::headers::Headers,
+    ) -> Result<bool, StreamError> {
+        let Some(&index) = self.global_names.get(name) else {
+            return Ok(false);
+        };
+        if self.closed {
+            return Err(StreamError::Closed);
+        }
+        let root = self
+            .global_inputs
+            .get_mut(index)
+            .ok_or(StreamError::Internal("global input missing"))?;
+        root.process_bytes(&mut self.ctx, key, value, timestamp_ms, headers)?;
+        self.global_updates += 1;
+        Ok(true)
+    }
+
+    /// Applies a **tombstone** (a record with no value, as a Kafka topic
+    /// holds them) of the global table source `name`: removes the encoded
+    /// key `key` from its table, whatever the table's value type (plain
+    /// or with deletes). Returns `false` (and does nothing) when `name` is
+    /// not a global source.
+    pub fn delete_global_encoded(&mut self, name: &str, key: &[u8]) -> Result<bool, StreamError> {
+        let Some(&index) = self.global_names.get(name) else {
+            return Ok(false);
+        };
+        if self.closed {
+            return Err(StreamError::Closed);
+        }
+        let root = self
+            .global_inputs
+            .get_mut(index)
+            .ok_or(StreamError::Internal("global input missing"))?;
+        if !root.delete_bytes(&mut self.ctx, key)? {
+            return Err(StreamError::Internal("global source writes no table"));
+        }
+        self.global_updates += 1;
+        Ok(true)
+    }
+
+    /// Encodes `record` as input `input` would read it (for a driver that
+    /// keeps a global source's records to replay them).
+    pub(crate) fn encode_input<K: 'static, V: 'static>(
+        &self,
+        input: Input<K, V>,
+        record: &Record<K, V>,
+    ) -> Option<(Vec<u8>, Vec<u8>)> {
+        let roots = if input.global {
+            &self.global_inputs
+        } else {
+            &self.inputs
+        };
+        roots.get(input.index)?.encode_record(record)
+    }
+
     /// Processes one record of `input`: advances stream time to its
     /// timestamp if that is later (closing due windows first), then passes
-    /// it through the topology.
+    /// it through the topology. A record of a global table's source
+    /// updates that table only (see [`Task::process_global_encoded`]).
     #[inline]
     pub fn process<K: 'static, V: 'static>(
         &mut self,
         input: Input<K, V>,
         record: Record<K, V>,
     ) -> Result<(), StreamError> {
+        if input.global {
+            return self.process_global(input, record);
+        }
         self.ensure_init()?;
         self.observe(record.timestamp_ms)?;
         self.ctx.metrics.processed += 1;
@@ -923,6 +1132,24 @@ impl Task {
             .and_then(|r| r.as_any_mut().downcast_mut::<Root<K, V>>())
             .ok_or(StreamError::Internal("input of another type"))?;
         root.node.process(&mut self.ctx, record)
+    }
+
+    fn process_global<K: 'static, V: 'static>(
+        &mut self,
+        input: Input<K, V>,
+        record: Record<K, V>,
+    ) -> Result<(), StreamError> {
+        if self.closed {
+            return Err(StreamError::Closed);
+        }
+        let root = self
+            .global_inputs
+            .get_mut(input.index)
+            .and_then(|r| r.as_any_mut().downcast_mut::<Root<K, V>>())
+            .ok_or(StreamError::Internal("global input of another type"))?;
+        root.node.process(&mut self.ctx, record)?;
+        self.global_updates += 1;
+        Ok(())
     }
 
     /// Processes an encoded record of the input `name`, without headers.
@@ -946,7 +1173,8 @@ impl Task {
 
     /// Processes an encoded record of the input `name` with its headers.
     /// Returns `false` (and does nothing) when the topology has no such
-    /// input.
+    /// input. A global table's source is not an input here: its records
+    /// are skipped too (they go to [`Task::process_global_encoded`]).
     pub fn process_encoded(
         &mut self,
         name: &str,
@@ -1161,7 +1389,7 @@ impl Task {
             })
     }
 
-    fn typed<S: 'static>(&self, name: &str) -> Result<&S, StreamError> {
+    pub(crate) fn typed<S: 'static>(&self, name: &str) -> Result<&S, StreamError> {
         self.slot(name)?
             .downcast_ref::<S>()
             .ok_or_else(|| StreamError::WrongType {

@@ -1,4 +1,4 @@
-//! The DSL: [`Topology`], [`KStream`], [`KTable`], [`KGroupedStream`] and
+//! The DSL: [`Topology`], [`KStream`], [`KTable`], [`GlobalKTable`], [`KGroupedStream`] and
 //! [`TimeWindowedStream`], and the nodes they build.
 //!
 //! Each operator is a node that owns its user closure (monomorphised) and
@@ -18,8 +18,8 @@ use super::codec::StateCodec;
 use super::processor::{Lifecycle, ProcNode, Processor};
 use super::store::{check_keyspace, StoreError};
 use super::task::{
-    Ctx, InputAny, KvState, Node, OutputAny, OutputBuf, Root, Signal, StateSlot, StreamError, Task,
-    TaskLimits, TaskMetrics, WindowState,
+    Ctx, GlobalRoot, InputAny, KvState, Node, OutputAny, OutputBuf, Root, Signal, StateSlot,
+    StreamError, Task, TaskLimits, TaskMetrics, WindowState,
 };
 use super::window::{EmitStrategy, LateReason, LateRecord, Windowed, Windows};
 use super::{Headers, Record};
@@ -98,6 +98,8 @@ struct InputSpec {
 struct Graph {
     nodes: Vec<NodeSpec>,
     inputs: Vec<InputSpec>,
+    /// The sources of global tables.
+    global_inputs: Vec<InputSpec>,
     states: Vec<Box<dyn StateSlot>>,
     outputs: Vec<(TypeId, Box<dyn OutputAny>)>,
     processors: Vec<String>,
@@ -106,6 +108,20 @@ struct Graph {
 }
 
 impl Graph {
+    /// Records a build error if `name` is already an input or a global
+    /// source.
+    fn check_input_name(&mut self, name: &str) {
+        if self
+            .inputs
+            .iter()
+            .chain(&self.global_inputs)
+            .any(|i| i.name == name)
+        {
+            self.errors
+                .push(BuildError::DuplicateInput(name.to_owned()));
+        }
+    }
+
     fn add_state(&mut self, slot: Box<dyn StateSlot>) -> usize {
         let name = slot.name().to_owned();
         if let Err(source) = check_keyspace(&name) {
@@ -236,9 +252,7 @@ impl Topology {
         V: Data + StateCodec,
     {
         let mut g = self.g.borrow_mut();
-        if g.inputs.iter().any(|i| i.name == name) {
-            g.errors.push(BuildError::DuplicateInput(name.to_owned()));
-        }
+        g.check_input_name(name);
         let id = g.add_node(
             None,
             1,
@@ -284,6 +298,95 @@ impl Topology {
         let mut g = self.g.borrow_mut();
         let max = g.limits.max_state_entries;
         g.add_state(Box::new(KvState::<K, V>::new(name, max)));
+    }
+
+    /// Declares a **global table**: the latest value per key of the source
+    /// `source`, kept in the store `store` and fully replicated to every
+    /// task of the topology, for [`KStream::join_global`] and
+    /// [`KStream::left_join_global`] (Kafka Streams' `globalTable`).
+    ///
+    /// `source` is not a stream input: its records never move stream time,
+    /// are not counted as processed and are skipped by
+    /// [`Task::process_encoded`]; they go to
+    /// [`Task::process_global_encoded`] (the
+    /// [`StreamRunner`](super::StreamRunner) reads them from its global
+    /// source, [`with_global_source`](super::StreamRunner::with_global_source);
+    /// [`TestDriver::pipe`](super::TestDriver::pipe) applies them at once).
+    ///
+    /// The table has **no changelog**: commits do not write it and a
+    /// restore does not read it. It is rebuilt by reading its source again
+    /// from the beginning when a runner starts (or a
+    /// [`TestDriver::restart`](super::TestDriver::restart) replays what was
+    /// piped into it).
+    pub fn global_table<K, V>(&self, source: &str, store: &str) -> GlobalKTable<K, V>
+    where
+        K: Key,
+        V: Data + StateCodec,
+    {
+        self.global_node::<K, V, V, _>(source, store, Some)
+    }
+
+    /// A global table whose source carries `Option<V>`: `Some` sets the
+    /// key's value, `None` (a tombstone) removes the key (see
+    /// [`Topology::global_table`]).
+    pub fn global_table_with_deletes<K, V>(&self, source: &str, store: &str) -> GlobalKTable<K, V>
+    where
+        K: Key,
+        V: Data + StateCodec,
+    {
+        self.global_node::<K, Option<V>, V, _>(source, store, |v| v)
+    }
+
+    fn global_node<K, V, VT, F>(&self, source: &str, store: &str, f: F) -> GlobalKTable<K, VT>
+    where
+        K: Key,
+        V: Data + StateCodec,
+        VT: Data + StateCodec,
+        F: FnMut(V) -> Option<VT> + Send + 'static,
+    {
+        let mut g = self.g.borrow_mut();
+        g.check_input_name(source);
+        let max = g.limits.max_state_entries;
+        let state = g.add_state(Box::new(KvState::<K, VT>::global(store, max)));
+        let id = g.add_node(
+            None,
+            0,
+            Box::new(move |_| {
+                let node = TableWrite {
+                    state,
+                    f,
+                    _t: PhantomData::<fn(VT)>,
+                };
+                Ok(Box::new(Box::new(node) as Box<dyn Node<K, V>>) as BuiltAny)
+            }),
+        );
+        let input_name = source.to_owned();
+        g.global_inputs.push(InputSpec {
+            name: source.to_owned(),
+            node: id,
+            ty: TypeId::of::<(K, V)>(),
+            wrap: Some(Box::new(move |built| {
+                let node = *built
+                    .downcast::<Box<dyn Node<K, V>>>()
+                    .map_err(|_| BuildError::Internal("global source node type"))?;
+                Ok(Box::new(GlobalRoot {
+                    root: Root {
+                        name: input_name,
+                        node,
+                    },
+                    state,
+                    _t: PhantomData::<fn(VT)>,
+                }) as Box<dyn InputAny>)
+            })),
+        });
+        drop(g);
+        GlobalKTable {
+            g: self.g.clone(),
+            state,
+            name: store.to_owned(),
+            source: source.to_owned(),
+            _t: PhantomData,
+        }
     }
 
     /// Builds the task. The topology is consumed: build a new one (call the
@@ -332,6 +435,21 @@ impl Topology {
             input_types.push(spec.ty);
             inputs.push(wrap(node)?);
         }
+        let mut global_inputs = Vec::with_capacity(g.global_inputs.len());
+        let mut global_names = HashMap::new();
+        let mut global_types = Vec::new();
+        for mut spec in g.global_inputs {
+            let node = built[spec.node]
+                .take()
+                .ok_or(BuildError::Internal("global source node missing"))?;
+            let wrap = spec
+                .wrap
+                .take()
+                .ok_or(BuildError::Internal("global source wrapped twice"))?;
+            global_names.insert(spec.name, global_inputs.len());
+            global_types.push(spec.ty);
+            global_inputs.push(wrap(node)?);
+        }
         let mut task = Task {
             ctx: Ctx {
                 stream_time: 0,
@@ -350,6 +468,10 @@ impl Topology {
             inputs,
             input_names,
             input_types,
+            global_inputs,
+            global_names,
+            global_types,
+            global_updates: 0,
             initialized: false,
             closed: false,
         };
@@ -635,6 +757,76 @@ impl<K: Data, V: Data> KStream<K, V> {
             next,
             _t: PhantomData::<fn(VT)>,
         })
+    }
+
+    /// Joins each record with a [`GlobalKTable`]: `key_mapper(key, value)`
+    /// gives the table key to look up (any type: no repartitioning, every
+    /// task holds the whole table), and `joiner(value, table_value)` the
+    /// result, keyed by the record's key, with its timestamp and headers.
+    /// A record whose table key the table lacks is dropped (inner join;
+    /// Kafka Streams' `join(GlobalKTable, KeyValueMapper, ValueJoiner)`).
+    ///
+    /// The record sees the table as it is when the record is processed:
+    /// see [`GlobalKTable`] for what that is while the table catches up.
+    pub fn join_global<GK, GV, VR, M, F>(
+        &self,
+        global: &GlobalKTable<GK, GV>,
+        key_mapper: M,
+        joiner: F,
+    ) -> KStream<K, VR>
+    where
+        GK: Key,
+        GV: Data + StateCodec,
+        VR: Data,
+        M: FnMut(&K, &V) -> GK + Send + 'static,
+        F: FnMut(V, &GV) -> VR + Send + 'static,
+    {
+        self.check_global(global);
+        let state = global.state;
+        self.child(move |next| GlobalJoin {
+            state,
+            key_mapper,
+            joiner,
+            next,
+            _t: PhantomData::<fn(GK, GV)>,
+        })
+    }
+
+    /// Joins each record with a [`GlobalKTable`], or `None` when the table
+    /// lacks the key `key_mapper(key, value)` (left join; see
+    /// [`KStream::join_global`]).
+    pub fn left_join_global<GK, GV, VR, M, F>(
+        &self,
+        global: &GlobalKTable<GK, GV>,
+        key_mapper: M,
+        joiner: F,
+    ) -> KStream<K, VR>
+    where
+        GK: Key,
+        GV: Data + StateCodec,
+        VR: Data,
+        M: FnMut(&K, &V) -> GK + Send + 'static,
+        F: FnMut(V, Option<&GV>) -> VR + Send + 'static,
+    {
+        self.check_global(global);
+        let state = global.state;
+        self.child(move |next| GlobalLeftJoin {
+            state,
+            key_mapper,
+            joiner,
+            next,
+            _t: PhantomData::<fn(GK, GV)>,
+        })
+    }
+
+    fn check_global<GK, GV>(&self, global: &GlobalKTable<GK, GV>) {
+        if !Rc::ptr_eq(&self.g, &global.g) {
+            let name = global.name.clone();
+            self.g
+                .borrow_mut()
+                .errors
+                .push(BuildError::ForeignTable(name));
+        }
     }
 
     fn check_table<VT>(&self, table: &KTable<K, VT>) {
@@ -938,6 +1130,66 @@ impl<K, V> KTable<K, V> {
     /// The name of the table's store.
     pub fn store_name(&self) -> &str {
         &self.name
+    }
+}
+
+/// A **global table** (from [`Topology::global_table`]): the latest value
+/// per key of its own source, replicated whole to every task and joined
+/// from any stream by a key the stream computes
+/// ([`KStream::join_global`], [`KStream::left_join_global`]), so the
+/// stream needs no repartitioning.
+///
+/// # Feeding and restoring
+///
+/// The table has no changelog and is never committed. A
+/// [`StreamRunner`](super::StreamRunner) rebuilds it on start by reading
+/// its global source from position 0 to its head (the *bootstrap*) before
+/// it processes any stream record, then, at each step, reads what the
+/// global source gained since, before the step's stream records. The
+/// global source's position is kept in memory only: it is not part of the
+/// runner's checkpoint, so recovery never waits for it or replays it into
+/// a commit.
+///
+/// # What a join sees
+///
+/// A stream record sees the table as of the global records applied
+/// **before it was processed**, whatever their timestamps: global updates
+/// are not synchronised with stream time (as in Kafka Streams). After the
+/// bootstrap that is at least everything the global source held when the
+/// runner started, and at each step everything it held when the step
+/// began. So a record processed again after a crash (its first effects
+/// were never committed) may join a newer table value than the first
+/// time: joins with a global table are exactly-once in effect but not
+/// deterministic across restarts when the global source changed in
+/// between. In a [`TestDriver`](super::TestDriver) a record piped into
+/// the global source is applied at once, and a restart replays the source
+/// before the next record.
+pub struct GlobalKTable<K, V> {
+    g: Rc<RefCell<Graph>>,
+    state: usize,
+    name: String,
+    source: String,
+    _t: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> std::fmt::Debug for GlobalKTable<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalKTable")
+            .field("store", &self.name)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl<K, V> GlobalKTable<K, V> {
+    /// The name of the table's store.
+    pub fn store_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name of the table's source.
+    pub fn source_name(&self) -> &str {
+        &self.source
     }
 }
 
@@ -1435,6 +1687,81 @@ where
         let value = {
             let table = ctx.state_mut::<KvState<K, VT>>(self.state)?;
             (self.joiner)(rec.value, table.get(&rec.key))
+        };
+        self.next.process(
+            ctx,
+            Record {
+                key: rec.key,
+                value,
+                timestamp_ms: rec.timestamp_ms,
+                headers: rec.headers,
+            },
+        )
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct GlobalJoin<M, F, K, VR, GK, GV> {
+    state: usize,
+    key_mapper: M,
+    joiner: F,
+    next: Fanout<K, VR>,
+    _t: PhantomData<fn(GK, GV)>,
+}
+
+impl<K: Data, V, GK: Key, GV: Data + StateCodec, VR: Data, M, F> Node<K, V>
+    for GlobalJoin<M, F, K, VR, GK, GV>
+where
+    M: FnMut(&K, &V) -> GK + Send,
+    F: FnMut(V, &GV) -> VR + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let gk = (self.key_mapper)(&rec.key, &rec.value);
+        let joined = {
+            let table = ctx.state_mut::<KvState<GK, GV>>(self.state)?;
+            table.get(&gk).map(|tv| (self.joiner)(rec.value, tv))
+        };
+        match joined {
+            Some(value) => self.next.process(
+                ctx,
+                Record {
+                    key: rec.key,
+                    value,
+                    timestamp_ms: rec.timestamp_ms,
+                    headers: rec.headers,
+                },
+            ),
+            None => Ok(()),
+        }
+    }
+    fn advance(&mut self, ctx: &mut Ctx) -> Result<(), StreamError> {
+        self.next.advance(ctx)
+    }
+}
+
+struct GlobalLeftJoin<M, F, K, VR, GK, GV> {
+    state: usize,
+    key_mapper: M,
+    joiner: F,
+    next: Fanout<K, VR>,
+    _t: PhantomData<fn(GK, GV)>,
+}
+
+impl<K: Data, V, GK: Key, GV: Data + StateCodec, VR: Data, M, F> Node<K, V>
+    for GlobalLeftJoin<M, F, K, VR, GK, GV>
+where
+    M: FnMut(&K, &V) -> GK + Send,
+    F: FnMut(V, Option<&GV>) -> VR + Send,
+{
+    #[inline]
+    fn process(&mut self, ctx: &mut Ctx, rec: Record<K, V>) -> Result<(), StreamError> {
+        let gk = (self.key_mapper)(&rec.key, &rec.value);
+        let value = {
+            let table = ctx.state_mut::<KvState<GK, GV>>(self.state)?;
+            (self.joiner)(rec.value, table.get(&gk))
         };
         self.next.process(
             ctx,
