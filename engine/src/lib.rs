@@ -11,7 +11,7 @@
 //!
 //! The [`memory`] module holds an in-memory backend for tests and
 //! simulations; durable backends live in their own crates
-//! (`smartmsg-embedded`, …). With the `testkit` feature, [`testkit`] offers a
+//! (`smartmsg-embedded`, …). With the `testkit` feature, `testkit` offers a
 //! model-based conformance suite any backend can run with one call.
 #![forbid(unsafe_code)]
 

@@ -19,8 +19,8 @@
 //!   with the engine's `EventLogSource`/`EventLogSink` over an
 //!   [`EmbeddedLog`] it gives exactly-once stream processing.
 //!
-//! Features: `fault-injection` makes [`faults`] and
-//! [`EmbeddedLog::open_with_faults`] public (short writes, failed syncs and
+//! Features: `fault-injection` makes `faults` and
+//! `EmbeddedLog::open_with_faults` public (short writes, failed syncs and
 //! power loss for tests).
 #![forbid(unsafe_code)]
 
