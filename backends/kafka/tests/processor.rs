@@ -792,8 +792,8 @@ struct JoinModel {
     inner: Vec<JoinOut>,
     outer: Vec<JoinOut>,
     late: u64,
-    /// `late` and `seen` after each record.
-    marks: Vec<(u64, Vec<Kept>)>,
+    /// Stream time, `late` and `seen` after each record.
+    marks: Vec<(u64, u64, Vec<Kept>)>,
 }
 
 impl JoinModel {
@@ -860,7 +860,7 @@ impl JoinModel {
             }
             self.seen.push(me);
         }
-        self.marks.push((self.late, self.seen.clone()));
+        self.marks.push((self.st, self.late, self.seen.clone()));
     }
 
     /// What a join store keeps after the first `n` records, as
@@ -870,7 +870,7 @@ impl JoinModel {
         let seen = if n == 0 {
             &[][..]
         } else {
-            &self.marks[n - 1].1
+            &self.marks[n - 1].2
         };
         let mut kept: Vec<(bool, u64, u8, usize)> = seen
             .iter()
@@ -908,7 +908,11 @@ fn open_join(
         .block_on(KafkaStreamProcessor::open(join_topology(), cfg.clone()))
         .unwrap();
     let n = p.task().metrics().processed as usize;
-    let late = if n == 0 { 0 } else { model.marks[n - 1].0 };
+    let (st, late) = match n {
+        0 => (0, 0),
+        n => (model.marks[n - 1].0, model.marks[n - 1].1),
+    };
+    assert_eq!(p.task().meta().stream_time_ms, st, "after {n}");
     // Each late record is counted by both joins.
     assert_eq!(p.task().metrics().late_records, 2 * late, "after {n}");
     for store in ["inner-join", "outer-join"] {
@@ -1104,8 +1108,9 @@ struct SessModel {
     /// Late records: key, id, ts, stream time.
     late: Vec<(u8, u8, u64, u64)>,
     merges: usize,
-    /// The open sessions after each record.
-    marks: Vec<Vec<Sess>>,
+    /// Stream time, the number of late records and the open sessions
+    /// after each record.
+    marks: Vec<(u64, usize, Vec<Sess>)>,
 }
 
 impl SessModel {
@@ -1173,18 +1178,17 @@ impl SessModel {
             ));
             self.sessions.push(merged);
         }
-        self.marks.push(
-            self.sessions
-                .iter()
-                .filter(|s| !s.closed)
-                .cloned()
-                .collect(),
-        );
+        let open = self.sessions.iter().filter(|s| !s.closed).cloned();
+        self.marks.push((self.st, self.late.len(), open.collect()));
     }
 
     /// The open sessions after the first `n` records, sorted.
     fn open_after(&self, n: usize) -> Vec<(u8, u64, u64, Vec<u8>)> {
-        let open = if n == 0 { &[][..] } else { &self.marks[n - 1] };
+        let open = if n == 0 {
+            &[][..]
+        } else {
+            &self.marks[n - 1].2
+        };
         let mut v: Vec<_> = open
             .iter()
             .map(|s| (s.key, s.start, s.end + 1, s.ids.clone()))
@@ -1221,6 +1225,17 @@ fn open_sessions(
         .block_on(KafkaStreamProcessor::open(session_topology(), cfg.clone()))
         .unwrap();
     let n = p.task().metrics().processed as usize;
+    let (st, late) = match n {
+        0 => (0, 0),
+        n => (model.marks[n - 1].0, model.marks[n - 1].1),
+    };
+    assert_eq!(p.task().meta().stream_time_ms, st, "after {n}");
+    // Each late record is counted by both aggregations.
+    assert_eq!(
+        p.task().metrics().late_records,
+        2 * late as u64,
+        "after {n}"
+    );
     let want = model.open_after(n);
     let mut ids: Vec<_> = p
         .task()
