@@ -34,12 +34,12 @@
 //! `(user, amount)` (half each, pseudo-random), 10,000 users; a click joins
 //! the user's views from 10 s before it to the click (`JoinWindows::of(0,
 //! 10_000)`, grace 1 s; `view.join_stream(&clicks, ..)`): about 11,000
-//! records kept in the join store, one pair out per four inputs.
+//! records kept in the join store, 0.4 pairs out per input.
 //!
 //! Workload `session`: records `(user, amount)` 1 ms apart, up to 1 s out
 //! of order, 10,000 users; sessions with a 10 s inactivity gap and 1 s
 //! grace, aggregated to `(count, sum)` with a merger, emitted once when
-//! each session closes: about 10,000 open sessions, each record re-keys
+//! each session closes: about 5,000 open sessions, each record re-keys
 //! its session (a delete and a put per commit).
 //!
 //! Each figure is the median of the repeats (min–max shown) after a warm-up;
@@ -105,8 +105,8 @@ impl Workload {
 
     /// Input records per run: `(in memory, on disk)`. Fewer for the join
     /// and the sessions, which are slower per record; their state (11 s of
-    /// records, one session per user) reaches its steady size within the
-    /// first 20,000 records.
+    /// records, at most one open session per user) reaches its steady size
+    /// within the first 20,000 records.
     fn records(self, quick: bool) -> (u64, u64) {
         match (self, quick) {
             (Workload::Fjw, false) => (3_000_000, 1_000_000),
