@@ -1004,7 +1004,7 @@ fn processor_runs_a_stream_stream_join_across_restarts() {
                 restarts += 1;
             }
         }
-        assert_eq!(done, end, "a step took records of the next phase");
+        assert_eq!(done, end, "more records processed than produced");
     }
     assert_eq!(done, total);
     assert!(restarts >= 4, "{restarts} restarts");
