@@ -34,6 +34,14 @@
 //! by input partition yet, so several instances of one group would each
 //! hold part of the input but restore the whole changelog).
 //!
+//! Input order: any topology runs (several input topics, as the two
+//! sides of a stream-stream join; several stores; windows and sessions),
+//! but records of different input topics or partitions are processed in
+//! the order the consumer returns them, not merged by timestamp as Kafka
+//! Streams does: each partition keeps its order, and a result that
+//! depends on how two topics interleave (a record late or not, a pair
+//! joined before one side expires) can differ between runs.
+//!
 //! # Headers
 //!
 //! Records keep their headers both ways, as Kafka record headers (see

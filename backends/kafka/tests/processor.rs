@@ -9,13 +9,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::{
-    InMemoryStore, KeyValueStore, RunnerConfig, StateCodec, StreamRunner, Topology,
+    EmitStrategy, InMemoryStore, JoinWindows, KeyValueStore, LateReason, LateRecord, RunnerConfig,
+    SessionWindows, StateCodec, StreamRunner, Topology, Window, Windowed,
 };
 use smartmsg_kafka::stream::ensure_topics;
 use smartmsg_kafka::{KafkaStreamProcessor, KafkaTopicSink, KafkaTopicSource, ProcessorConfig};
@@ -112,6 +115,29 @@ type ReadBack = (String, Vec<u8>, ReadPairs);
 /// Every record of partition 0 of `topic` (read_committed) with its
 /// headers.
 fn read_with_headers(bootstrap: &str, topic: &str, want: usize) -> Vec<ReadBack> {
+    read_raw(bootstrap, topic, want)
+        .into_iter()
+        .map(|r| {
+            (
+                String::from_utf8_lossy(&r.key).into_owned(),
+                r.value,
+                r.headers,
+            )
+        })
+        .collect()
+}
+
+/// A record read back with its raw key and timestamp.
+struct Raw {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    timestamp_ms: i64,
+    headers: ReadPairs,
+}
+
+/// Every record of partition 0 of `topic` (read_committed), waiting for
+/// `want` of them and then 2 s more for any extra.
+fn read_raw(bootstrap: &str, topic: &str, want: usize) -> Vec<Raw> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("{topic}.reader"))
@@ -139,11 +165,12 @@ fn read_with_headers(bootstrap: &str, topic: &str, want: usize) -> Vec<ReadBack>
                             .collect()
                     })
                     .unwrap_or_default();
-                out.push((
-                    String::from_utf8_lossy(m.key().unwrap_or(&[])).into_owned(),
-                    m.payload().unwrap_or(&[]).to_vec(),
+                out.push(Raw {
+                    key: m.key().unwrap_or(&[]).to_vec(),
+                    value: m.payload().unwrap_or(&[]).to_vec(),
+                    timestamp_ms: m.timestamp().to_millis().unwrap_or(-1),
                     headers,
-                ));
+                });
             }
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             None => {
@@ -615,4 +642,715 @@ fn headers_pass_through_the_kafka_processor() {
         })
         .collect();
     assert_eq!(got, header_want());
+}
+
+// ---------------------------------------------------------------------------
+// Stream-stream joins and session windows on the broker, against reference
+// models written here (brute force over every record seen, from the rules
+// in the engine's docs; the engine's own models live in its tests).
+
+/// Produces `(key, id, ts)` records to partition 0 of `topic`: key and
+/// value (the record's id) encoded as the engine's `u8`, the timestamp
+/// `ts`, and a header `i` holding the id.
+fn produce_ids(bootstrap: &str, topic: &str, records: &[(u8, u8, u64)]) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for &(key, id, ts) in records {
+        let (k, v, i) = (key.to_bytes(), id.to_bytes(), id.to_string());
+        let rec = BaseRecord::<[u8], [u8]>::to(topic)
+            .key(k.as_slice())
+            .payload(v.as_slice())
+            .partition(0)
+            .timestamp(ts as i64)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "i",
+                value: Some(i.as_bytes()),
+            }));
+        p.send(rec).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// The id in the header `i` of a record read back.
+fn header_id(headers: &ReadPairs) -> u8 {
+    let (_, v) = headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "i")
+        .expect("header i");
+    std::str::from_utf8(v.as_deref().unwrap_or(&[]))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// One step that processed records, within 60 s (the group join can take
+/// a few seconds on the first poll).
+fn step_some(p: &mut KafkaStreamProcessor) -> usize {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let n = p.step(Duration::from_secs(2)).unwrap().records;
+        if n > 0 {
+            return n;
+        }
+    }
+    panic!("no input within 60 s");
+}
+
+// --- The join ---------------------------------------------------------------
+
+const JOIN_BEFORE: u64 = 10;
+const JOIN_AFTER: u64 = 5;
+const JOIN_GRACE: u64 = 3;
+
+/// A left and a right stream (key and value `u8`, the value being the
+/// record's id) joined within `JoinWindows::of(10, 5).grace(3)`, inner
+/// (output "inner") and outer (output "outer"): two input topics, two join
+/// stores.
+fn join_topology() -> Topology {
+    let t = Topology::new();
+    let l = t.stream::<u8, u8>("left");
+    let r = t.stream::<u8, u8>("right");
+    let jw = JoinWindows::of(JOIN_BEFORE, JOIN_AFTER).grace(JOIN_GRACE);
+    l.join_stream(&r, jw, "inner-join", |a, b| (Some(*a), Some(*b)))
+        .to("inner");
+    l.outer_join_stream(&r, jw, "outer-join", |a, b| (a.copied(), b.copied()))
+        .to("outer");
+    t
+}
+
+/// A join input: which side, key, timestamp (its id is its place in the
+/// whole input).
+#[derive(Debug, Clone, Copy)]
+struct JoinIn {
+    left: bool,
+    key: u8,
+    ts: u64,
+}
+
+/// The join's input in phases, each phase on one side only (left, right,
+/// left, ...): keys 0–2, timestamps drifting up with jitter of up to 30 ms
+/// back, so records arrive out of order and some late; a last left record
+/// of key 9 far ahead closes every window.
+///
+/// One side per phase, each phase consumed before the next is produced,
+/// because a consumer of two topics interleaves them in no fixed order
+/// (the processor does not pick records by timestamp across topics as
+/// Kafka Streams does), and the join's results depend on the order.
+fn join_phases() -> Vec<Vec<JoinIn>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    let mut base = 1_000u64;
+    let mut phases: Vec<Vec<JoinIn>> = (0..14)
+        .map(|phase| {
+            let n = rng.random_range(2..=6);
+            (0..n)
+                .map(|_| {
+                    base += rng.random_range(0..6);
+                    JoinIn {
+                        left: phase % 2 == 0,
+                        key: rng.random_range(0..3),
+                        ts: base - rng.random_range(0..30),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    phases.push(vec![JoinIn {
+        left: true,
+        key: 9,
+        ts: base + 1_000,
+    }]);
+    phases
+}
+
+/// A join output: key, (left id, right id), timestamp, header id.
+type JoinOut = (u8, (Option<u8>, Option<u8>), u64, u8);
+
+#[derive(Debug, Clone)]
+struct Kept {
+    left: bool,
+    key: u8,
+    id: u8,
+    ts: u64,
+    expired: bool,
+}
+
+/// The reference join: every on-time record kept in a list, scanned by
+/// brute force. A left `l` and a right `r` of one key join when
+/// `l.ts - before <= r.ts <= l.ts + after`; a record is late when stream
+/// time is past its window's far end plus grace; a record expires when
+/// stream time passes `ts + before + after + grace`, and the outer join
+/// then sends it unmatched if nothing joined it (by timestamp, left first,
+/// then arrival) before the record that moved stream time is joined.
+#[derive(Default)]
+struct JoinModel {
+    st: u64,
+    seen: Vec<Kept>,
+    inner: Vec<JoinOut>,
+    outer: Vec<JoinOut>,
+    late: u64,
+    /// Stream time, `late` and `seen` after each record.
+    marks: Vec<(u64, u64, Vec<Kept>)>,
+}
+
+impl JoinModel {
+    fn joins(l: &Kept, r: &Kept) -> bool {
+        l.key == r.key && r.ts + JOIN_BEFORE >= l.ts && r.ts <= l.ts + JOIN_AFTER
+    }
+
+    fn pair(a: &Kept, b: &Kept) -> bool {
+        a.left != b.left
+            && if a.left {
+                Self::joins(a, b)
+            } else {
+                Self::joins(b, a)
+            }
+    }
+
+    fn record(&mut self, r: JoinIn, id: u8) {
+        if r.ts > self.st {
+            self.st = r.ts;
+            let retention = JOIN_BEFORE + JOIN_AFTER + JOIN_GRACE;
+            let mut gone: Vec<usize> = (0..self.seen.len())
+                .filter(|&i| !self.seen[i].expired && self.seen[i].ts + retention < self.st)
+                .collect();
+            gone.sort_by_key(|&i| (self.seen[i].ts, !self.seen[i].left, i));
+            for i in gone {
+                self.seen[i].expired = true;
+                let me = &self.seen[i];
+                if !self.seen.iter().any(|o| Self::pair(me, o)) {
+                    let pair = if me.left {
+                        (Some(me.id), None)
+                    } else {
+                        (None, Some(me.id))
+                    };
+                    self.outer.push((me.key, pair, me.ts, me.id));
+                }
+            }
+        }
+        let reach = if r.left { JOIN_AFTER } else { JOIN_BEFORE };
+        if r.ts + reach + JOIN_GRACE < self.st {
+            self.late += 1;
+        } else {
+            let me = Kept {
+                left: r.left,
+                key: r.key,
+                id,
+                ts: r.ts,
+                expired: false,
+            };
+            let mut partners: Vec<&Kept> = self
+                .seen
+                .iter()
+                .filter(|o| !o.expired && Self::pair(&me, o))
+                .collect();
+            partners.sort_by_key(|o| o.ts); // stable: then arrival
+            for o in partners {
+                let pair = if me.left {
+                    (Some(me.id), Some(o.id))
+                } else {
+                    (Some(o.id), Some(me.id))
+                };
+                let out = (me.key, pair, me.ts.max(o.ts), me.id);
+                self.inner.push(out);
+                self.outer.push(out);
+            }
+            self.seen.push(me);
+        }
+        self.marks.push((self.st, self.late, self.seen.clone()));
+    }
+
+    /// What a join store keeps after the first `n` records, as
+    /// `Task::join_buffer` lists it: `(left, ts, key)`, left side first,
+    /// each side by timestamp then arrival.
+    fn kept_after(&self, n: usize) -> Vec<(bool, u64, u8)> {
+        let seen = if n == 0 {
+            &[][..]
+        } else {
+            &self.marks[n - 1].2
+        };
+        let mut kept: Vec<(bool, u64, u8, usize)> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| !k.expired)
+            .map(|(i, k)| (k.left, k.ts, k.key, i))
+            .collect();
+        kept.sort_by_key(|&(left, ts, _, i)| (!left, ts, i));
+        kept.into_iter().map(|(l, ts, k, _)| (l, ts, k)).collect()
+    }
+}
+
+fn join_outputs(records: &[Raw]) -> Vec<JoinOut> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                u8::decode(&r.key).unwrap(),
+                <(Option<u8>, Option<u8>)>::decode(&r.value).unwrap(),
+                r.timestamp_ms as u64,
+                header_id(&r.headers),
+            )
+        })
+        .collect()
+}
+
+/// Opens the join processor and checks that the state restored from the
+/// changelog is the model's after the records the task says it processed.
+fn open_join(
+    rt: &tokio::runtime::Runtime,
+    cfg: &ProcessorConfig,
+    model: &JoinModel,
+) -> KafkaStreamProcessor {
+    let p = rt
+        .block_on(KafkaStreamProcessor::open(join_topology(), cfg.clone()))
+        .unwrap();
+    let n = p.task().metrics().processed as usize;
+    let (st, late) = match n {
+        0 => (0, 0),
+        n => (model.marks[n - 1].0, model.marks[n - 1].1),
+    };
+    assert_eq!(p.task().meta().stream_time_ms, st, "after {n}");
+    // Each late record is counted by both joins.
+    assert_eq!(p.task().metrics().late_records, 2 * late, "after {n}");
+    for store in ["inner-join", "outer-join"] {
+        assert_eq!(
+            p.task().join_buffer::<u8, u8, u8>(store).unwrap(),
+            model.kept_after(n),
+            "{store} restored after {n} records"
+        );
+    }
+    p
+}
+
+#[test]
+fn processor_runs_a_stream_stream_join_across_restarts() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let app = common::unique_log("procjoin");
+    let (left, right) = (format!("{app}.left"), format!("{app}.right"));
+    let prefix = format!("{app}.out.");
+    let (inner, outer) = (format!("{prefix}inner"), format!("{prefix}outer"));
+    rt.block_on(ensure_topics(
+        &bootstrap,
+        &[(&left, 1), (&right, 1), (&inner, 1), (&outer, 1)],
+    ))
+    .unwrap();
+
+    let phases = join_phases();
+    let mut model = JoinModel::default();
+    let mut id = 0u8;
+    let mut ids: Vec<Vec<(u8, u8, u64)>> = Vec::new();
+    for phase in &phases {
+        ids.push(
+            phase
+                .iter()
+                .map(|r| {
+                    model.record(*r, id);
+                    id += 1;
+                    (r.key, id - 1, r.ts)
+                })
+                .collect(),
+        );
+    }
+    // The input covers what the test is about.
+    let unmatched = |left: bool| {
+        model
+            .outer
+            .iter()
+            .filter(|o| {
+                if left {
+                    o.1 .1.is_none()
+                } else {
+                    o.1 .0.is_none()
+                }
+            })
+            .count()
+    };
+    assert!(model.late >= 3, "late records: {}", model.late);
+    assert!(model.inner.len() >= 5, "pairs: {:?}", model.inner);
+    assert!(
+        unmatched(true) >= 2 && unmatched(false) >= 2,
+        "{:?}",
+        model.outer
+    );
+    let total: usize = phases.iter().map(Vec::len).sum();
+
+    // At most 4 records per step (per transaction); a new processor every
+    // third step, so restarts fall between phases and inside them.
+    let cfg = ProcessorConfig::new(&bootstrap, &app)
+        .with_input(&left, "left")
+        .with_input(&right, "right")
+        .with_output_prefix(&prefix)
+        .with_batch(4);
+    let mut p = open_join(&rt, &cfg, &model);
+    assert_eq!(p.restored().records, 0);
+    let (mut steps, mut restarts, mut done) = (0, 0, 0);
+    for (phase, records) in phases.iter().zip(&ids) {
+        let topic = if phase[0].left { &left } else { &right };
+        produce_ids(&bootstrap, topic, records);
+        let end = done + records.len();
+        while done < end {
+            done += step_some(&mut p);
+            steps += 1;
+            if steps % 3 == 0 {
+                drop(p);
+                p = open_join(&rt, &cfg, &model);
+                assert_eq!(p.task().metrics().processed as usize, done);
+                restarts += 1;
+            }
+        }
+        assert_eq!(done, end, "more records processed than produced");
+    }
+    assert_eq!(done, total);
+    assert!(restarts >= 4, "{restarts} restarts");
+    assert_eq!(p.run_until_idle(Duration::from_secs(3)).unwrap().records, 0);
+    drop(p);
+    // Everything restored once more: only the far record is still kept.
+    let p = open_join(&rt, &cfg, &model);
+    assert_eq!(p.task().metrics().processed as usize, total);
+    drop(p);
+
+    // Each output once, in the model's order, with the model's timestamps
+    // and headers (a pair: the record that completed it; unmatched: its
+    // own).
+    let got_inner = join_outputs(&read_raw(&bootstrap, &inner, model.inner.len()));
+    assert_eq!(got_inner, model.inner);
+    let got_outer = join_outputs(&read_raw(&bootstrap, &outer, model.outer.len()));
+    assert_eq!(got_outer, model.outer);
+}
+
+// --- Session windows --------------------------------------------------------
+
+const GAP: u64 = 10;
+const SESSION_GRACE: u64 = 5;
+
+/// Sessions of the input "clicks" (key `u8`, value the record's id) with
+/// an inactivity gap of 10 and grace 5, aggregated twice: the sorted ids
+/// of each session with a merger, on every update (with retractions) to
+/// "sessions", late records to "late"; and a count once each session
+/// closes to "closed". Two session stores.
+fn session_topology() -> Topology {
+    let t = Topology::new();
+    let grouped = t.stream::<u8, u8>("clicks").group_by_key();
+    let windows = SessionWindows::with_inactivity_gap(GAP)
+        .unwrap()
+        .grace(SESSION_GRACE);
+    grouped
+        .windowed_by_session(windows)
+        .late_records_to("late")
+        .aggregate(
+            "sessions",
+            Vec::<u8>::new,
+            |_, id, ids| {
+                let at = ids.partition_point(|&x| x < id);
+                ids.insert(at, id);
+            },
+            |_, into, other| {
+                into.extend(other);
+                into.sort_unstable();
+            },
+        )
+        .to("sessions");
+    grouped
+        .windowed_by_session(windows)
+        .emit(EmitStrategy::OnWindowClose)
+        .count("closed")
+        .to("closed");
+    t
+}
+
+/// The session test's input in order, `(key, ts)`: keys 0–2, timestamps
+/// drifting up with jitter of up to 50 ms back (out of order, some late,
+/// some bridging two sessions), then a record of key 9 far ahead that
+/// closes every session.
+fn session_input() -> Vec<(u8, u64)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut base = 1_000u64;
+    let mut v: Vec<(u8, u64)> = (0..120)
+        .map(|_| {
+            base += rng.random_range(0..10);
+            (rng.random_range(0..3), base - rng.random_range(0..50))
+        })
+        .collect();
+    v.push((9, base + 1_000));
+    v
+}
+
+/// A session output: key, window start, window end (exclusive), value,
+/// timestamp.
+type SessOut<A> = (u8, u64, u64, Option<A>, u64);
+
+#[derive(Debug, Clone)]
+struct Sess {
+    key: u8,
+    start: u64,
+    end: u64,
+    ids: Vec<u8>,
+    closed: bool,
+}
+
+/// The reference sessions: every session ever formed, scanned by brute
+/// force. A record at `ts` joins every open session of its key with
+/// `start - gap <= ts <= end + gap` (merging them); a session closes when
+/// stream time reaches `end + 1 + gap + grace`; a record joining none
+/// whose own session would be closed already is late.
+#[derive(Default)]
+struct SessModel {
+    st: u64,
+    sessions: Vec<Sess>,
+    updates: Vec<SessOut<Vec<u8>>>,
+    closed: Vec<SessOut<u64>>,
+    /// Late records: key, id, ts, stream time.
+    late: Vec<(u8, u8, u64, u64)>,
+    merges: usize,
+    /// Stream time, the number of late records and the open sessions
+    /// after each record.
+    marks: Vec<(u64, usize, Vec<Sess>)>,
+}
+
+impl SessModel {
+    fn closes(end: u64) -> u64 {
+        end + 1 + GAP + SESSION_GRACE
+    }
+
+    fn record(&mut self, key: u8, id: u8, ts: u64) {
+        if ts > self.st {
+            self.st = ts;
+            let mut newly: Vec<Sess> = Vec::new();
+            for s in &mut self.sessions {
+                if !s.closed && Self::closes(s.end) <= self.st {
+                    s.closed = true;
+                    newly.push(s.clone());
+                }
+            }
+            newly.sort_by_key(|s| (s.end, s.start, s.key));
+            for s in newly {
+                let n = s.ids.len() as u64;
+                self.closed
+                    .push((s.key, s.start, s.end + 1, Some(n), s.end));
+            }
+        }
+        let touching: Vec<usize> = (0..self.sessions.len())
+            .filter(|&i| {
+                let s = &self.sessions[i];
+                !s.closed && s.key == key && s.start <= ts + GAP && ts <= s.end + GAP
+            })
+            .collect();
+        if touching.is_empty() && Self::closes(ts) <= self.st {
+            self.late.push((key, id, ts, self.st));
+        } else {
+            let mut merged = Sess {
+                key,
+                start: ts,
+                end: ts,
+                ids: vec![id],
+                closed: false,
+            };
+            let mut replaced: Vec<Sess> = Vec::new();
+            for &i in touching.iter().rev() {
+                let s = self.sessions.remove(i);
+                merged.start = merged.start.min(s.start);
+                merged.end = merged.end.max(s.end);
+                merged.ids.extend(&s.ids);
+                replaced.push(s);
+            }
+            if replaced.len() > 1 {
+                self.merges += 1;
+            }
+            merged.ids.sort_unstable();
+            replaced.sort_by_key(|s| s.start);
+            for s in replaced {
+                if (s.start, s.end) != (merged.start, merged.end) {
+                    self.updates.push((key, s.start, s.end + 1, None, s.end));
+                }
+            }
+            self.updates.push((
+                key,
+                merged.start,
+                merged.end + 1,
+                Some(merged.ids.clone()),
+                merged.end,
+            ));
+            self.sessions.push(merged);
+        }
+        let open = self.sessions.iter().filter(|s| !s.closed).cloned();
+        self.marks.push((self.st, self.late.len(), open.collect()));
+    }
+
+    /// The open sessions after the first `n` records, sorted.
+    fn open_after(&self, n: usize) -> Vec<(u8, u64, u64, Vec<u8>)> {
+        let open = if n == 0 {
+            &[][..]
+        } else {
+            &self.marks[n - 1].2
+        };
+        let mut v: Vec<_> = open
+            .iter()
+            .map(|s| (s.key, s.start, s.end + 1, s.ids.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn session_outputs<A: StateCodec>(records: &[Raw]) -> Vec<SessOut<A>> {
+    records
+        .iter()
+        .map(|r| {
+            let w = Windowed::<u8>::decode(&r.key).unwrap();
+            (
+                w.key,
+                w.window.start_ms,
+                w.window.end_ms,
+                Option::<A>::decode(&r.value).unwrap(),
+                r.timestamp_ms as u64,
+            )
+        })
+        .collect()
+}
+
+/// Opens the session processor and checks that both session stores hold
+/// the model's open sessions after the records the task processed.
+fn open_sessions(
+    rt: &tokio::runtime::Runtime,
+    cfg: &ProcessorConfig,
+    model: &SessModel,
+) -> KafkaStreamProcessor {
+    let p = rt
+        .block_on(KafkaStreamProcessor::open(session_topology(), cfg.clone()))
+        .unwrap();
+    let n = p.task().metrics().processed as usize;
+    let (st, late) = match n {
+        0 => (0, 0),
+        n => (model.marks[n - 1].0, model.marks[n - 1].1),
+    };
+    assert_eq!(p.task().meta().stream_time_ms, st, "after {n}");
+    // Each late record is counted by both aggregations.
+    assert_eq!(
+        p.task().metrics().late_records,
+        2 * late as u64,
+        "after {n}"
+    );
+    let want = model.open_after(n);
+    let mut ids: Vec<_> = p
+        .task()
+        .session_entries::<u8, Vec<u8>>("sessions")
+        .unwrap()
+        .into_iter()
+        .map(|(w, ids)| (w.key, w.window.start_ms, w.window.end_ms, ids))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, want, "sessions restored after {n} records");
+    let mut counts: Vec<_> = p
+        .task()
+        .session_entries::<u8, u64>("closed")
+        .unwrap()
+        .into_iter()
+        .map(|(w, c)| (w.key, w.window.start_ms, w.window.end_ms, c))
+        .collect();
+    counts.sort();
+    let want: Vec<_> = want
+        .into_iter()
+        .map(|(k, s, e, ids)| (k, s, e, ids.len() as u64))
+        .collect();
+    assert_eq!(counts, want, "counts restored after {n} records");
+    p
+}
+
+#[test]
+fn processor_runs_session_windows_across_restarts() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let Topics {
+        app,
+        input,
+        prefix,
+        output,
+    } = topics(&rt, &bootstrap, "procsess", "sessions");
+    let (closed, late) = (format!("{prefix}closed"), format!("{prefix}late"));
+    rt.block_on(ensure_topics(&bootstrap, &[(&closed, 1), (&late, 1)]))
+        .unwrap();
+
+    let input_records = session_input();
+    let mut model = SessModel::default();
+    let records: Vec<(u8, u8, u64)> = input_records
+        .iter()
+        .enumerate()
+        .map(|(i, &(key, ts))| {
+            model.record(key, i as u8, ts);
+            (key, i as u8, ts)
+        })
+        .collect();
+    assert!(model.late.len() >= 3, "late: {:?}", model.late);
+    assert!(model.merges >= 2, "merges: {}", model.merges);
+    assert!(model.closed.len() >= 10, "closed: {:?}", model.closed);
+    assert!(
+        model.updates.iter().filter(|u| u.3.is_none()).count() >= 10,
+        "retractions"
+    );
+    produce_ids(&bootstrap, &input, &records);
+
+    // At most 7 records per step; a new processor after every second step.
+    let cfg = ProcessorConfig::new(&bootstrap, &app)
+        .with_input(&input, "clicks")
+        .with_output_prefix(&prefix)
+        .with_batch(7);
+    let mut p = open_sessions(&rt, &cfg, &model);
+    let (mut steps, mut done) = (0, 0);
+    while done < records.len() {
+        done += step_some(&mut p);
+        steps += 1;
+        if steps % 2 == 0 {
+            drop(p);
+            p = open_sessions(&rt, &cfg, &model);
+            assert_eq!(p.task().metrics().processed as usize, done);
+        }
+    }
+    assert_eq!(done, records.len());
+    assert_eq!(p.run_until_idle(Duration::from_secs(3)).unwrap().records, 0);
+    // Each late record counted by both aggregations.
+    assert_eq!(p.task().metrics().late_records, 2 * model.late.len() as u64);
+    drop(p);
+
+    let got = session_outputs::<Vec<u8>>(&read_raw(&bootstrap, &output, model.updates.len()));
+    assert_eq!(got, model.updates);
+    let got = session_outputs::<u64>(&read_raw(&bootstrap, &closed, model.closed.len()));
+    assert_eq!(got, model.closed);
+    let got: Vec<(u8, u8, u64, u64)> = read_raw(&bootstrap, &late, model.late.len())
+        .iter()
+        .map(|r| {
+            let rec = LateRecord::<u8>::decode(&r.value).unwrap();
+            let LateReason::WindowClosed {
+                window,
+                closed_at_ms,
+                stream_time_ms,
+            } = rec.reason
+            else {
+                panic!("{:?}", rec.reason)
+            };
+            let ts = r.timestamp_ms as u64;
+            assert_eq!(
+                window,
+                Window {
+                    start_ms: ts,
+                    end_ms: ts + 1
+                }
+            );
+            assert_eq!(closed_at_ms, SessModel::closes(ts));
+            assert_eq!(
+                header_id(&r.headers),
+                rec.value,
+                "late records keep headers"
+            );
+            (u8::decode(&r.key).unwrap(), rec.value, ts, stream_time_ms)
+        })
+        .collect();
+    assert_eq!(got, model.late);
 }
