@@ -158,8 +158,8 @@ fn fill_moments(
     // cols[j * BLOCK + u]: feature j of the block's candidate u (lanes past
     // the last candidate keep stale values; their results are not read).
     let mut cols = vec![0f32; dim * BLOCK];
-    let mut v = [0f32; BLOCK];
-    let mut mu_acc = [0f32; BLOCK];
+    // The block's means and standard deviations under one model.
+    let (mut mu_acc, mut v) = ([0f32; BLOCK], [0f32; BLOCK]);
     // Every weight is splatted over the lanes once, not once per use.
     let means: Vec<Vec<f32x8>> = means
         .iter()
@@ -196,20 +196,19 @@ fn fill_moments(
             }
         }
         for (k, ((mu, tiles), rest)) in means.iter().zip(&tiles).zip(&rests).enumerate() {
-            // The mean: mu₀ + Σ_j mu_{j+1} x_j.
+            // The last row of `L⁻¹`, when not in a tile, has every feature
+            // like the mean: the two sums run side by side (two chains of
+            // additions, each in its own order).
+            let (rest, last) = match rest.split_last() {
+                Some((last, rest)) if last.len() == n1 => (rest, Some(last)),
+                _ => (&rest[..], None),
+            };
             for g in (0..BLOCK).step_by(LANES) {
-                let mut acc = mu[0];
-                for (&w, col) in mu[1..].iter().zip(cols.chunks_exact(BLOCK)) {
-                    acc += w * lane(col, g);
-                }
-                mu_acc[g..g + LANES].copy_from_slice(&acc.to_array());
-            }
-            // The variance: Σ_i (row_i · x̃)², row_i of L⁻¹ (lower
-            // triangular, x̃ = (1, x)), rows in tiles of ROWS.
-            v.fill(0.0);
-            for (q, tile) in tiles.iter().enumerate() {
-                let i0 = q * ROWS;
-                for g in (0..BLOCK).step_by(LANES) {
+                // The variance: Σ_i (row_i · x̃)², row_i of L⁻¹ (lower
+                // triangular, x̃ = (1, x)), rows in tiles of ROWS.
+                let mut var = f32x8::ZERO;
+                for (q, tile) in tiles.iter().enumerate() {
+                    let i0 = q * ROWS;
                     let mut t: [f32x8; ROWS] = tile.head;
                     // The columns every row of the tile has.
                     for (w, col) in tile.body.chunks_exact(ROWS).zip(cols.chunks_exact(BLOCK)) {
@@ -218,34 +217,49 @@ fn fill_moments(
                             *tr += wr * x;
                         }
                     }
-                    // Row i0 + r has r more.
-                    let mut tail = tile.tail.iter();
-                    for (r, tr) in t.iter_mut().enumerate().skip(1) {
-                        for col in cols.chunks_exact(BLOCK).skip(i0).take(r) {
-                            let w = tail.next().copied().unwrap_or(f32x8::ZERO);
-                            *tr += w * lane(col, g);
+                    // Row i0 + r has r more, features i0..i0 + r in turn.
+                    for j in 0..ROWS - 1 {
+                        let x = lane(&cols[(i0 + j) * BLOCK..], g);
+                        for (r, tr) in t.iter_mut().enumerate().skip(j + 1) {
+                            *tr += tile.tail[r * (r - 1) / 2 + j] * x;
                         }
                     }
-                    let mut var = lane(&v, g);
                     for tr in t {
                         var += tr * tr;
                     }
-                    v[g..g + LANES].copy_from_slice(&var.to_array());
                 }
-            }
-            for row in rest {
-                for g in (0..BLOCK).step_by(LANES) {
+                for row in rest {
                     let mut t = row[0];
                     for (&w, col) in row[1..].iter().zip(cols.chunks_exact(BLOCK)) {
                         t += w * lane(col, g);
                     }
-                    let var = lane(&v, g) + t * t;
-                    v[g..g + LANES].copy_from_slice(&var.to_array());
+                    var += t * t;
                 }
+                // The mean, mu₀ + Σ_j mu_{j+1} x_j, and the last row.
+                let mut acc = mu[0];
+                if let Some(row) = last {
+                    let mut t = row[0];
+                    for ((&w, &wm), col) in
+                        row[1..].iter().zip(&mu[1..]).zip(cols.chunks_exact(BLOCK))
+                    {
+                        let x = lane(col, g);
+                        acc += wm * x;
+                        t += w * x;
+                    }
+                    var += t * t;
+                } else {
+                    for (&w, col) in mu[1..].iter().zip(cols.chunks_exact(BLOCK)) {
+                        acc += w * lane(col, g);
+                    }
+                }
+                mu_acc[g..g + LANES].copy_from_slice(&acc.to_array());
+                // Square roots are rounded exactly, in vectors as one by
+                // one.
+                v[g..g + LANES].copy_from_slice(&var.sqrt().to_array());
             }
             for u in 0..len {
                 mean[(start + u) * m + k] = mu_acc[u];
-                sd[(start + u) * m + k] = v[u].sqrt();
+                sd[(start + u) * m + k] = v[u];
             }
         }
     }
@@ -266,8 +280,9 @@ struct Tile {
     head: [f32x8; ROWS],
     /// `body[j * ROWS + r]`: row `i0 + r`'s weight of feature `j < i0`.
     body: Vec<f32x8>,
-    /// Row `i0 + r`'s weights of features `i0..i0 + r`, rows in order.
-    tail: Vec<f32x8>,
+    /// Row `i0 + r`'s weights of features `i0..i0 + r`, rows in order
+    /// (row `r`'s `j`-th at `r (r − 1) / 2 + j`).
+    tail: [f32x8; ROWS * (ROWS - 1) / 2],
 }
 
 impl Tile {
@@ -280,10 +295,14 @@ impl Tile {
                 .flat_map(|j| (0..ROWS).map(move |r| (r, j)))
                 .map(|(r, j)| at(r, j + 1))
                 .collect(),
-            tail: (1..ROWS)
-                .flat_map(|r| (i0..i0 + r).map(move |j| (r, j)))
-                .map(|(r, j)| at(r, j + 1))
-                .collect(),
+            tail: std::array::from_fn(|e| {
+                // e = r (r − 1) / 2 + j with j < r.
+                let r = (1..ROWS)
+                    .take_while(|&r| r * (r - 1) / 2 <= e)
+                    .last()
+                    .unwrap_or(1);
+                at(r, i0 + e - r * (r - 1) / 2 + 1)
+            }),
         }
     }
 }
@@ -455,33 +474,57 @@ impl Scorer {
     /// through `rng`, and no word more, so `rng` is left where it would be.
     pub fn perturb(&mut self, mo: &Moments, bonus: f32, noise: f32, rng: &mut dyn RngCore) {
         let m = mo.models;
+        if m == 0 {
+            return;
+        }
         let draws = if noise > 0.0 { mo.mean.len() } else { 0 };
-        let mut words = Words::new(rng, draws);
+        let mut words = Words::new(rng, 0);
+        // A group of candidates' normals are drawn first, in their order,
+        // then the group is scored (no call in the scoring loop).
+        let group = (NORMALS / m).max(1);
+        let mut normals = vec![0f32; group * m];
+        let mut drawn = 0;
         for (((mean, sd), best), arg) in mo
             .mean
-            .chunks_exact(m)
-            .zip(mo.sd.chunks_exact(m))
-            .zip(self.best.iter_mut())
-            .zip(self.arg.iter_mut())
+            .chunks(group * m)
+            .zip(mo.sd.chunks(group * m))
+            .zip(self.best.chunks_mut(group))
+            .zip(self.arg.chunks_mut(group))
         {
-            let mut b = f32::NEG_INFINITY;
-            let mut a = 0u16;
-            for (c, (&mu, &s)) in mean.iter().zip(sd).enumerate() {
-                let z = if noise > 0.0 {
-                    let e: f32 = StandardNormal.sample(&mut words);
-                    words.sampled();
-                    bonus + noise * e
-                } else {
-                    bonus
-                };
-                let v = mu + s * z;
-                if v > b {
-                    b = v;
-                    a = c as u16;
+            let normals = &mut normals[..mean.len()];
+            if noise > 0.0 {
+                drawn += normals.len();
+                // Every draw of the group and after it reads a word at
+                // least.
+                words.left = draws - drawn + 1;
+                for e in normals.iter_mut() {
+                    *e = StandardNormal.sample(&mut words);
                 }
             }
-            *best = b;
-            *arg = a;
+            for ((((mean, sd), e), best), arg) in mean
+                .chunks_exact(m)
+                .zip(sd.chunks_exact(m))
+                .zip(normals.chunks_exact(m))
+                .zip(best.iter_mut())
+                .zip(arg.iter_mut())
+            {
+                let mut b = f32::NEG_INFINITY;
+                let mut a = 0u16;
+                for (c, ((&mu, &s), &e)) in mean.iter().zip(sd).zip(e).enumerate() {
+                    let z = if noise > 0.0 {
+                        bonus + noise * e
+                    } else {
+                        bonus
+                    };
+                    let v = mu + s * z;
+                    if v > b {
+                        b = v;
+                        a = c as u16;
+                    }
+                }
+                *best = b;
+                *arg = a;
+            }
         }
     }
 
@@ -550,6 +593,9 @@ impl Scorer {
     }
 }
 
+/// Normals [`Scorer::perturb`] draws at a time.
+const NORMALS: usize = 256;
+
 /// Bytes [`Words`] fetches at once.
 const WORDS_BYTES: usize = 8 * 128;
 
@@ -567,12 +613,13 @@ struct Words<'a> {
     at: usize,
     /// The bytes fetched into `buf`.
     len: usize,
-    /// The draws still to make, the one under way included.
+    /// A lower bound of the draws still to make, the one under way
+    /// included (set by the caller).
     left: usize,
 }
 
 impl<'a> Words<'a> {
-    /// Words for `draws` draws from `rng`.
+    /// Words for draws from `rng`, `draws` of them at least.
     fn new(rng: &'a mut dyn RngCore, draws: usize) -> Self {
         Self {
             rng,
@@ -581,12 +628,6 @@ impl<'a> Words<'a> {
             len: 0,
             left: draws,
         }
-    }
-
-    /// One draw made.
-    #[inline(always)]
-    fn sampled(&mut self) {
-        self.left = self.left.saturating_sub(1);
     }
 
     /// The next bytes of the stream into `dest`.
