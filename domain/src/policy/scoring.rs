@@ -235,27 +235,39 @@ fn fill_moments(
                     }
                     var += t * t;
                 }
-                // The mean, mu₀ + Σ_j mu_{j+1} x_j, and the last row.
-                let mut acc = mu[0];
+                v[g..g + LANES].copy_from_slice(&var.to_array());
+            }
+            // The mean, mu₀ + Σ_j mu_{j+1} x_j, and the last row, for two
+            // lane groups at a time (four chains of additions).
+            for g in (0..BLOCK).step_by(2 * LANES) {
+                let h = g + LANES;
+                let (mut acc, mut acc2) = (mu[0], mu[0]);
+                let (mut var, mut var2) = (lane(&v, g), lane(&v, h));
                 if let Some(row) = last {
-                    let mut t = row[0];
+                    let (mut t, mut t2) = (row[0], row[0]);
                     for ((&w, &wm), col) in
                         row[1..].iter().zip(&mu[1..]).zip(cols.chunks_exact(BLOCK))
                     {
-                        let x = lane(col, g);
+                        let (x, x2) = (lane(col, g), lane(col, h));
                         acc += wm * x;
                         t += w * x;
+                        acc2 += wm * x2;
+                        t2 += w * x2;
                     }
                     var += t * t;
+                    var2 += t2 * t2;
                 } else {
                     for (&w, col) in mu[1..].iter().zip(cols.chunks_exact(BLOCK)) {
                         acc += w * lane(col, g);
+                        acc2 += w * lane(col, h);
                     }
                 }
-                mu_acc[g..g + LANES].copy_from_slice(&acc.to_array());
+                mu_acc[g..h].copy_from_slice(&acc.to_array());
+                mu_acc[h..h + LANES].copy_from_slice(&acc2.to_array());
                 // Square roots are rounded exactly, in vectors as one by
                 // one.
-                v[g..g + LANES].copy_from_slice(&var.sqrt().to_array());
+                v[g..h].copy_from_slice(&var.sqrt().to_array());
+                v[h..h + LANES].copy_from_slice(&var2.sqrt().to_array());
             }
             for u in 0..len {
                 mean[(start + u) * m + k] = mu_acc[u];
