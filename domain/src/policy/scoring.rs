@@ -482,8 +482,10 @@ impl Scorer {
     /// `noise` is 0).
     ///
     /// The normals are drawn from `rng`'s words fetched in bulk
-    /// ([`Words`]): the same words, in the same order, as drawing each
-    /// through `rng`, and no word more, so `rng` is left where it would be.
+    /// ([`Words`]): for a generator whose `fill_bytes` gives the bytes of
+    /// the words `next_u64` would (`rand`'s do, ChaCha's included), the
+    /// same words in the same order as drawing each through `rng`, and no
+    /// word more, so `rng` is left where it would be.
     pub fn perturb(&mut self, mo: &Moments, bonus: f32, noise: f32, rng: &mut dyn RngCore) {
         let m = mo.models;
         if m == 0 {
