@@ -4,7 +4,7 @@
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use super::scoring::{optimistic_hits, Moments, Optimism, Scorer};
+use super::scoring::{plan_optimistic, Moments, Scorer};
 use super::{check_creatives, check_outcome_creatives, PlanContext, Policy, PolicyError};
 use crate::data::{Candidates, Decisions, OutcomeRow, Outcomes};
 use crate::model::{GaussianWeights, Link, PooledWeights, Prior};
@@ -383,48 +383,25 @@ fn plan_top_k(
     if k == 0 {
         return out;
     }
-    let mut scorer = Scorer::new(models.len(), candidates.dim(), n);
-    let moments = match config.scoring {
-        Scoring::SharedDraw => None,
-        Scoring::Optimistic { .. } => Some(Moments::new(models, candidates)),
-    };
-    let penalty: Vec<f32> = match &moments {
-        Some(mo) if defer > 0.0 => mo.ambiguity().into_iter().map(|a| defer * a).collect(),
-        _ => Vec::new(),
-    };
-    let fill = |scorer: &mut Scorer, rng: &mut dyn RngCore| match (config.scoring, &moments) {
-        (Scoring::Optimistic { bonus, noise }, Some(mo)) => {
-            scorer.perturb(mo, bonus as f32, noise as f32, rng);
-            for (b, p) in scorer.best.iter_mut().zip(&penalty) {
-                *b -= p;
-            }
-        }
-        _ => {
-            scorer.draw(models, rng);
-            scorer.score(candidates);
-        }
-    };
-    fill(&mut scorer, rng);
-    let rows = scorer.top_k(k);
-    let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
-    let hits = match (config.scoring, &moments) {
-        (Scoring::Optimistic { bonus, noise }, Some(mo)) => {
-            drop(scorer);
-            optimistic_hits(
-                mo,
-                Optimism {
-                    bonus: bonus as f32,
-                    noise: noise as f32,
-                    penalty: &penalty,
-                },
-                k,
-                &rows,
-                &chosen,
-                draws,
-                rng,
-            )
-        }
-        _ => {
+    let (rows, chosen, hits) = match config.scoring {
+        Scoring::Optimistic { bonus, noise } => plan_optimistic(
+            &Moments::new(models, candidates),
+            bonus as f32,
+            noise as f32,
+            defer,
+            k,
+            draws,
+            rng,
+        ),
+        Scoring::SharedDraw => {
+            let mut scorer = Scorer::new(models.len(), candidates.dim(), n);
+            let fill = |scorer: &mut Scorer, rng: &mut dyn RngCore| {
+                scorer.draw(models, rng);
+                scorer.score(candidates);
+            };
+            fill(&mut scorer, rng);
+            let rows = scorer.top_k(k);
+            let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
             let mut hits = vec![1u32; k];
             for _ in 1..draws {
                 fill(&mut scorer, rng);
@@ -435,7 +412,7 @@ fn plan_top_k(
                     }
                 }
             }
-            hits
+            (rows, chosen, hits)
         }
     };
     let d = f64::from(draws);

@@ -158,8 +158,8 @@ fn fill_moments(
     // cols[j * BLOCK + u]: feature j of the block's candidate u (lanes past
     // the last candidate keep stale values; their results are not read).
     let mut cols = vec![0f32; dim * BLOCK];
-    let mut v = [0f32; BLOCK];
-    let mut mu_acc = [0f32; BLOCK];
+    // The block's means and standard deviations under one model.
+    let (mut mu_acc, mut v) = ([0f32; BLOCK], [0f32; BLOCK]);
     // Every weight is splatted over the lanes once, not once per use.
     let means: Vec<Vec<f32x8>> = means
         .iter()
@@ -196,20 +196,19 @@ fn fill_moments(
             }
         }
         for (k, ((mu, tiles), rest)) in means.iter().zip(&tiles).zip(&rests).enumerate() {
-            // The mean: mu₀ + Σ_j mu_{j+1} x_j.
+            // The last row of `L⁻¹`, when not in a tile, has every feature
+            // like the mean: the two sums run side by side (two chains of
+            // additions, each in its own order).
+            let (rest, last) = match rest.split_last() {
+                Some((last, rest)) if last.len() == n1 => (rest, Some(last)),
+                _ => (&rest[..], None),
+            };
             for g in (0..BLOCK).step_by(LANES) {
-                let mut acc = mu[0];
-                for (&w, col) in mu[1..].iter().zip(cols.chunks_exact(BLOCK)) {
-                    acc += w * lane(col, g);
-                }
-                mu_acc[g..g + LANES].copy_from_slice(&acc.to_array());
-            }
-            // The variance: Σ_i (row_i · x̃)², row_i of L⁻¹ (lower
-            // triangular, x̃ = (1, x)), rows in tiles of ROWS.
-            v.fill(0.0);
-            for (q, tile) in tiles.iter().enumerate() {
-                let i0 = q * ROWS;
-                for g in (0..BLOCK).step_by(LANES) {
+                // The variance: Σ_i (row_i · x̃)², row_i of L⁻¹ (lower
+                // triangular, x̃ = (1, x)), rows in tiles of ROWS.
+                let mut var = f32x8::ZERO;
+                for (q, tile) in tiles.iter().enumerate() {
+                    let i0 = q * ROWS;
                     let mut t: [f32x8; ROWS] = tile.head;
                     // The columns every row of the tile has.
                     for (w, col) in tile.body.chunks_exact(ROWS).zip(cols.chunks_exact(BLOCK)) {
@@ -218,34 +217,61 @@ fn fill_moments(
                             *tr += wr * x;
                         }
                     }
-                    // Row i0 + r has r more.
-                    let mut tail = tile.tail.iter();
-                    for (r, tr) in t.iter_mut().enumerate().skip(1) {
-                        for col in cols.chunks_exact(BLOCK).skip(i0).take(r) {
-                            let w = tail.next().copied().unwrap_or(f32x8::ZERO);
-                            *tr += w * lane(col, g);
+                    // Row i0 + r has r more, features i0..i0 + r in turn.
+                    for j in 0..ROWS - 1 {
+                        let x = lane(&cols[(i0 + j) * BLOCK..], g);
+                        for (r, tr) in t.iter_mut().enumerate().skip(j + 1) {
+                            *tr += tile.tail[r * (r - 1) / 2 + j] * x;
                         }
                     }
-                    let mut var = lane(&v, g);
                     for tr in t {
                         var += tr * tr;
                     }
-                    v[g..g + LANES].copy_from_slice(&var.to_array());
                 }
-            }
-            for row in rest {
-                for g in (0..BLOCK).step_by(LANES) {
+                for row in rest {
                     let mut t = row[0];
                     for (&w, col) in row[1..].iter().zip(cols.chunks_exact(BLOCK)) {
                         t += w * lane(col, g);
                     }
-                    let var = lane(&v, g) + t * t;
-                    v[g..g + LANES].copy_from_slice(&var.to_array());
+                    var += t * t;
                 }
+                v[g..g + LANES].copy_from_slice(&var.to_array());
+            }
+            // The mean, mu₀ + Σ_j mu_{j+1} x_j, and the last row, for two
+            // lane groups at a time (four chains of additions).
+            for g in (0..BLOCK).step_by(2 * LANES) {
+                let h = g + LANES;
+                let (mut acc, mut acc2) = (mu[0], mu[0]);
+                let (mut var, mut var2) = (lane(&v, g), lane(&v, h));
+                if let Some(row) = last {
+                    let (mut t, mut t2) = (row[0], row[0]);
+                    for ((&w, &wm), col) in
+                        row[1..].iter().zip(&mu[1..]).zip(cols.chunks_exact(BLOCK))
+                    {
+                        let (x, x2) = (lane(col, g), lane(col, h));
+                        acc += wm * x;
+                        t += w * x;
+                        acc2 += wm * x2;
+                        t2 += w * x2;
+                    }
+                    var += t * t;
+                    var2 += t2 * t2;
+                } else {
+                    for (&w, col) in mu[1..].iter().zip(cols.chunks_exact(BLOCK)) {
+                        acc += w * lane(col, g);
+                        acc2 += w * lane(col, h);
+                    }
+                }
+                mu_acc[g..h].copy_from_slice(&acc.to_array());
+                mu_acc[h..h + LANES].copy_from_slice(&acc2.to_array());
+                // Square roots are rounded exactly, in vectors as one by
+                // one.
+                v[g..h].copy_from_slice(&var.sqrt().to_array());
+                v[h..h + LANES].copy_from_slice(&var2.sqrt().to_array());
             }
             for u in 0..len {
                 mean[(start + u) * m + k] = mu_acc[u];
-                sd[(start + u) * m + k] = v[u].sqrt();
+                sd[(start + u) * m + k] = v[u];
             }
         }
     }
@@ -266,8 +292,9 @@ struct Tile {
     head: [f32x8; ROWS],
     /// `body[j * ROWS + r]`: row `i0 + r`'s weight of feature `j < i0`.
     body: Vec<f32x8>,
-    /// Row `i0 + r`'s weights of features `i0..i0 + r`, rows in order.
-    tail: Vec<f32x8>,
+    /// Row `i0 + r`'s weights of features `i0..i0 + r`, rows in order
+    /// (row `r`'s `j`-th at `r (r − 1) / 2 + j`).
+    tail: [f32x8; ROWS * (ROWS - 1) / 2],
 }
 
 impl Tile {
@@ -280,10 +307,14 @@ impl Tile {
                 .flat_map(|j| (0..ROWS).map(move |r| (r, j)))
                 .map(|(r, j)| at(r, j + 1))
                 .collect(),
-            tail: (1..ROWS)
-                .flat_map(|r| (i0..i0 + r).map(move |j| (r, j)))
-                .map(|(r, j)| at(r, j + 1))
-                .collect(),
+            tail: std::array::from_fn(|e| {
+                // e = r (r − 1) / 2 + j with j < r.
+                let r = (1..ROWS)
+                    .take_while(|&r| r * (r - 1) / 2 <= e)
+                    .last()
+                    .unwrap_or(1);
+                at(r, i0 + e - r * (r - 1) / 2 + 1)
+            }),
         }
     }
 }
@@ -295,7 +326,9 @@ impl Moments {
     /// normals (`E[(d)⁺] = θ φ(u) − Δ Q(u)`, `u = Δ/θ`, with `Δ ≥ 0` the
     /// means' gap, `θ² = s_c² + s_b²` and `Q` the normal upper tail).
     /// In `f32`, `φ(u) − u Q(u)` interpolated in a table (see
-    /// [`gain_table`]): no exponential per pair.
+    /// [`gain_table`]): no exponential per pair. (Plans compute it only
+    /// where it can matter: [`Penalty::Deferral`].)
+    #[cfg(test)]
     pub fn ambiguity(&self) -> Vec<f32> {
         let m = self.models.max(1);
         let table = gain_table();
@@ -383,6 +416,8 @@ pub(crate) struct Scorer {
     /// Index of the best weight row per candidate.
     pub arg: Vec<u16>,
     scratch: Vec<f32>,
+    /// Order keys for [`walk_down`].
+    keys: Vec<u64>,
 }
 
 impl Scorer {
@@ -393,6 +428,7 @@ impl Scorer {
             best: vec![0.0; n],
             arg: vec![0; n],
             scratch: Vec::with_capacity(n),
+            keys: Vec::new(),
         }
     }
 
@@ -444,33 +480,102 @@ impl Scorer {
     /// Scores every candidate `max_c mean + sd·(bonus + noise·ε)` with a
     /// fresh standard normal `ε` per candidate and model (none drawn when
     /// `noise` is 0).
+    ///
+    /// The normals are drawn from `rng`'s words fetched in bulk
+    /// ([`Words`]): for a generator whose `fill_bytes` gives the bytes of
+    /// the words `next_u64` would (`rand`'s do, ChaCha's included), the
+    /// same words in the same order as drawing each through `rng`, and no
+    /// word more, so `rng` is left where it would be.
     pub fn perturb(&mut self, mo: &Moments, bonus: f32, noise: f32, rng: &mut dyn RngCore) {
         let m = mo.models;
+        if m == 0 {
+            return;
+        }
+        let draws = if noise > 0.0 { mo.mean.len() } else { 0 };
+        let mut words = Words::new(rng, 0);
+        // A group of candidates' normals are drawn first, in their order,
+        // then the group is scored (no call in the scoring loop).
+        let group = (NORMALS / m).max(1);
+        let mut normals = vec![0f32; group * m];
+        let mut drawn = 0;
         for (((mean, sd), best), arg) in mo
             .mean
-            .chunks_exact(m)
-            .zip(mo.sd.chunks_exact(m))
-            .zip(self.best.iter_mut())
-            .zip(self.arg.iter_mut())
+            .chunks(group * m)
+            .zip(mo.sd.chunks(group * m))
+            .zip(self.best.chunks_mut(group))
+            .zip(self.arg.chunks_mut(group))
         {
-            let mut b = f32::NEG_INFINITY;
-            let mut a = 0u16;
-            for (c, (&mu, &s)) in mean.iter().zip(sd).enumerate() {
-                let z = if noise > 0.0 {
-                    let e: f32 = StandardNormal.sample(rng);
-                    bonus + noise * e
-                } else {
-                    bonus
-                };
-                let v = mu + s * z;
-                if v > b {
-                    b = v;
-                    a = c as u16;
+            let normals = &mut normals[..mean.len()];
+            if noise > 0.0 {
+                drawn += normals.len();
+                // Every draw of the group and after it reads a word at
+                // least.
+                words.left = draws - drawn + 1;
+                for e in normals.iter_mut() {
+                    *e = StandardNormal.sample(&mut words);
                 }
             }
-            *best = b;
-            *arg = a;
+            for ((((mean, sd), e), best), arg) in mean
+                .chunks_exact(m)
+                .zip(sd.chunks_exact(m))
+                .zip(normals.chunks_exact(m))
+                .zip(best.iter_mut())
+                .zip(arg.iter_mut())
+            {
+                let mut b = f32::NEG_INFINITY;
+                let mut a = 0u16;
+                for (c, ((&mu, &s), &e)) in mean.iter().zip(sd).zip(e).enumerate() {
+                    let z = if noise > 0.0 {
+                        bonus + noise * e
+                    } else {
+                        bonus
+                    };
+                    let v = mu + s * z;
+                    if v > b {
+                        b = v;
+                        a = c as u16;
+                    }
+                }
+                *best = b;
+                *arg = a;
+            }
         }
+    }
+
+    /// The rows of the `k` best scores less each row's `penalty`
+    /// (`1 ≤ k ≤ n`), ascending; ties at the threshold go to the lower
+    /// rows: [`Scorer::top_k`] of the penalised scores, with the penalty
+    /// computed only where it can matter.
+    ///
+    /// A penalty is never negative, so a row's penalised score is at most
+    /// its score: rows are taken in descending score ([`walk_down`]) until
+    /// the next one's score is below the `k`-th largest penalised score of
+    /// those taken, and no row left can reach that threshold or tie it.
+    /// `best` keeps the scores without penalty. Exact for scores that are
+    /// not NaN.
+    pub fn top_k_penalised(&mut self, k: usize, penalty: &Penalty<'_>) -> Vec<usize> {
+        let mut seen = Vec::new();
+        let t = walk_down(
+            &self.best,
+            k,
+            |u| self.best[u] - penalty.of(u),
+            &mut self.keys,
+            &mut seen,
+            &mut self.scratch,
+        );
+        seen.sort_unstable_by_key(|&(r, _)| r);
+        let above = seen.iter().filter(|&&(_, s)| s > t).count();
+        let mut ties = k - above;
+        let mut rows = Vec::with_capacity(k);
+        for &(r, s) in &seen {
+            if s > t {
+                rows.push(r as usize);
+            } else if s == t && ties > 0 {
+                rows.push(r as usize);
+                ties -= 1;
+            }
+        }
+        rows
     }
 
     /// The `k`-th largest best score (`1 ≤ k ≤ n`).
@@ -502,6 +607,213 @@ impl Scorer {
     }
 }
 
+/// Normals [`Scorer::perturb`] draws at a time.
+const NORMALS: usize = 256;
+
+/// Bytes [`Words`] fetches at once.
+const WORDS_BYTES: usize = 8 * 128;
+
+/// A generator's words fetched in bulk, for draws that read whole
+/// `u64`s (`StandardNormal`'s ziggurat does): one `fill_bytes` call per
+/// 128 words instead of a call through `dyn RngCore` per word. The bytes
+/// are those of the words `next_u64` would have given in turn (so for
+/// every block generator of `rand`, ChaCha's included), and it never
+/// fetches more words than the draws left take: each of the `left` draws
+/// reads one word at least.
+struct Words<'a> {
+    rng: &'a mut dyn RngCore,
+    buf: [u8; WORDS_BYTES],
+    /// The next unread byte of `buf`.
+    at: usize,
+    /// The bytes fetched into `buf`.
+    len: usize,
+    /// A lower bound of the draws still to make, the one under way
+    /// included (set by the caller).
+    left: usize,
+}
+
+impl<'a> Words<'a> {
+    /// Words for draws from `rng`, `draws` of them at least.
+    fn new(rng: &'a mut dyn RngCore, draws: usize) -> Self {
+        Self {
+            rng,
+            buf: [0; WORDS_BYTES],
+            at: 0,
+            len: 0,
+            left: draws,
+        }
+    }
+
+    /// The next bytes of the stream into `dest`.
+    #[cold]
+    fn take(&mut self, dest: &mut [u8]) {
+        let mut done = 0;
+        while done < dest.len() {
+            if self.at == self.len {
+                // No more words than the draws left read (one at least,
+                // the draw under way's).
+                self.len = (8 * self.left.max(1)).min(WORDS_BYTES);
+                self.rng.fill_bytes(&mut self.buf[..self.len]);
+                self.at = 0;
+            }
+            let n = (self.len - self.at).min(dest.len() - done);
+            dest[done..done + n].copy_from_slice(&self.buf[self.at..self.at + n]);
+            self.at += n;
+            done += n;
+        }
+    }
+}
+
+impl RngCore for Words<'_> {
+    #[inline(always)]
+    fn next_u64(&mut self) -> u64 {
+        let mut w = [0u8; 8];
+        if self.at + 8 <= self.len {
+            w.copy_from_slice(&self.buf[self.at..self.at + 8]);
+            self.at += 8;
+        } else {
+            self.take(&mut w);
+        }
+        u64::from_le_bytes(w)
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        let mut w = [0u8; 4];
+        self.take(&mut w);
+        u32::from_le_bytes(w)
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.take(dest);
+    }
+}
+
+/// What lowers each candidate's best score (never negative).
+#[derive(Clone, Copy)]
+pub(crate) enum Penalty<'a> {
+    /// Nothing.
+    None,
+    /// Given per candidate (none past the end).
+    #[cfg(test)]
+    Given(&'a [f32]),
+    /// The deferral: `defer` times the candidate's ambiguity (the
+    /// expected gain of knowing its models' scores, [`ambiguity_of`]),
+    /// computed when asked for.
+    Deferral {
+        /// The candidates' moments.
+        mo: &'a Moments,
+        /// The deferral's factor (positive).
+        defer: f32,
+        /// [`gain_table`].
+        table: &'static [f32],
+    },
+}
+
+impl<'a> Penalty<'a> {
+    /// `defer` times each candidate's ambiguity; none unless `defer > 0`.
+    pub fn deferral(mo: &'a Moments, defer: f32) -> Self {
+        if defer > 0.0 {
+            Self::Deferral {
+                mo,
+                defer,
+                table: gain_table(),
+            }
+        } else {
+            Self::None
+        }
+    }
+
+    /// Whether nothing is subtracted.
+    pub fn is_none(&self) -> bool {
+        match self {
+            Self::None => true,
+            #[cfg(test)]
+            Self::Given(p) => p.is_empty(),
+            Self::Deferral { .. } => false,
+        }
+    }
+
+    /// Candidate `u`'s penalty: the same value, to the bit, as
+    /// `defer * mo.ambiguity()[u]` for the deferral.
+    #[inline]
+    pub fn of(&self, u: usize) -> f32 {
+        match *self {
+            Self::None => 0.0,
+            #[cfg(test)]
+            Self::Given(p) => p.get(u).copied().unwrap_or(0.0),
+            Self::Deferral { mo, defer, table } => {
+                let m = mo.models.max(1);
+                let at = u * m..u * m + m;
+                defer * ambiguity_of(&mo.mean[at.clone()], &mo.sd[at], table)
+            }
+        }
+    }
+}
+
+/// A key whose unsigned order is `f32::total_cmp`'s order of `x`.
+#[inline(always)]
+fn order_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 1 << 31
+    }
+}
+
+/// The `k`-th largest (`f32::total_cmp`) of `f(u)` over every row `u`
+/// (`1 ≤ k ≤ n`), where `f(u) ≤ x0[u]`, evaluating `f` only where it can
+/// matter: rows are taken in descending `x0` (partial selections of
+/// growing chunks, no full sort) until the largest `x0` left is below the
+/// `k`-th largest `f` of the rows taken; then no row left has an `f`
+/// reaching it (or equal to it), so it is the `k`-th largest of all.
+/// The rows taken and their `f` are left in `seen`, in no order; `keys`
+/// and `scratch` are reused buffers. Exact for values that are not NaN
+/// (a NaN `x0` is never below anything: rows are taken on).
+fn walk_down(
+    x0: &[f32],
+    k: usize,
+    mut f: impl FnMut(usize) -> f32,
+    keys: &mut Vec<u64>,
+    seen: &mut Vec<(u32, f32)>,
+    scratch: &mut Vec<f32>,
+) -> f32 {
+    let n = x0.len();
+    debug_assert!((1..=n).contains(&k));
+    keys.clear();
+    keys.extend(
+        x0.iter()
+            .enumerate()
+            .map(|(u, &x)| u64::from(order_bits(x)) << 32 | u as u64),
+    );
+    seen.clear();
+    let mut done = 0;
+    let mut chunk = k + k / 4 + 64;
+    loop {
+        let end = (done + chunk).min(n);
+        if end < n {
+            // keys[done..end]: the largest of the rows left; keys[end]
+            // the largest after them.
+            keys[done..].select_nth_unstable_by(end - done, |a, b| b.cmp(a));
+        }
+        for &key in &keys[done..end] {
+            let u = key as u32 as usize;
+            seen.push((u as u32, f(u)));
+        }
+        done = end;
+        if seen.len() >= k {
+            scratch.clear();
+            scratch.extend(seen.iter().map(|&(_, v)| v));
+            let (_, t, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let t = *t;
+            if done == n || x0[keys[done] as u32 as usize] < t {
+                return t;
+            }
+        }
+        chunk = (seen.len() / 2).max(64);
+    }
+}
+
 /// The bound on the noise `|ε|` in propensity draws: `P(|ε| > 5)` is
 /// 6·10⁻⁷, far below the Monte Carlo error of any number of draws a plan
 /// makes, and with it each candidate's score has known bounds.
@@ -510,14 +822,14 @@ pub(crate) const NOISE_BOUND: f32 = 5.0;
 /// The optimistic scoring of a plan: `mean + sd·(bonus + noise·ε)` per
 /// model, the best of them less the candidate's `penalty` (none when
 /// empty; see `Defer`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub(crate) struct Optimism<'a> {
     /// The bonus, in standard deviations.
     pub bonus: f32,
     /// The noise's scale, in standard deviations.
     pub noise: f32,
-    /// Per candidate, subtracted from its best score (empty: none).
-    pub penalty: &'a [f32],
+    /// Subtracted from each candidate's best score.
+    pub penalty: Penalty<'a>,
 }
 
 /// How often, in `draws − 1` fresh optimistic perturbations
@@ -569,43 +881,63 @@ pub(crate) fn optimistic_hits(
         let (mu, s) = (mo.mean[u * m + c], mo.sd[u * m + c]);
         (mu + s * (bonus - spread), mu + s * (bonus + spread))
     };
-    let pen = |u: usize| penalty.get(u).copied().unwrap_or(0.0);
-    // Each candidate's best score's bounds, less its penalty.
-    let mut lo = vec![f32::NEG_INFINITY; n];
-    let mut hi = vec![f32::NEG_INFINITY; n];
+    let pen = |u: usize| penalty.of(u);
+    // Each candidate's best score's bounds, before its penalty.
+    let mut lo0 = Vec::with_capacity(n);
+    let mut hi0 = Vec::with_capacity(n);
     for u in 0..n {
+        let (mut l, mut h) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
         for c in 0..m {
-            let (l, h) = bounds(u, c);
-            lo[u] = lo[u].max(l);
-            hi[u] = hi[u].max(h);
+            let (bl, bh) = bounds(u, c);
+            l = l.max(bl);
+            h = h.max(bh);
         }
-        lo[u] -= pen(u);
-        hi[u] -= pen(u);
+        lo0.push(l);
+        hi0.push(h);
     }
-    let kth = |v: &[f32]| {
-        let mut scratch = v.to_vec();
-        let (_, t, _) = scratch.select_nth_unstable_by(k.min(n) - 1, |a, b| b.total_cmp(a));
-        *t
+    // The k-th largest bounds less the penalty, the penalty computed only
+    // where it can matter (see `walk_down`).
+    let (tau_lo, tau_hi) = {
+        let (mut keys, mut seen, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let mut kth = |x0: &[f32]| {
+            walk_down(
+                x0,
+                k.min(n),
+                |u| x0[u] - pen(u),
+                &mut keys,
+                &mut seen,
+                &mut scratch,
+            )
+        };
+        (kth(&lo0), kth(&hi0))
     };
-    let (tau_lo, tau_hi) = (kth(&lo), kth(&hi));
-    // The creatives that can decide a draw for user `u`: those whose
-    // highest score reaches both the user's lowest best score (below it a
-    // creative never wins) and `floor` (below it, winning or not, the user
-    // is not chosen).
-    let relevant = |u: usize, floor: f32| -> u64 {
+    // The creatives that can decide a draw for user `u` (its lowest best
+    // score `lo`, its penalty `p`): those whose highest score reaches both
+    // the user's lowest best score (below it a creative never wins) and
+    // `floor` (below it, winning or not, the user is not chosen).
+    let relevant = |u: usize, lo: f32, p: f32, floor: f32| -> u64 {
         // On the creatives' own scale (before the penalty).
-        let floor = floor.max(lo[u]) + pen(u);
+        let floor = floor.max(lo) + p;
         (0..m)
             .filter(|&c| bounds(u, c).1 >= floor)
             .fold(0u64, |mask, c| mask | 1 << c)
     };
     let mut sure = 0usize;
-    let mut contested: Vec<(u32, u64)> = Vec::new();
+    // Contested rows: (row, relevant creatives, penalty).
+    let mut contested: Vec<(u32, u64, f32)> = Vec::new();
     for u in 0..n {
-        if lo[u] > tau_hi {
+        // The penalty only lowers `hi` (and `lo ≤ hi`, `τ_lo ≤ τ_hi`): a
+        // row whose `hi` before it is below `τ_lo` is neither sure nor
+        // contested, and needs no penalty.
+        if hi0[u] < tau_lo {
+            continue;
+        }
+        let p = pen(u);
+        let (lo, hi) = (lo0[u] - p, hi0[u] - p);
+        if lo > tau_hi {
             sure += 1;
-        } else if hi[u] >= tau_lo {
-            contested.push((u as u32, relevant(u, tau_lo)));
+        } else if hi >= tau_lo {
+            contested.push((u as u32, relevant(u, lo, p, tau_lo), p));
         }
     }
     debug_assert!(sure < k.min(n) || k >= n);
@@ -622,10 +954,10 @@ pub(crate) fn optimistic_hits(
         .iter()
         .zip(chosen)
         .map(|(&r, &c)| {
-            if let Ok(i) = contested.binary_search_by_key(&(r as u32), |&(u, _)| u) {
+            if let Ok(i) = contested.binary_search_by_key(&(r as u32), |&(u, _, _)| u) {
                 return Row::Contested(i);
             }
-            if lo[r] <= tau_hi {
+            if lo0[r] - pen(r) <= tau_hi {
                 // Never chosen under bounded noise: only a noise beyond
                 // the bound chose it.
                 return Row::Fixed(0);
@@ -646,9 +978,12 @@ pub(crate) fn optimistic_hits(
         .iter()
         .enumerate()
         .filter(|(_, p)| matches!(p, Row::Creative))
-        .map(|(i, _)| (i, relevant(rows[i], f32::NEG_INFINITY)))
+        .map(|(i, _)| {
+            let (r, p) = (rows[i], pen(rows[i]));
+            (i, relevant(r, lo0[r] - p, p, f32::NEG_INFINITY))
+        })
         .collect();
-    drop((lo, hi));
+    drop((lo0, hi0));
     let need = k.min(n) - sure;
     // Each draw has a generator of its own, seeded from `rng` and its
     // number, so that the draws can be split over threads and the counts
@@ -661,7 +996,7 @@ pub(crate) fn optimistic_hits(
                 extra: &mut [u32]| {
         let mut g =
             ChaCha8Rng::seed_from_u64(base ^ u64::from(d).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut score = |u: usize, mut mask: u64| {
+        let mut score = |u: usize, mut mask: u64, p: f32| {
             let mut b = f32::NEG_INFINITY;
             let mut a = 0u16;
             while mask != 0 {
@@ -675,12 +1010,12 @@ pub(crate) fn optimistic_hits(
                     a = c as u16;
                 }
             }
-            (b - pen(u), a)
+            (b - p, a)
         };
         best.clear();
         arg.clear();
-        for &(u, mask) in &contested {
-            let (b, a) = score(u as usize, mask);
+        for &(u, mask, p) in &contested {
+            let (b, a) = score(u as usize, mask, p);
             best.push(b);
             arg.push(a);
         }
@@ -694,7 +1029,8 @@ pub(crate) fn optimistic_hits(
             *t
         };
         for &(i, mask) in &creative_rows {
-            if score(rows[i], mask).1 == chosen[i] {
+            // Surely chosen: only the creative counts, the penalty does not.
+            if score(rows[i], mask, 0.0).1 == chosen[i] {
                 extra[i] += 1;
             }
         }
@@ -746,6 +1082,43 @@ pub(crate) fn optimistic_hits(
     }
     hits
 }
+
+/// The optimistic plan of `k` of the candidates of `mo` (`1 ≤ k ≤ n`):
+/// one perturbation decides, each best score lowered by `defer` times
+/// the candidate's ambiguity (when `defer > 0`); the propensity counts
+/// come from [`optimistic_hits`]. Returns the chosen rows (ascending),
+/// their creatives and their counts out of `draws`.
+pub(crate) fn plan_optimistic(
+    mo: &Moments,
+    bonus: f32,
+    noise: f32,
+    defer: f32,
+    k: usize,
+    draws: u32,
+    rng: &mut dyn RngCore,
+) -> (Vec<usize>, Vec<u16>, Vec<u32>) {
+    let n = mo.mean.len() / mo.models.max(1);
+    let penalty = Penalty::deferral(mo, defer);
+    let mut scorer = Scorer::new(mo.models, 0, n);
+    scorer.perturb(mo, bonus, noise, rng);
+    let rows = if penalty.is_none() {
+        scorer.top_k(k)
+    } else {
+        scorer.top_k_penalised(k, &penalty)
+    };
+    let chosen: Vec<u16> = rows.iter().map(|&r| scorer.arg[r]).collect();
+    drop(scorer);
+    let o = Optimism {
+        bonus,
+        noise,
+        penalty,
+    };
+    let hits = optimistic_hits(mo, o, k, &rows, &chosen, draws, rng);
+    (rows, chosen, hits)
+}
+
+#[cfg(test)]
+mod reference;
 
 #[cfg(test)]
 mod tests {
@@ -803,7 +1176,7 @@ mod tests {
         let o = Optimism {
             bonus,
             noise,
-            penalty: &penalty,
+            penalty: Penalty::Given(&penalty),
         };
         let pruned = optimistic_hits(&mo, o, k, &rows, &chosen, draws, &mut rng);
         let d = f64::from(draws);
@@ -983,6 +1356,79 @@ mod tests {
             .sum::<f64>()
             / f64::from(n);
         assert!((f64::from(a[2]) - mc).abs() < 5e-3, "{} vs {mc}", a[2]);
+    }
+
+    /// The plan with the lazy penalty and the buffered noise decides the
+    /// same rows and creatives, counts the same propensities and leaves
+    /// the generator where the plan before did, to the bit: populations
+    /// with exact ties (rows of equal rounded means and no deviation, so
+    /// no noise and no penalty), large and small deferrals, `k` from 1 to
+    /// `n`, with and without propensity draws.
+    #[test]
+    fn lazy_plan_equals_the_full_plan_to_the_bit() {
+        use rand::{Rng, SeedableRng};
+        let mut gen = ChaCha8Rng::seed_from_u64(14);
+        let mut cases = 0;
+        for seed in 0..12u64 {
+            let n = gen.random_range(1..2_500usize);
+            let m = gen.random_range(1..=5usize);
+            let mut mean = Vec::with_capacity(n * m);
+            let mut sd = Vec::with_capacity(n * m);
+            for u in 0..n {
+                let base: f32 = StandardNormal.sample(&mut gen);
+                let kind = u % 4;
+                for _ in 0..m {
+                    let gap: f32 = gen.random_range(-0.5..0.5);
+                    match kind {
+                        // Exact ties: rounded means, no deviation.
+                        0 => {
+                            mean.push((base * 2.0).round() / 2.0);
+                            sd.push(0.0);
+                        }
+                        // Close creatives.
+                        1 => {
+                            mean.push(base + 0.01 * gap);
+                            sd.push(gen.random_range(0.0..0.4));
+                        }
+                        _ => {
+                            mean.push(base + gap);
+                            sd.push(gen.random_range(0.0..0.4));
+                        }
+                    }
+                }
+            }
+            let mo = Moments {
+                mean,
+                sd,
+                models: m,
+            };
+            for &(bonus, noise, defer) in &[
+                (0.25f32, 0.5f32, 1.0f32),
+                (0.0, 1.0, 20.0),
+                (0.5, 0.0, 2.0),
+                (0.25, 0.5, 0.0),
+            ] {
+                for k in [1, n.div_ceil(10), n.saturating_sub(1).max(1), n] {
+                    for draws in [1u32, 30] {
+                        let s = seed * 1_000 + k as u64 + u64::from(draws);
+                        let (mut a, mut b) =
+                            (ChaCha8Rng::seed_from_u64(s), ChaCha8Rng::seed_from_u64(s));
+                        let new = plan_optimistic(&mo, bonus, noise, defer, k, draws, &mut a);
+                        let old = reference::plan(&mo, bonus, noise, defer, k, draws, &mut b);
+                        let what = format!(
+                            "seed {seed} n {n} m {m} k {k} draws {draws} \
+                             bonus {bonus} noise {noise} defer {defer}"
+                        );
+                        assert_eq!(new.0, old.0, "rows, {what}");
+                        assert_eq!(new.1, old.1, "creatives, {what}");
+                        assert_eq!(new.2, old.2, "counts, {what}");
+                        assert_eq!(a.next_u64(), b.next_u64(), "generator, {what}");
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 12 * 4 * 4 * 2);
     }
 
     #[test]
