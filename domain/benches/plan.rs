@@ -179,6 +179,8 @@ fn main() {
     let per_plan =
         |d: Duration| format!("{:.1} M candidates/s", USERS as f64 / d.as_secs_f64() / 1e6);
     let mut rows = Vec::new();
+    // The batch planned (a few cases plan a larger share of the audience).
+    let batch = std::cell::Cell::new(BATCH);
     let mut plan_row = |name: &str, runs: usize, p: &dyn Policy, draws: u32| {
         let mut seed = 0;
         let row = measure(
@@ -197,11 +199,11 @@ fn main() {
                     .plan(
                         &ctx,
                         &candidates,
-                        BATCH,
+                        batch.get(),
                         &mut ChaCha8Rng::seed_from_u64(seed),
                     )
                     .unwrap();
-                assert_eq!(d.len(), BATCH);
+                assert_eq!(d.len(), batch.get());
                 black_box(d);
             },
         );
@@ -219,6 +221,17 @@ fn main() {
         &integrated_100,
         100,
     );
+    // A tenth of the audience in one batch, as the `platform` scenario
+    // plans (100,000 of 1,000,000): many more candidates are contested in
+    // the propensity draws.
+    batch.set(USERS as usize / 10);
+    plan_row(
+        "plan integrated, 100 draws, batch of a tenth (propensities)",
+        reps(3),
+        &integrated_100,
+        100,
+    );
+    batch.set(BATCH);
     // Without deferring ambiguous creatives (the third round's default).
     let mut undeferred = Integrated::new(CREATIVES, DIM, {
         let mut v = cfg(1);
