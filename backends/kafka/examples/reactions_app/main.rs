@@ -49,12 +49,12 @@ async fn main() -> anyhow::Result<()> {
             segment: segment.into(),
         })
         .to_bytes();
-        let rec = BaseRecord::to(&profiles_topic)
-            .key(user)
-            .payload(&v);
+        let rec = BaseRecord::to(&profiles_topic).key(user).payload(&v);
         producer.send(rec).map_err(|(e, _)| e)?;
     }
-    let r = |c: &str, cr: &str, k: &str| format!(r#"{{"campaign":"{c}","creative":"{cr}","kind":"{k}"}}"#);
+    let r = |c: &str, cr: &str, k: &str| {
+        format!(r#"{{"campaign":"{c}","creative":"{cr}","kind":"{k}"}}"#)
+    };
     let reactions = [
         ("u1", r("spring", "a", "click"), T0 + 1_000),
         ("u2", r("spring", "a", "like"), T0 + 5_000),
@@ -109,7 +109,10 @@ async fn main() -> anyhow::Result<()> {
     }
     for (key, value) in read(&bootstrap, &topic(app::LATE))? {
         let (k, late): LateOut = (StateCodec::decode(&key)?, StateCodec::decode(&value)?);
-        println!("late         {k:?} from {}: {}", late.value.0.user, late.reason);
+        println!(
+            "late         {k:?} from {}: {}",
+            late.value.0.user, late.reason
+        );
     }
     for (key, value) in read(&bootstrap, &topic(app::TOTALS))? {
         let n = u64::decode(&value)?;
