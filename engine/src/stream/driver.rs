@@ -39,6 +39,13 @@ use crate::clock::{Clock, ManualClock};
 ///
 /// [`TestDriver::query_store`] and [`TestDriver::query_window_store`] read
 /// the committed store, as a runner's interactive queries do.
+///
+/// A record written to a repartition's internal stream
+/// ([`super::KStream::repartition`], [`super::KStream::group_by`]) is read
+/// back at once, after the record (or the time move) that wrote it and
+/// before the next, in the order written, with its timestamp and headers,
+/// as if written to the internal stream and read back: nothing waits in an
+/// internal stream across a [`TestDriver::commit`] or a restart.
 #[derive(Debug)]
 pub struct TestDriver {
     task: Task,
@@ -106,9 +113,31 @@ impl TestDriver {
     /// Reads the wall clock (moved by someone holding a clone of it) and
     /// fires the wall-clock punctuators that are due.
     pub fn tick_wall_clock(&mut self) -> Result<(), StreamError> {
-        self.task
-            .punctuate_wall_clock(self.clock.now_ms())
-            .map(|_| ())
+        self.task.punctuate_wall_clock(self.clock.now_ms())?;
+        self.pass_repartitions()
+    }
+
+    /// Brings the records written to the repartitions' internal streams
+    /// back to the task as records of those inputs, in the order written,
+    /// until none is left (a repartition downstream of another one is
+    /// passed in the next round).
+    fn pass_repartitions(&mut self) -> Result<(), StreamError> {
+        let rounds = self.task.repartitions().len();
+        let mut buf = Vec::new();
+        // Each round reaches at least one repartition further downstream,
+        // and no repartition feeds itself (its name is reserved): after
+        // `rounds + 1` rounds nothing is left.
+        for _ in 0..=rounds {
+            self.task.drain_repartitions(&mut buf);
+            if buf.is_empty() {
+                return Ok(());
+            }
+            for r in buf.drain(..) {
+                self.task
+                    .process_encoded(&r.output, &r.key, &r.value, r.timestamp_ms, r.headers)?;
+            }
+        }
+        Err(StreamError::Internal("repartition records written in a cycle"))
     }
 
     /// The wall clock.
@@ -157,7 +186,8 @@ impl TestDriver {
                 headers: record.headers.clone(),
             });
         }
-        self.task.process(h, record)
+        self.task.process(h, record)?;
+        self.pass_repartitions()
     }
 
     /// Pipes one record into input `input` at `timestamp_ms` (or into
@@ -186,7 +216,8 @@ impl TestDriver {
 
     /// Moves stream time to `to_ms` (never back), closing due windows.
     pub fn advance_time(&mut self, to_ms: u64) -> Result<(), StreamError> {
-        self.task.advance_time(to_ms)
+        self.task.advance_time(to_ms)?;
+        self.pass_repartitions()
     }
 
     /// The stream time.

@@ -109,17 +109,35 @@ impl std::fmt::Debug for EventLogSource {
 }
 
 impl EventLogSource {
-    /// A source with the default mapping (input = kind, key = stream id).
+    /// A source with the default mapping (input = kind, key = stream id),
+    /// except for the internal streams of repartitions (kind ending with
+    /// [`REPARTITION_SUFFIX`](super::REPARTITION_SUFFIX)), which the
+    /// runner's [`EventLogSink`] wrote as envelopes: their key, value and
+    /// headers come from the envelope.
     pub fn new(log: Arc<dyn EventLog>) -> Self {
         Self::with_mapper(
             log,
-            Box::new(|e| SourceRecord {
-                position: e.position,
-                input: e.kind.clone(),
-                key: Bytes::copy_from_slice(e.stream.as_str().as_bytes()),
-                value: e.payload.clone(),
-                timestamp_ms: e.timestamp_ms,
-                headers: Headers::new(),
+            Box::new(|e| {
+                if e.kind.ends_with(super::REPARTITION_SUFFIX) {
+                    if let Some((key, value, headers)) = envelope::decode_event(e) {
+                        return SourceRecord {
+                            position: e.position,
+                            input: e.kind.clone(),
+                            key,
+                            value,
+                            timestamp_ms: e.timestamp_ms,
+                            headers,
+                        };
+                    }
+                }
+                SourceRecord {
+                    position: e.position,
+                    input: e.kind.clone(),
+                    key: Bytes::copy_from_slice(e.stream.as_str().as_bytes()),
+                    value: e.payload.clone(),
+                    timestamp_ms: e.timestamp_ms,
+                    headers: Headers::new(),
+                }
             }),
         )
     }

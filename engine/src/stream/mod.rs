@@ -118,7 +118,7 @@ pub use store::{
 pub use task::{EncodedRecord, Input, StreamError, Task, TaskLimits, TaskMeta, TaskMetrics};
 pub use topology::{
     BuildError, Data, GlobalKTable, KGroupedStream, KStream, KTable, Key, Predicate,
-    ProcessorStream, TimeWindowedStream, Topology,
+    ProcessorStream, TimeWindowedStream, Topology, REPARTITION_SUFFIX,
 };
 pub use window::{EmitStrategy, LateReason, LateRecord, Window, WindowError, Windowed, Windows};
 pub use window_store::WindowStore;

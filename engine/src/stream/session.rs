@@ -86,7 +86,7 @@ impl<K: Key, V: Data> KGroupedStream<K, V> {
     /// Aggregates over session windows (see [`SessionWindows`]).
     pub fn windowed_by_session(&self, windows: SessionWindows) -> SessionWindowedStream<K, V> {
         SessionWindowedStream {
-            stream: self.stream.clone(),
+            grouped: self.clone(),
             windows,
             emit: EmitStrategy::OnUpdate,
             late: None,
@@ -112,7 +112,7 @@ impl<K: Key, V: Data> KGroupedStream<K, V> {
 /// Each record's timestamp is its session's last record timestamp (for a
 /// retraction, the retracted session's); aggregates carry no headers.
 pub struct SessionWindowedStream<K, V> {
-    stream: KStream<K, V>,
+    grouped: KGroupedStream<K, V>,
     windows: SessionWindows,
     emit: EmitStrategy,
     late: Option<usize>,
@@ -143,7 +143,7 @@ impl<K: Key, V: Data> SessionWindowedStream<K, V> {
     where
         V: StateCodec,
     {
-        self.late = Some(self.stream.add_output::<K, LateRecord<V>>(name));
+        self.late = Some(self.grouped.stream.add_output::<K, LateRecord<V>>(name));
         self
     }
 
@@ -196,10 +196,11 @@ impl<K: Key, V: Data> SessionWindowedStream<K, V> {
     {
         let windows = self.windows;
         let state = self
+            .grouped
             .stream
             .add_state(|max| Box::new(SessionState::<K, A>::new(store, windows, max)));
         let (emit, late) = (self.emit, self.late);
-        self.stream.child(move |next| SessionAgg {
+        self.grouped.source(store).child(move |next| SessionAgg {
             state,
             windows,
             emit,

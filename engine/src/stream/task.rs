@@ -970,6 +970,9 @@ pub struct Task {
     pub(crate) global_types: Vec<std::any::TypeId>,
     /// Global-table updates applied since the task was built.
     pub(crate) global_updates: u64,
+    /// The internal streams of repartitions: each is both an output and
+    /// an input of the task.
+    pub(crate) repartitions: Vec<String>,
     /// Whether the processors were initialised.
     pub(crate) initialized: bool,
     /// Whether the task was closed.
@@ -1344,6 +1347,38 @@ impl Task {
             o.drain_encoded(out);
         }
         self.ctx.pending_outputs = 0;
+    }
+
+    /// The internal streams of the topology's repartitions
+    /// ([`super::KStream::repartition`], [`super::KStream::group_by`]),
+    /// named `<name>-repartition`: each is an output of the task (what
+    /// the upstream writes) and an input (what the downstream reads). A
+    /// driver must bring each record written to one back to the task
+    /// through [`Task::process_encoded`] under the same name, once: the
+    /// [`super::TestDriver`] does it at once, the
+    /// [`super::StreamRunner`] through its sink and source (the same
+    /// [`crate::EventLog`]), Kafka through an internal topic.
+    pub fn repartitions(&self) -> &[String] {
+        &self.repartitions
+    }
+
+    /// Whether `name` is the internal stream of a repartition.
+    pub fn is_repartition(&self, name: &str) -> bool {
+        self.repartitions.iter().any(|r| r == name)
+    }
+
+    /// Takes the buffered records of the repartitions' internal streams
+    /// only, encoded (the other outputs stay buffered).
+    pub fn drain_repartitions(&mut self, out: &mut Vec<EncodedRecord>) {
+        if self.repartitions.is_empty() {
+            return;
+        }
+        for o in &mut self.ctx.outputs {
+            if self.repartitions.iter().any(|r| r == o.name()) {
+                self.ctx.pending_outputs -= o.len();
+                o.drain_encoded(out);
+            }
+        }
     }
 
     /// Output records waiting to be taken.

@@ -73,10 +73,22 @@ pub enum BuildError {
         /// The store.
         store: String,
     },
+    /// An input or output name ends with [`REPARTITION_SUFFIX`], which
+    /// names the internal streams of repartitions
+    /// ([`KStream::repartition`], [`KStream::group_by`]).
+    #[error("{0:?}: names ending with \"-repartition\" are reserved for repartitions")]
+    ReservedName(String),
     /// A broken internal invariant (a bug).
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
+
+/// What ends the name of a repartition's internal stream: repartition
+/// `name` ([`KStream::repartition`]) writes to and reads from the internal
+/// stream `<name>-repartition` (on Kafka, the topic
+/// `<application>-<name>-repartition`). User inputs and outputs may not end
+/// with it ([`BuildError::ReservedName`]).
+pub const REPARTITION_SUFFIX: &str = "-repartition";
 
 type BuiltAny = Box<dyn Any>;
 type MakeFn = Box<dyn FnOnce(Vec<Vec<BuiltAny>>) -> Result<BuiltAny, BuildError>>;
@@ -103,6 +115,8 @@ struct Graph {
     states: Vec<Box<dyn StateSlot>>,
     outputs: Vec<(TypeId, Box<dyn OutputAny>)>,
     processors: Vec<String>,
+    /// The internal streams of repartitions (each an output and an input).
+    repartitions: Vec<String>,
     errors: Vec<BuildError>,
     limits: TaskLimits,
 }
@@ -226,6 +240,47 @@ impl std::fmt::Debug for Topology {
     }
 }
 
+/// Declares the input `name` of `(K, V)` records (a user input or a
+/// repartition's internal input).
+fn add_input<K, V>(graph: &Rc<RefCell<Graph>>, name: &str) -> KStream<K, V>
+where
+    K: Data + StateCodec,
+    V: Data + StateCodec,
+{
+    let mut g = graph.borrow_mut();
+    g.check_input_name(name);
+    let id = g.add_node(
+        None,
+        1,
+        Box::new(|ports| {
+            let next = Fanout::<K, V>::from_ports(ports)?;
+            Ok(Box::new(Box::new(Pass { next }) as Box<dyn Node<K, V>>) as BuiltAny)
+        }),
+    );
+    let input_name = name.to_owned();
+    g.inputs.push(InputSpec {
+        name: name.to_owned(),
+        node: id,
+        ty: TypeId::of::<(K, V)>(),
+        wrap: Some(Box::new(move |built| {
+            let node = *built
+                .downcast::<Box<dyn Node<K, V>>>()
+                .map_err(|_| BuildError::Internal("input node type"))?;
+            Ok(Box::new(Root {
+                name: input_name,
+                node,
+            }) as Box<dyn InputAny>)
+        })),
+    });
+    drop(g);
+    KStream {
+        g: graph.clone(),
+        node: id,
+        port: 0,
+        _t: PhantomData,
+    }
+}
+
 impl Topology {
     /// An empty topology with default [`TaskLimits`].
     pub fn new() -> Self {
@@ -251,38 +306,13 @@ impl Topology {
         K: Data + StateCodec,
         V: Data + StateCodec,
     {
-        let mut g = self.g.borrow_mut();
-        g.check_input_name(name);
-        let id = g.add_node(
-            None,
-            1,
-            Box::new(|ports| {
-                let next = Fanout::<K, V>::from_ports(ports)?;
-                Ok(Box::new(Box::new(Pass { next }) as Box<dyn Node<K, V>>) as BuiltAny)
-            }),
-        );
-        let input_name = name.to_owned();
-        g.inputs.push(InputSpec {
-            name: name.to_owned(),
-            node: id,
-            ty: TypeId::of::<(K, V)>(),
-            wrap: Some(Box::new(move |built| {
-                let node = *built
-                    .downcast::<Box<dyn Node<K, V>>>()
-                    .map_err(|_| BuildError::Internal("input node type"))?;
-                Ok(Box::new(Root {
-                    name: input_name,
-                    node,
-                }) as Box<dyn InputAny>)
-            })),
-        });
-        drop(g);
-        KStream {
-            g: self.g.clone(),
-            node: id,
-            port: 0,
-            _t: PhantomData,
+        if name.ends_with(REPARTITION_SUFFIX) {
+            self.g
+                .borrow_mut()
+                .errors
+                .push(BuildError::ReservedName(name.to_owned()));
         }
+        add_input(&self.g, name)
     }
 
     /// Declares a key-value state store `name` for processors to attach
@@ -472,6 +502,7 @@ impl Topology {
             global_names,
             global_types,
             global_updates: 0,
+            repartitions: g.repartitions,
             initialized: false,
             closed: false,
         };
@@ -955,24 +986,99 @@ impl<K: Data, V: Data> KStream<K, V> {
         }
     }
 
-    /// Groups by the record key, for aggregations.
+    /// Groups by the record key, for aggregations. No repartition: the
+    /// records are already keyed (and, on Kafka, partitioned) by it.
     pub fn group_by_key(&self) -> KGroupedStream<K, V>
     where
         K: Key,
     {
         KGroupedStream {
             stream: self.clone(),
+            repartition: None,
         }
     }
 
+    /// Groups by a **new key** `key(k, v)`, for aggregations (Kafka
+    /// Streams' `groupBy`): the records are re-keyed, and the aggregation
+    /// that follows reads them through a repartition (see
+    /// [`KStream::repartition`]) named after its store: `aggregate("s",
+    /// ..)` (or `count`, `reduce`, windowed or by session) writes the
+    /// re-keyed records to the internal stream `s-repartition` and
+    /// aggregates what it reads back from it. Each aggregation of the
+    /// grouped stream gets its own repartition.
+    pub fn group_by<K2, F>(&self, mut key: F) -> KGroupedStream<K2, V>
+    where
+        K2: Key,
+        V: StateCodec,
+        F: FnMut(&K, &V) -> K2 + Send + 'static,
+    {
+        let stream = self.map(move |k, v| (key(&k, &v), v));
+        let rekeyed = stream.clone();
+        KGroupedStream {
+            stream,
+            repartition: Some(Rc::new(move |name: &str| rekeyed.repartition(name))),
+        }
+    }
+
+    /// Passes the stream through a **repartition** (Kafka Streams'
+    /// `repartition()`): every record is written, with its key, value,
+    /// timestamp and headers, to the internal stream `<name>-repartition`
+    /// (an output of the task) and the returned stream reads it back (an
+    /// input of the task), splitting the topology into an upstream and a
+    /// downstream sub-topology.
+    ///
+    /// - On the [`TestDriver`](super::TestDriver) each record goes through
+    ///   the internal stream right after the record that produced it, in
+    ///   order, as if written and read back at once.
+    /// - On the [`StreamRunner`](super::StreamRunner) over an
+    ///   [`EventLog`](crate::EventLog) ([`EventLogSink`](super::EventLogSink)
+    ///   and [`EventLogSource`](super::EventLogSource) on the same log) the
+    ///   internal stream is an event stream of that log: the record is in
+    ///   the commit's outbox, appended under an idempotency key, and read
+    ///   back by the runner's source in a later step, exactly once.
+    /// - On Kafka (`KafkaStreamProcessor`) it is the topic
+    ///   `<application>-<name>-repartition`, produced in the step's
+    ///   transaction, partitioned by the new key, and consumed by the same
+    ///   processor with its offsets committed in a later transaction.
+    ///
+    /// The record keeps its timestamp and headers. Stream time is the
+    /// task's: the records read back do not move it back, and upstream
+    /// records processed before them may have moved it on (see the
+    /// module docs). `name` must not be used by another repartition.
+    pub fn repartition(&self, name: &str) -> KStream<K, V>
+    where
+        K: StateCodec,
+        V: StateCodec,
+    {
+        let internal = format!("{name}{REPARTITION_SUFFIX}");
+        let output = {
+            // A second repartition of the same name is a duplicate input.
+            let mut g = self.g.borrow_mut();
+            g.repartitions.push(internal.clone());
+            g.add_output::<K, V>(&internal)
+        };
+        self.terminal(To {
+            output,
+            _t: PhantomData::<fn(K, V)>,
+        });
+        add_input(&self.g, &internal)
+    }
+
     /// Sends every record to the output `name` (several streams may send to
-    /// the same output if the types agree).
+    /// the same output if the types agree). Names ending with
+    /// [`REPARTITION_SUFFIX`] are reserved ([`BuildError::ReservedName`]).
     pub fn to(&self, name: &str)
     where
         K: StateCodec,
         V: StateCodec,
     {
-        let output = self.g.borrow_mut().add_output::<K, V>(name);
+        let output = {
+            let mut g = self.g.borrow_mut();
+            if name.ends_with(REPARTITION_SUFFIX) {
+                g.errors.push(BuildError::ReservedName(name.to_owned()));
+            }
+            g.add_output::<K, V>(name)
+        };
         self.terminal(To {
             output,
             _t: PhantomData::<fn(K, V)>,
@@ -1193,16 +1299,51 @@ impl<K, V> GlobalKTable<K, V> {
     }
 }
 
-/// A stream grouped by key, ready to aggregate.
+/// Passes a grouped stream through a repartition named after a store.
+type RepartitionFn<K, V> = Rc<dyn Fn(&str) -> KStream<K, V>>;
+
+/// A stream grouped by key, ready to aggregate ([`KStream::group_by_key`],
+/// or [`KStream::group_by`] with a new key and a repartition before each
+/// aggregation).
 pub struct KGroupedStream<K, V> {
     pub(crate) stream: KStream<K, V>,
+    /// Set by [`KStream::group_by`]: each aggregation reads through a
+    /// repartition named after its store.
+    repartition: Option<RepartitionFn<K, V>>,
+}
+
+impl<K, V> Clone for KGroupedStream<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            stream: self.stream.clone(),
+            repartition: self.repartition.clone(),
+        }
+    }
+}
+
+impl<K, V> std::fmt::Debug for KGroupedStream<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KGroupedStream")
+            .field("stream", &self.stream)
+            .field("repartition", &self.repartition.is_some())
+            .finish()
+    }
 }
 
 impl<K: Key, V: Data> KGroupedStream<K, V> {
+    /// The stream the aggregation into `store` reads: through the
+    /// repartition `<store>-repartition` after a [`KStream::group_by`].
+    pub(crate) fn source(&self, store: &str) -> KStream<K, V> {
+        match &self.repartition {
+            Some(f) => f(store),
+            None => self.stream.clone(),
+        }
+    }
+
     /// Aggregates over fixed time windows.
     pub fn windowed_by(&self, windows: Windows) -> TimeWindowedStream<K, V> {
         TimeWindowedStream {
-            stream: self.stream.clone(),
+            grouped: self.clone(),
             windows,
             emit: EmitStrategy::OnUpdate,
             late: None,
@@ -1222,7 +1363,7 @@ impl<K: Key, V: Data> KGroupedStream<K, V> {
             let max = g.limits.max_state_entries;
             g.add_state(Box::new(KvState::<K, A>::new(store, max)))
         };
-        self.stream.child(move |next| GroupAgg {
+        self.source(store).child(move |next| GroupAgg {
             state,
             init,
             agg,
@@ -1256,7 +1397,7 @@ impl<K: Key, V: Data> KGroupedStream<K, V> {
 
 /// A grouped stream over time windows, ready to aggregate.
 pub struct TimeWindowedStream<K, V> {
-    stream: KStream<K, V>,
+    grouped: KGroupedStream<K, V>,
     windows: Windows,
     emit: EmitStrategy,
     late: Option<usize>,
@@ -1277,7 +1418,8 @@ impl<K: Key, V: Data> TimeWindowedStream<K, V> {
         V: StateCodec,
     {
         self.late = Some(
-            self.stream
+            self.grouped
+                .stream
                 .g
                 .borrow_mut()
                 .add_output::<K, LateRecord<V>>(name),
@@ -1294,12 +1436,12 @@ impl<K: Key, V: Data> TimeWindowedStream<K, V> {
         F: FnMut(&K, V, &mut A) + Send + 'static,
     {
         let state = {
-            let mut g = self.stream.g.borrow_mut();
+            let mut g = self.grouped.stream.g.borrow_mut();
             let max = g.limits.max_state_entries;
             g.add_state(Box::new(WindowState::<K, A>::new(store, self.windows, max)))
         };
         let (windows, emit, late) = (self.windows, self.emit, self.late);
-        self.stream.child(move |next| WindowAgg {
+        self.grouped.source(store).child(move |next| WindowAgg {
             state,
             windows,
             emit,
