@@ -42,6 +42,25 @@
 //! depends on how two topics interleave (a record late or not, a pair
 //! joined before one side expires) can differ between runs.
 //!
+//! # Repartitions
+//!
+//! A topology's repartitions ([`Task::repartitions`]:
+//! `KStream::repartition(name)` and `KStream::group_by`, which repartitions
+//! before its aggregation) go through internal topics
+//! `<application>-<name>-repartition` ([`ProcessorConfig::repartition_topic`]),
+//! created on open (`repartition_partitions` partitions, 1 by default) and
+//! subscribed to with the inputs. A step produces the upstream's records
+//! into them, keyed by the new key (partitioned by it: librdkafka's
+//! `murmur2_random`, the Java client's partitioner), with their timestamps
+//! and headers, **in the step's transaction**; a later step of the same
+//! processor reads them (`read_committed`: only once that transaction
+//! committed) as the downstream's input and commits their offsets in its
+//! own transaction with the downstream's outputs and state. So a record
+//! is written to the repartition topic once and aggregated once, across
+//! restarts. Repartition topics are not purged after their records are
+//! consumed (Kafka Streams deletes consumed records); give them a
+//! retention.
+//!
 //! # Headers
 //!
 //! Records keep their headers both ways, as Kafka record headers (see
@@ -170,6 +189,9 @@ pub struct ProcessorConfig {
     pub request_timeout: Duration,
     /// How long restoring may take to reach the changelog's end.
     pub restore_timeout: Duration,
+    /// Partitions of the repartition topics the processor creates (1 by
+    /// default; see [`ProcessorConfig::repartition_topic`]).
+    pub repartition_partitions: i32,
 }
 
 impl ProcessorConfig {
@@ -191,7 +213,22 @@ impl ProcessorConfig {
             transaction_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(60),
+            repartition_partitions: 1,
         }
+    }
+
+    /// The internal topic of the repartition whose internal stream is
+    /// `internal` (`<name>-repartition`, see [`Task::repartitions`]):
+    /// `<application>-<name>-repartition`, as Kafka Streams names it.
+    pub fn repartition_topic(&self, internal: &str) -> String {
+        format!("{}-{internal}", self.application)
+    }
+
+    /// Sets the partitions of the repartition topics the processor creates
+    /// (an existing topic keeps its own).
+    pub fn with_repartition_partitions(mut self, partitions: i32) -> Self {
+        self.repartition_partitions = partitions.max(1);
+        self
     }
 
     /// Reads `topic` as the topology input `input`.
@@ -332,6 +369,8 @@ pub struct KafkaStreamProcessor {
     consumer: BaseConsumer,
     producer: BaseProducer,
     inputs: HashMap<String, String>,
+    /// Repartition internal stream → its topic.
+    repartition_topics: HashMap<String, String>,
     restore: RestoreStats,
     poisoned: bool,
     /// The global tables' sources, when the topology has any.
@@ -521,12 +560,29 @@ impl KafkaStreamProcessor {
             &[("cleanup.policy", "compact")],
         )
         .await?;
+        // Repartition topics: written by the upstream of each repartition,
+        // read back as an input by this processor.
+        let repartition_topics: HashMap<String, String> = task
+            .repartitions()
+            .iter()
+            .map(|r| (r.clone(), config.repartition_topic(r)))
+            .collect();
+        let internal: Vec<(&str, i32)> = repartition_topics
+            .values()
+            .map(|t| (t.as_str(), config.repartition_partitions))
+            .collect();
+        if !internal.is_empty() {
+            create_topics(&config.bootstrap, &internal, &[]).await?;
+        }
 
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap)
             .set("transactional.id", config.transactional_id())
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            // Records keyed alike go to the same partition as with the
+            // Java client (repartition topics are partitioned by key).
+            .set("partitioner", "murmur2_random")
             .set(
                 "transaction.timeout.ms",
                 config.transaction_timeout.as_millis().to_string(),
@@ -557,17 +613,21 @@ impl KafkaStreamProcessor {
             )
             .create()
             .map_err(|e| KafkaStreamError::kafka("create consumer", e))?;
-        let topics: Vec<&str> = config.inputs.iter().map(|(t, _)| t.as_str()).collect();
+        let mut inputs: HashMap<String, String> = config.inputs.iter().cloned().collect();
+        for (internal, topic) in &repartition_topics {
+            inputs.insert(topic.clone(), internal.clone());
+        }
+        let topics: Vec<&str> = inputs.keys().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
             .map_err(|e| KafkaStreamError::kafka("subscribe", e))?;
-        let inputs = config.inputs.iter().cloned().collect();
         Ok(Self {
             config,
             task,
             consumer,
             producer,
             inputs,
+            repartition_topics,
             restore,
             poisoned: false,
             global,
@@ -691,7 +751,11 @@ impl KafkaStreamProcessor {
             .begin_transaction()
             .map_err(|e| KafkaStreamError::kafka("begin_transaction", e))?;
         for o in &outputs {
-            let topic = format!("{}{}", self.config.output_prefix, o.output);
+            // A repartition's records go to its topic, partitioned by key.
+            let topic = match self.repartition_topics.get(&o.output) {
+                Some(t) => t.clone(),
+                None => format!("{}{}", self.config.output_prefix, o.output),
+            };
             let mut rec = BaseRecord::<[u8], [u8]>::to(&topic)
                 .key(o.key.as_slice())
                 .payload(o.value.as_slice())
