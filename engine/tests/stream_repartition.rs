@@ -14,8 +14,8 @@ use common::{append_then_close, crash_and_reopen, open_on_log, replay_with_crash
 use proptest::prelude::*;
 use smartmsg_engine::memory::InMemoryLog;
 use smartmsg_engine::stream::{
-    envelope, BuildError, Headers, InMemoryStore, KeyValueStore, Record, RunnerConfig,
-    StateCodec, TestDriver, Topology, Windowed, Windows,
+    envelope, BuildError, Headers, InMemoryStore, KeyValueStore, Record, RunnerConfig, StateCodec,
+    TestDriver, Topology, Windowed, Windows,
 };
 use smartmsg_engine::{EventLog, NewEvent};
 
@@ -39,7 +39,9 @@ fn orders() -> Topology {
     by_product
         .aggregate("ids-per-product", || 0u64, |_, p, sum| *sum += u64::from(p))
         .to("sums");
-    s.map(|id, p| (p, id)).repartition("by-product").to("passed");
+    s.map(|id, p| (p, id))
+        .repartition("by-product")
+        .to("passed");
     t
 }
 
@@ -58,9 +60,11 @@ fn group_by_counts_by_the_new_key_through_the_internal_stream() {
     );
     assert!(d.task().is_repartition("per-product-repartition"));
     assert!(!d.task().is_repartition("counts"));
-    d.pipe_with_headers("orders", 1u8, 7u8, 100, hdr(1)).unwrap();
+    d.pipe_with_headers("orders", 1u8, 7u8, 100, hdr(1))
+        .unwrap();
     d.pipe_with_headers("orders", 2u8, 7u8, 50, hdr(2)).unwrap();
-    d.pipe_with_headers("orders", 3u8, 9u8, 120, hdr(3)).unwrap();
+    d.pipe_with_headers("orders", 3u8, 9u8, 120, hdr(3))
+        .unwrap();
     let counts: Vec<(u8, u64, u64)> = d
         .read_output::<u8, u64>("counts")
         .unwrap()
@@ -232,7 +236,9 @@ proptest! {
 
 #[tokio::test]
 async fn runner_counts_every_record_once_through_the_internal_stream_across_reopens() {
-    let orders_in: Vec<Ev> = (0..14u8).map(|i| (i % 3, 1_000 - u64::from(i) * 7)).collect();
+    let orders_in: Vec<Ev> = (0..14u8)
+        .map(|i| (i % 3, 1_000 - u64::from(i) * 7))
+        .collect();
     let log = Arc::new(InMemoryLog::new());
     let events: Vec<NewEvent> = orders_in
         .iter()
@@ -308,8 +314,47 @@ async fn runner_counts_every_record_once_through_the_internal_stream_across_reop
         .collect();
     assert_eq!(passed, want.passed);
     // Inputs plus the records read back from the three internal streams.
-    assert_eq!(
-        r.task().metrics().processed,
-        orders_in.len() as u64 * 4
-    );
+    assert_eq!(r.task().metrics().processed, orders_in.len() as u64 * 4);
+}
+
+/// `EventLogSource::new` (key = stream id, value = payload) reads the
+/// internal streams as the envelopes the sink wrote.
+#[tokio::test]
+async fn default_event_log_source_reads_internal_streams_as_envelopes() {
+    use bytes::Bytes;
+    use smartmsg_engine::stream::{EventLogSink, EventLogSource, StreamRunner};
+    use smartmsg_engine::{AppendTx, ExpectedVersion, StreamId};
+
+    let top = || {
+        let t = Topology::new();
+        t.stream::<Bytes, Bytes>("visit")
+            .group_by(|_, page| page.clone())
+            .count("per-page")
+            .to("counts");
+        t
+    };
+    let log = Arc::new(InMemoryLog::new());
+    for (user, page) in [("ann", "home"), ("bob", "home"), ("ann", "cart")] {
+        log.append(AppendTx::single(
+            StreamId::new(user).unwrap(),
+            ExpectedVersion::Any,
+            vec![NewEvent::new("visit", 1, 5, page.as_bytes().to_vec())],
+        ))
+        .await
+        .unwrap();
+    }
+    let store: Arc<dyn KeyValueStore> = Arc::new(InMemoryStore::new());
+    let log_dyn: Arc<dyn EventLog> = log.clone();
+    let mut r = StreamRunner::open(
+        top(),
+        store,
+        EventLogSource::new(log_dyn.clone()),
+        EventLogSink::new(log_dyn),
+        RunnerConfig::new("visits"),
+    )
+    .unwrap();
+    r.run_until_idle().await.unwrap();
+    let mut table = r.task().table_entries::<Bytes, u64>("per-page").unwrap();
+    table.sort();
+    assert_eq!(table, [(Bytes::from("cart"), 1), (Bytes::from("home"), 2)]);
 }

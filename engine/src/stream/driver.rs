@@ -133,11 +133,18 @@ impl TestDriver {
                 return Ok(());
             }
             for r in buf.drain(..) {
-                self.task
-                    .process_encoded(&r.output, &r.key, &r.value, r.timestamp_ms, r.headers)?;
+                self.task.process_encoded(
+                    &r.output,
+                    &r.key,
+                    &r.value,
+                    r.timestamp_ms,
+                    r.headers,
+                )?;
             }
         }
-        Err(StreamError::Internal("repartition records written in a cycle"))
+        Err(StreamError::Internal(
+            "repartition records written in a cycle",
+        ))
     }
 
     /// The wall clock.

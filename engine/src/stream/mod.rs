@@ -14,7 +14,8 @@
 //!   stream computes), [`KStream::merge`], stream-stream joins
 //!   within [`JoinWindows`] ([`KStream::join_stream`],
 //!   [`KStream::left_join_stream`], [`KStream::outer_join_stream`]),
-//!   [`KStream::group_by_key`], tumbling and hopping [`Windows`] with a
+//!   [`KStream::group_by_key`], [`KStream::group_by`] a new key and
+//!   [`KStream::repartition`] (below), tumbling and hopping [`Windows`] with a
 //!   grace period, [`SessionWindows`] (an inactivity gap and a grace
 //!   period; [`KGroupedStream::windowed_by_session`]), `aggregate` /
 //!   `count` / `reduce`, and [`KStream::to`] an output.
@@ -42,6 +43,18 @@
 //!   headers of the record that completed it, an unmatched record its own;
 //!   aggregations (aggregate, count, reduce, windowed or not) emit new
 //!   records **without** headers, and tables keep values only.
+//! - **Repartitions**: [`KStream::group_by`] (a new key, then an
+//!   aggregation) and [`KStream::repartition`] split the topology, as in
+//!   Kafka Streams, into an upstream and a downstream joined by an
+//!   internal stream `<name>-repartition` ([`REPARTITION_SUFFIX`]), which
+//!   is both an output and an input of the task ([`Task::repartitions`]).
+//!   The [`TestDriver`] passes each record through it at once, in order;
+//!   the [`StreamRunner`] writes it to its sink like any output (the
+//!   commit's outbox, idempotency keys) and reads it back from its source
+//!   (an [`EventLogSink`] and [`EventLogSource`] on the same log: an event
+//!   stream of that log), exactly once; on Kafka it is the topic
+//!   `<application>-<name>-repartition`. Records keep their timestamp and
+//!   headers; stream time is the task's (one for both sides).
 //! - **Stream time** is the largest record timestamp seen, never the wall
 //!   clock. A window closes when stream time reaches its end plus grace;
 //!   records for a closed window are late: counted and optionally sent to a

@@ -250,6 +250,21 @@ const MAX_GLOBAL_READS_PER_STEP: usize = 16;
 /// checkpoint, and reopening the runner rebuilds the tables from position
 /// 0. See [`GlobalKTable`](super::GlobalKTable) for what a join sees.
 ///
+/// # Repartitions
+///
+/// A repartition's internal stream ([`Task::repartitions`]) is an output
+/// like any other: its records go into the commit's outbox and to the
+/// sink. The runner reads them back only if its **source reads what its
+/// sink writes**: an [`EventLogSink`](super::EventLogSink) and an
+/// [`EventLogSource`](super::EventLogSource) on the same log (the internal
+/// stream is then the log stream `<name>-repartition`). Appended after the
+/// committed position under idempotency keys, each is read once in a
+/// later step, and the checkpoint past it is committed with the
+/// downstream's state: written once, processed once, across crashes. With
+/// a source that does not read the sink's records back (a
+/// `KafkaTopicSource` with a `KafkaTopicSink`), the downstream of a
+/// repartition never receives anything.
+///
 /// # Interactive queries
 ///
 /// [`StreamRunner::query_store`] and [`StreamRunner::query_window_store`]
