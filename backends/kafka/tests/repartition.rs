@@ -69,15 +69,30 @@ type ReadBack = (Vec<u8>, Vec<u8>, u64, Option<String>);
 /// Every record of `topic` (every partition, read_committed), at least
 /// `want` of them, then whatever more comes within 2 s.
 fn read_all(bootstrap: &str, topic: &str, partitions: i32, want: usize) -> Vec<ReadBack> {
+    let all: Vec<i32> = (0..partitions).collect();
+    read_all_from(bootstrap, topic, &all, want)
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// Every record of `partitions` of `topic` (read_committed) with its
+/// partition, at least `want`, then whatever more comes within 2 s.
+fn read_all_from(
+    bootstrap: &str,
+    topic: &str,
+    partitions: &[i32],
+    want: usize,
+) -> Vec<(i32, ReadBack)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("{topic}.reader"))
+        .set("group.id", format!("{topic}.reader.{partitions:?}"))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
+    for &p in partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
     }
@@ -96,10 +111,13 @@ fn read_all(bootstrap: &str, topic: &str, partitions: i32, want: usize) -> Vec<R
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                 });
                 out.push((
-                    m.key().unwrap_or(&[]).to_vec(),
-                    m.payload().unwrap_or(&[]).to_vec(),
-                    m.timestamp().to_millis().unwrap_or(-1) as u64,
-                    id,
+                    m.partition(),
+                    (
+                        m.key().unwrap_or(&[]).to_vec(),
+                        m.payload().unwrap_or(&[]).to_vec(),
+                        m.timestamp().to_millis().unwrap_or(-1) as u64,
+                        id,
+                    ),
                 ));
             }
             Some(Err(e)) => panic!("reading {topic}: {e}"),
@@ -123,6 +141,19 @@ fn open(rt: &tokio::runtime::Runtime, cfg: &ProcessorConfig) -> KafkaStreamProce
 
 #[test]
 fn group_by_repartitions_through_an_internal_topic_exactly_once_across_restarts() {
+    run(1);
+}
+
+/// The same with a repartition topic of 3 partitions: each page's clicks
+/// all in one partition (partitioned by the new key), each click once, and
+/// each page's counts in order (pages interleave as the partitions are
+/// read).
+#[test]
+fn group_by_partitions_the_internal_topic_by_the_new_key() {
+    run(3);
+}
+
+fn run(partitions: i32) {
     let Some(bootstrap) = common::bootstrap() else {
         return;
     };
@@ -150,7 +181,8 @@ fn group_by_repartitions_through_an_internal_topic_exactly_once_across_restarts(
     let cfg = ProcessorConfig::new(&bootstrap, &app)
         .with_input(&input, "clicks")
         .with_output_prefix(&prefix)
-        .with_batch(5);
+        .with_batch(5)
+        .with_repartition_partitions(partitions);
     let internal = cfg.repartition_topic("per-page-repartition");
     assert_eq!(internal, format!("{app}-per-page-repartition"));
     let mut p = open(&rt, &cfg);
@@ -184,8 +216,42 @@ fn group_by_repartitions_through_an_internal_topic_exactly_once_across_restarts(
     drop(p);
 
     // Every click once in the internal topic, keyed by its page, with its
-    // timestamp and headers, in order.
-    let got = read_all(&bootstrap, &internal, 1, clicks.len());
+    // timestamp and headers, in order (per page: per partition).
+    let all: Vec<i32> = (0..partitions).collect();
+    let read = read_all_from(&bootstrap, &internal, &all, clicks.len());
+    let by_partition: Vec<Vec<ReadBack>> = all
+        .iter()
+        .map(|&p| {
+            read.iter()
+                .filter(|r| r.0 == p)
+                .map(|r| r.1.clone())
+                .collect()
+        })
+        .collect();
+    for records in &by_partition {
+        let mut pages: Vec<&Vec<u8>> = records.iter().map(|r| &r.0).collect();
+        pages.dedup();
+        pages.sort();
+        pages.dedup();
+        for page in pages {
+            assert_eq!(
+                by_partition
+                    .iter()
+                    .filter(|rs| rs.iter().any(|r| &r.0 == page))
+                    .count(),
+                1,
+                "a page in one partition"
+            );
+        }
+    }
+    let mut got: Vec<ReadBack> = by_partition.concat();
+    if partitions > 1 {
+        assert!(
+            by_partition.iter().filter(|p| !p.is_empty()).count() > 1,
+            "pages spread over partitions"
+        );
+        got.sort_by_key(|r| r.3.as_ref().map(|id| id.parse::<usize>().unwrap()));
+    }
     let want: Vec<ReadBack> = numbered
         .iter()
         .map(|&(id, (_, page, ts))| {
@@ -209,9 +275,15 @@ fn group_by_repartitions_through_an_internal_topic_exactly_once_across_restarts(
             (Bytes::from(page).to_bytes(), *c, ts)
         })
         .collect();
-    let counts: Vec<(Vec<u8>, u64, u64)> = read_all(&bootstrap, &output, 1, clicks.len())
+    let mut counts: Vec<(Vec<u8>, u64, u64)> = read_all(&bootstrap, &output, 1, clicks.len())
         .into_iter()
         .map(|(k, v, ts, _)| (k, u64::decode(&v).unwrap(), ts))
         .collect();
+    let mut model = model;
+    if partitions > 1 {
+        // Each page's counts in order; pages interleave by partition.
+        counts.sort_by(|a, b| a.0.cmp(&b.0));
+        model.sort_by(|a, b| a.0.cmp(&b.0));
+    }
     assert_eq!(counts, model);
 }
