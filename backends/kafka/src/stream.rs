@@ -7,8 +7,8 @@
 //!
 //! [`KafkaStreamProcessor`] runs an engine [`Task`] (a built
 //! [`Topology`]) between input topics, read by a consumer group, and output
-//! topics. Each [`KafkaStreamProcessor::step`] polls a batch of input
-//! records, feeds them to the task, then in **one Kafka transaction**
+//! topics. Each [`KafkaStreamProcessor::step`] processes a batch of input
+//! records (in timestamp order, below), then in **one Kafka transaction**
 //! produces
 //!
 //! - the task's outputs (output `name` goes to topic
@@ -17,7 +17,8 @@
 //!   records of the changelog topic, one record per change (key = keyspace
 //!   and key, value = the new value, a tombstone for a delete), plus one
 //!   record with the task's stream time and counters,
-//! - and the consumer group's offsets, with `send_offsets_to_transaction`.
+//! - and the consumer group's offsets, with `send_offsets_to_transaction`:
+//!   per input partition, the offset of the first record not processed.
 //!
 //! The transactional id is fixed per application, so opening a processor
 //! fences the previous instance (`init_transactions`). On open the state
@@ -34,13 +35,33 @@
 //! by input partition yet, so several instances of one group would each
 //! hold part of the input but restore the whole changelog).
 //!
-//! Input order: any topology runs (several input topics, as the two
-//! sides of a stream-stream join; several stores; windows and sessions),
-//! but records of different input topics or partitions are processed in
-//! the order the consumer returns them, not merged by timestamp as Kafka
-//! Streams does: each partition keeps its order, and a result that
-//! depends on how two topics interleave (a record late or not, a pair
-//! joined before one side expires) can differ between runs.
+//! Any topology runs (several input topics, as the two sides of a
+//! stream-stream join; several stores; windows and sessions).
+//!
+//! # Input order
+//!
+//! As Kafka Streams' task (its `PartitionGroup`), the processor keeps a
+//! buffer of fetched records per input partition, at most
+//! [`ProcessorConfig::input_buffer`] (a full buffer pauses its partition
+//! at the consumer until it drains to half), and processes next the head
+//! of the partition whose head has the lowest timestamp; equal timestamps
+//! go to the input added first ([`ProcessorConfig::with_input`] order),
+//! then to the lower partition. Every partition of the inputs counts from
+//! the open, assigned yet or not. A partition with nothing buffered holds
+//! the others back as [`ProcessorConfig::input_idle`] says
+//! ([`InputIdle`], Kafka Streams' `max.task.idle.ms`): by default while
+//! the broker holds records of it not fetched yet, not for records not
+//! yet written — so input already written is processed in the same order
+//! whatever the fetch timing, on every run and across restarts. Idle time
+//! runs on the processor's [`Clock`]
+//! ([`KafkaStreamProcessor::with_clock`]).
+//!
+//! Buffered records are not committed: each step commits, per partition,
+//! the offset of its buffer's head (or the consumer's position, past any
+//! transaction marker, when the buffer is empty), so a restart reads
+//! exactly the records not processed again. A revoked partition's buffer
+//! is dropped. Global tables stay outside the buffers: bootstrapped
+//! before any input, then caught up at the start of each step.
 //!
 //! # Repartitions
 //!
@@ -801,10 +822,14 @@ impl KafkaStreamProcessor {
         self.restore
     }
 
-    /// Polls up to `max_batch` input records (waiting at most `wait` for the
-    /// first), processes them and commits outputs, state changes and
-    /// consumer offsets in one transaction. Returns zero records when none
-    /// came. After an error the processor is poisoned: reopen it.
+    /// Processes up to `max_batch` input records, in timestamp order
+    /// across the input partitions (see [Input order](self#input-order);
+    /// polling the consumer into the buffers, waiting at most `wait` for
+    /// the first record the order lets through, then 200 ms at a time for
+    /// more), and commits outputs, state changes and consumer offsets in
+    /// one transaction. Returns zero records when none could be processed
+    /// (none came, or an empty partition held the buffered ones back).
+    /// After an error the processor is poisoned: reopen it.
     ///
     /// Blocks (up to `wait` plus the Kafka calls).
     pub fn step(&mut self, wait: Duration) -> Result<ProcessorStep, KafkaStreamError> {
