@@ -46,8 +46,11 @@
 //! at the consumer until it drains to half), and processes next the head
 //! of the partition whose head has the lowest timestamp; equal timestamps
 //! go to the input added first ([`ProcessorConfig::with_input`] order),
-//! then to the lower partition. Every partition of the inputs counts from
-//! the open, assigned yet or not. A partition with nothing buffered holds
+//! then to the lower partition; the repartition topics (below) are inputs
+//! too, after the configured ones, by name (one task reads them, where
+//! Kafka Streams would give the downstream sub-topology its own tasks).
+//! Every partition of the inputs counts from the open, assigned yet or
+//! not. A partition with nothing buffered holds
 //! the others back as [`ProcessorConfig::input_idle`] says
 //! ([`InputIdle`], Kafka Streams' `max.task.idle.ms`): by default while
 //! the broker holds records of it not fetched yet, not for records not
