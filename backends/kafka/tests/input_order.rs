@@ -436,7 +436,8 @@ fn run_written_inputs(name: &str, configure: fn(ProcessorConfig) -> ProcessorCon
             .with_input(&left, "left")
             .with_input(&right, "right")
             .with_output_prefix(&prefix)
-            .with_batch(7),
+            .with_batch(7)
+            .with_input_idle(InputIdle::Wait(Duration::ZERO)),
     );
     let mut p = open_checked(&rt, &cfg, &model);
     let (mut steps, mut restarts, mut done) = (0, 0, 0);
