@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::Topology;
 use smartmsg_kafka::stream::ensure_topics;
 use smartmsg_kafka::{KafkaStreamProcessor, ProcessorConfig};
@@ -62,41 +59,15 @@ fn produce(bootstrap: &str, topic: &str, partition: i32, records: &[(&str, &str)
 /// Every record of partition 0 of `topic` (read_committed) as (key,
 /// value), once `want` came and nothing more for 2 s.
 fn read_all(bootstrap: &str, topic: &str, want: usize) -> Vec<(String, String)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("{topic}.reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let start = Instant::now();
-    let mut quiet_since: Option<Instant> = None;
-    while start.elapsed() < Duration::from_secs(30) {
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                quiet_since = None;
-                out.push((
-                    String::from_utf8_lossy(m.key().unwrap_or(&[])).into_owned(),
-                    String::from_utf8_lossy(m.payload().unwrap_or(&[])).into_owned(),
-                ));
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {
-                if out.len() >= want {
-                    let q = *quiet_since.get_or_insert_with(Instant::now);
-                    if q.elapsed() > Duration::from_secs(2) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    out
+    common::read_committed(bootstrap, topic, want, Duration::from_secs(30))
+        .into_iter()
+        .map(|r| {
+            (
+                String::from_utf8_lossy(&r.key).into_owned(),
+                String::from_utf8_lossy(&r.value).into_owned(),
+            )
+        })
+        .collect()
 }
 
 fn step_until(p: &mut KafkaStreamProcessor, n: usize) -> usize {

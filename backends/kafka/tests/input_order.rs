@@ -22,10 +22,8 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::{JoinWindows, StateCodec, Topology};
 use smartmsg_engine::ManualClock;
 use smartmsg_kafka::stream::{ensure_topics, InputIdle};
@@ -70,48 +68,24 @@ type Out = (u8, Vec<u8>, u64, u8);
 /// Every record of partition 0 of `topic` (read_committed), waiting for
 /// `want` of them and then 2 s more for any extra.
 fn read_back(bootstrap: &str, topic: &str, want: usize) -> Vec<Out> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("{topic}.reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let start = Instant::now();
-    let mut quiet_since: Option<Instant> = None;
-    while start.elapsed() < Duration::from_secs(30) {
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                quiet_since = None;
-                let id = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "i").and_then(|h| h.value))
-                    .map(|v| std::str::from_utf8(v).unwrap().parse().unwrap())
-                    .expect("header i");
-                out.push((
-                    u8::decode(m.key().unwrap_or(&[])).unwrap(),
-                    m.payload().unwrap_or(&[]).to_vec(),
-                    m.timestamp().to_millis().unwrap_or(-1) as u64,
-                    id,
-                ));
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {
-                if out.len() >= want {
-                    let q = *quiet_since.get_or_insert_with(Instant::now);
-                    if q.elapsed() > Duration::from_secs(2) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    out
+    common::read_committed(bootstrap, topic, want, Duration::from_secs(30))
+        .into_iter()
+        .map(|r| {
+            let id = r
+                .headers
+                .iter()
+                .find(|(k, _)| k == "i")
+                .and_then(|(_, v)| v.as_deref())
+                .map(|v| std::str::from_utf8(v).unwrap().parse().unwrap())
+                .expect("header i");
+            (
+                u8::decode(&r.key).unwrap(),
+                r.value,
+                r.timestamp_ms as u64,
+                id,
+            )
+        })
+        .collect()
 }
 
 /// One step that processed records, within 60 s (the group join can take

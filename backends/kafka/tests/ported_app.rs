@@ -20,10 +20,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::{Json, LateReason, LateRecord, StateCodec, TestDriver, Windowed};
 use smartmsg_kafka::stream::ensure_topics;
 use smartmsg_kafka::{KafkaStreamProcessor, ProcessorConfig};
@@ -438,42 +435,10 @@ fn await_profiles(p: &mut KafkaStreamProcessor, profiles: &BTreeMap<String, Stri
 /// Every committed record of partition 0 of `topic` as (key, value,
 /// timestamp), once `want` came and nothing more for 2 s.
 fn read_all(bootstrap: &str, topic: &str, want: usize) -> Vec<(Vec<u8>, Vec<u8>, u64)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("{topic}.reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let start = Instant::now();
-    let mut quiet_since: Option<Instant> = None;
-    while start.elapsed() < Duration::from_secs(60) {
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                quiet_since = None;
-                out.push((
-                    m.key().unwrap_or_default().to_vec(),
-                    m.payload().unwrap_or_default().to_vec(),
-                    m.timestamp().to_millis().unwrap_or(0).max(0) as u64,
-                ));
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {
-                if out.len() >= want {
-                    let q = *quiet_since.get_or_insert_with(Instant::now);
-                    if q.elapsed() > Duration::from_secs(2) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    out
+    common::read_committed(bootstrap, topic, want, Duration::from_secs(60))
+        .into_iter()
+        .map(|r| (r.key, r.value, r.timestamp_ms.max(0) as u64))
+        .collect()
 }
 
 #[test]

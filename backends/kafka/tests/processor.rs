@@ -12,10 +12,8 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::{
     EmitStrategy, InMemoryStore, JoinWindows, KeyValueStore, LateReason, LateRecord, RunnerConfig,
     SessionWindows, StateCodec, StreamRunner, Topology, Window, Windowed,
@@ -128,62 +126,12 @@ fn read_with_headers(bootstrap: &str, topic: &str, want: usize) -> Vec<ReadBack>
 }
 
 /// A record read back with its raw key and timestamp.
-struct Raw {
-    key: Vec<u8>,
-    value: Vec<u8>,
-    timestamp_ms: i64,
-    headers: ReadPairs,
-}
+use common::Committed as Raw;
 
 /// Every record of partition 0 of `topic` (read_committed), waiting for
 /// `want` of them and then 2 s more for any extra.
 fn read_raw(bootstrap: &str, topic: &str, want: usize) -> Vec<Raw> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("{topic}.reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let start = Instant::now();
-    // Read what is there, then keep going a little to catch any extra.
-    let mut quiet_since: Option<Instant> = None;
-    while start.elapsed() < Duration::from_secs(30) {
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                quiet_since = None;
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Raw {
-                    key: m.key().unwrap_or(&[]).to_vec(),
-                    value: m.payload().unwrap_or(&[]).to_vec(),
-                    timestamp_ms: m.timestamp().to_millis().unwrap_or(-1),
-                    headers,
-                });
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {
-                if out.len() >= want {
-                    let q = *quiet_since.get_or_insert_with(Instant::now);
-                    if q.elapsed() > Duration::from_secs(2) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    out
+    common::read_committed(bootstrap, topic, want, Duration::from_secs(30))
 }
 
 fn counts(records: &[(String, Vec<u8>)]) -> Vec<(String, u64)> {

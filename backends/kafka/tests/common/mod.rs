@@ -98,3 +98,80 @@ pub fn broker_hides_aborted(bootstrap: &str) -> bool {
     }
     panic!("the abort probe read nothing back from {topic}");
 }
+
+/// A record read back from a topic: raw key, value, timestamp (−1 when
+/// the record has none) and headers (a null value as `None`).
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The key (empty when none).
+    pub key: Vec<u8>,
+    /// The value (empty when none).
+    pub value: Vec<u8>,
+    /// The record's timestamp in milliseconds, −1 when it has none.
+    pub timestamp_ms: i64,
+    /// The headers in order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Every committed record of partition 0 of `topic` (`read_committed`),
+/// waiting for `want` of them and then 2 s more for any extra, for at most
+/// `within` in all.
+pub fn read_committed(
+    bootstrap: &str,
+    topic: &str,
+    want: usize,
+    within: std::time::Duration,
+) -> Vec<Committed> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers as _, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    use std::time::{Duration, Instant};
+
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{topic}.reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    // Read what is there, then keep going a little to catch any extra.
+    let mut quiet_since: Option<Instant> = None;
+    while start.elapsed() < within {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                quiet_since = None;
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Committed {
+                    key: m.key().unwrap_or(&[]).to_vec(),
+                    value: m.payload().unwrap_or(&[]).to_vec(),
+                    timestamp_ms: m.timestamp().to_millis().unwrap_or(-1),
+                    headers,
+                });
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {
+                if out.len() >= want {
+                    let q = *quiet_since.get_or_insert_with(Instant::now);
+                    if q.elapsed() > Duration::from_secs(2) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
