@@ -1037,8 +1037,8 @@ impl KafkaStreamProcessor {
     fn fill(&mut self, timeout: Duration) -> Result<bool, KafkaStreamError> {
         let mut got = false;
         let mut wait = timeout;
-        // Bounded: full partitions are paused (nothing more of them comes),
-        // so this ends once every buffer is full at the latest.
+        // Bounded: it ends at the consumer's empty queue, or at the first
+        // record that fills its partition's buffer.
         loop {
             let polled = match self.consumer.poll(wait) {
                 None => None,
