@@ -88,6 +88,23 @@
 //! consumed (Kafka Streams deletes consumed records); give them a
 //! retention.
 //!
+//! # Punctuators and interactive queries
+//!
+//! Stream-time punctuators fire as records move stream time. Wall-clock
+//! punctuators fire on the processor's [`Clock`]
+//! ([`KafkaStreamProcessor::with_clock`], the system clock by default),
+//! read after each step's records: their effects commit in the step's
+//! transaction, and a step that processed no record commits when one
+//! fired. Like the runner's, they are not replayed after a crash.
+//!
+//! With [`ProcessorConfig::with_interactive_queries`] the processor keeps
+//! a copy of its committed state (restored on open, then each step's
+//! changes once its transaction committed), and
+//! [`KafkaStreamProcessor::query_store`] /
+//! [`KafkaStreamProcessor::query_window_store`] give the engine's
+//! [`StoreReader`] / [`WindowStoreReader`] over it, usable from other
+//! threads while the processor steps.
+//!
 //! # Headers
 //!
 //! Records keep their headers both ways, as Kafka record headers (see
@@ -122,8 +139,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::{
-    BuildError, InMemoryStore, KeyValueStore, OutputRecord, Sink, SinkError, Source, SourceError,
-    SourceRecord, StateCodec, StoreError, StreamError, Task, TaskMeta, Topology, WriteBatch,
+    BuildError, CommitMark, InMemoryStore, KeyValueStore, OutputRecord, QueryError, Sink,
+    SinkError, Source, SourceError, SourceRecord, StateCodec, StoreError, StoreReader, StreamError,
+    Task, TaskMeta, Topology, WindowStoreReader, WriteBatch,
 };
 use smartmsg_engine::{BackendError, Clock, SystemClock};
 
@@ -134,6 +152,10 @@ use partition_group::{BufferedRecord, Choice, Lag, PartitionGroup, PartitionKey}
 
 /// The keyspace of the changelog record holding the task's [`TaskMeta`].
 pub const META_SPACE: &str = "__task_meta";
+
+/// The key, in [`META_SPACE`] of the copy kept for interactive queries
+/// (never in the changelog), that every commit rewrites with its count.
+const COMMIT_MARK_KEY: &[u8] = b"commit";
 
 /// Why a Kafka stream component failed.
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +267,10 @@ pub struct ProcessorConfig {
     /// partition and step (about 0.25 s on tansu): choose it where a
     /// repeatable order matters more than throughput.
     pub input_idle: InputIdle,
+    /// Whether the processor keeps a copy of its committed state for
+    /// interactive queries ([`KafkaStreamProcessor::query_store`]); off by
+    /// default, as it holds the task's state a second time in memory.
+    pub interactive_queries: bool,
 }
 
 impl ProcessorConfig {
@@ -269,6 +295,7 @@ impl ProcessorConfig {
             repartition_partitions: 1,
             input_buffer: 1000,
             input_idle: InputIdle::default(),
+            interactive_queries: false,
         }
     }
 
@@ -340,6 +367,14 @@ impl ProcessorConfig {
     /// others (see [`InputIdle`]).
     pub fn with_input_idle(mut self, idle: InputIdle) -> Self {
         self.input_idle = idle;
+        self
+    }
+
+    /// Keeps a copy of the committed state for interactive queries
+    /// ([`KafkaStreamProcessor::query_store`],
+    /// [`KafkaStreamProcessor::query_window_store`]).
+    pub fn with_interactive_queries(mut self) -> Self {
+        self.interactive_queries = true;
         self
     }
 
@@ -447,8 +482,15 @@ pub struct KafkaStreamProcessor {
     topic_index: HashMap<String, usize>,
     /// Fetched input records not processed yet, per owned partition.
     group: PartitionGroup,
-    /// Measures how long an empty partition has held the others back.
+    /// Measures how long an empty partition has held the others back, and
+    /// gives the task wall-clock time for its punctuators.
     clock: Arc<dyn Clock>,
+    /// The committed state, for interactive queries (when enabled): the
+    /// restored state, then each committed step's changes.
+    committed: Option<Arc<InMemoryStore>>,
+    /// Steps committed since the open (written to `committed` as its
+    /// [`CommitMark`]).
+    commits: u64,
     /// Partitions found caught up (nothing more on the broker) in this
     /// step.
     caught_up: HashSet<PartitionKey>,
@@ -477,8 +519,7 @@ enum RebalanceEvent {
 
 /// The input consumer's context: records rebalances, so that a revoked
 /// partition's buffered records are dropped (a partition assigned again
-/// restarts from the group's committed offset) and a newly assigned
-/// partition is never left paused.
+/// restarts from the group's committed offset).
 #[derive(Default)]
 struct InputContext {
     events: Mutex<Vec<RebalanceEvent>>,
@@ -515,13 +556,8 @@ impl ConsumerContext for InputContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            // A partition paused (full buffer) before a revocation starts
-            // afresh.
-            if let Err(e) = consumer.resume(tpl) {
-                tracing::warn!(error = %e, "resuming newly assigned input partitions");
-            }
             self.log(RebalanceEvent::Assigned(partitions_of(tpl)));
         }
     }
@@ -743,7 +779,8 @@ impl KafkaStreamProcessor {
             .init_transactions(config.request_timeout)
             .map_err(|e| KafkaStreamError::kafka("init_transactions", e))?;
 
-        let restore = restore(&config, &mut task)?;
+        let (restore, restored) = restore(&config, &mut task)?;
+        let committed = config.interactive_queries.then(|| Arc::new(restored));
         let global = GlobalReader::bootstrap(&config, &mut task)?;
 
         let consumer: BaseConsumer<InputContext> = ClientConfig::new()
@@ -802,6 +839,8 @@ impl KafkaStreamProcessor {
             repartition_topics,
             topic_index,
             clock: Arc::new(SystemClock),
+            committed,
+            commits: 0,
             caught_up: HashSet::new(),
             known_end: HashMap::new(),
             start_offset: HashMap::new(),
@@ -812,8 +851,9 @@ impl KafkaStreamProcessor {
         })
     }
 
-    /// Measures input idleness ([`ProcessorConfig::input_idle`]) on
-    /// `clock` instead of the system clock (tests move a
+    /// Measures input idleness ([`ProcessorConfig::input_idle`]) and
+    /// fires the processors' wall-clock punctuators on `clock` instead of
+    /// the system clock (tests move a
     /// [`ManualClock`](smartmsg_engine::ManualClock) by hand).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -836,13 +876,55 @@ impl KafkaStreamProcessor {
         self.restore
     }
 
+    /// A reader of the committed state of the key-value store `name` (a
+    /// table, a non-windowed aggregate, a processor's store): the state
+    /// restored on open and then as of each committed step, never what a
+    /// step processed before its transaction committed. Cloneable, usable
+    /// from any thread while the processor steps. Needs
+    /// [`ProcessorConfig::with_interactive_queries`]
+    /// ([`QueryError::NotEnabled`] otherwise); see [`StoreReader`].
+    pub fn query_store<K, V>(&self, name: &str) -> Result<StoreReader<K, V>, QueryError>
+    where
+        K: Clone + Eq + std::hash::Hash + StateCodec + Send + 'static,
+        V: StateCodec + Send + 'static,
+    {
+        StoreReader::new(&self.task, self.committed_store()?, name)
+    }
+
+    /// A reader of the committed state of the window store `name` (a
+    /// tumbling or hopping windowed aggregation): as
+    /// [`query_store`](Self::query_store); a fetch sees one commit (see
+    /// [`WindowStoreReader`]).
+    pub fn query_window_store<K, A>(
+        &self,
+        name: &str,
+    ) -> Result<WindowStoreReader<K, A>, QueryError>
+    where
+        K: Clone + Eq + std::hash::Hash + StateCodec + Send + 'static,
+        A: StateCodec + Send + 'static,
+    {
+        let mark = CommitMark::new(META_SPACE, COMMIT_MARK_KEY);
+        WindowStoreReader::new(&self.task, self.committed_store()?, name, Some(mark))
+    }
+
+    fn committed_store(&self) -> Result<Arc<dyn KeyValueStore>, QueryError> {
+        match &self.committed {
+            Some(s) => Ok(Arc::clone(s) as Arc<dyn KeyValueStore>),
+            None => Err(QueryError::NotEnabled {
+                hint: "open the processor with ProcessorConfig::with_interactive_queries",
+            }),
+        }
+    }
+
     /// Processes up to `max_batch` input records, in timestamp order
     /// across the input partitions (see [Input order](self#input-order);
     /// polling the consumer into the buffers, waiting at most `wait` for
     /// the first record the order lets through, then 200 ms at a time for
-    /// more), and commits outputs, state changes and consumer offsets in
-    /// one transaction. Returns zero records when none could be processed
-    /// (none came, or an empty partition held the buffered ones back).
+    /// more), fires the wall-clock punctuators that are due, and commits
+    /// outputs, state changes and consumer offsets in one transaction.
+    /// Returns zero records when none could be processed (none came, or
+    /// an empty partition held the buffered ones back); it then commits
+    /// only if a wall-clock punctuator fired.
     /// After an error the processor is poisoned: reopen it.
     ///
     /// Blocks (up to `wait` plus the Kafka calls).
@@ -914,7 +996,10 @@ impl KafkaStreamProcessor {
                 }
             }
         }
-        if records == 0 {
+        // Wall-clock punctuators fire after the step's records, and their
+        // effects commit with them (or alone, when no record came).
+        let punctuated = self.task.punctuate_wall_clock(self.clock.now_ms())?;
+        if records == 0 && !punctuated {
             return Ok(ProcessorStep::default());
         }
 
@@ -954,6 +1039,11 @@ impl KafkaStreamProcessor {
         let mut batch = WriteBatch::new();
         self.task.flush(&mut batch);
         let meta = self.task.meta().to_bytes();
+        if let Some(committed) = &self.committed {
+            // Checked before the transaction, so that applying it to the
+            // copy after the commit cannot fail on a limit.
+            committed.limits().check_batch(&batch)?;
+        }
 
         self.producer
             .begin_transaction()
@@ -1023,6 +1113,11 @@ impl KafkaStreamProcessor {
         self.producer
             .commit_transaction(self.config.request_timeout)
             .map_err(|e| KafkaStreamError::kafka("commit_transaction", e))?;
+        if let Some(committed) = &self.committed {
+            self.commits += 1;
+            batch.put(META_SPACE, COMMIT_MARK_KEY, self.commits.to_be_bytes());
+            committed.write(&batch)?;
+        }
         Ok(ProcessorStep {
             records,
             outputs: outputs.len(),
@@ -1031,9 +1126,9 @@ impl KafkaStreamProcessor {
     }
 
     /// Polls the input consumer (waiting up to `timeout` for the first
-    /// event, then taking what is there) into the buffers, pausing the
-    /// partitions whose buffer fills; applies rebalances. True when a
-    /// record came.
+    /// event, then taking what is there) into the buffers, stopping at the
+    /// first buffer that fills; applies rebalances. True when a record
+    /// came.
     fn fill(&mut self, timeout: Duration) -> Result<bool, KafkaStreamError> {
         let mut got = false;
         let mut wait = timeout;
@@ -1076,20 +1171,6 @@ impl KafkaStreamProcessor {
             }
         }
         Ok(got)
-    }
-
-    /// Pauses or resumes fetching partition `k`.
-    fn pause(&mut self, k: PartitionKey, pause: bool) -> Result<(), KafkaStreamError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.inputs[k.0].0, k.1);
-        let r = if pause {
-            self.consumer.pause(&tpl)
-        } else {
-            self.consumer.resume(&tpl)
-        };
-        r.map_err(|e| KafkaStreamError::kafka("pause or resume input", e))?;
-        self.group.set_paused(k, pause);
-        Ok(())
     }
 
     /// Applies the rebalances the consumer ran in its last poll.
@@ -1243,15 +1324,11 @@ impl KafkaStreamProcessor {
         Ok(found)
     }
 
-    /// Processes the head record of partition `k`, resuming the partition
-    /// if its buffer drained enough.
+    /// Processes the head record of partition `k`.
     fn process_head(&mut self, k: PartitionKey) -> Result<(), KafkaStreamError> {
-        let Some((r, resume)) = self.group.pop(k) else {
+        let Some(r) = self.group.pop(k) else {
             return Ok(());
         };
-        if resume {
-            self.pause(k, false)?;
-        }
         let input = &self.inputs[k.0].1;
         self.task
             .process_encoded(input, &r.key, &r.value, r.timestamp_ms, r.headers)?;
@@ -1288,7 +1365,12 @@ impl KafkaStreamProcessor {
 
 /// Reads the changelog topic to its end into an in-memory store and loads
 /// it into `task`.
-fn restore(config: &ProcessorConfig, task: &mut Task) -> Result<RestoreStats, KafkaStreamError> {
+/// Restores `task` from the changelog topic; returns what it read and the
+/// restored state.
+fn restore(
+    config: &ProcessorConfig,
+    task: &mut Task,
+) -> Result<(RestoreStats, InMemoryStore), KafkaStreamError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap)
         .set("group.id", format!("{}.restore", config.group_id))
@@ -1302,8 +1384,9 @@ fn restore(config: &ProcessorConfig, task: &mut Task) -> Result<RestoreStats, Ka
         .fetch_watermarks(topic, 0, config.request_timeout)
         .map_err(|e| KafkaStreamError::kafka("changelog watermarks", e))?;
     let mut stats = RestoreStats { records: 0, end };
+    let store = InMemoryStore::without_changelog_retention();
     if end <= 0 {
-        return Ok(stats);
+        return Ok((stats, store));
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Beginning)
@@ -1311,7 +1394,6 @@ fn restore(config: &ProcessorConfig, task: &mut Task) -> Result<RestoreStats, Ka
     consumer
         .assign(&tpl)
         .map_err(|e| KafkaStreamError::kafka("assign changelog", e))?;
-    let store = InMemoryStore::new();
     let mut meta = None;
     let mut batch = WriteBatch::new();
     let mut at = 0i64;
@@ -1365,7 +1447,7 @@ fn restore(config: &ProcessorConfig, task: &mut Task) -> Result<RestoreStats, Ka
     if let Some(meta) = meta {
         task.set_meta(meta);
     }
-    Ok(stats)
+    Ok((stats, store))
 }
 
 /// A [`Source`] over one partition of a topic: the offset is the position.

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,9 +16,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use smartmsg_engine::stream::{
-    EmitStrategy, InMemoryStore, JoinWindows, KeyValueStore, LateReason, LateRecord, RunnerConfig,
-    SessionWindows, StateCodec, StreamRunner, Topology, Window, Windowed,
+    EmitStrategy, InMemoryStore, JoinWindows, KeyValueStore, LateReason, LateRecord, Processor,
+    ProcessorContext, Punctuation, PunctuationType, QueryError, Record, RunnerConfig,
+    SessionWindows, StateCodec, StreamError, StreamRunner, Topology, Window, Windowed, Windows,
 };
+use smartmsg_engine::ManualClock;
 use smartmsg_kafka::stream::ensure_topics;
 use smartmsg_kafka::{KafkaStreamProcessor, KafkaTopicSink, KafkaTopicSource, ProcessorConfig};
 
@@ -308,7 +311,7 @@ fn topic_source_and_sink_drive_the_runner() {
     } = topics(&rt, &bootstrap, "runner", "counts");
     produce(&bootstrap, &input, &["a", "b", "a", "a"]);
     rt.block_on(async {
-        let store: std::sync::Arc<dyn KeyValueStore> = std::sync::Arc::new(InMemoryStore::new());
+        let store: Arc<dyn KeyValueStore> = Arc::new(InMemoryStore::new());
         let mut runner = StreamRunner::open(
             topology(),
             store.clone(),
@@ -529,7 +532,7 @@ fn headers_pass_through_the_runner_on_topics() {
     let (keys, headers) = header_input();
     produce_with_headers(&bootstrap, &input, &keys, &headers);
     rt.block_on(async {
-        let store: std::sync::Arc<dyn KeyValueStore> = std::sync::Arc::new(InMemoryStore::new());
+        let store: Arc<dyn KeyValueStore> = Arc::new(InMemoryStore::new());
         let mut runner = StreamRunner::open(
             passing_topology(),
             store,
@@ -1301,4 +1304,179 @@ fn processor_runs_session_windows_across_restarts() {
         })
         .collect();
     assert_eq!(got, model.late);
+}
+
+// --- Interactive queries and wall-clock punctuators -------------------------
+
+/// Counts records per key in the store "seen"; every second of wall-clock
+/// time forwards how many keys it has seen (key 0).
+struct Beat;
+
+impl Processor<u8, u8, u8, u64> for Beat {
+    fn init(&mut self, ctx: &mut ProcessorContext<'_, u8, u64>) -> Result<(), StreamError> {
+        ctx.schedule(1_000, PunctuationType::WallClockTime)?;
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        ctx: &mut ProcessorContext<'_, u8, u64>,
+        r: Record<u8, u8>,
+    ) -> Result<(), StreamError> {
+        let mut s = ctx.store::<u8, u64>("seen")?;
+        let n = s.get(&r.key).copied().unwrap_or(0) + 1;
+        s.put(r.key, n)
+    }
+    fn punctuate(
+        &mut self,
+        ctx: &mut ProcessorContext<'_, u8, u64>,
+        p: Punctuation,
+    ) -> Result<(), StreamError> {
+        let n = ctx.store::<u8, u64>("seen")?.len() as u64;
+        ctx.forward(Record::new(0, n, p.timestamp_ms))
+    }
+}
+
+/// A processor with a wall-clock punctuator ("beats"), a count per key
+/// ("per-user") and a count per key and 10 s window ("per-window").
+fn queried_topology() -> Topology {
+    let t = Topology::new();
+    t.add_state_store::<u8, u64>("seen");
+    let clicks = t.stream::<u8, u8>("clicks");
+    clicks
+        .process("beat", Beat, &["seen"])
+        .child("beats")
+        .to("beats");
+    clicks.group_by_key().count("per-user").to("counts");
+    clicks
+        .group_by_key()
+        .windowed_by(Windows::tumbling(10_000).unwrap().grace(60_000))
+        .count("per-window")
+        .to("window-counts");
+    t
+}
+
+#[test]
+fn processor_answers_queries_from_committed_state_and_fires_wall_clock_punctuators() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let t = topics(&rt, &bootstrap, "queries", "beats");
+    let others = [
+        format!("{}counts", t.prefix),
+        format!("{}window-counts", t.prefix),
+    ];
+    rt.block_on(ensure_topics(
+        &bootstrap,
+        &[(&others[0], 1), (&others[1], 1)],
+    ))
+    .unwrap();
+    let config = || {
+        ProcessorConfig::new(bootstrap.as_str(), t.app.as_str())
+            .with_input(t.input.as_str(), "clicks")
+            .with_output_prefix(t.prefix.as_str())
+    };
+    let clock = ManualClock::new(10_500);
+    let mut p = rt
+        .block_on(KafkaStreamProcessor::open(
+            queried_topology(),
+            config().with_interactive_queries(),
+        ))
+        .unwrap()
+        .with_clock(Arc::new(clock.clone()));
+    let per_user = p.query_store::<u8, u64>("per-user").unwrap();
+    let seen = p.query_store::<u8, u64>("seen").unwrap();
+    let per_window = p.query_window_store::<u8, u64>("per-window").unwrap();
+    assert!(per_user.all(100).unwrap().is_empty());
+    assert!(matches!(
+        p.query_store::<u8, u64>("per-window"),
+        Err(QueryError::WrongType { .. })
+    ));
+
+    // (key, id, timestamp): keys 1 and 2 in the window [0, 10 s), key 1
+    // again in [10 s, 20 s).
+    produce_ids(
+        &bootstrap,
+        &t.input,
+        &[(1, 0, 1_000), (2, 1, 2_000), (1, 2, 12_000)],
+    );
+    assert_eq!(step_until(&mut p, 3), 3);
+    // Read from another thread, as a service's handler would.
+    let (users, keys, windows) = std::thread::spawn(move || {
+        (
+            per_user.all(100).unwrap(),
+            seen.all(100).unwrap(),
+            per_window.fetch(&1, 0, 20_000).unwrap(),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(users, vec![(1, 2), (2, 1)]);
+    assert_eq!(keys, vec![(1, 2), (2, 1)]);
+    let w = |start_ms| Window {
+        start_ms,
+        end_ms: start_ms + 10_000,
+    };
+    assert_eq!(windows, vec![(w(0), 1), (w(10_000), 1)]);
+
+    // No record, but the clock passed the punctuator's second: the step
+    // commits the beat alone.
+    let step = p.step(Duration::from_millis(200)).unwrap();
+    assert_eq!(
+        (step.records, step.outputs),
+        (0, 0),
+        "the clock has not moved"
+    );
+    clock.advance(1_000);
+    let step = p.step(Duration::from_millis(200)).unwrap();
+    assert_eq!((step.records, step.outputs), (0, 1));
+    let beats = read_raw(&bootstrap, &t.output, 1);
+    assert_eq!(beats.len(), 1);
+    assert_eq!(u64::decode(&beats[0].value).unwrap(), 2);
+    assert_eq!(beats[0].timestamp_ms, 11_500);
+
+    // A step that aborts leaves the committed copy as it was.
+    produce_ids(&bootstrap, &t.input, &[(2, 3, 3_000)]);
+    let mut per_user = p.query_store::<u8, u64>("per-user").unwrap();
+    let start = Instant::now();
+    loop {
+        let step = p.step_and_abort(Duration::from_secs(2));
+        match step {
+            Ok(s) if s.records > 0 => break,
+            Ok(_) if start.elapsed() < Duration::from_secs(60) => {
+                // Nothing came: the processor is poisoned; open it again.
+                drop(p);
+                p = rt
+                    .block_on(KafkaStreamProcessor::open(
+                        queried_topology(),
+                        config().with_interactive_queries(),
+                    ))
+                    .unwrap();
+                per_user = p.query_store::<u8, u64>("per-user").unwrap();
+            }
+            other => panic!("no input within 60 s: {other:?}"),
+        }
+    }
+    assert_eq!(per_user.get(&2).unwrap(), Some(1));
+    drop(p);
+
+    // Reopened, the copy starts from the restored state; without the
+    // option there is none.
+    let p = rt
+        .block_on(KafkaStreamProcessor::open(
+            queried_topology(),
+            config().with_interactive_queries(),
+        ))
+        .unwrap();
+    let restored = p.query_store::<u8, u64>("per-user").unwrap();
+    let got = restored.get(&1).unwrap();
+    assert_eq!(got, Some(2));
+    drop(p);
+    let p = rt
+        .block_on(KafkaStreamProcessor::open(queried_topology(), config()))
+        .unwrap();
+    assert!(matches!(
+        p.query_store::<u8, u64>("per-user"),
+        Err(QueryError::NotEnabled { .. })
+    ));
 }

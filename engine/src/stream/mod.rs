@@ -117,7 +117,9 @@ pub use memory_store::InMemoryStore;
 pub use processor::{
     Processor, ProcessorContext, ProcessorStore, Punctuation, PunctuationType, PunctuatorId,
 };
-pub use query::{QueryError, StoreReader, WindowStoreReader, MAX_QUERY_TRIES, MAX_WINDOW_FETCH};
+pub use query::{
+    CommitMark, QueryError, StoreReader, WindowStoreReader, MAX_QUERY_TRIES, MAX_WINDOW_FETCH,
+};
 pub use runner::{
     OutputId, OutputRecord, RunnerConfig, RunnerError, Sink, SinkError, Source, SourceError,
     SourceRecord, StepReport, StreamRunner, PUNCTUATE,

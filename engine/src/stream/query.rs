@@ -56,6 +56,13 @@ pub enum QueryError {
         /// The name.
         name: String,
     },
+    /// The driver keeps no copy of its committed state to query (the
+    /// Kafka processor keeps one only when asked to).
+    #[error("interactive queries are not enabled: {hint}")]
+    NotEnabled {
+        /// How to enable them.
+        hint: &'static str,
+    },
     /// The window range spans more than [`MAX_WINDOW_FETCH`] windows.
     #[error("the range spans {windows} windows; the limit is {max}")]
     TooWide {
@@ -88,9 +95,20 @@ pub enum QueryError {
 /// A key that every commit rewrites with new bytes (the runner's
 /// checkpoint): a multi-read query compares it before and after.
 #[derive(Debug, Clone)]
-pub(crate) struct CommitMark {
+pub struct CommitMark {
     pub(crate) space: String,
     pub(crate) key: Vec<u8>,
+}
+
+impl CommitMark {
+    /// The key `key` of keyspace `space`, which the driver rewrites with
+    /// new bytes in every commit's batch.
+    pub fn new(space: impl Into<String>, key: impl Into<Vec<u8>>) -> Self {
+        Self {
+            space: space.into(),
+            key: key.into(),
+        }
+    }
 }
 
 fn typed_err(e: StreamError) -> QueryError {
@@ -138,12 +156,11 @@ where
     K: Clone + Eq + std::hash::Hash + StateCodec + Send + 'static,
     V: StateCodec + Send + 'static,
 {
-    /// A reader of `task`'s store `name`, committed to `store`.
-    pub(crate) fn new(
-        task: &Task,
-        store: Arc<dyn KeyValueStore>,
-        name: &str,
-    ) -> Result<Self, QueryError> {
+    /// A reader of `task`'s store `name`, committed to `store`. For
+    /// drivers of a [`Task`] that keep its committed state in a store of
+    /// their own (the runner, the `TestDriver` and the Kafka processor
+    /// give readers through their `query_store`).
+    pub fn new(task: &Task, store: Arc<dyn KeyValueStore>, name: &str) -> Result<Self, QueryError> {
         let slot = task.typed::<KvState<K, V>>(name).map_err(typed_err)?;
         if !slot.persisted() {
             return Err(QueryError::GlobalStore {
@@ -260,8 +277,10 @@ where
     A: StateCodec + Send + 'static,
 {
     /// A reader of `task`'s window store `name`, committed to `store`;
-    /// `mark` is rewritten by every commit.
-    pub(crate) fn new(
+    /// `mark` is rewritten by every commit (without one, a fetch may see
+    /// parts of two commits). For drivers of a [`Task`], as
+    /// [`StoreReader::new`].
+    pub fn new(
         task: &Task,
         store: Arc<dyn KeyValueStore>,
         name: &str,

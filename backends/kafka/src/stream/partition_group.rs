@@ -89,8 +89,6 @@ pub(crate) enum Choice {
 #[derive(Debug, Default)]
 struct PartitionBuffer {
     records: VecDeque<BufferedRecord>,
-    /// Paused at the consumer because the buffer was full.
-    paused: bool,
     /// Since when (clock ms) the buffer has been empty while others held
     /// records.
     empty_since_ms: Option<u64>,
@@ -129,29 +127,17 @@ impl PartitionGroup {
     }
 
     /// Appends a fetched record; true when the buffer is now full (the
-    /// caller pauses the partition).
+    /// caller stops polling until it has processed some).
     pub fn push(&mut self, k: PartitionKey, record: BufferedRecord) -> bool {
         let b = self.partitions.entry(k).or_default();
         b.records.push_back(record);
         b.empty_since_ms = None;
-        b.records.len() >= self.capacity && !b.paused
+        b.records.len() >= self.capacity
     }
 
-    /// Takes the head of partition `k`; true in the second place when the
-    /// partition is paused and its buffer has drained to half its bound
-    /// (the caller resumes it).
-    pub fn pop(&mut self, k: PartitionKey) -> Option<(BufferedRecord, bool)> {
-        let cap = self.capacity;
-        let b = self.partitions.get_mut(&k)?;
-        let r = b.records.pop_front()?;
-        Some((r, b.paused && b.records.len() <= cap / 2))
-    }
-
-    /// Marks partition `k` paused or not.
-    pub fn set_paused(&mut self, k: PartitionKey, paused: bool) {
-        if let Some(b) = self.partitions.get_mut(&k) {
-            b.paused = paused;
-        }
+    /// Takes the head of partition `k`.
+    pub fn pop(&mut self, k: PartitionKey) -> Option<BufferedRecord> {
+        self.partitions.get_mut(&k)?.records.pop_front()
     }
 
     /// The offset of the first record of `k` not processed yet, when some
@@ -257,7 +243,7 @@ mod tests {
             .choose(0, InputIdle::ProcessBuffered, Duration::ZERO, caught_up)
             .unwrap()
         {
-            out.push((k, g.pop(k).unwrap().0.offset));
+            out.push((k, g.pop(k).unwrap().offset));
         }
         out
     }
@@ -333,19 +319,19 @@ mod tests {
     }
 
     #[test]
-    fn a_full_buffer_asks_for_a_pause_and_a_drained_one_for_a_resume() {
+    fn a_full_buffer_says_so_and_pops_in_offset_order() {
         let mut g = PartitionGroup::new(4);
         assert!(!g.push((0, 0), rec(0, 1)));
         assert!(!g.push((0, 0), rec(1, 1)));
         assert!(!g.push((0, 0), rec(2, 1)));
         assert!(g.push((0, 0), rec(3, 1)));
-        g.set_paused((0, 0), true);
         assert_eq!(g.head_offset((0, 0)), Some(0));
-        assert!(!g.pop((0, 0)).unwrap().1);
-        assert!(g.pop((0, 0)).unwrap().1);
-        g.set_paused((0, 0), false);
-        assert!(!g.pop((0, 0)).unwrap().1);
-        assert_eq!(g.len(), 1);
+        assert_eq!(g.pop((0, 0)).map(|r| r.offset), Some(0));
+        assert_eq!(g.pop((0, 0)).map(|r| r.offset), Some(1));
+        assert_eq!(g.head_offset((0, 0)), Some(2));
+        assert!(!g.push((0, 0), rec(4, 1)));
+        assert_eq!(g.pop((0, 0)).map(|r| r.offset), Some(2));
+        assert_eq!(g.len(), 2);
         g.revoke((0, 0));
         assert_eq!(g.len(), 0);
         assert!(g.any_empty());
