@@ -6,8 +6,7 @@
 //! # The exactly-once step
 //!
 //! [`KafkaStreamProcessor`] runs an engine [`Task`] (a built
-//! [`Topology`]) between input topics, read by a consumer group, and output
-//! topics. Each [`KafkaStreamProcessor::step`] processes a batch of input
+//! [`Topology`]) between input topics and output topics. Each [`KafkaStreamProcessor::step`] processes a batch of input
 //! records (in timestamp order, below), then in **one Kafka transaction**
 //! produces
 //!
@@ -26,6 +25,14 @@
 //! and the consumer resumes from the group's committed offsets: outputs,
 //! state and offsets move together, so a restart neither loses nor repeats
 //! an output.
+//!
+//! The consumer is **assigned** every partition of the inputs (it does
+//! not join the group: the group only keeps the committed offsets), so an
+//! open takes no rebalance: about 1.3 s on tansu against about 4 s with a
+//! subscription, whose group join took 2.6–3.2 s at the first step. The
+//! transactional id, not the group generation, fences an older instance.
+//! Partitions added to an input while the processor runs are picked up at
+//! its next open.
 //!
 //! Conditions: the broker must hide aborted records from `read_committed`
 //! consumers (Apache Kafka does; tansu 0.6 does not — there, an aborted
@@ -50,8 +57,7 @@
 //! then to the lower partition; the repartition topics (below) are inputs
 //! too, after the configured ones, by name (one task reads them, where
 //! Kafka Streams would give the downstream sub-topology its own tasks).
-//! Every partition of the inputs counts from the open, assigned yet or
-//! not. A partition with nothing buffered holds
+//! Every partition of the inputs counts from the open. A partition with nothing buffered holds
 //! the others back as [`ProcessorConfig::input_idle`] says
 //! ([`InputIdle`], Kafka Streams' `max.task.idle.ms`): by default not at
 //! all (what is buffered is processed, in timestamp order); with
@@ -65,8 +71,7 @@
 //! Buffered records are not committed: each step commits, per partition,
 //! the offset of its buffer's head (or the consumer's position, past any
 //! transaction marker, when the buffer is empty), so a restart reads
-//! exactly the records not processed again. A revoked partition's buffer
-//! is dropped. Global tables stay outside the buffers: bootstrapped
+//! exactly the records not processed again. Global tables stay outside the buffers: bootstrapped
 //! before any input, then caught up at the start of each step.
 //!
 //! # Repartitions
@@ -76,7 +81,7 @@
 //! before its aggregation) go through internal topics
 //! `<application>-<name>-repartition` ([`ProcessorConfig::repartition_topic`]),
 //! created on open (`repartition_partitions` partitions, 1 by default) and
-//! subscribed to with the inputs. A step produces the upstream's records
+//! read with the inputs. A step produces the upstream's records
 //! into them, keyed by the new key (partitioned by it: librdkafka's
 //! `murmur2_random`, the Java client's partitioner), with their timestamps
 //! and headers, **in the step's transaction**; a later step of the same
@@ -125,15 +130,15 @@
 //! aborted records as above.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -192,7 +197,8 @@ pub enum KafkaStreamError {
     RestoreTimeout {
         /// Offset reached.
         at: i64,
-        /// The end to reach.
+        /// The end to reach (−1 for a global topic, read to the EOF its
+        /// fetches report).
         end: i64,
     },
     /// An earlier step failed after processing records whose transaction
@@ -220,7 +226,9 @@ pub struct ProcessorConfig {
     /// (`smartmsg.<application>.processor`) and the default changelog
     /// topic.
     pub application: String,
-    /// The consumer group (`group.id`); defaults to the application.
+    /// The consumer group (`group.id`) whose committed offsets the
+    /// processor resumes from and commits to; defaults to the
+    /// application. The processor does not join it as a member.
     pub group_id: String,
     /// Input topics and the topology input each feeds: `(topic, input)`.
     pub inputs: Vec<(String, String)>,
@@ -234,10 +242,6 @@ pub struct ProcessorConfig {
     pub changelog_topic: String,
     /// Most input records per step (per transaction).
     pub max_batch: usize,
-    /// `session.timeout.ms` (tansu needs 6000).
-    pub session_timeout: Duration,
-    /// `max.poll.interval.ms` (tansu needs 7000); a step must poll within it.
-    pub max_poll_interval: Duration,
     /// `transaction.timeout.ms`.
     pub transaction_timeout: Duration,
     /// Timeout of each blocking Kafka call (init, commit, offsets).
@@ -287,8 +291,6 @@ impl ProcessorConfig {
             global_inputs: Vec::new(),
             output_prefix: String::new(),
             max_batch: 500,
-            session_timeout: Duration::from_millis(6000),
-            max_poll_interval: Duration::from_millis(7000),
             transaction_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(60),
@@ -469,10 +471,10 @@ async fn create_topics(
 pub struct KafkaStreamProcessor {
     config: ProcessorConfig,
     task: Task,
-    consumer: BaseConsumer<InputContext>,
+    consumer: BaseConsumer,
     producer: BaseProducer,
-    /// The topics read through the consumer group and the task input
-    /// each feeds: the configured inputs, then the repartition topics (by
+    /// The topics read (every partition assigned) and the task input each
+    /// feeds: the configured inputs, then the repartition topics (by
     /// name). A partition's [`PartitionKey`] starts with its topic's
     /// place here.
     inputs: Vec<(String, String)>,
@@ -509,60 +511,6 @@ pub struct KafkaStreamProcessor {
     global: Option<GlobalReader>,
 }
 
-/// A rebalance seen by the input consumer, applied to the buffers after
-/// the poll that ran it.
-#[derive(Debug)]
-enum RebalanceEvent {
-    Assigned(Vec<(String, i32)>),
-    Revoked(Vec<(String, i32)>),
-}
-
-/// The input consumer's context: records rebalances, so that a revoked
-/// partition's buffered records are dropped (a partition assigned again
-/// restarts from the group's committed offset).
-#[derive(Default)]
-struct InputContext {
-    events: Mutex<Vec<RebalanceEvent>>,
-}
-
-impl InputContext {
-    fn log(&self, event: RebalanceEvent) {
-        if let Ok(mut events) = self.events.lock() {
-            events.push(event);
-        }
-    }
-
-    fn take(&self) -> Vec<RebalanceEvent> {
-        self.events
-            .lock()
-            .map(|mut e| std::mem::take(&mut *e))
-            .unwrap_or_default()
-    }
-}
-
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_owned(), e.partition()))
-        .collect()
-}
-
-impl ClientContext for InputContext {}
-
-impl ConsumerContext for InputContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            self.log(RebalanceEvent::Revoked(partitions_of(tpl)));
-        }
-    }
-
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.log(RebalanceEvent::Assigned(partitions_of(tpl)));
-        }
-    }
-}
-
 /// Reads the global tables' source topics (assigned, no group offsets).
 struct GlobalReader {
     consumer: BaseConsumer,
@@ -571,8 +519,16 @@ struct GlobalReader {
 }
 
 impl GlobalReader {
-    /// Assigns every partition of the global topics from the beginning and
-    /// applies them to `task` up to their end.
+    /// Reads every partition of the global topics from the beginning to
+    /// its end and applies them to `task`, one topic after the other; then
+    /// assigns them all from where it stopped, for the catch-up.
+    ///
+    /// The end is the partition EOF the fetches report (`read_committed`:
+    /// the last stable offset), not `ListOffsets` (`fetch_watermarks`):
+    /// tansu 0.6 answers that with the end of the first batch (1 for 30
+    /// records written in one batch), which stopped the bootstrap early.
+    /// One topic at a time because librdkafka's EOF event names the
+    /// partition but not its topic.
     fn bootstrap(
         config: &ProcessorConfig,
         task: &mut Task,
@@ -589,12 +545,17 @@ impl GlobalReader {
             .set("isolation.level", "read_committed")
             .create()
             .map_err(|e| KafkaStreamError::kafka("create global consumer", e))?;
-        let mut tpl = TopicPartitionList::new();
-        // (topic, partition) → end offset, for the partitions not read to
-        // their end yet.
-        let mut pending: HashMap<(String, i32), i64> = HashMap::new();
+        let reader = Self {
+            consumer,
+            inputs: config.global_inputs.iter().cloned().collect(),
+        };
+        let deadline = Instant::now() + config.restore_timeout;
+        // Where the catch-up starts: after the last record read, per
+        // partition (the beginning when none was).
+        let mut resume = TopicPartitionList::new();
         for (topic, _) in &config.global_inputs {
-            let md = consumer
+            let md = reader
+                .consumer
                 .fetch_metadata(Some(topic), config.request_timeout)
                 .map_err(|e| KafkaStreamError::kafka("global topic metadata", e))?;
             let partitions: Vec<i32> = md
@@ -607,65 +568,52 @@ impl GlobalReader {
                     "global topic {topic:?} has no partitions (does it exist?)"
                 )));
             }
-            for p in partitions {
+            let mut tpl = TopicPartitionList::new();
+            for &p in &partitions {
                 tpl.add_partition_offset(topic, p, Offset::Beginning)
                     .map_err(|e| KafkaStreamError::kafka("assign global topic", e))?;
-                let (_, end) = consumer
-                    .fetch_watermarks(topic, p, config.request_timeout)
-                    .map_err(|e| KafkaStreamError::kafka("global topic watermarks", e))?;
-                if end > 0 {
-                    pending.insert((topic.clone(), p), end);
-                }
             }
-        }
-        consumer
-            .assign(&tpl)
-            .map_err(|e| KafkaStreamError::kafka("assign global topics", e))?;
-        let reader = Self {
-            consumer,
-            inputs: config.global_inputs.iter().cloned().collect(),
-        };
-        let deadline = Instant::now() + config.restore_timeout;
-        while !pending.is_empty() {
-            if Instant::now() >= deadline {
-                let ((_, at), end) = pending
-                    .iter()
-                    .next()
-                    .map(|(k, e)| (k.clone(), *e))
-                    .unwrap_or_default();
-                return Err(KafkaStreamError::RestoreTimeout {
-                    at: i64::from(at),
-                    end,
-                });
-            }
-            match reader.consumer.poll(Duration::from_millis(200)) {
-                None => {}
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    // The end of what read_committed shows (markers may sit
-                    // between it and the high watermark): done with the
-                    // partitions `p` whose position reached their end.
-                    let position = reader
-                        .consumer
-                        .position()
-                        .map_err(|e| KafkaStreamError::kafka("global position", e))?;
-                    pending.retain(|(t, q), end| {
-                        *q != p
-                            || !matches!(
-                                position.find_partition(t, *q).map(|e| e.offset()),
-                                Some(Offset::Offset(o)) if o >= *end
-                            )
-                    });
+            reader
+                .consumer
+                .assign(&tpl)
+                .map_err(|e| KafkaStreamError::kafka("assign global topic", e))?;
+            // Partition → the offset after its last record read.
+            let mut next: HashMap<i32, i64> = HashMap::new();
+            let mut pending: HashSet<i32> = partitions.iter().copied().collect();
+            while !pending.is_empty() {
+                if Instant::now() >= deadline {
+                    let at = pending
+                        .iter()
+                        .map(|p| next.get(p).copied().unwrap_or(0))
+                        .min()
+                        .unwrap_or(0);
+                    return Err(KafkaStreamError::RestoreTimeout { at, end: -1 });
                 }
-                Some(Err(e)) => return Err(KafkaStreamError::kafka("read global topic", e)),
-                Some(Ok(m)) => {
-                    let key = (m.topic().to_owned(), m.partition());
-                    if pending.get(&key).is_some_and(|end| m.offset() + 1 >= *end) {
-                        pending.remove(&key);
+                match reader.consumer.poll(Duration::from_millis(200)) {
+                    None => {}
+                    Some(Err(KafkaError::PartitionEOF(p))) => {
+                        pending.remove(&p);
                     }
-                    reader.apply(task, &m)?;
+                    Some(Err(e)) => return Err(KafkaStreamError::kafka("read global topic", e)),
+                    Some(Ok(m)) => {
+                        next.insert(m.partition(), m.offset() + 1);
+                        reader.apply(task, &m)?;
+                    }
                 }
             }
+            for p in partitions {
+                let at = next
+                    .get(&p)
+                    .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+                resume
+                    .add_partition_offset(topic, p, at)
+                    .map_err(|e| KafkaStreamError::kafka("assign global topics", e))?;
+            }
         }
+        reader
+            .consumer
+            .assign(&resume)
+            .map_err(|e| KafkaStreamError::kafka("assign global topics", e))?;
         Ok(Some(reader))
     }
 
@@ -729,9 +677,9 @@ impl KafkaStreamProcessor {
     /// earlier instance, restores the state from the changelog topic (read
     /// to its end), rebuilds the global tables from their topics (read
     /// from the beginning to their end: see
-    /// [`ProcessorConfig::with_global_input`]) and subscribes to the inputs
-    /// (resuming from the group's committed offsets; from the beginning
-    /// when it has none).
+    /// [`ProcessorConfig::with_global_input`]) and assigns itself every
+    /// partition of the inputs (resuming from the group's committed
+    /// offsets; from the beginning when it has none).
     ///
     /// Blocks on Kafka calls; call it off an async executor's threads.
     pub async fn open(
@@ -783,22 +731,14 @@ impl KafkaStreamProcessor {
         let committed = config.interactive_queries.then(|| Arc::new(restored));
         let global = GlobalReader::bootstrap(&config, &mut task)?;
 
-        let consumer: BaseConsumer<InputContext> = ClientConfig::new()
+        let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap)
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .set(
-                "session.timeout.ms",
-                config.session_timeout.as_millis().to_string(),
-            )
-            .set(
-                "max.poll.interval.ms",
-                config.max_poll_interval.as_millis().to_string(),
-            )
-            .create_with_context(InputContext::default())
+            .create()
             .map_err(|e| KafkaStreamError::kafka("create consumer", e))?;
         let mut inputs: Vec<(String, String)> = config.inputs.clone();
         let mut internal: Vec<(String, String)> = repartition_topics
@@ -807,10 +747,6 @@ impl KafkaStreamProcessor {
             .collect();
         internal.sort();
         inputs.extend(internal);
-        let topics: Vec<&str> = inputs.iter().map(|(t, _)| t.as_str()).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|e| KafkaStreamError::kafka("subscribe", e))?;
         let mut topic_index = HashMap::new();
         for (i, (topic, _)) in inputs.iter().enumerate() {
             topic_index.insert(topic.clone(), i);
@@ -819,6 +755,7 @@ impl KafkaStreamProcessor {
         // yet or not (the processor owns them all): records of the first
         // topic assigned must not run ahead of the others'.
         let mut group = PartitionGroup::new(config.input_buffer);
+        let mut owned = TopicPartitionList::new();
         for (topic, &i) in &topic_index {
             let md = consumer
                 .fetch_metadata(Some(topic), config.request_timeout)
@@ -826,9 +763,15 @@ impl KafkaStreamProcessor {
             for t in md.topics().iter().filter(|t| t.error().is_none()) {
                 for p in t.partitions() {
                     group.assign((i, p.id()));
+                    owned
+                        .add_partition_offset(topic, p.id(), Offset::Stored)
+                        .map_err(|e| KafkaStreamError::kafka("assign inputs", e))?;
                 }
             }
         }
+        consumer
+            .assign(&owned)
+            .map_err(|e| KafkaStreamError::kafka("assign inputs", e))?;
         Ok(Self {
             group,
             config,
@@ -1127,8 +1070,7 @@ impl KafkaStreamProcessor {
 
     /// Polls the input consumer (waiting up to `timeout` for the first
     /// event, then taking what is there) into the buffers, stopping at the
-    /// first buffer that fills; applies rebalances. True when a record
-    /// came.
+    /// first buffer that fills. True when a record came.
     fn fill(&mut self, timeout: Duration) -> Result<bool, KafkaStreamError> {
         let mut got = false;
         let mut wait = timeout;
@@ -1151,8 +1093,6 @@ impl KafkaStreamProcessor {
                 })),
             };
             wait = Duration::ZERO;
-            // Rebalances run inside the poll, before what it returned.
-            self.apply_rebalances();
             let (k, record) = match polled {
                 None => break,
                 Some(None) => continue,
@@ -1171,30 +1111,6 @@ impl KafkaStreamProcessor {
             }
         }
         Ok(got)
-    }
-
-    /// Applies the rebalances the consumer ran in its last poll.
-    fn apply_rebalances(&mut self) {
-        for event in self.consumer.context().take() {
-            let (assigned, list) = match event {
-                RebalanceEvent::Assigned(l) => (true, l),
-                RebalanceEvent::Revoked(l) => (false, l),
-            };
-            for (topic, p) in list {
-                let Some(&t) = self.topic_index.get(&topic) else {
-                    continue;
-                };
-                let k = (t, p);
-                if assigned {
-                    self.group.assign(k);
-                } else {
-                    self.group.revoke(k);
-                    self.caught_up.remove(&k);
-                    self.known_end.remove(&k);
-                    self.start_offset.remove(&k);
-                }
-            }
-        }
     }
 
     /// The next partition to process, by the buffers' head timestamps and
@@ -1406,7 +1322,9 @@ fn restore(
             None => {}
             Some(Err(KafkaError::PartitionEOF(_))) => {
                 // The end of what read_committed shows; transaction markers
-                // may sit between it and the high watermark.
+                // may sit between it and the high watermark. (Not the
+                // watermark itself: tansu 0.6 may answer it with the end of
+                // the first batch.)
                 break;
             }
             Some(Err(e)) => return Err(KafkaStreamError::kafka("read changelog", e)),
@@ -1433,9 +1351,6 @@ fn restore(
                     if batch.len() >= 1000 {
                         store.write(&std::mem::take(&mut batch))?;
                     }
-                }
-                if at >= end {
-                    break;
                 }
             }
         }

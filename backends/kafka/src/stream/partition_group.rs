@@ -115,17 +115,6 @@ impl PartitionGroup {
         self.partitions.entry(k).or_default();
     }
 
-    /// The consumer lost the partition: its buffered records are dropped
-    /// (they were not processed, so their offsets were never committed;
-    /// assigned again, it restarts from the group's committed offset). It
-    /// still counts: one processor owns every input partition, so it is
-    /// expected back.
-    pub fn revoke(&mut self, k: PartitionKey) {
-        if let Some(b) = self.partitions.get_mut(&k) {
-            *b = PartitionBuffer::default();
-        }
-    }
-
     /// Appends a fetched record; true when the buffer is now full (the
     /// caller stops polling until it has processed some).
     pub fn push(&mut self, k: PartitionKey, record: BufferedRecord) -> bool {
@@ -303,8 +292,6 @@ mod tests {
         // Zero idle: a caught-up partition holds nothing back.
         let zero = InputIdle::Wait(Duration::ZERO);
         g.push((1, 0), rec(1, 2));
-        g.revoke((0, 0));
-        g.assign((0, 0));
         assert_eq!(
             g.choose(5_000, zero, bound, caught_up),
             Ok(Choice::Process((1, 0)))
@@ -332,7 +319,8 @@ mod tests {
         assert!(!g.push((0, 0), rec(4, 1)));
         assert_eq!(g.pop((0, 0)).map(|r| r.offset), Some(2));
         assert_eq!(g.len(), 2);
-        g.revoke((0, 0));
+        assert_eq!(g.pop((0, 0)).map(|r| r.offset), Some(3));
+        assert_eq!(g.pop((0, 0)).map(|r| r.offset), Some(4));
         assert_eq!(g.len(), 0);
         assert!(g.any_empty());
         assert_eq!(g.head_offset((0, 0)), None);
