@@ -1480,3 +1480,66 @@ fn processor_answers_queries_from_committed_state_and_fires_wall_clock_punctuato
         Err(QueryError::NotEnabled { .. })
     ));
 }
+
+/// The processor is assigned its partitions and does not join the group,
+/// so the transactional id alone must fence an older instance: once a
+/// second one opens, the first one's next step fails and every record is
+/// counted once, by the second.
+#[test]
+fn a_second_processor_fences_the_first() {
+    let Some(bootstrap) = common::bootstrap() else {
+        return;
+    };
+    let rt = runtime();
+    let t = topics(&rt, &bootstrap, "fence", "counts");
+    let cfg = ProcessorConfig::new(&bootstrap, &t.app)
+        .with_input(&t.input, "clicks")
+        .with_output_prefix(&t.prefix);
+    produce(&bootstrap, &t.input, &["a", "b"]);
+    // A fenced producer may only learn it is fenced when a call times out.
+    let mut short = cfg.clone();
+    short.request_timeout = Duration::from_secs(5);
+    let mut old = rt
+        .block_on(KafkaStreamProcessor::open(topology(), short))
+        .unwrap();
+    assert_eq!(step_until(&mut old, 2), 2);
+
+    let mut new = rt
+        .block_on(KafkaStreamProcessor::open(topology(), cfg))
+        .unwrap();
+    produce(&bootstrap, &t.input, &["a", "c"]);
+    // The old instance reads the new records but cannot commit them.
+    let start = Instant::now();
+    let err = loop {
+        match old.step(Duration::from_secs(2)) {
+            Err(e) => break e,
+            Ok(s) => assert!(
+                s.records == 0 && start.elapsed() < Duration::from_secs(60),
+                "a fenced processor committed {s:?}"
+            ),
+        }
+    };
+    // "This instance has been fenced by a newer instance", or the broker's
+    // "There is a newer producer with the same transactionalId which
+    // fences the current one".
+    assert!(err.to_string().contains("fence"), "{err}");
+    assert!(
+        old.step(Duration::ZERO).is_err(),
+        "poisoned after the failure"
+    );
+    drop(old);
+    assert_eq!(step_until(&mut new, 2), 2);
+    assert_eq!(
+        new.task()
+            .table_get::<Bytes, u64>("counts", &Bytes::from("a"))
+            .unwrap(),
+        Some(2)
+    );
+    drop(new);
+    let got = counts(&read_all(&bootstrap, &t.output, 4));
+    let want: Vec<(String, u64)> = [("a", 1), ("b", 1), ("a", 2), ("c", 1)]
+        .iter()
+        .map(|(k, n)| (k.to_string(), *n))
+        .collect();
+    assert_eq!(got, want);
+}
