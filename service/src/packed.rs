@@ -370,7 +370,10 @@ mod tests {
     use super::*;
     use smartmsg_engine::stream::{restore_from_changelog, scan_all, InMemoryStore};
 
-    fn batch(ops: &[(&str, &[u8], Option<&[u8]>)]) -> WriteBatch {
+    /// A change: keyspace, key, value (`None`: delete).
+    type Op<'a> = (&'a str, &'a [u8], Option<&'a [u8]>);
+
+    fn batch(ops: &[Op<'_>]) -> WriteBatch {
         let mut b = WriteBatch::new();
         for &(s, k, v) in ops {
             match v {

@@ -376,8 +376,7 @@ impl ModelConfig {
 fn plan_top_k(
     models: &[GaussianWeights],
     creative_ids: &[u16],
-    candidates: &Candidates,
-    hinges: Option<&Hinges>,
+    (candidates, hinges): (&Candidates, Option<&Hinges>),
     k: usize,
     config: &ModelConfig,
     defer: f32,
@@ -981,8 +980,7 @@ impl Policy for Integrated {
             return Ok(plan_top_k(
                 &e.models,
                 &self.ids,
-                candidates,
-                Some(&e.hinges),
+                (candidates, Some(&e.hinges)),
                 k,
                 &self.config,
                 defer,
@@ -992,8 +990,7 @@ impl Policy for Integrated {
         Ok(plan_top_k(
             &self.models,
             &self.ids,
-            candidates,
-            None,
+            (candidates, None),
             k,
             &self.config,
             defer,
@@ -1095,8 +1092,7 @@ impl Policy for Targeting {
         Ok(plan_top_k(
             &self.model,
             &[self.creative],
-            candidates,
-            None,
+            (candidates, None),
             k,
             &self.config,
             0.0,
