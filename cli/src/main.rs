@@ -833,18 +833,35 @@ fn platform(a: SimulateArgs) -> Result<std::process::ExitCode> {
         spec.batches,
         spec.policy.as_str()
     );
-    let bar = progress_bar(u64::from(spec.campaigns) * u64::from(spec.batches));
+    let total = u64::from(spec.campaigns) * u64::from(spec.batches);
+    let bar = progress_bar(total);
     let sent = std::sync::Mutex::new(vec![0u32; spec.campaigns as usize]);
+    let started = Instant::now();
+    // Without a terminal (a log file, CI), a line per batch sent instead
+    // of the bar, so that a long run shows where it is.
     let tick = |i: u32, n: u32| {
-        if let Some(b) = &bar {
-            let mut s = sent.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(old) = s.get_mut(i as usize) {
-                b.inc(u64::from(n.saturating_sub(*old)));
-                *old = n;
+        let mut s = sent.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(old) = s.get_mut(i as usize) else {
+            return;
+        };
+        let new = u64::from(n.saturating_sub(*old));
+        *old = n;
+        match &bar {
+            Some(b) => b.inc(new),
+            None if new > 0 => {
+                let done: u64 = s.iter().map(|&x| u64::from(x)).sum();
+                eprintln!(
+                    "platform: {done}/{total} batches sent ({} batch {n}), {:.1} s, resident {}",
+                    PlatformSpec::campaign_name(i),
+                    started.elapsed().as_secs_f64(),
+                    smartmsg_simulator::platform::rss_bytes().map_or("unknown".to_owned(), |b| {
+                        format!("{:.2} GiB", b as f64 / f64::from(1u32 << 30))
+                    })
+                );
             }
+            None => {}
         }
     };
-    let started = Instant::now();
     smartmsg_simulator::sim::prepare_data_dir(&data_dir, &["platform".to_owned()], false)?;
     let report = run_platform(&spec, &data_dir.join("platform"), Some(&tick))?;
     if let Some(b) = bar {

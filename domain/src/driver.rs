@@ -55,7 +55,7 @@
 //! - the model learns only from recorded feedback, so the policy rebuilt
 //!   from its prior and the feedback events is the policy that planned.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -512,8 +512,19 @@ pub struct CampaignDriver<'p> {
     fed: u32,
     announced: u32,
     acked: BTreeSet<u32>,
-    commands: Vec<CampaignCommand>,
-    queued: HashSet<String>,
+    /// The queued commands in order, each with its number; an entry
+    /// whose id `queued` no longer maps to its number was executed (such
+    /// entries are dropped once they outnumber the live ones, so that a
+    /// command leaves the queue in constant time: with tens of thousands
+    /// of late reactions queued, removing each by a scan took most of a
+    /// ten-million-subscriber run).
+    commands: Vec<(u64, CampaignCommand)>,
+    /// The queued commands' ids and their entries' numbers.
+    queued: HashMap<String, u64>,
+    /// The next queued command's number.
+    next_command: u64,
+    /// Entries of `commands` executed and not dropped yet.
+    executed_entries: usize,
     /// Batch jobs must be (re)scheduled: at open, and when the campaign
     /// starts or resumes.
     jobs_due: bool,
@@ -566,7 +577,9 @@ impl<'p> CampaignDriver<'p> {
             announced: 0,
             acked: BTreeSet::new(),
             commands: Vec::new(),
-            queued: HashSet::new(),
+            queued: HashMap::new(),
+            next_command: 0,
+            executed_entries: 0,
             jobs_due: true,
             reschedule_on_send: false,
             complete_scheduled: false,
@@ -638,7 +651,7 @@ impl<'p> CampaignDriver<'p> {
     /// Whether the campaign is over (completed or cancelled) and nothing is
     /// left to record.
     pub fn is_finished(&self) -> bool {
-        self.campaign.status().is_some_and(|s| !s.is_live()) && self.commands.is_empty()
+        self.campaign.status().is_some_and(|s| !s.is_live()) && self.queued.is_empty()
     }
 
     /// Applies one event of the campaign's stream (`timestamp_ms`: when it
@@ -646,9 +659,7 @@ impl<'p> CampaignDriver<'p> {
     pub fn apply(&mut self, event: &CampaignEvent, timestamp_ms: u64) {
         self.campaign.evolve(event);
         let id = &event.command().id;
-        if self.queued.remove(id) {
-            self.commands.retain(|c| &c.id != id);
-        }
+        self.dequeue(id);
         match event {
             CampaignEvent::Created { spec, .. } => {
                 self.creatives = Arc::new(spec.creatives.clone());
@@ -759,19 +770,41 @@ impl<'p> CampaignDriver<'p> {
     /// Queues a command (once per id; nothing if the campaign already
     /// processed it).
     pub fn enqueue(&mut self, cmd: CampaignCommand) {
-        if self.campaign.has_processed(&cmd.id) || !self.queued.insert(cmd.id.clone()) {
+        if self.campaign.has_processed(&cmd.id) || self.queued.contains_key(&cmd.id) {
             return;
         }
-        self.commands.push(cmd);
+        let n = self.next_command;
+        self.next_command += 1;
+        self.queued.insert(cmd.id.clone(), n);
+        self.commands.push((n, cmd));
     }
 
     /// A command of [`Ready::commands`] was executed (whatever the outcome:
     /// events, none because it had already taken effect, or a refusal the
     /// caller reported): it leaves the queue.
     pub fn executed(&mut self, id: &str) {
-        if self.queued.remove(id) {
-            self.commands.retain(|c| c.id != id);
+        self.dequeue(id);
+    }
+
+    /// Takes command `id` out of the queue (if queued).
+    fn dequeue(&mut self, id: &str) {
+        if self.queued.remove(id).is_none() {
+            return;
         }
+        self.executed_entries += 1;
+        if self.executed_entries * 2 > self.commands.len() {
+            let queued = &self.queued;
+            self.commands.retain(|(n, c)| queued.get(&c.id) == Some(n));
+            self.executed_entries = 0;
+        }
+    }
+
+    /// The queued commands, in order.
+    fn queued_commands(&self) -> impl Iterator<Item = &CampaignCommand> + '_ {
+        self.commands
+            .iter()
+            .filter(|(n, c)| self.queued.get(&c.id) == Some(n))
+            .map(|(_, c)| c)
     }
 
     /// The reaction pipeline knows the users of batches `0..=batch`.
@@ -853,7 +886,7 @@ impl<'p> CampaignDriver<'p> {
     pub fn ready(&mut self, now_ms: u64) -> Ready {
         let mut r = Ready::default();
         let Some(spec) = self.campaign.spec().cloned() else {
-            r.commands = self.commands.clone();
+            r.commands = self.queued_commands().cloned().collect();
             return r;
         };
         let status = self.campaign.status();
@@ -878,11 +911,10 @@ impl<'p> CampaignDriver<'p> {
         // handed to the sender, or failing to be), its reactions could
         // exceed the campaign's recorded sends, so they wait.
         if pending.is_none() {
-            r.commands.extend(self.commands.iter().cloned());
+            r.commands.extend(self.queued_commands().cloned());
         } else {
             r.commands.extend(
-                self.commands
-                    .iter()
+                self.queued_commands()
                     .filter(|c| !matches!(c.action, Action::RecordReactions { .. }))
                     .cloned(),
             );

@@ -229,6 +229,56 @@ fn windows_and_late_reactions_become_commands_once() {
     assert_eq!((stats[0].reactions, stats[1].reactions), (1, 2));
 }
 
+/// Many queued commands leave the queue one by one in any order (those
+/// executed, those applied from the log); the rest stay in the order they
+/// were queued, and a command executed without effect can be queued again
+/// (at the end).
+#[test]
+fn queued_commands_leave_in_any_order_and_the_rest_keep_theirs() {
+    let mut g = Given::created_and_started(PolicySpec::Random {});
+    let r = g.d.ready(START);
+    g.d.scheduled(&r.schedule);
+    g.plan(0, START);
+    g.send(0, START);
+    let ids = |r: &Ready| -> Vec<String> { r.commands.iter().map(|c| c.id.clone()).collect() };
+    let n = 5_000;
+    for i in 0..n {
+        g.d.late_reaction(format!("late-{i}"), START, (i % 2) as u16);
+    }
+    let now = START + 200_000;
+    let all = ids(&g.d.ready(now));
+    assert_eq!(all.len(), n);
+    assert_eq!(all[..3], ["late-0", "late-1", "late-2"]);
+    // Every third one leaves, last first: a few recorded (their events
+    // applied), the others only marked executed (as after a refusal), so
+    // they may come again.
+    for i in (0..n).step_by(3).rev() {
+        if i < 60 {
+            let r = g.d.ready(now);
+            let cmd = r.commands.iter().find(|c| c.id == format!("late-{i}"));
+            assert_eq!(g.exec(cmd.unwrap().clone(), now), 1);
+        } else {
+            g.d.executed(&format!("late-{i}"));
+        }
+    }
+    let want: Vec<String> = (0..n)
+        .filter(|i| i % 3 != 0)
+        .map(|i| format!("late-{i}"))
+        .collect();
+    assert_eq!(ids(&g.d.ready(now)), want);
+    g.d.late_reaction("late-300".into(), START, 0);
+    g.d.late_reaction("late-1".into(), START, 1); // still queued: once
+    let mut want = want;
+    want.push("late-300".into());
+    assert_eq!(ids(&g.d.ready(now)), want);
+    g.d.late_reaction("late-3".into(), START, 1); // recorded: not again
+    assert_eq!(ids(&g.d.ready(now)), want);
+    for id in want {
+        g.d.executed(&id);
+    }
+    assert!(g.d.ready(now).is_empty());
+}
+
 #[test]
 fn a_paused_campaign_waits_and_a_resumed_one_schedules_again() {
     let mut g = Given::created_and_started(PolicySpec::Random {});

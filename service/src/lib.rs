@@ -45,6 +45,7 @@ pub mod hooks;
 pub mod http;
 pub mod ingest;
 pub mod kinds;
+pub mod packed;
 pub mod pipeline;
 pub mod runtime;
 pub mod sender;

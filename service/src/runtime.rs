@@ -67,6 +67,7 @@ use crate::audience;
 use crate::error::RuntimeError;
 use crate::hooks::{CrashPoint, Hooks, NoHooks};
 use crate::ingest::{ingest_once, ReactionInbox, ReactionSource, Routes, MAX_POLL};
+use crate::packed::PackedStore;
 use crate::pipeline::{
     announce_event, decode_late, decode_outcome, decode_window, info_event, removal_event,
     set_batch_plan, tick_event, BatchPlans, HookedStore, PipelineSettings, PipelineSource,
@@ -1016,8 +1017,17 @@ impl Runtime {
 
     fn open_runner(&self, live: &mut Live) -> Result<(), RuntimeError> {
         let scoped = ScopedStore::new(Arc::clone(&self.ports.state), format!("{}/", live.id))?;
-        let store = HookedStore::new(
+        // The user and first-reaction tables get a row per user: packed,
+        // a commit writes them as one value (see `crate::packed`).
+        let packed = PackedStore::new(
             Arc::new(scoped),
+            &[
+                smartmsg_domain::reactions::STORE_USERS,
+                smartmsg_domain::reactions::STORE_SEEN,
+            ],
+        );
+        let store = HookedStore::new(
+            Arc::new(packed),
             Arc::clone(&self.options.hooks),
             &live.id,
             Arc::clone(&live.through),

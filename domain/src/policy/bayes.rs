@@ -368,10 +368,15 @@ impl ModelConfig {
 /// (one posterior draw, or one optimistic perturbation), each optimistic
 /// score lowered by `defer` times the user's ambiguity ([`Defer`]);
 /// propensities by Monte Carlo over further draws or perturbations.
+///
+/// With `hinges`, the models are over the candidates' expanded columns:
+/// the optimistic scoring expands each row as it computes the moments
+/// (no expanded copy of the candidates; the same moments to the bit), the
+/// shared draw scores an expanded copy.
 fn plan_top_k(
     models: &[GaussianWeights],
     creative_ids: &[u16],
-    candidates: &Candidates,
+    (candidates, hinges): (&Candidates, Option<&Hinges>),
     k: usize,
     config: &ModelConfig,
     defer: f32,
@@ -385,7 +390,15 @@ fn plan_top_k(
     }
     let (rows, chosen, hits) = match config.scoring {
         Scoring::Optimistic { bonus, noise } => plan_optimistic(
-            &Moments::new(models, candidates),
+            &match hinges {
+                None => Moments::new(models, candidates),
+                Some(h) => Moments::mapped(
+                    models,
+                    candidates,
+                    h.dim(),
+                    Some(&|x, out| h.extend(x, out)),
+                ),
+            },
             bonus as f32,
             noise as f32,
             defer,
@@ -394,6 +407,16 @@ fn plan_top_k(
             rng,
         ),
         Scoring::SharedDraw => {
+            let expanded = match hinges {
+                None => None,
+                Some(h) => match h.candidates(candidates) {
+                    Ok(c) => Some(c),
+                    // The hinges' dimension is within the limit (checked
+                    // when they were fitted): not reached.
+                    Err(_) => return out,
+                },
+            };
+            let candidates = expanded.as_ref().unwrap_or(candidates);
             let mut scorer = Scorer::new(models.len(), candidates.dim(), n);
             let fill = |scorer: &mut Scorer, rng: &mut dyn RngCore| {
                 scorer.draw(models, rng);
@@ -950,11 +973,14 @@ impl Policy for Integrated {
             if !e.hinges.knots.is_empty() {
                 defer = 0.0;
             }
-            let expanded = e.hinges.candidates(candidates)?;
+            // Checks the expanded shape as the copy did.
+            if e.hinges.dim() > Candidates::MAX_DIM {
+                return Err(PolicyError::Config("expanded candidates"));
+            }
             return Ok(plan_top_k(
                 &e.models,
                 &self.ids,
-                &expanded,
+                (candidates, Some(&e.hinges)),
                 k,
                 &self.config,
                 defer,
@@ -964,7 +990,7 @@ impl Policy for Integrated {
         Ok(plan_top_k(
             &self.models,
             &self.ids,
-            candidates,
+            (candidates, None),
             k,
             &self.config,
             defer,
@@ -1066,7 +1092,7 @@ impl Policy for Targeting {
         Ok(plan_top_k(
             &self.model,
             &[self.creative],
-            candidates,
+            (candidates, None),
             k,
             &self.config,
             0.0,

@@ -40,6 +40,116 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Buffers of large plans, kept from one plan to the next.
+///
+/// A plan over ten million candidates needs some 600 MB of buffers
+/// (every candidate's score moments, best scores, order keys, bounds).
+/// Allocated afresh, each plan had the kernel map and zero those pages
+/// again (7 % of a platform run's time); taken from here, a plan reuses
+/// the pages of the one before. Only buffers of [`POOLED_BYTES`] or more
+/// are kept, at most [`POOLED`] of each element type: plans run one after
+/// another, so what is kept is about one plan's worth. Reuse never
+/// changes a result: every buffer is cleared (or filled) before use.
+pub(crate) mod pool {
+    use std::sync::{Mutex, MutexGuard};
+
+    /// Smallest buffer kept (bytes of capacity).
+    pub const POOLED_BYTES: usize = 1 << 20;
+    /// Most buffers kept per element type.
+    pub const POOLED: usize = 8;
+
+    /// Buffers of one element type.
+    pub struct Shelf<T>(Mutex<Vec<Vec<T>>>);
+
+    impl<T> Shelf<T> {
+        pub(crate) const fn new() -> Self {
+            Self(Mutex::new(Vec::new()))
+        }
+
+        fn lock(&self) -> MutexGuard<'_, Vec<Vec<T>>> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// An empty buffer with room for `cap` elements: the smallest kept
+        /// one that has it, else the largest kept one grown, else a new one.
+        pub fn take(&self, cap: usize) -> Vec<T> {
+            if cap * size_of::<T>() < POOLED_BYTES {
+                return Vec::with_capacity(cap);
+            }
+            let mut shelf = self.lock();
+            let fit = shelf
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.capacity() >= cap)
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, _)| i);
+            let largest = || {
+                shelf
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, v)| v.capacity())
+                    .map(|(i, _)| i)
+            };
+            match fit.or_else(largest) {
+                Some(i) => {
+                    let mut v = shelf.swap_remove(i);
+                    drop(shelf);
+                    v.clear();
+                    v.reserve(cap);
+                    v
+                }
+                None => Vec::with_capacity(cap),
+            }
+        }
+
+        /// `take(len)` filled with `len` copies of `x`.
+        pub fn filled(&self, len: usize, x: T) -> Vec<T>
+        where
+            T: Clone,
+        {
+            let mut v = self.take(len);
+            v.resize(len, x);
+            v
+        }
+
+        /// Keeps `v` for a later plan (if large enough; the smallest kept
+        /// one makes room when the shelf is full).
+        pub fn give(&self, v: Vec<T>) {
+            if v.capacity() * size_of::<T>() < POOLED_BYTES {
+                return;
+            }
+            let mut shelf = self.lock();
+            if shelf.len() >= POOLED {
+                let smallest = shelf
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, v)| v.capacity())
+                    .map(|(i, v)| (i, v.capacity()));
+                match smallest {
+                    Some((i, c)) if c < v.capacity() => {
+                        shelf.swap_remove(i);
+                    }
+                    _ => return,
+                }
+            }
+            shelf.push(v);
+        }
+
+        /// Buffers kept (for tests).
+        #[cfg(test)]
+        pub fn kept(&self) -> usize {
+            self.lock().len()
+        }
+    }
+
+    /// `f32` buffers.
+    pub static F32: Shelf<f32> = Shelf::new();
+    /// `u64` buffers.
+    pub static U64: Shelf<u64> = Shelf::new();
+    /// `u16` buffers.
+    pub static U16: Shelf<u16> = Shelf::new();
+}
+
 /// The posterior mean and standard deviation of the linear score
 /// `w₀ + w·x` of every candidate under every model, `n × m` row-major by
 /// candidate. The standard deviation is `‖L⁻¹ x̃‖` with `L` the precision's
@@ -52,6 +162,16 @@ pub(crate) struct Moments {
     /// Models per candidate.
     pub models: usize,
 }
+
+impl Drop for Moments {
+    fn drop(&mut self) {
+        pool::F32.give(std::mem::take(&mut self.mean));
+        pool::F32.give(std::mem::take(&mut self.sd));
+    }
+}
+
+/// Maps a candidate's row to a model's columns (appending them).
+pub(crate) type RowMap<'a> = dyn Fn(&[f32], &mut Vec<f32>) + Sync + 'a;
 
 /// Candidates per block of [`Moments::new`]: the block's features,
 /// transposed, stay in the L1 cache while every model's triangular product
@@ -73,6 +193,19 @@ impl Moments {
     /// machine's cores (each row's moments are computed alike wherever
     /// they run, so the result does not depend on the split).
     pub fn new(models: &[GaussianWeights], candidates: &Candidates) -> Self {
+        Self::mapped(models, candidates, candidates.dim(), None)
+    }
+
+    /// [`Moments::new`] over the candidates' rows mapped by `map` (which
+    /// appends a row's `dim` columns to its buffer): the moments of the
+    /// candidates a mapped copy would give, to the bit, without the copy
+    /// (an expanded model's rows, made a block at a time).
+    pub fn mapped(
+        models: &[GaussianWeights],
+        candidates: &Candidates,
+        dim: usize,
+        map: Option<&RowMap<'_>>,
+    ) -> Self {
         let m = models.len();
         let means: Vec<Vec<f32>> = models
             .iter()
@@ -83,13 +216,13 @@ impl Moments {
             .map(|g| g.inverse_cholesky().iter().map(|&v| v as f32).collect())
             .collect();
         let n = candidates.len();
-        let mut mean = vec![0f32; n * m];
-        let mut sd = vec![0f32; n * m];
+        let mut mean = pool::F32.filled(n * m, 0.0);
+        let mut sd = pool::F32.filled(n * m, 0.0);
         let threads = workers(n);
         // Whole blocks per thread.
         let rows = n.div_ceil(threads).div_ceil(BLOCK) * BLOCK;
         if threads <= 1 || m == 0 {
-            fill_moments(&means, &invs, candidates, 0, &mut mean, &mut sd);
+            fill_moments(&means, &invs, (candidates, dim, map), 0, &mut mean, &mut sd);
         } else {
             std::thread::scope(|scope| {
                 for (t, (mean, sd)) in mean
@@ -98,7 +231,9 @@ impl Moments {
                     .enumerate()
                 {
                     let (means, invs) = (&means, &invs);
-                    scope.spawn(move || fill_moments(means, invs, candidates, t * rows, mean, sd));
+                    scope.spawn(move || {
+                        fill_moments(means, invs, (candidates, dim, map), t * rows, mean, sd)
+                    });
                 }
             });
         }
@@ -146,13 +281,13 @@ const ROWS: usize = 4;
 fn fill_moments(
     means: &[Vec<f32>],
     invs: &[Vec<f32>],
-    candidates: &Candidates,
+    (candidates, dim, map): (&Candidates, usize, Option<&RowMap<'_>>),
     first: usize,
     mean: &mut [f32],
     sd: &mut [f32],
 ) {
     let m = means.len();
-    let dim = candidates.dim();
+    let mut mapped = Vec::with_capacity(dim);
     let n1 = dim + 1;
     let n = mean.len() / m.max(1);
     // cols[j * BLOCK + u]: feature j of the block's candidate u (lanes past
@@ -191,7 +326,16 @@ fn fill_moments(
     for start in (0..n).step_by(BLOCK) {
         let len = BLOCK.min(n - start);
         for u in 0..len {
-            for (j, &xj) in candidates.row(first + start + u).iter().enumerate() {
+            let x = candidates.row(first + start + u);
+            let x = match map {
+                None => x,
+                Some(f) => {
+                    mapped.clear();
+                    f(x, &mut mapped);
+                    &mapped[..]
+                }
+            };
+            for (j, &xj) in x.iter().enumerate().take(dim) {
                 cols[j * BLOCK + u] = xj;
             }
         }
@@ -425,9 +569,9 @@ impl Scorer {
         Self {
             weights: vec![0.0; models * (dim + 1)],
             draw: vec![0.0; dim + 1],
-            best: vec![0.0; n],
-            arg: vec![0; n],
-            scratch: Vec::with_capacity(n),
+            best: pool::F32.filled(n, 0.0),
+            arg: pool::U16.filled(n, 0),
+            scratch: pool::F32.take(n),
             keys: Vec::new(),
         }
     }
@@ -607,6 +751,15 @@ impl Scorer {
     }
 }
 
+impl Drop for Scorer {
+    fn drop(&mut self) {
+        pool::F32.give(std::mem::take(&mut self.best));
+        pool::F32.give(std::mem::take(&mut self.scratch));
+        pool::U16.give(std::mem::take(&mut self.arg));
+        pool::U64.give(std::mem::take(&mut self.keys));
+    }
+}
+
 /// Normals [`Scorer::perturb`] draws at a time.
 const NORMALS: usize = 256;
 
@@ -780,6 +933,10 @@ fn walk_down(
 ) -> f32 {
     let n = x0.len();
     debug_assert!((1..=n).contains(&k));
+    if keys.capacity() < n {
+        pool::U64.give(std::mem::take(keys));
+        *keys = pool::U64.take(n);
+    }
     keys.clear();
     keys.extend(
         x0.iter()
@@ -883,8 +1040,8 @@ pub(crate) fn optimistic_hits(
     };
     let pen = |u: usize| penalty.of(u);
     // Each candidate's best score's bounds, before its penalty.
-    let mut lo0 = Vec::with_capacity(n);
-    let mut hi0 = Vec::with_capacity(n);
+    let mut lo0 = pool::F32.take(n);
+    let mut hi0 = pool::F32.take(n);
     for u in 0..n {
         let (mut l, mut h) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
         for c in 0..m {
@@ -909,7 +1066,9 @@ pub(crate) fn optimistic_hits(
                 &mut scratch,
             )
         };
-        (kth(&lo0), kth(&hi0))
+        let t = (kth(&lo0), kth(&hi0));
+        pool::U64.give(keys);
+        t
     };
     // The creatives that can decide a draw for user `u` (its lowest best
     // score `lo`, its penalty `p`): those whose highest score reaches both
@@ -983,7 +1142,8 @@ pub(crate) fn optimistic_hits(
             (i, relevant(r, lo0[r] - p, p, f32::NEG_INFINITY))
         })
         .collect();
-    drop((lo0, hi0));
+    pool::F32.give(lo0);
+    pool::F32.give(hi0);
     let need = k.min(n) - sure;
     // Each draw has a generator of its own, seeded from `rng` and its
     // number, so that the draws can be split over threads and the counts
@@ -1273,7 +1433,7 @@ mod tests {
                 })
                 .collect();
             let (mut mean, mut sd) = (vec![0f32; n * m], vec![0f32; n * m]);
-            fill_moments(&means, &invs, &c, 0, &mut mean, &mut sd);
+            fill_moments(&means, &invs, (&c, c.dim(), None), 0, &mut mean, &mut sd);
             let (want_mean, want_sd) = rowwise_moments(&means, &invs, &c);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&mean), bits(&want_mean), "means, dim {dim}, n {n}");
@@ -1326,6 +1486,58 @@ mod tests {
         }
     }
 
+    /// Moments over rows mapped as they are read equal the moments of a
+    /// mapped copy of the candidates to the bit, on one thread and split
+    /// over several, and over a selection of the rows.
+    #[test]
+    fn mapped_moments_equal_the_moments_of_a_mapped_copy() {
+        use crate::data::OutcomeRow;
+        use crate::model::{Link, Prior};
+        let (dim, wide) = (3, 5);
+        let map = |x: &[f32], out: &mut Vec<f32>| {
+            out.extend_from_slice(x);
+            out.push((x[0] - 0.2).max(0.0));
+            out.push((x[1] + 0.1).max(0.0));
+        };
+        for n in [150, PARALLEL_ROWS + 77] {
+            let features: Vec<f32> = (0..n * dim)
+                .map(|i| ((i as f32) * 0.731).sin() * 2.0)
+                .collect();
+            let mut c =
+                Candidates::from_parts(dim, (0..n as u32).collect(), features.clone()).unwrap();
+            if n > 1_000 {
+                c.retain_rows(|_, r| r % 7 != 3);
+            }
+            let mut copied = Vec::new();
+            for x in c.rows() {
+                map(x, &mut copied);
+            }
+            let copy = Candidates::from_parts(wide, c.users().to_vec(), copied.clone()).unwrap();
+            let mut models = Vec::new();
+            for k in 0..3u32 {
+                let mut g = GaussianWeights::new(wide, &Prior::default()).unwrap();
+                let rows: Vec<OutcomeRow<'_>> = copied
+                    .chunks_exact(wide)
+                    .take(60)
+                    .enumerate()
+                    .map(|(i, x)| OutcomeRow {
+                        creative: 0,
+                        x,
+                        trials: 3,
+                        successes: ((i as u32 + k) % 4).min(3),
+                    })
+                    .collect();
+                g.update(Link::Logistic, &rows).unwrap();
+                models.push(g);
+            }
+            let want = Moments::new(&models, &copy);
+            let got = Moments::mapped(&models, &c, wide, Some(&map));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.mean), bits(&want.mean), "n {n}");
+            assert_eq!(bits(&got.sd), bits(&want.sd), "n {n}");
+        }
+    }
+
     #[test]
     fn ambiguity_is_the_expected_gain_of_knowing_the_scores() {
         // Candidate 0: two creatives level, sd 1 each: E[(z1 − z0)⁺] with
@@ -1364,6 +1576,59 @@ mod tests {
     /// with exact ties (rows of equal rounded means and no deviation, so
     /// no noise and no penalty), large and small deferrals, `k` from 1 to
     /// `n`, with and without propensity draws.
+    /// A shelf hands back the buffer it was given (the smallest that
+    /// fits), keeps only large ones, and at most [`pool::POOLED`].
+    #[test]
+    fn the_pool_reuses_large_buffers_only() {
+        let shelf = pool::Shelf::<f32>::new();
+        let big = pool::POOLED_BYTES / 4;
+        shelf.give(vec![0.0; 10]);
+        assert_eq!(shelf.kept(), 0);
+        let mut v = Vec::with_capacity(big * 2);
+        v.push(1.0);
+        let at = v.as_ptr();
+        shelf.give(v);
+        shelf.give(Vec::with_capacity(big * 4));
+        assert_eq!(shelf.kept(), 2);
+        let again = shelf.take(big + 1);
+        assert_eq!(again.as_ptr(), at, "the smallest that fits");
+        assert!(again.is_empty());
+        assert_eq!(shelf.filled(big, 2.5), vec![2.5; big]);
+        for _ in 0..pool::POOLED + 3 {
+            shelf.give(Vec::with_capacity(big * 3));
+        }
+        assert_eq!(shelf.kept(), pool::POOLED);
+    }
+
+    /// Plans large enough to take their buffers from the pool, one after
+    /// another (the second gets the first one's, as they were left), equal
+    /// the full plan to the bit.
+    #[test]
+    fn plans_on_reused_buffers_equal_the_full_plan() {
+        use rand::{Rng, SeedableRng};
+        let mut gen = ChaCha8Rng::seed_from_u64(16);
+        let (n, m) = (pool::POOLED_BYTES / 4 + 5_000, 2);
+        let mut mo = Moments {
+            mean: Vec::with_capacity(n * m),
+            sd: Vec::with_capacity(n * m),
+            models: m,
+        };
+        for _ in 0..n * m {
+            mo.mean.push(StandardNormal.sample(&mut gen));
+            mo.sd.push(gen.random_range(0.0..0.3));
+        }
+        for (k, seed) in [(n / 50, 1u64), (n / 20, 2), (n / 50, 1)] {
+            let (mut a, mut b) = (
+                ChaCha8Rng::seed_from_u64(seed),
+                ChaCha8Rng::seed_from_u64(seed),
+            );
+            let new = plan_optimistic(&mo, 0.25, 0.5, 1.0, k, 4, &mut a);
+            let old = reference::plan(&mo, 0.25, 0.5, 1.0, k, 4, &mut b);
+            assert_eq!(new, old, "k {k} seed {seed}");
+        }
+        assert!(pool::F32.kept() > 0);
+    }
+
     #[test]
     fn lazy_plan_equals_the_full_plan_to_the_bit() {
         use rand::{Rng, SeedableRng};
