@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use smartmsg_engine::bytes_in::{Input, InputError};
 use smartmsg_engine::stream::{
-    ChangelogEntry, Entries, KeyValueStore, StoreError, StoreLimits, WriteBatch,
+    prefixed, ChangelogEntry, Entries, KeyValueStore, StoreError, StoreLimits, WriteBatch,
 };
 use smartmsg_engine::BackendError;
 
@@ -248,16 +248,9 @@ impl KeyValueStore for PackedStore {
         if max == 0 {
             return Ok(Vec::new());
         }
-        if let (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) =
-            (start, end)
-        {
-            // An empty range (BTreeMap::range panics on one).
-            let empty = a > b
-                || (a == b
-                    && !(matches!(start, Bound::Included(_)) && matches!(end, Bound::Included(_))));
-            if empty {
-                return Ok(Vec::new());
-            }
+        // An empty range (BTreeMap::range panics on one).
+        if prefixed::is_empty_range(start, end) {
+            return Ok(Vec::new());
         }
         let mut p = lock(p);
         let table = self.view(&mut p)?;

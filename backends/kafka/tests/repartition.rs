@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use smartmsg_engine::stream::{StateCodec, Topology};
 use smartmsg_kafka::stream::ensure_topics;
 use smartmsg_kafka::{KafkaStreamProcessor, ProcessorConfig};
@@ -84,54 +82,18 @@ fn read_all_from(
     partitions: &[i32],
     want: usize,
 ) -> Vec<(i32, ReadBack)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("{topic}.reader.{partitions:?}"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for &p in partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let start = Instant::now();
-    let mut quiet_since: Option<Instant> = None;
-    while start.elapsed() < Duration::from_secs(30) {
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                quiet_since = None;
-                let id = m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == "id")
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                });
-                out.push((
-                    m.partition(),
-                    (
-                        m.key().unwrap_or(&[]).to_vec(),
-                        m.payload().unwrap_or(&[]).to_vec(),
-                        m.timestamp().to_millis().unwrap_or(-1) as u64,
-                        id,
-                    ),
-                ));
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {
-                if out.len() >= want {
-                    let q = *quiet_since.get_or_insert_with(Instant::now);
-                    if q.elapsed() > Duration::from_secs(2) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    out
+    common::read_committed_from(bootstrap, topic, partitions, want, Duration::from_secs(30))
+        .into_iter()
+        .map(|r| {
+            let id = r
+                .headers
+                .iter()
+                .find(|(k, _)| k == "id")
+                .and_then(|(_, v)| v.as_ref())
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            (r.partition, (r.key, r.value, r.timestamp_ms as u64, id))
+        })
+        .collect()
 }
 
 fn open(rt: &tokio::runtime::Runtime, cfg: &ProcessorConfig) -> KafkaStreamProcessor {

@@ -1441,10 +1441,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn blocked_moments_match_each_models_own_computation() {
+    /// Three models of `dim` columns, each fitted to the first 60 rows of
+    /// `features` with its own outcomes.
+    fn three_fitted_models(dim: usize, features: &[f32]) -> Vec<GaussianWeights> {
         use crate::data::OutcomeRow;
         use crate::model::{Link, Prior};
+        (0..3u32)
+            .map(|k| {
+                let mut g = GaussianWeights::new(dim, &Prior::default()).unwrap();
+                let rows: Vec<OutcomeRow<'_>> = features
+                    .chunks_exact(dim)
+                    .take(60)
+                    .enumerate()
+                    .map(|(i, x)| OutcomeRow {
+                        creative: 0,
+                        x,
+                        trials: 3,
+                        successes: ((i as u32 + k) % 4).min(3),
+                    })
+                    .collect();
+                g.update(Link::Logistic, &rows).unwrap();
+                g
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocked_moments_match_each_models_own_computation() {
         let dim = 5;
         // 150 candidates: two whole blocks and part of a third.
         let n = 150;
@@ -1452,23 +1475,7 @@ mod tests {
             .map(|i| ((i as f32) * 0.731).sin() * 2.0)
             .collect();
         let c = Candidates::from_parts(dim, (0..n as u32).collect(), features.clone()).unwrap();
-        let mut models = Vec::new();
-        for k in 0..3u32 {
-            let mut g = GaussianWeights::new(dim, &Prior::default()).unwrap();
-            let rows: Vec<OutcomeRow<'_>> = features
-                .chunks_exact(dim)
-                .take(60)
-                .enumerate()
-                .map(|(i, x)| OutcomeRow {
-                    creative: 0,
-                    x,
-                    trials: 3,
-                    successes: ((i as u32 + k) % 4).min(3),
-                })
-                .collect();
-            g.update(Link::Logistic, &rows).unwrap();
-            models.push(g);
-        }
+        let models = three_fitted_models(dim, &features);
         let mo = Moments::new(&models, &c);
         for (u, x) in features.chunks_exact(dim).enumerate() {
             for (k, g) in models.iter().enumerate() {
@@ -1491,8 +1498,6 @@ mod tests {
     /// over several, and over a selection of the rows.
     #[test]
     fn mapped_moments_equal_the_moments_of_a_mapped_copy() {
-        use crate::data::OutcomeRow;
-        use crate::model::{Link, Prior};
         let (dim, wide) = (3, 5);
         let map = |x: &[f32], out: &mut Vec<f32>| {
             out.extend_from_slice(x);
@@ -1513,23 +1518,7 @@ mod tests {
                 map(x, &mut copied);
             }
             let copy = Candidates::from_parts(wide, c.users().to_vec(), copied.clone()).unwrap();
-            let mut models = Vec::new();
-            for k in 0..3u32 {
-                let mut g = GaussianWeights::new(wide, &Prior::default()).unwrap();
-                let rows: Vec<OutcomeRow<'_>> = copied
-                    .chunks_exact(wide)
-                    .take(60)
-                    .enumerate()
-                    .map(|(i, x)| OutcomeRow {
-                        creative: 0,
-                        x,
-                        trials: 3,
-                        successes: ((i as u32 + k) % 4).min(3),
-                    })
-                    .collect();
-                g.update(Link::Logistic, &rows).unwrap();
-                models.push(g);
-            }
+            let models = three_fitted_models(wide, &copied);
             let want = Moments::new(&models, &copy);
             let got = Moments::mapped(&models, &c, wide, Some(&map));
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -103,6 +103,8 @@ pub fn broker_hides_aborted(bootstrap: &str) -> bool {
 /// the record has none) and headers (a null value as `None`).
 #[derive(Debug, Clone)]
 pub struct Committed {
+    /// The partition it was read from.
+    pub partition: i32,
     /// The key (empty when none).
     pub key: Vec<u8>,
     /// The value (empty when none).
@@ -122,6 +124,18 @@ pub fn read_committed(
     want: usize,
     within: std::time::Duration,
 ) -> Vec<Committed> {
+    read_committed_from(bootstrap, topic, &[0], want, within)
+}
+
+/// Every committed record of `partitions` of `topic`, as
+/// [`read_committed`] reads partition 0.
+pub fn read_committed_from(
+    bootstrap: &str,
+    topic: &str,
+    partitions: &[i32],
+    want: usize,
+    within: std::time::Duration,
+) -> Vec<Committed> {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers as _, Message};
@@ -130,14 +144,16 @@ pub fn read_committed(
 
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("{topic}.reader"))
+        .set("group.id", format!("{topic}.reader.{partitions:?}"))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
+    for &p in partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
     c.assign(&tpl).unwrap();
     let mut out = Vec::new();
     let start = Instant::now();
@@ -156,6 +172,7 @@ pub fn read_committed(
                     })
                     .unwrap_or_default();
                 out.push(Committed {
+                    partition: m.partition(),
                     key: m.key().unwrap_or(&[]).to_vec(),
                     value: m.payload().unwrap_or(&[]).to_vec(),
                     timestamp_ms: m.timestamp().to_millis().unwrap_or(-1),
